@@ -1,0 +1,230 @@
+"""Admin commands: init, db, keys, account, rates, journal, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from .. import config as config_mod
+from .. import db, migrate
+from ..amounts import fmt_hours, fmt_rate, parse_rate
+from ..errors import ConfigError, InvalidInput
+from .context import echo_fields, echo_json, echo_table, parse_when, pass_app
+
+
+@click.command()
+@click.option("--database", "url", help="Database URL (default: SQLite ledger.db next to the config).")
+@click.option("--cluster", help="This cluster's name, for token cluster scopes.")
+@pass_app
+def init(app, url, cluster):
+    """Write a config, create the ledger database and migrate it to the latest schema."""
+    path = config_mod.config_path(app.config_path)
+    if path.exists():
+        existing = config_mod.load(path)
+        if url and url != existing.database.url:
+            raise ConfigError(f"{path} already exists with another database URL; edit it instead")
+        click.echo(f"Config {path} exists; keeping it.")
+    else:
+        config_mod.write_new(path, url or "sqlite:///ledger.db", cluster)
+        click.echo(f"Wrote {path}")
+    app.__dict__.pop("config", None)
+    ledger = app.ledger
+    before, after = migrate.upgrade(ledger.engine)
+    ledger.bootstrap()
+    click.echo(f"Ledger {db.resolve_url(app.config).render_as_string(hide_password=True)} "
+               f"at schema {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+
+
+@click.group("db")
+def db_group():
+    """Schema migrations."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@pass_app
+def db_upgrade(app, revision):
+    """Migrate the ledger database (Alembic)."""
+    before, after = migrate.upgrade(app.ledger.engine, revision)
+    app.ledger.bootstrap()
+    click.echo(f"Schema {before or 'empty'} -> {after}" if before != after
+               else f"Schema already at {after}")
+
+
+@db_group.command("current")
+@pass_app
+def db_current(app):
+    """Show the schema revision of the ledger database."""
+    rev = migrate.current(app.ledger.engine)
+    click.echo(f"{rev or 'empty'} (latest {migrate.head()})")
+
+
+@click.group("keys")
+def keys_group():
+    """Ed25519 signing keys."""
+
+
+@keys_group.command("generate")
+@click.option("--kid", help="Key id (default: key-YYYYMMDD).")
+@pass_app
+def keys_generate(app, kid):
+    """Create a signing key: private file (0600) here, public half in the ledger."""
+    from datetime import UTC, datetime
+
+    kid = kid or "key-" + datetime.now(UTC).strftime("%Y%m%d")
+    public = app.ledger.generate_key(kid)
+    click.echo(f"Generated {kid} ({app.config.keys_dir / (kid + '.key')}), public key {public}")
+
+
+@keys_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def keys_list(app, as_json):
+    """List keys known to the ledger."""
+    keys = app.ledger.list_keys()
+    if as_json:
+        return echo_json(keys)
+    echo_table(["KID", "CREATED", "RETIRED", "PRIVATE HERE"],
+               [[k["kid"], k["created"][:19], (k["retired"] or "")[:19] or None,
+                 "yes" if k["private_key_here"] else "no"] for k in keys])
+
+
+@keys_group.command("retire")
+@click.argument("kid")
+@pass_app
+def keys_retire(app, kid):
+    """Retire a key: it signs nothing new; its tokens verify until they expire."""
+    app.ledger.retire_key(kid)
+    click.echo(f"Retired {kid}")
+
+
+@click.group("account")
+def account_group():
+    """Slurm accounts (projects)."""
+
+
+@account_group.command("create")
+@click.argument("name")
+@pass_app
+def account_create(app, name):
+    """Create an account."""
+    app.ledger.create_account(name)
+    click.echo(f"Created account {name}")
+
+
+def _account_rows(app, name=None):
+    from ..queries import account_views
+
+    return account_views(app.ledger, name)
+
+
+@account_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def account_list(app, as_json):
+    """List accounts with their balances."""
+    views = _account_rows(app)
+    if as_json:
+        return echo_json([v.to_dict() for v in views])
+    echo_table(["ACCOUNT", "TOKENS", "REMAINING GPU-H", "HELD GPU-H", "POOL GPU-H"],
+               [[v.name, v.tokens, fmt_hours(v.remaining), fmt_hours(v.held), fmt_hours(v.pool)]
+                for v in views])
+
+
+@account_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def account_show(app, name, as_json):
+    """Show one account."""
+    (v,) = _account_rows(app, name)
+    if as_json:
+        return echo_json(v.to_dict())
+    echo_fields([("account", v.name), ("tokens", v.tokens),
+                 ("remaining", f"{fmt_hours(v.remaining)} GPU-h"),
+                 ("held", f"{fmt_hours(v.held)} GPU-h"), ("pool", f"{fmt_hours(v.pool)} GPU-h"),
+                 ("report to", ", ".join(v.report_to))])
+
+
+@account_group.command("set")
+@click.argument("name")
+@click.option("--report-to", help="Comma-separated report recipients (empty to clear).")
+@pass_app
+def account_set(app, name, report_to):
+    """Change an account's settings."""
+    if report_to is None:
+        raise InvalidInput("nothing to set (try --report-to a@x,b@y)")
+    emails = [e.strip() for e in report_to.split(",") if e.strip()]
+    app.ledger.set_report_to(name, emails)
+    click.echo(f"Account {name} reports go to {', '.join(emails) or 'nobody'}")
+
+
+@click.group("rates")
+def rates_group():
+    """Charge rates per GPU type (reference GPU = 1.0)."""
+
+
+@rates_group.command("set")
+@click.argument("gpu_type")
+@click.argument("rate")
+@pass_app
+def rates_set(app, gpu_type, rate):
+    """Set the rate of GPU_TYPE ("default" for untyped GPUs); applies to new holds."""
+    app.ledger.set_rate(gpu_type, parse_rate(rate))
+    click.echo(f"Rate of {gpu_type} is {fmt_rate(parse_rate(rate))}")
+
+
+@rates_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def rates_list(app, as_json):
+    """List rates."""
+    rates = app.ledger.rates()
+    if as_json:
+        return echo_json({k: fmt_rate(v) for k, v in rates.items()})
+    echo_table(["GPU TYPE", "RATE"], [[k, fmt_rate(v)] for k, v in rates.items()])
+
+
+@click.command("journal")
+@click.option("--since", help="ISO date or time.")
+@click.option("--limit", type=int)
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def journal(app, since, limit, as_json):
+    """Show journal rows (every movement and state change, in order)."""
+    rows = app.ledger.journal(parse_when(since, end_of_day=False), limit)
+    if as_json:
+        return echo_json(rows)
+    echo_table(["SEQ", "TIME", "KIND", "FROM", "TO", "GPU-H", "TOKEN", "HOLD", "REASON"],
+               [[r["seq"], r["time"][:19], r["kind"], r["from"], r["to"],
+                 fmt_hours(r["amount"]) if r["amount"] else None, r["token_id"], r["hold_id"],
+                 r["reason"]] for r in rows])
+
+
+@click.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--export-head", type=click.Path(dir_okay=False),
+              help="Write the chain head, signed with the ledger key, to this file.")
+@pass_app
+def verify(app, as_json, export_head):
+    """Check the journal's hash chain and balances; exit 1 naming the first bad row."""
+    result = app.ledger.verify_journal()
+    if export_head and result.ok:
+        from ..attest import signed_head
+
+        Path(export_head).write_text(json.dumps(signed_head(app.ledger, result), indent=2) + "\n")
+        os.chmod(export_head, 0o644)
+    if as_json:
+        echo_json(result.to_dict())
+    elif result.ok:
+        click.echo(f"OK: {result.rows} journal rows, head {result.head_seq} {result.head_hash}")
+    if not result.ok:
+        if not as_json:
+            click.echo(f"Error: journal verification failed: {result.problem}", err=True)
+        raise SystemExit(1)
+
+
+COMMANDS = [init, db_group, keys_group, account_group, rates_group, journal, verify]

@@ -1,0 +1,144 @@
+"""Engines and transactions on SQLite, PostgreSQL and MariaDB.
+
+SQLite runs in WAL mode with ``synchronous=FULL``; write transactions start
+with ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade.
+Server databases run at READ COMMITTED with explicit row locks
+(``SELECT … FOR UPDATE``), taken in a fixed order, the chain head last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from .config import Config
+from .errors import ConfigError, StorageError, UniqueViolation
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+def resolve_url(config: Config) -> URL:
+    """The configured URL, relative SQLite paths made absolute, the password read from its file."""
+    try:
+        url = make_url(config.database.url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with little context
+        raise ConfigError(f"{config.path}: [database] url is not a database URL: {exc}") from None
+    if url.password:
+        raise ConfigError(
+            f"{config.path}: [database] url must not contain a password; use password_file"
+        )
+    if url.get_backend_name() == "sqlite":
+        db = url.database or ""
+        if db and db != ":memory:" and not Path(db).is_absolute():
+            url = url.set(database=str(config.path.parent / db))
+        return url
+    if config.database.password_file:
+        try:
+            password = Path(config.database.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read database password_file {config.database.password_file}: "
+                f"{exc.strerror}"
+            ) from None
+        url = url.set(password=password)
+    return url
+
+
+def make_engine(url: URL | str, **kw) -> Engine:
+    url = make_url(url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}, **kw)
+        _sqlite_setup(engine)
+        return engine
+    if backend in ("mysql", "mariadb"):
+        kw.setdefault("isolation_level", "READ COMMITTED")
+        kw.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kw)
+    if backend == "postgresql":
+        kw.setdefault("isolation_level", "READ COMMITTED")
+        kw.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kw)
+    raise ConfigError(f"unsupported database backend {backend!r} (sqlite, postgresql, mysql)")
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if engine.url.database not in (None, "", ":memory:"):
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = FULL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def is_sqlite(conn_or_engine: Connection | Engine) -> bool:
+    return conn_or_engine.dialect.name == "sqlite"
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    """Deadlocks and serialization failures: the whole transaction may be retried."""
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or ""
+    if code in ("40001", "40P01"):  # PostgreSQL serialization failure / deadlock
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] in (1213, 1205):  # MariaDB deadlock / lock wait timeout
+        return True
+    return "database is locked" in str(orig)
+
+
+def storage_error(exc: DBAPIError) -> StorageError:
+    text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    if "readonly" in text or "read-only" in text or "read only" in text:
+        return StorageError(f"the ledger database is read-only: {text}")
+    if isinstance(exc, IntegrityError) and any(
+            w in text.lower() for w in ("unique", "duplicate")):
+        return UniqueViolation(f"the ledger database refused a duplicate: {text}")
+    if isinstance(exc, OperationalError):
+        return StorageError(f"the ledger database is unavailable: {text}")
+    return StorageError(f"the ledger database refused the operation: {text}")
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
+    """One write transaction (BEGIN IMMEDIATE on SQLite); commits on success."""
+    with engine.connect() as conn:
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def read(engine: Engine) -> Iterator[Connection]:
+    """A read-only transaction (deferred BEGIN on SQLite)."""
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        with conn.begin():
+            yield conn
+
+
+def run_write(engine: Engine, fn, *, attempts: int = 8):
+    """Run ``fn(conn)`` in a write transaction, retrying deadlocks; map driver errors."""
+    for attempt in range(attempts):
+        try:
+            with write(engine) as conn:
+                return fn(conn)
+        except DBAPIError as exc:
+            if _retryable(exc) and attempt < attempts - 1:
+                time.sleep(0.002 * (2**attempt))
+                continue
+            raise storage_error(exc) from None
+    raise AssertionError("unreachable")

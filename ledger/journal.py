@@ -1,0 +1,214 @@
+"""Postings and the hash chain.
+
+A :class:`Tx` collects the movements of one operation; :meth:`Tx.flush`
+applies them to the wallets (locked in id order, balances checked) and then
+appends their journal rows after locking the chain head, so the head is
+always the last lock a writer takes. Each row's hash covers the previous
+row's hash and the row's own canonical body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, insert, select, update
+
+from .errors import Refusal, Reason, StorageError
+from .models import GENESIS_HASH, ChainHead, JournalEntry, Wallet
+
+W = Wallet.__table__
+J = JournalEntry.__table__
+H = ChainHead.__table__
+
+
+def canonical_data(data: dict | None) -> str:
+    return json.dumps(data or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def row_hash(prev_hash: str, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
+             reason, data: str) -> str:
+    body = json.dumps(
+        [seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data],
+        separators=(",", ":"), ensure_ascii=False,
+    )
+    return hashlib.sha256(f"{prev_hash}{body}".encode()).hexdigest()
+
+
+def micros(dt: datetime) -> int:
+    return int(dt.timestamp()) * 1_000_000 + dt.microsecond
+
+
+@dataclass
+class Posting:
+    kind: str
+    debit: int | None
+    credit: int | None
+    amount: int
+    account: str | None = None
+    token_id: str | None = None
+    hold_id: str | None = None
+    reason: str | None = None
+    data: dict = field(default_factory=dict)
+
+
+class Tx:
+    """The movements of one operation inside one database transaction."""
+
+    def __init__(self, conn: Connection, now: datetime):
+        self.conn = conn
+        self.now = now
+        self.postings: list[Posting] = []
+        self._wallet_cache: dict[str, int] = {}
+
+    def wallet_id(self, code: str) -> int:
+        if code not in self._wallet_cache:
+            wid = self.conn.execute(select(W.c.id).where(W.c.code == code)).scalar()
+            if wid is None:
+                raise StorageError(f"ledger wallet {code} is missing (run `gpuledger db upgrade`)")
+            self._wallet_cache[code] = wid
+        return self._wallet_cache[code]
+
+    def move(self, kind: str, debit: int, credit: int, amount: int, **refs) -> None:
+        if amount < 0:
+            raise ValueError("negative movement")
+        if amount == 0:
+            self.event(kind, **refs)
+        else:
+            self.postings.append(Posting(kind, debit, credit, amount, **refs))
+
+    def event(self, kind: str, **refs) -> None:
+        self.postings.append(Posting(kind, None, None, 0, **refs))
+
+    def flush(self) -> None:
+        """Apply balances (checked, in wallet-id order), then append the chained rows."""
+        deltas: dict[int, int] = {}
+        for p in self.postings:
+            if p.amount:
+                deltas[p.debit] = deltas.get(p.debit, 0) - p.amount
+                deltas[p.credit] = deltas.get(p.credit, 0) + p.amount
+        ids = sorted(w for w, d in deltas.items() if d)
+        if ids:
+            rows = self.conn.execute(
+                select(W.c.id, W.c.code, W.c.balance, W.c.allow_negative)
+                .where(W.c.id.in_(ids)).order_by(W.c.id).with_for_update()
+            ).all()
+            for wid, code, balance, allow_negative in rows:
+                if balance + deltas[wid] < 0 and not allow_negative:
+                    raise Refusal(
+                        Reason.INSUFFICIENT,
+                        f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
+                        needed=-deltas[wid], available=balance,
+                    )
+            for wid in ids:
+                self.conn.execute(
+                    update(W).where(W.c.id == wid).values(balance=W.c.balance + deltas[wid])
+                )
+        if not self.postings:
+            return
+        head = self.conn.execute(
+            select(H.c.seq, H.c.hash).where(H.c.id == 1).with_for_update()
+        ).one_or_none()
+        if head is None:
+            raise StorageError("ledger is not initialised (run `gpuledger init` or `db upgrade`)")
+        seq, prev = head
+        ts = micros(self.now)
+        rows = []
+        for p in self.postings:
+            seq += 1
+            data = canonical_data(p.data)
+            digest = row_hash(prev, seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
+                              p.token_id, p.hold_id, p.reason, data)
+            rows.append(dict(seq=seq, ts=ts, kind=p.kind, debit_wallet_id=p.debit,
+                             credit_wallet_id=p.credit, amount=p.amount, account=p.account,
+                             token_id=p.token_id, hold_id=p.hold_id, reason=p.reason,
+                             data=data, prev_hash=prev, hash=digest))
+            prev = digest
+        self.conn.execute(insert(J), rows)
+        self.conn.execute(update(H).where(H.c.id == 1).values(seq=seq, hash=prev))
+        self.postings.clear()
+
+
+def ensure_head(conn: Connection) -> None:
+    if conn.execute(select(H.c.id).where(H.c.id == 1)).first() is None:
+        conn.execute(insert(H).values(id=1, seq=0, hash=GENESIS_HASH))
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    rows: int
+    head_seq: int
+    head_hash: str
+    problem: str | None = None
+    bad_seq: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "rows": self.rows, "head_seq": self.head_seq,
+                "head_hash": self.head_hash, "bad_seq": self.bad_seq, "problem": self.problem}
+
+
+def verify(conn: Connection, batch: int = 20000) -> VerifyResult:
+    """Walk the chain in order; name the first row that was edited, deleted, inserted or moved.
+
+    Also checks that the chain head matches the last row (a truncated tail) and
+    that every wallet balance equals the sum of its journal movements.
+    """
+    raw = conn.connection.driver_connection
+    cur = raw.cursor()
+    cur.execute(
+        "SELECT seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, account, token_id, "
+        "hold_id, reason, data, prev_hash, hash FROM journal ORDER BY seq"
+    )
+    prev, expected_seq, n = GENESIS_HASH, 1, 0
+    sums: dict[int, int] = {}
+    dumps = json.dumps
+    sha = hashlib.sha256
+
+    def fail(seq, problem):
+        cur.close()
+        return VerifyResult(False, n, expected_seq - 1, prev, problem, seq)
+
+    while True:
+        chunk = cur.fetchmany(batch)
+        if not chunk:
+            break
+        for (seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data,
+             prev_hash, stored) in chunk:
+            if seq != expected_seq:
+                what = "deleted" if seq > expected_seq else "duplicated"
+                return fail(seq, f"row {seq} follows row {expected_seq - 1}: a row was {what} "
+                                 f"(expected seq {expected_seq})")
+            if prev_hash != prev:
+                return fail(seq, f"row {seq}: previous-hash link is broken "
+                                 "(a row before it was inserted, deleted or reordered)")
+            body = dumps([seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
+                          reason, data], separators=(",", ":"), ensure_ascii=False)
+            if sha(f"{prev}{body}".encode()).hexdigest() != stored:
+                return fail(seq, f"row {seq}: contents do not match its hash (edited)")
+            if amount:
+                sums[debit] = sums.get(debit, 0) - amount
+                sums[credit] = sums.get(credit, 0) + amount
+            prev, expected_seq, n = stored, expected_seq + 1, n + 1
+    cur.close()
+    head = conn.execute(select(H.c.seq, H.c.hash).where(H.c.id == 1)).one_or_none()
+    if head is None:
+        return VerifyResult(False, n, n, prev, "chain head row is missing", None)
+    if (head.seq, head.hash) != (n, prev):
+        return VerifyResult(False, n, n, prev,
+                            f"chain head says row {head.seq} but the journal ends at row {n} "
+                            "(rows removed from the end, or head edited)", n + 1)
+    for wid, code, balance in conn.execute(select(W.c.id, W.c.code, W.c.balance)):
+        if sums.get(wid, 0) != balance:
+            return VerifyResult(False, n, n, prev,
+                                f"wallet {code} balance {balance} differs from its journal "
+                                f"total {sums.get(wid, 0)}", None)
+    if sum(sums.values()) != 0:
+        return VerifyResult(False, n, n, prev, "debits and credits do not balance", None)
+    return VerifyResult(True, n, n, prev)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,310 @@
+"""The ledger's service API: one class the CLI, the daemon and the Slurm hooks call.
+
+Every state change runs in one database transaction that also appends its
+journal rows. Operations that take an idempotency ``key`` return the first
+result again when replayed with the same fields, and raise
+:class:`IdempotencyConflict` when the fields differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, func, insert, select, update
+
+from . import db, keys
+from .config import Config
+from .errors import AlreadyExists, IdempotencyConflict, InvalidInput, NotFound, UniqueViolation
+from .journal import Tx, VerifyResult, ensure_head, now_utc, verify
+from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
+from .tokens import Verifier
+
+A, W, T, R, K, HO, IDEM = (m.__table__ for m in (Account, Wallet, Token, Rate, SigningKey, Hold,
+                                                  IdempotencyRecord))
+SYSTEM_WALLETS = {
+    "system:issuance": True,  # the only wallet allowed below zero: value minted
+    "system:escrow": False,  # held for pending jobs
+    "system:usage": False,  # charged to jobs
+    "system:expired": False,  # remainders of expired tokens
+}
+DEFAULT_RATE = "default"
+_ACCOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_GPU_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
+
+
+def check_account_name(name: str) -> str:
+    if not isinstance(name, str) or not _ACCOUNT_NAME.match(name):
+        raise InvalidInput(
+            f"invalid account name {name!r} (lowercase letters, digits, . _ -; at most 64)"
+        )
+    return name
+
+
+def check_gpu_type(name: str) -> str:
+    if not isinstance(name, str) or not _GPU_TYPE.match(name):
+        raise InvalidInput(f"invalid GPU type {name!r}")
+    return name
+
+
+def fingerprint(fields: dict) -> str:
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class LedgerBase:
+    """Engine, clock, key directory and the transaction/idempotency machinery."""
+
+    def __init__(self, engine: Engine, *, keys_dir: Path | None = None,
+                 clock: Callable[[], datetime] = now_utc, cluster: str | None = None):
+        self.engine = engine
+        self.keys_dir = keys_dir
+        self.clock = clock
+        self.cluster = cluster
+        self._verifier: Verifier | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, **kw):
+        engine = db.make_engine(db.resolve_url(config))
+        return cls(engine, keys_dir=config.keys_dir, cluster=config.cluster, **kw)
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def _write(self, fn: Callable[[Tx], object]):
+        def run(conn: Connection):
+            tx = Tx(conn, self.clock())
+            result = fn(tx)
+            tx.flush()
+            return result
+
+        return db.run_write(self.engine, run)
+
+    def _idempotent(self, op: str, key: str | None, fields: dict,
+                    fn: Callable[[Tx], dict]) -> dict:
+        """Run ``fn`` once per ``key``; replays get the stored result back."""
+        if key is None:
+            return self._write(fn)
+        if not isinstance(key, str) or not 0 < len(key) <= 200:
+            raise InvalidInput("idempotency key must be 1 to 200 characters")
+        fp = fingerprint({"op": op, **fields})
+
+        def run(tx: Tx) -> dict:
+            row = tx.conn.execute(
+                select(IDEM.c.op, IDEM.c.fingerprint, IDEM.c.result).where(IDEM.c.key == key)
+            ).one_or_none()
+            if row is not None:
+                if row.op != op or row.fingerprint != fp:
+                    raise IdempotencyConflict(
+                        f"idempotency key {key!r} was already used for a different {row.op} request"
+                    )
+                return row.result
+            result = fn(tx)
+            tx.conn.execute(insert(IDEM).values(key=key, op=op, fingerprint=fp, result=result,
+                                                created_at=tx.now))
+            return result
+
+        for _attempt in range(3):
+            try:
+                return self._write(run)
+            except UniqueViolation:
+                continue  # a concurrent replay committed the key first: read its result
+        return self._write(run)
+
+    def _read(self):
+        return db.read(self.engine)
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def bootstrap(self) -> None:
+        """Create the system wallets and the chain head if missing (idempotent)."""
+        def run(conn: Connection):
+            for code, negative in SYSTEM_WALLETS.items():
+                if conn.execute(select(W.c.id).where(W.c.code == code)).first() is None:
+                    conn.execute(insert(W).values(code=code, kind="system", balance=0,
+                                                  allow_negative=negative))
+            ensure_head(conn)
+
+        db.run_write(self.engine, run)
+
+    # -- lookups shared by the operations ------------------------------------------------------
+
+    def verifier(self) -> Verifier:
+        """Public keys from the ledger (reloaded on demand by :meth:`reload_keys`)."""
+        if self._verifier is None:
+            self.reload_keys()
+        return self._verifier
+
+    def reload_keys(self) -> None:
+        with self._read() as conn:
+            rows = conn.execute(select(K.c.kid, K.c.public_key)).all()
+        self._verifier = Verifier({kid: keys.public_from_text(pub) for kid, pub in rows})
+
+    @staticmethod
+    def _account_row(conn: Connection, name: str):
+        row = conn.execute(select(A).where(A.c.name == name)).one_or_none()
+        if row is None:
+            raise NotFound(f"unknown account {name!r}")
+        return row
+
+
+class AdminOps(LedgerBase):
+    """Accounts, rates, keys, journal and verification."""
+
+    def create_account(self, name: str) -> None:
+        check_account_name(name)
+
+        def run(tx: Tx):
+            if tx.conn.execute(select(A.c.id).where(A.c.name == name)).first() is not None:
+                raise AlreadyExists(f"account {name} already exists")
+            wid = tx.conn.execute(insert(W).values(code=f"account:{name}", kind="account",
+                                                   balance=0, allow_negative=False)
+                                  ).inserted_primary_key[0]
+            tx.conn.execute(insert(A).values(name=name, wallet_id=wid, report_to=[],
+                                             created_at=tx.now))
+            tx.event("account_create", account=name)
+
+        self._write(run)
+
+    def set_report_to(self, name: str, emails: list[str]) -> None:
+        for e in emails:
+            if not re.match(r"^[^@\s,]+@[^@\s,]+$", e):
+                raise InvalidInput(f"not an email address: {e!r}")
+
+        def run(tx: Tx):
+            self._account_row(tx.conn, name)
+            tx.conn.execute(update(A).where(A.c.name == name).values(report_to=list(emails)))
+            tx.event("account_update", account=name, data={"report_to": list(emails)})
+
+        self._write(run)
+
+    def set_rate(self, gpu_type: str, rate_ppm: int) -> None:
+        check_gpu_type(gpu_type)
+
+        def run(tx: Tx):
+            old = tx.conn.execute(select(R.c.rate_ppm).where(R.c.gpu_type == gpu_type)).scalar()
+            if old is None:
+                tx.conn.execute(insert(R).values(gpu_type=gpu_type, rate_ppm=rate_ppm,
+                                                 updated_at=tx.now))
+            else:
+                tx.conn.execute(update(R).where(R.c.gpu_type == gpu_type)
+                                .values(rate_ppm=rate_ppm, updated_at=tx.now))
+            tx.event("rate_set", data={"gpu_type": gpu_type, "rate_ppm": rate_ppm,
+                                       "previous_ppm": old})
+
+        self._write(run)
+
+    def rates(self) -> dict[str, int]:
+        with self._read() as conn:
+            return dict(conn.execute(select(R.c.gpu_type, R.c.rate_ppm).order_by(R.c.gpu_type)))
+
+    def add_key(self, kid: str, public: str) -> None:
+        keys.check_kid(kid)
+
+        def run(tx: Tx):
+            if tx.conn.execute(select(K.c.kid).where(K.c.kid == kid)).first() is not None:
+                raise AlreadyExists(f"key {kid} is already registered in the ledger")
+            tx.conn.execute(insert(K).values(kid=kid, public_key=public, created_at=tx.now))
+            tx.event("key_add", data={"kid": kid, "public_key": public})
+
+        self._write(run)
+        self._verifier = None
+
+    def generate_key(self, kid: str) -> str:
+        """New Ed25519 key: private file (0600) in the keys directory, public half in the ledger."""
+        if self.keys_dir is None:
+            raise InvalidInput("no keys directory configured")
+        keys.check_kid(kid)
+        with self._read() as conn:
+            if conn.execute(select(K.c.kid).where(K.c.kid == kid)).first() is not None:
+                raise AlreadyExists(f"key {kid} is already registered in the ledger")
+        key = keys.generate(self.keys_dir, kid)
+        self.add_key(kid, keys.public_text(key))
+        return keys.public_text(key)
+
+    def retire_key(self, kid: str) -> None:
+        def run(tx: Tx):
+            row = tx.conn.execute(select(K.c.retired_at).where(K.c.kid == kid)).one_or_none()
+            if row is None:
+                raise NotFound(f"unknown key {kid!r}")
+            if row.retired_at is not None:
+                return
+            tx.conn.execute(update(K).where(K.c.kid == kid).values(retired_at=tx.now))
+            tx.event("key_retire", data={"kid": kid})
+
+        self._write(run)
+
+    def list_keys(self) -> list[dict]:
+        with self._read() as conn:
+            rows = conn.execute(select(K).order_by(K.c.created_at, K.c.kid)).all()
+        have = self.keys_dir
+        return [{
+            "kid": r.kid, "public_key": r.public_key, "created": r.created_at.isoformat(),
+            "retired": r.retired_at.isoformat() if r.retired_at else None,
+            "private_key_here": bool(have and keys.private_path(have, r.kid).exists()),
+        } for r in rows]
+
+    def active_kid(self) -> str:
+        """The newest non-retired key whose private half is on this host."""
+        for k in reversed(self.list_keys()):
+            if not k["retired"] and k["private_key_here"]:
+                return k["kid"]
+        raise NotFound("no active signing key on this host (run `gpuledger keys generate`)")
+
+    def verify_journal(self) -> VerifyResult:
+        with self._read() as conn:
+            return verify(conn)
+
+    def head(self) -> tuple[int, str]:
+        from .models import ChainHead
+        with self._read() as conn:
+            row = conn.execute(select(ChainHead.seq, ChainHead.hash)).one()
+        return row.seq, row.hash
+
+    def journal(self, since: datetime | None = None, limit: int | None = None) -> list[dict]:
+        from .journal import J
+        q = (select(J, W.c.code.label("debit_code"))
+             .outerjoin(W, W.c.id == J.c.debit_wallet_id).order_by(J.c.seq))
+        if since is not None:
+            from .journal import micros
+            q = q.where(J.c.ts >= micros(since))
+        if limit:
+            q = q.limit(limit)
+        with self._read() as conn:
+            codes = dict(conn.execute(select(W.c.id, W.c.code)).all())
+            rows = conn.execute(q).all()
+        from datetime import UTC
+        return [{
+            "seq": r.seq,
+            "time": datetime.fromtimestamp(r.ts / 1e6, UTC).isoformat().replace("+00:00", "Z"),
+            "kind": r.kind, "from": codes.get(r.debit_wallet_id),
+            "to": codes.get(r.credit_wallet_id), "amount": r.amount, "account": r.account,
+            "token_id": r.token_id, "hold_id": r.hold_id, "reason": r.reason,
+            "data": json.loads(r.data), "hash": r.hash,
+        } for r in rows]
+
+    def wallet_balance(self, code: str) -> int:
+        with self._read() as conn:
+            value = conn.execute(select(W.c.balance).where(W.c.code == code)).scalar()
+        if value is None:
+            raise NotFound(f"unknown wallet {code}")
+        return value
+
+    def totals(self) -> dict[str, int]:
+        with self._read() as conn:
+            return dict(conn.execute(select(W.c.code, W.c.balance)).all())
+
+    def sum_balances(self) -> int:
+        with self._read() as conn:
+            return conn.execute(select(func.coalesce(func.sum(W.c.balance), 0))).scalar()
+
+
+from .holds import HoldOps  # noqa: E402  (mixins defined in their own modules)
+from .token_ops import TokenOps  # noqa: E402
+
+
+class Ledger(HoldOps, TokenOps, AdminOps):
+    """The whole service API."""

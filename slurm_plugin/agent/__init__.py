@@ -1,0 +1,1 @@
+"""Node agent: samples GPUs with NVML and keeps per-job usage for the epilog."""

@@ -1,0 +1,155 @@
+"""Per-job, per-GPU running sums: held, busy, energy, peak memory, gaps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from slurm_plugin.agent.models import GpuBinding, GpuUsage, JobUsage
+from slurm_plugin.nvml import Sample
+
+log = logging.getLogger("gpuledger.agent")
+
+FULL_BP = 10_000  # 100 % in basis points
+STATE_VERSION = 1
+
+
+@dataclass
+class GpuState:
+    """Running sums of one GPU held by one job. Busy is kept in ms x basis points."""
+
+    index: int
+    uuid: str | None
+    measured: bool
+    reason: str | None = None
+    busy_bp_ms: int = 0
+    energy_mj: int = 0
+    energy_last: int | None = None
+    peak_mem_bytes: int = 0
+    gaps_ms: int = 0
+    util_seen: bool = False
+
+    def binding(self) -> GpuBinding:
+        return GpuBinding(self.index, self.uuid, self.measured, self.reason)
+
+
+@dataclass
+class JobState:
+    """What the agent (and its spool) knows about one job."""
+
+    job_id: int
+    restart: int
+    start_ms: int
+    last_ms: int
+    gpus: list[GpuState] = field(default_factory=list)
+    finished: bool = False
+    resumed: bool = False  # next interval follows an agent outage: count it as a gap
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.job_id, self.restart)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("resumed")
+        d["version"] = STATE_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JobState":
+        if d.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown state version {d.get('version')!r}")
+        gpus = [GpuState(**g) for g in d["gpus"]]
+        return cls(
+            int(d["job_id"]), int(d["restart"]), int(d["start_ms"]), int(d["last_ms"]),
+            gpus, bool(d["finished"]),
+        )
+
+
+def util_bp(pct: float) -> int:
+    """Utilization percent as integer basis points, clamped to 0..10000."""
+    return min(FULL_BP, max(0, round(pct * 100)))
+
+
+def baseline(job: JobState, samples: Mapping[str, Sample | None]) -> None:
+    """Record starting energy counters and memory (at registration)."""
+    for g in job.gpus:
+        s = samples.get(g.uuid) if g.uuid else None
+        if s is None:
+            continue
+        if s.energy_mj is not None:
+            g.energy_last = s.energy_mj
+        if s.mem_used_bytes is not None:
+            g.peak_mem_bytes = max(g.peak_mem_bytes, s.mem_used_bytes)
+
+
+def advance(job: JobState, now_ms: int, samples: Mapping[str, Sample | None]) -> None:
+    """Account the interval (job.last_ms, now_ms] with samples taken at now_ms."""
+    dt = now_ms - job.last_ms
+    if dt < 0:
+        log.warning("gpuledger-agent: clock went back %d ms for job %d", -dt, job.job_id)
+        job.last_ms = now_ms
+        return
+    if dt == 0 or job.finished:
+        return
+    for g in job.gpus:
+        s = samples.get(g.uuid) if g.uuid else None
+        if not g.measured:
+            continue
+        if s is None or s.util_pct is None or job.resumed:
+            g.gaps_ms += dt
+        else:
+            g.busy_bp_ms += dt * util_bp(s.util_pct)
+            g.util_seen = True
+        if s is None:
+            continue
+        if s.energy_mj is not None:
+            if g.energy_last is not None:
+                if s.energy_mj >= g.energy_last:
+                    g.energy_mj += s.energy_mj - g.energy_last
+                else:
+                    log.warning("gpuledger-agent: energy counter of %s went back", g.uuid)
+            g.energy_last = s.energy_mj
+        if s.mem_used_bytes is not None:
+            g.peak_mem_bytes = max(g.peak_mem_bytes, s.mem_used_bytes)
+    job.last_ms = now_ms
+    job.resumed = False
+
+
+def close_unobserved(job: JobState, now_ms: int) -> None:
+    """Finish a job without a final sample (agent down): the tail is a gap."""
+    if job.finished:
+        return
+    dt = max(0, now_ms - job.last_ms)
+    for g in job.gpus:
+        if g.measured:
+            g.gaps_ms += dt
+    job.last_ms = max(job.last_ms, now_ms)
+    job.finished = True
+
+
+def usage(job: JobState, source: str = "agent") -> JobUsage:
+    """The summary of a job as of its last accounted instant."""
+    held = job.last_ms - job.start_ms
+    gpus = []
+    for g in job.gpus:
+        measured = g.measured and g.util_seen
+        reason = g.reason
+        if g.measured and not g.util_seen:
+            reason = reason or "no utilization sample"
+        gpus.append(
+            GpuUsage(
+                index=g.index,
+                uuid=g.uuid,
+                held_ms=held,
+                busy_ms=min(held, g.busy_bp_ms // FULL_BP),
+                energy_mj=g.energy_mj,
+                peak_mem_bytes=g.peak_mem_bytes,
+                measured=measured,
+                gaps_ms=min(held, g.gaps_ms) if measured else 0,
+                reason=reason,
+            )
+        )
+    return JobUsage(job.job_id, job.restart, gpus, job.finished, source)
