@@ -1,0 +1,116 @@
+"""Shared fixtures: a ledger on each database, a fixed clock, and the service rule.
+
+Tests that need a service (PostgreSQL, MariaDB, the Slurm test cluster, …)
+call :func:`need`: run by hand without it they skip; under CI (``CI=true``)
+a missing service is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from ledger import db, migrate
+from ledger.service import Ledger
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_URL = os.environ.get("GPULEDGER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB_ADMIN_URL = os.environ.get("GPULEDGER_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def need(available: bool, what: str) -> None:
+    """Skip when a service is missing — unless under CI, where that is a failure."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true but is not available")
+    pytest.skip(f"{what} not available")
+
+
+class Clock:
+    """A settable clock for the ledger (aware UTC)."""
+
+    def __init__(self, start: datetime | None = None):
+        self.now = start or datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kw) -> None:
+        self.now += timedelta(**kw)
+
+
+def _server_db(admin_url: str, what: str):
+    """Create a throwaway database on a server; yield its URL; drop it afterwards."""
+    name = "gl_" + uuid.uuid4().hex[:12]
+    try:
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+    except Exception as exc:  # noqa: BLE001 - any failure means "service missing"
+        need(False, f"{what} ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
+    url = admin.url.set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def db_url(request, tmp_path):
+    """A fresh, empty ledger database URL on each of the three databases."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+    elif request.param == "postgresql":
+        yield from _server_db(PG_ADMIN_URL, "PostgreSQL on 127.0.0.1:5432")
+    else:
+        yield from _server_db(MARIADB_ADMIN_URL, "MariaDB on 127.0.0.1:3306")
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def make_ledger(url: str, keys_dir: Path, clock=None, *, pool_size: int = 5) -> Ledger:
+    kw = {} if url.startswith("sqlite") else {"pool_size": pool_size, "max_overflow": 70}
+    engine = db.make_engine(url, **kw)
+    migrate.upgrade(engine)
+    ledger = Ledger(engine, keys_dir=keys_dir, clock=clock or (lambda: datetime.now(UTC)))
+    ledger.bootstrap()
+    return ledger
+
+
+def seeded(url: str, keys_dir: Path, clock=None) -> Ledger:
+    """A migrated ledger with a signing key, accounts physics/chemistry and three rates."""
+    lg = make_ledger(url, keys_dir, clock)
+    lg.generate_key("k1")
+    lg.create_account("physics")
+    lg.create_account("chemistry")
+    lg.set_rate("h100", 1_000_000)
+    lg.set_rate("a100", 600_000)
+    lg.set_rate("default", 500_000)
+    return lg
+
+
+@pytest.fixture
+def ledger(db_url, tmp_path, clock):
+    """A seeded ledger on each of the three databases."""
+    lg = seeded(db_url, tmp_path / "keys", clock)
+    yield lg
+    lg.engine.dispose()
+
+
+@pytest.fixture
+def sqlite_ledger(tmp_path, clock):
+    """A seeded ledger on SQLite only."""
+    lg = seeded(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path / "keys", clock)
+    yield lg
+    lg.engine.dispose()
