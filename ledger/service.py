@@ -19,7 +19,8 @@ from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from . import db, keys
 from .config import Config
-from .errors import AlreadyExists, IdempotencyConflict, InvalidInput, NotFound, UniqueViolation
+from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
+                     UniqueViolation)
 from .journal import Tx, VerifyResult, ensure_head, now_utc, verify
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
 from .tokens import Verifier
@@ -92,16 +93,22 @@ class LedgerBase:
             raise InvalidInput("idempotency key must be 1 to 200 characters")
         fp = fingerprint({"op": op, **fields})
 
-        def run(tx: Tx) -> dict:
-            row = tx.conn.execute(
+        def stored(conn: Connection) -> dict | None:
+            row = conn.execute(
                 select(IDEM.c.op, IDEM.c.fingerprint, IDEM.c.result).where(IDEM.c.key == key)
             ).one_or_none()
-            if row is not None:
-                if row.op != op or row.fingerprint != fp:
-                    raise IdempotencyConflict(
-                        f"idempotency key {key!r} was already used for a different {row.op} request"
-                    )
-                return row.result
+            if row is None:
+                return None
+            if row.op != op or row.fingerprint != fp:
+                raise IdempotencyConflict(
+                    f"idempotency key {key!r} was already used for a different {row.op} request"
+                )
+            return row.result
+
+        def run(tx: Tx) -> dict:
+            previous = stored(tx.conn)
+            if previous is not None:
+                return previous
             result = fn(tx)
             tx.conn.execute(insert(IDEM).values(key=key, op=op, fingerprint=fp, result=result,
                                                 created_at=tx.now))
@@ -112,6 +119,15 @@ class LedgerBase:
                 return self._write(run)
             except UniqueViolation:
                 continue  # a concurrent replay committed the key first: read its result
+            except LedgerError:
+                # A concurrent replay may have committed while we waited for a row lock and
+                # changed what we saw (hold already posted, funds already held): its result
+                # is ours.
+                with self._read() as conn:
+                    previous = stored(conn)
+                if previous is None:
+                    raise
+                return previous
         return self._write(run)
 
     def _read(self):
@@ -237,9 +253,11 @@ class AdminOps(LedgerBase):
 
         self._write(run)
 
-    def list_keys(self) -> list[dict]:
-        with self._read() as conn:
-            rows = conn.execute(select(K).order_by(K.c.created_at, K.c.kid)).all()
+    def list_keys(self, conn: Connection | None = None) -> list[dict]:
+        if conn is None:
+            with self._read() as c:
+                return self.list_keys(c)
+        rows = conn.execute(select(K).order_by(K.c.created_at, K.c.kid)).all()
         have = self.keys_dir
         return [{
             "kid": r.kid, "public_key": r.public_key, "created": r.created_at.isoformat(),
@@ -247,9 +265,9 @@ class AdminOps(LedgerBase):
             "private_key_here": bool(have and keys.private_path(have, r.kid).exists()),
         } for r in rows]
 
-    def active_kid(self) -> str:
+    def active_kid(self, conn: Connection | None = None) -> str:
         """The newest non-retired key whose private half is on this host."""
-        for k in reversed(self.list_keys()):
+        for k in reversed(self.list_keys(conn)):
             if not k["retired"] and k["private_key_here"]:
                 return k["kid"]
         raise NotFound("no active signing key on this host (run `gpuledger keys generate`)")

@@ -80,7 +80,7 @@ class TokenOps:
 
     def _signing_key(self, conn: Connection, kid: str | None):
         if kid is None:
-            kid = self.active_kid()
+            kid = self.active_kid(conn)
         row = conn.execute(select(K).where(K.c.kid == kid)).one_or_none()
         if row is None:
             raise NotFound(f"unknown key {kid!r}")
