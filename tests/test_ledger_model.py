@@ -78,6 +78,8 @@ amounts = st.integers(min_value=1, max_value=20_000)
 def test_random_operations_match_the_model(ledger, clock):
     examples = 60 if ledger.engine.dialect.name == "sqlite" else 20
 
+    seen: dict[str, int] = {}
+
     @settings(max_examples=examples, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
@@ -87,6 +89,7 @@ def test_random_operations_match_the_model(ledger, clock):
             op = data.draw(st.sampled_from(
                 ["mint", "split", "transfer", "reserve", "post", "void", "resize", "revoke",
                  "expire", "refund"] if m.tokens else ["mint"]))
+            seen[op] = seen.get(op, 0) + 1
             tids = sorted(m.tokens)
             pending = sorted(h for h, v in m.holds.items() if v["state"] == "pending")
             if op == "mint":
@@ -223,3 +226,6 @@ def test_random_operations_match_the_model(ledger, clock):
         assert ledger.verify_journal().ok
 
     run()
+    assert set(seen) == {"mint", "split", "transfer", "reserve", "post", "void", "resize",
+                         "revoke", "expire", "refund"}, seen
+    print(seen)
