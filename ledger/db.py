@@ -35,7 +35,7 @@ def resolve_url(config: Config) -> URL:
         )
     if url.get_backend_name() == "sqlite":
         db = url.database or ""
-        if db and db != ":memory:" and not Path(db).is_absolute():
+        if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_absolute():
             url = url.set(database=str(config.path.parent / db))
         return url
     if config.database.password_file:
@@ -124,10 +124,13 @@ def write(engine: Engine) -> Iterator[Connection]:
 
 @contextmanager
 def read(engine: Engine) -> Iterator[Connection]:
-    """A read-only transaction (deferred BEGIN on SQLite)."""
-    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
-        with conn.begin():
-            yield conn
+    """A read-only transaction (deferred BEGIN on SQLite); driver errors become StorageError."""
+    try:
+        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            with conn.begin():
+                yield conn
+    except DBAPIError as exc:
+        raise storage_error(exc) from None
 
 
 def run_write(engine: Engine, fn, *, attempts: int = 8):

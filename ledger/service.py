@@ -215,7 +215,7 @@ class AdminOps(LedgerBase):
 
     def rates(self) -> dict[str, int]:
         with self._read() as conn:
-            return dict(conn.execute(select(R.c.gpu_type, R.c.rate_ppm).order_by(R.c.gpu_type)))
+            return dict(conn.execute(select(R.c.gpu_type, R.c.rate_ppm).order_by(R.c.gpu_type)).all())
 
     def add_key(self, kid: str, public: str) -> None:
         keys.check_kid(kid)

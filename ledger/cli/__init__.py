@@ -12,6 +12,9 @@ import sys
 
 import click
 
+from sqlalchemy.exc import DBAPIError
+
+from ..db import storage_error
 from ..errors import LedgerError
 from .context import pass_app  # noqa: F401  (re-exported for command modules)
 
@@ -22,6 +25,9 @@ class ErrorHandlingGroup(click.Group):
             return super().invoke(ctx)
         except LedgerError as exc:
             click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+        except DBAPIError as exc:  # a driver error that escaped the library's own mapping
+            click.echo(f"Error: {storage_error(exc)}", err=True)
             ctx.exit(1)
         except BrokenPipeError:
             sys.stderr.close()

@@ -3,6 +3,7 @@
 from alembic import context
 
 from ledger.models import Base
+import reports.models  # noqa: F401,E402  (report tables and indexes)
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -1,0 +1,155 @@
+"""``gpuledger serve`` and the user commands that talk to it: balance, quote, jobs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..amounts import fmt_duration, fmt_hours, parse_duration
+from ..cli.context import echo_fields, echo_json, echo_table, pass_app, read_token_arg
+from ..errors import InvalidInput
+from .client import connect, response_error
+from .jobspec import array_size, parse_gpus, parse_gres
+
+socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET",
+                             help="Daemon socket (default: config, else "
+                                  "/run/gpuledger/gpuledger.sock).")
+
+
+@click.command("serve")
+@click.option("--socket", "socket_path", help="Socket path (default: [daemon] socket).")
+@click.option("--socket-group", help="Group owning the socket (default: [daemon] socket_group).")
+@pass_app
+def serve(app, socket_path, socket_group):
+    """Run the ledger daemon on its Unix socket (foreground; systemd runs this)."""
+    from .auth import Policy, SlurmAccounts
+    from .handlers import Handlers
+    from .server import RequestLog, Server
+
+    cfg = app.config
+    ledger = app.ledger
+    ledger.reload_keys()  # fail early on an unreachable database
+    handlers = Handlers(ledger, Policy(cfg.daemon.slurm_user), SlurmAccounts())
+    server = Server(handlers, socket_path or cfg.daemon.socket, max_line=cfg.daemon.max_line,
+                    group=socket_group or cfg.daemon.socket_group, log=RequestLog())
+    server.bind()
+    server.install_signal_handlers()
+    try:
+        server.serve_forever()
+    finally:
+        server.stop()
+
+
+def _token_arg(value: str | None) -> str | None:
+    """``--token`` (TOKEN or @FILE), else $GPU_TOKEN, else ~/.config/gpuledger/token."""
+    if value:
+        return read_token_arg(value)
+    if os.environ.get("GPU_TOKEN"):
+        return read_token_arg(os.environ["GPU_TOKEN"])
+    default = Path.home() / ".config" / "gpuledger" / "token"
+    if default.is_file():
+        return read_token_arg(f"@{default}")
+    return None
+
+
+@click.command("balance")
+@socket_option
+@click.option("--user", help="Another user (root and the Slurm user only).")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def balance(app, socket_path, user, as_json):
+    """Your tokens and your Slurm accounts' balances."""
+    with connect(socket_path, app.config_path) as client:
+        data = client.request("balance", user=user)
+    if as_json:
+        return echo_json(data)
+    click.echo(f"user {data['user']}; Slurm accounts: {', '.join(data['slurm_accounts']) or '-'}")
+    echo_table(["TOKEN", "ACCOUNT", "STATUS", "REMAINING GPU-H", "HELD", "EXPIRES", "SCOPES"],
+               [[t["id"], t["account"], t["status"], fmt_hours(t["remaining"]),
+                 fmt_hours(t["held"]), t["expires"],
+                 "; ".join(f"{k}={','.join(v)}" for k, v in t["scopes"].items()) or "any"]
+                for t in data["tokens"]])
+    if data["accounts"]:
+        click.echo("")
+        echo_table(["ACCOUNT", "TOKENS", "REMAINING GPU-H", "HELD", "POOL"],
+                   [[a["name"], a["tokens"], fmt_hours(a["remaining"]), fmt_hours(a["held"]),
+                     fmt_hours(a["pool"])] for a in data["accounts"]])
+
+
+@click.command("quote")
+@socket_option
+@click.option("--gres", help="As sbatch: gpu[:TYPE][:COUNT] (per node).")
+@click.option("--gpus", "-G", "gpus", help="As sbatch: [TYPE:]COUNT for the whole job.")
+@click.option("--gpus-per-node", help="[TYPE:]COUNT per node.")
+@click.option("--nodes", "-N", type=int, default=1, show_default=True)
+@click.option("--time", "-t", "time_limit", required=True, help="Time limit, Slurm syntax.")
+@click.option("--array", "array", help="Array spec, e.g. 0-9.")
+@click.option("--account", "-A")
+@click.option("--partition", "-p")
+@click.option("--token", help="TOKEN or @FILE (default: $GPU_TOKEN, ~/.config/gpuledger/token).")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array, account,
+          partition, token, as_json):
+    """What a job would hold, and whether the token covers it."""
+    count, gpu_type = 0, None
+    if gres:
+        count, gpu_type = parse_gres(gres)
+        count *= nodes
+    elif gpus_per_node:
+        per, gpu_type = parse_gpus(gpus_per_node)
+        count = per * nodes
+    elif gpus:
+        count, gpu_type = parse_gpus(gpus)
+    if count <= 0:
+        raise InvalidInput("say how many GPUs: --gres=gpu:h100:4, --gpus=4 or --gpus-per-node=2")
+    seconds = parse_duration(time_limit)
+    tasks = array_size(array) if array else 1
+    with connect(socket_path, app.config_path) as client:
+        resp = client.call("quote", gpus=count, seconds=seconds, type=gpu_type, tasks=tasks,
+                           account=account, partition=partition, token=_token_arg(token))
+    if as_json:
+        return echo_json(resp)
+    if "amount" not in resp:
+        raise response_error(resp)
+    pairs = [("request", resp["desc"]), ("would hold", f"{resp['hours']} GPU-h")]
+    if resp.get("ok") != "1":
+        pairs.append(("token", resp.get("token_id") or "-"))
+        pairs.append(("covers", f"no: {resp.get('message')}"))
+        echo_fields(pairs)
+        raise SystemExit(1)
+    if resp.get("token_id"):
+        covers = resp.get("covers") == "1"
+        pairs += [("token", resp["token_id"]), ("status", resp["status"]),
+                  ("remaining", f"{resp['remaining_hours']} GPU-h"),
+                  ("covers", "yes" if covers else "no")]
+        echo_fields(pairs)
+        if not covers:
+            raise SystemExit(1)
+        return
+    echo_fields(pairs + [("time limit", fmt_duration(seconds))])
+
+
+@click.command("jobs")
+@socket_option
+@click.option("--state", type=click.Choice(["pending", "posted", "voided"]))
+@click.option("--user", help="Another user (root and the Slurm user only).")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def jobs(app, socket_path, state, user, as_json):
+    """Your jobs' holds: what each held, charged and returned."""
+    with connect(socket_path, app.config_path) as client:
+        data = client.request("jobs", user=user, state=state)
+    if as_json:
+        return echo_json(data)
+    echo_table(["HOLD", "JOB", "STATE", "TOKEN", "REQUEST", "HELD GPU-H", "CHARGED", "RETURNED"],
+               [[h["id"], h["job_id"], h["state"], h["token_id"],
+                 f"{h['gpus']} x {h['gpu_type'] or 'gpu'} x {fmt_duration(h['seconds'])}"
+                 + (f" x {h['tasks']}" if h["tasks"] > 1 else ""),
+                 fmt_hours(h["amount"]), fmt_hours(h["charged"]), fmt_hours(h["returned"])]
+                for h in data["holds"]])
+
+
+COMMANDS = [serve, balance, quote, jobs]

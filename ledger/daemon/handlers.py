@@ -1,0 +1,213 @@
+"""One function per operation: fields in, response fields out, the ledger does the work.
+
+Nothing here decides a business rule: prices, scopes, balances and refusal messages all
+come from :class:`ledger.service.Ledger`. Handlers only check who may ask, turn wire
+fields into a :class:`HoldRequest`, and turn results and typed errors into responses.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+
+from ..amounts import fmt_hours
+from ..errors import (ConfigError, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
+                      Reason, Refusal, StateError, StorageError)
+from ..queries import account_views
+from ..views import HoldRequest
+from .auth import Forbidden, Peer, Policy, SlurmAccounts, user_name
+from .protocol import VERSION, ProtocolError, with_json
+
+_INT = re.compile(r"^[0-9]{1,12}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
+KEY_RELOAD_INTERVAL = 5.0
+
+
+class BadRequest(LedgerError):
+    """A well-formed line whose fields do not make a valid request."""
+
+
+def _int(fields: dict[str, str], name: str, *, required: bool = True) -> int | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        if required:
+            raise BadRequest(f"missing field {name}")
+        return None
+    if not _INT.match(value):
+        raise BadRequest(f"field {name} is not a non-negative integer")
+    return int(value)
+
+
+def _name(fields: dict[str, str], name: str) -> str | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if not _NAME.match(value):
+        raise BadRequest(f"field {name} is not a valid name")
+    return value
+
+
+def error_response(exc: BaseException) -> dict[str, object]:
+    """A typed error → ``ok=0 reason=… message=…`` (Refusals keep their numbers)."""
+    if isinstance(exc, Refusal):
+        d = exc.to_dict()
+        return {"ok": 0, "reason": d["reason"], "message": d["message"],
+                "token_id": d.get("token_id"), "needed": d.get("needed"),
+                "available": d.get("available")}
+    for kind, reason in ((ProtocolError, "bad_request"), (BadRequest, "bad_request"),
+                         (Forbidden, "forbidden"), (InvalidInput, "invalid"),
+                         (NotFound, "not_found"), (StateError, "state"),
+                         (IdempotencyConflict, "conflict"), (StorageError, "unavailable"),
+                         (ConfigError, "unavailable"), (LedgerError, "error")):
+        if isinstance(exc, kind):
+            return {"ok": 0, "reason": reason, "message": str(exc)}
+    return {"ok": 0, "reason": "internal", "message": f"internal error ({type(exc).__name__})"}
+
+
+class Handlers:
+    """The operations of the socket, bound to one ledger."""
+
+    def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None):
+        self.ledger = ledger
+        self.policy = policy
+        self.accounts = accounts or SlurmAccounts()
+        # The ledger's Verifier cache is not thread-safe; SQLite serializes writes anyway.
+        self._lock = threading.Lock()
+        self._keys_loaded_at = 0.0
+        self.ops: dict[str, Callable[[Peer, dict[str, str]], dict[str, object]]] = {
+            "hello": self.hello, "ping": self.ping, "reserve": self.reserve,
+            "resize": self.resize, "void": self.void, "quote": self.quote,
+            "balance": self.balance, "jobs": self.jobs,
+        }
+
+    def handle(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """Dispatch one decoded request; every failure becomes an error response."""
+        try:
+            op = fields.get("op")
+            fn = self.ops.get(op or "")
+            if fn is None:
+                raise BadRequest(f"unknown op {op!r}" if op else "missing field op")
+            return fn(peer, fields)
+        except Exception as exc:  # noqa: BLE001 - a request must never kill the daemon
+            return error_response(exc)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _with_keys(self, fn):
+        """Run ``fn`` under the verifier lock; reload public keys once on an unknown key."""
+        with self._lock:
+            try:
+                return fn()
+            except Refusal as exc:
+                if exc.reason is not Reason.UNKNOWN_KEY:
+                    raise
+                if time.monotonic() - self._keys_loaded_at < KEY_RELOAD_INTERVAL:
+                    raise
+                self._keys_loaded_at = time.monotonic()
+                self.ledger.reload_keys()  # a key added since start
+                return fn()
+
+    def _request(self, fields: dict[str, str], user: str | None) -> HoldRequest:
+        return HoldRequest(
+            gpus=_int(fields, "gpus"), seconds=_int(fields, "seconds"),
+            gpu_type=_name(fields, "type"), tasks=_int(fields, "tasks", required=False) or 1,
+            account=_name(fields, "account"), user=user, partition=_name(fields, "partition"),
+            cluster=_name(fields, "cluster"),
+        )
+
+    @staticmethod
+    def _job_user(fields: dict[str, str]) -> str | None:
+        name = _name(fields, "user")
+        if name is None and fields.get("uid"):
+            name = user_name(_int(fields, "uid"))
+        return name
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def hello(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        return {"ok": 1, "version": VERSION, "user": peer.name, "privileged": peer.privileged}
+
+    def ping(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        return {"ok": 1}
+
+    def reserve(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """Hold a job's maximum cost: ``token gpus seconds [type tasks user account …] key``."""
+        self.policy.require_privileged(peer, "reserve")
+        token = fields.get("token") or ""
+        request = self._request(fields, self._job_user(fields))
+        key = fields.get("key") or None
+        job_id = _name(fields, "job")
+        view = self._with_keys(lambda: self.ledger.reserve(token, request, key, job_id=job_id))
+        return {"ok": 1, "hold": view.id, "token_id": view.token_id, "amount": view.amount,
+                "hours": fmt_hours(view.amount), "rate": view.rate_ppm,
+                "desc": request.describe()}
+
+    def resize(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """Re-price a pending hold to absolute ``seconds``/``gpus``/``tasks`` (replays are no-ops)."""
+        self.policy.require_privileged(peer, "resize")
+        hold_id = _name(fields, "hold")
+        if hold_id is None:
+            raise BadRequest("missing field hold")
+        seconds, gpus, tasks = (_int(fields, k, required=False) for k in ("seconds", "gpus", "tasks"))
+        if not (seconds or gpus or tasks):
+            raise BadRequest("resize needs seconds, gpus or tasks")
+        before = self.ledger.hold(hold_id).amount
+        view = self.ledger.resize(hold_id, seconds=seconds or None, gpus=gpus or None,
+                                  tasks=tasks or None)
+        return {"ok": 1, "hold": view.id, "amount": view.amount, "hours": fmt_hours(view.amount),
+                "delta": view.amount - before}
+
+    def void(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        self.policy.require_privileged(peer, "void")
+        hold_id = _name(fields, "hold")
+        if hold_id is None:
+            raise BadRequest("missing field hold")
+        view = self.ledger.void(hold_id, reason=fields.get("reason") or "released by Slurm")
+        return {"ok": 1, "hold": view.id, "state": view.state, "returned": view.returned}
+
+    def quote(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """What a job would hold and, given a token, whether that token covers it now."""
+        user = self.policy.subject(peer, self._job_user(fields))
+        request = self._request(fields, user)
+        amount, rate = self.ledger.price(request)
+        out: dict[str, object] = {"ok": 1, "amount": amount, "hours": fmt_hours(amount),
+                                  "rate": rate, "desc": request.describe(), "user": user}
+        token = fields.get("token")
+        if not token:
+            return out
+
+        def check():
+            claims = self.ledger.check(token, request)
+            return claims, self.ledger.inspect(token)
+
+        try:
+            claims, view = self._with_keys(check)
+        except Refusal as exc:
+            return {**out, **error_response(exc), "amount": amount, "hours": fmt_hours(amount)}
+        covers = view.status == "active" and amount <= view.remaining
+        out.update(token_id=claims.id, status=view.status, remaining=view.remaining,
+                   remaining_hours=fmt_hours(view.remaining), covers=covers)
+        return out
+
+    def balance(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """The user's tokens (scoped to them or to their Slurm accounts) and those accounts."""
+        user = self.policy.subject(peer, _name(fields, "user"))
+        accounts = self.accounts(user)
+        tokens = [t.to_dict() for t in self.ledger.list_tokens()
+                  if user in (t.scopes.get("users") or ())
+                  or (t.account in accounts and not t.scopes.get("users"))]
+        known = {a.name: a for a in account_views(self.ledger)}
+        views = [known[a].to_dict() for a in sorted(accounts) if a in known]
+        return with_json({"user": user, "slurm_accounts": sorted(accounts), "accounts": views,
+                          "tokens": tokens})
+
+    def jobs(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """The user's holds (pending and settled) with what each held and charged."""
+        user = self.policy.subject(peer, _name(fields, "user"))
+        state = fields.get("state") or None
+        if state not in (None, "pending", "posted", "voided"):
+            raise BadRequest("state must be pending, posted or voided")
+        holds = [h.to_dict() for h in self.ledger.holds(user=user, state=state)]
+        return with_json({"user": user, "holds": holds})
