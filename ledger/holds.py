@@ -132,7 +132,7 @@ class HoldOps:
                               f"no rate for GPU type {request.gpu_type} and no default rate",
                               token_id=claims.id)
             amount = request.tasks * cost(request.gpus * request.seconds, rate)
-            available = self._balance(tx.conn, row.wallet_id)
+            available = row.balance
             if amount > available:
                 held = self._held(tx.conn, claims.id)
                 reason = Reason.EXHAUSTED if available == 0 and held == 0 else \
@@ -154,7 +154,13 @@ class HoldOps:
                     account=row.account, token_id=claims.id, hold_id=hold_id,
                     data={"request": request.to_dict(), "rate_ppm": rate, "job_id": job_id})
             tx.flush()
-            return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
+            return HoldView(
+                id=hold_id, token_id=claims.id, account=row.account, user=request.user,
+                gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
+                tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
+                state="pending", job_id=job_id, created=tx.now, resolved=None,
+                partition=request.partition, cluster=request.cluster or self.cluster,
+            ).to_dict()
 
         return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
 

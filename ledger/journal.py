@@ -57,11 +57,12 @@ class Posting:
 class Tx:
     """The movements of one operation inside one database transaction."""
 
-    def __init__(self, conn: Connection, now: datetime):
+    def __init__(self, conn: Connection, now: datetime, wallet_ids: dict[str, int] | None = None):
         self.conn = conn
         self.now = now
         self.postings: list[Posting] = []
-        self._wallet_cache: dict[str, int] = {}
+        # code -> id of wallets that never change id (system wallets); shared across Tx
+        self._wallet_cache = {} if wallet_ids is None else wallet_ids
 
     def wallet_id(self, code: str) -> int:
         if code not in self._wallet_cache:

@@ -67,6 +67,7 @@ class LedgerBase:
         self.clock = clock
         self.cluster = cluster
         self._verifier: Verifier | None = None
+        self._wallet_ids: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, config: Config, **kw):
@@ -77,7 +78,7 @@ class LedgerBase:
 
     def _write(self, fn: Callable[[Tx], object]):
         def run(conn: Connection):
-            tx = Tx(conn, self.clock())
+            tx = Tx(conn, self.clock(), self._wallet_ids)
             result = fn(tx)
             tx.flush()
             return result

@@ -42,8 +42,9 @@ class TokenOps:
         return self.verifier().verify(ref).id
 
     def _token_row(self, conn: Connection, token_id: str, lock: bool = False):
-        q = select(T, A.c.name.label("account"), A.c.wallet_id.label("pool_wallet_id")).join(
-            A, A.c.id == T.c.account_id).where(T.c.id == token_id)
+        q = (select(T, A.c.name.label("account"), A.c.wallet_id.label("pool_wallet_id"),
+                    W.c.balance).join(A, A.c.id == T.c.account_id)
+             .join(W, W.c.id == T.c.wallet_id).where(T.c.id == token_id))
         if lock:
             q = q.with_for_update(of=T)
         row = conn.execute(q).one_or_none()
