@@ -1,0 +1,170 @@
+"""Ledger core benchmark: token checks, reserve+post lifecycles, journal verification.
+
+    .venv/bin/python benchmarks/ledger_bench.py [--quick]
+
+Prints each figure next to its goal and the ratio figure/goal (> 1 is better
+for rates, < 1 for latencies), all measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from ledger import db, migrate  # noqa: E402
+from ledger.service import Ledger  # noqa: E402
+from ledger.views import HoldRequest  # noqa: E402
+
+PG = os.environ.get("GPULEDGER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REQ = HoldRequest(gpus=1, seconds=60, gpu_type="h100")
+
+
+def new_ledger(url: str, keys: Path, **kw) -> Ledger:
+    lg = Ledger(db.make_engine(url, **kw), keys_dir=keys)
+    migrate.upgrade(lg.engine)
+    lg.bootstrap()
+    return lg
+
+
+def seed(lg: Ledger) -> None:
+    lg.generate_key("bench")
+    lg.create_account("bench")
+    lg.set_rate("h100", 1_000_000)
+
+
+def report(name: str, value: float, unit: str, goal: float, higher_is_better: bool) -> None:
+    ratio = value / goal if higher_is_better else goal / value
+    mark = "ok" if ratio >= 1 else "MISSED"
+    print(f"{name:<52} {value:>12,.1f} {unit:<10} goal {'≥' if higher_is_better else '≤'} "
+          f"{goal:,.0f}  ratio {ratio:5.2f}  {mark}")
+
+
+def bench_token_check(lg: Ledger, n: int) -> None:
+    tokens = [lg.mint("bench", 10**9)[0] for _ in range(n)]
+    from ledger.tokens import Verifier
+    keys = dict(lg.verifier().public_keys)
+    v = Verifier(keys, cache_size=n * 2)
+    t0 = time.perf_counter()
+    for tok in tokens:
+        v.verify(tok)
+    uncached = (time.perf_counter() - t0) / n * 1e6
+    t0 = time.perf_counter()
+    for _ in range(5):
+        for tok in tokens:
+            v.verify(tok)
+    cached = (time.perf_counter() - t0) / (5 * n) * 1e6
+    # the full check the daemon makes before touching the database (cached signature)
+    t0 = time.perf_counter()
+    for tok in tokens:
+        lg.check(tok, REQ)
+    full = (time.perf_counter() - t0) / n * 1e6
+    report("token check, uncached (signature verify)", uncached, "µs/op", 150, False)
+    report("token check, cached", cached, "µs/op", 20, False)
+    report("token check, cached + validity + scopes", full, "µs/op", 20, False)
+
+
+def lifecycles(lg: Ledger, token: str, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        hold = lg.reserve(token, REQ)
+        lg.post(hold.id, 30)
+    return n / (time.perf_counter() - t0)
+
+
+def _worker(args):
+    url, keys, token, n, start = args
+    lg = Ledger(db.make_engine(url, pool_size=1), keys_dir=Path(keys))
+    lg.check(token, REQ)  # warm the verifier
+    while time.time() < start:
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        hold = lg.reserve(token, REQ)
+        lg.post(hold.id, 30)
+    lg.engine.dispose()
+    return t0, time.perf_counter()
+
+
+def parallel(url: str, keys: Path, tokens: list[str], n: int) -> float:
+    start = time.time() + 1.0
+    with mp.get_context("spawn").Pool(len(tokens)) as pool:
+        spans = pool.map(_worker, [(url, str(keys), t, n, start) for t in tokens])
+    t0 = min(s for s, _ in spans)
+    t1 = max(e for _, e in spans)
+    return len(tokens) * n / (t1 - t0)
+
+
+def bench_verify(lg: Ledger, rows_wanted: int) -> float:
+    token = lg.mint("bench", 10**12)[0]
+    have = lg.head()[0]
+    while have < rows_wanted:
+        lifecycles(lg, token, 500)
+        have = lg.head()[0]
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        result = lg.verify_journal()
+        runs.append(result.rows / (time.perf_counter() - t0))
+        assert result.ok
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
+    args = ap.parse_args()
+    n = 300 if args.quick else 2000
+    workers = 16
+    tmp = Path(tempfile.mkdtemp(prefix="gl-bench-"))
+    print(f"gpuledger ledger benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+
+    lite = new_ledger(f"sqlite:///{tmp / 'ledger.db'}", tmp / "keys")
+    seed(lite)
+    bench_token_check(lite, 500 if args.quick else 2000)
+    token = lite.mint("bench", 10**12)[0]
+    lifecycles(lite, token, 50)
+    report("SQLite reserve+post, one process", lifecycles(lite, token, n), "lifecycles/s",
+           2000, True)
+
+    name = "glbench_" + uuid.uuid4().hex[:8]
+    admin = create_engine(PG, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        url = admin.url.set(database=name).render_as_string(hide_password=False)
+        pg = new_ledger(url, tmp / "keys")
+        pg.create_account("bench")
+        pg.set_rate("h100", 1_000_000)
+        # the key is already in the keys dir; register its public half in this ledger
+        from ledger import keys as keymod
+        pg.add_key("bench", keymod.public_text(keymod.load_private(tmp / "keys", "bench")))
+        per = max(20, n // workers)
+        distinct = [pg.mint("bench", 10**12)[0] for _ in range(workers)]
+        report(f"PostgreSQL reserve+post, {workers} workers, distinct tokens",
+               parallel(url, tmp / "keys", distinct, per), "lifecycles/s", 1000, True)
+        hot = pg.mint("bench", 10**12)[0]
+        report(f"PostgreSQL reserve+post, {workers} workers, one hot token",
+               parallel(url, tmp / "keys", [hot] * workers, per), "lifecycles/s", 500, True)
+        pg.engine.dispose()
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    rows = 20_000 if args.quick else 200_000
+    report(f"verify, SQLite, {rows:,} rows", bench_verify(lite, rows), "rows/s", 200_000, True)
+
+
+if __name__ == "__main__":
+    main()
