@@ -10,6 +10,7 @@ if the token was revoked meanwhile, or to ``system:expired`` if it expired.
 from __future__ import annotations
 
 import secrets
+from types import SimpleNamespace
 from datetime import datetime
 
 from sqlalchemy import Connection, insert, select, update
@@ -227,10 +228,12 @@ class HoldOps:
                     charge, account=hold.account, token_id=hold.token_id, hold_id=hold_id,
                     data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id, "node": node,
                           "restart": restart})
+            after = SimpleNamespace(**{**hold._mapping, "charged": hold.charged + charge})
             if final:
-                self._close(tx, self._hold_row(tx.conn, hold_id), token_row, "posted", "release")
+                self._close(tx, after, token_row, "posted", "release")
+                after.state, after.resolved_at = "posted", tx.now
             tx.flush()
-            return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
+            return hold_view(after).to_dict()
 
         return self._resolve_once("post", hold_id, key, fields, run)
 

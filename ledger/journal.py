@@ -91,45 +91,74 @@ class Tx:
                 deltas[p.debit] = deltas.get(p.debit, 0) - p.amount
                 deltas[p.credit] = deltas.get(p.credit, 0) + p.amount
         ids = sorted(w for w, d in deltas.items() if d)
-        if ids:
-            rows = self.conn.execute(
-                select(W.c.id, W.c.code, W.c.balance, W.c.allow_negative)
-                .where(W.c.id.in_(ids)).order_by(W.c.id).with_for_update()
-            ).all()
-            for wid, code, balance, allow_negative in rows:
-                if balance + deltas[wid] < 0 and not allow_negative:
-                    raise Refusal(
-                        Reason.INSUFFICIENT,
-                        f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
-                        needed=-deltas[wid], available=balance,
-                    )
-            for wid in ids:
-                self.conn.execute(
-                    update(W).where(W.c.id == wid).values(balance=W.c.balance + deltas[wid])
-                )
-        if not self.postings:
-            return
-        head = self.conn.execute(
-            select(H.c.seq, H.c.hash).where(H.c.id == 1).with_for_update()
-        ).one_or_none()
-        if head is None:
-            raise StorageError("ledger is not initialised (run `gpuledger init` or `db upgrade`)")
-        seq, prev = head
-        ts = micros(self.now)
-        rows = []
-        for p in self.postings:
-            seq += 1
-            data = canonical_data(p.data)
-            digest = row_hash(prev, seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
-                              p.token_id, p.hold_id, p.reason, data)
-            rows.append(dict(seq=seq, ts=ts, kind=p.kind, debit_wallet_id=p.debit,
-                             credit_wallet_id=p.credit, amount=p.amount, account=p.account,
-                             token_id=p.token_id, hold_id=p.hold_id, reason=p.reason,
-                             data=data, prev_hash=prev, hash=digest))
-            prev = digest
-        self.conn.execute(insert(J), rows)
-        self.conn.execute(update(H).where(H.c.id == 1).values(seq=seq, hash=prev))
+        sql = raw_sql(self.conn)
+        cur = self.conn.connection.driver_connection.cursor()
+        try:
+            if ids:
+                marks = ",".join(["?"] * len(ids))
+                cur.execute(sql("SELECT id, code, balance, allow_negative FROM wallets "
+                                f"WHERE id IN ({marks}) ORDER BY id" + FOR_UPDATE), ids)
+                for wid, code, balance, allow_negative in cur.fetchall():
+                    if balance + deltas[wid] < 0 and not allow_negative:
+                        raise Refusal(
+                            Reason.INSUFFICIENT,
+                            f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
+                            needed=-deltas[wid], available=balance,
+                        )
+                cur.executemany(sql("UPDATE wallets SET balance = balance + ? WHERE id = ?"),
+                                [(deltas[w], w) for w in ids])
+            if not self.postings:
+                return
+            cur.execute(sql("SELECT seq, hash FROM chain_head WHERE id = 1" + FOR_UPDATE))
+            head = cur.fetchone()
+            if head is None:
+                raise StorageError("ledger is not initialised (run `gpuledger init` or "
+                                   "`db upgrade`)")
+            seq, prev = head
+            ts = micros(self.now)
+            rows = []
+            for p in self.postings:
+                seq += 1
+                data = canonical_data(p.data)
+                digest = row_hash(prev, seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
+                                  p.token_id, p.hold_id, p.reason, data)
+                rows.append((seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
+                             p.token_id, p.hold_id, p.reason, data, prev, digest))
+                prev = digest
+            cur.executemany(sql(
+                "INSERT INTO journal (seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, "
+                "account, token_id, hold_id, reason, data, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"), rows)
+            cur.execute(sql("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1"), (seq, prev))
+        finally:
+            cur.close()
         self.postings.clear()
+
+
+FOR_UPDATE = " FOR UPDATE"
+_SQL_CACHE: dict[tuple[str, str], str] = {}
+
+
+def raw_sql(conn: Connection):
+    """Hot-path SQL written with ``?`` marks, turned into the driver's paramstyle (cached).
+
+    SQLite ignores row locks (``BEGIN IMMEDIATE`` already serialises writers), so
+    ``FOR UPDATE`` is dropped there.
+    """
+    style = conn.dialect.paramstyle
+    sqlite = conn.dialect.name == "sqlite"
+
+    def convert(text: str) -> str:
+        key = (style, text)
+        out = _SQL_CACHE.get(key)
+        if out is None:
+            out = text.replace(FOR_UPDATE, "") if sqlite else text
+            if style in ("format", "pyformat"):
+                out = out.replace("%", "%%").replace("?", "%s")
+            _SQL_CACHE[key] = out
+        return out
+
+    return convert
 
 
 def ensure_head(conn: Connection) -> None:
