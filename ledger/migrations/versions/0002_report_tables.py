@@ -25,6 +25,7 @@ def upgrade() -> None:
     sa.Column('threshold', sa.Integer(), nullable=False),
     sa.Column('figures', sa.JSON(), nullable=False),
     sa.Column('created_at', ledger.models.UTCDateTime(), nullable=False),
+    sa.Column('closed_at', ledger.models.UTCDateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_alerts')),
     sa.UniqueConstraint('account', 'subject', 'kind', 'threshold', name=op.f('uq_alerts_account_subject_kind_threshold'))
     )

@@ -1,0 +1,1 @@
+"""Monthly budget reports, the site summary and threshold alerts, sent by email."""

@@ -1,0 +1,197 @@
+"""``gpuledger report render|send|log`` and ``gpuledger alerts send|list``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ledger.cli.context import echo_json, echo_table, pass_app
+from ledger.errors import ConfigError
+
+from . import alerts as alerts_mod
+from . import deliver, sendlog
+from .period import Month
+from .render import FORMATS, render_account
+
+
+def _settings(app):
+    from .mail import SmtpSettings
+
+    return SmtpSettings.from_config(app.config)
+
+
+def _admins(app) -> list[str]:
+    admins = app.config.section("reports").get("admins", [])
+    if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
+        raise ConfigError(f"{app.config.path}: [reports] admins must be a list of addresses")
+    return admins
+
+
+def _progress(enabled: bool):
+    """click.progressbar on a terminal (and not for --json), else a plain iterator."""
+    def run(items, length, label):
+        if not enabled or not sys.stdout.isatty() or length < 2:
+            yield from items
+            return
+        with click.progressbar(items, length=length, label=label) as bar:
+            yield from bar
+
+    return run
+
+
+@click.group("report")
+def report_group():
+    """Monthly budget reports and the site summary."""
+
+
+@report_group.command("render")
+@click.option("--month", required=True, help="YYYY-MM, or 'previous' / 'current'.")
+@click.option("--account", help="Only this account (default: all, plus the site summary).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="html", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for the files (default: stdout for one account's text or JSON, "
+                   "else ./gpuledger-report-MONTH).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary of what was written.")
+@pass_app
+def report_render(app, month, account, fmt, out, as_json):
+    """Render reports to files (HTML with its PNG chart, text, or JSON)."""
+    ledger = app.ledger
+    m = Month.parse(month, ledger.clock())
+    site = deliver.load(ledger, m, account)
+    now = ledger.clock()
+    if out is None and account and fmt != "html" and not as_json:
+        r = render_account(site.accounts[0], generated=now)
+        click.echo(r.text if fmt == "text" else _dumps(r.json), nl=False)
+        return
+    target = Path(out or f"gpuledger-report-{m}")
+    paths = deliver.render_all(site, fmt, target, include_site=account is None, now=now,
+                               progress=_progress(not as_json))
+    if as_json:
+        return echo_json({"month": str(m), "format": fmt, "accounts": len(site.accounts),
+                          "files": [str(p) for p in paths],
+                          "no_activity": [r.account for r in site.accounts
+                                          if not r.had_activity]})
+    click.echo(f"Wrote {len(paths)} files for {len(site.accounts)} account(s) to {target}")
+
+
+def _dumps(data) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
+
+
+@report_group.command("send")
+@click.option("--month", required=True, help="YYYY-MM, or 'previous' / 'current'.")
+@click.option("--account", help="Only this account (default: all, plus the site summary).")
+@click.option("--dry-run", is_flag=True, help="Write .eml files instead of sending.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for --dry-run .eml files (default ./gpuledger-mail-MONTH).")
+@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@pass_app
+def report_send(app, month, account, dry_run, out, as_json):
+    """Email each account's report to its recipients (once per recipient and month)."""
+    ledger = app.ledger
+    m = Month.parse(month, ledger.clock())
+    settings = None if dry_run and not app.config.section("smtp") else _settings(app)
+    summary = deliver.send_reports(
+        ledger, m, settings=settings, account=account, admins=_admins(app), dry_run=dry_run,
+        out=Path(out or f"gpuledger-mail-{m}") if dry_run else None,
+        progress=_progress(not as_json))
+    _report_summary(summary.to_dict(), as_json, dry_run)
+    if summary.failures:
+        sys.exit(1)
+
+
+def _report_summary(d: dict, as_json: bool, dry_run: bool) -> None:
+    if as_json:
+        return echo_json(d)
+    verb = "Wrote" if dry_run else "Sent"
+    for msg in d.get("messages", d.get("digests", [])):
+        label = msg.get("scope") or msg.get("account")
+        if msg["sent"]:
+            where = f" ({msg['file']})" if msg.get("file") else ""
+            click.echo(f"{verb} {label}: {', '.join(msg['sent'])}{where}")
+        for rcpt in msg.get("already_sent", []):
+            click.echo(f"Already sent {label}: {rcpt}")
+        for rcpt, why in msg["failed"].items():
+            click.echo(f"FAILED {label}: {rcpt}: {why}", err=True)
+    if d["no_recipients"]:
+        click.echo(f"No recipients: {', '.join(d['no_recipients'])} "
+                   "(gpuledger account set NAME --report-to ...)")
+    click.echo(f"{d['sent']} {'written' if dry_run else 'sent'}, {d['failed']} failed"
+               + (f", {d['already_sent']} already sent" if "already_sent" in d else ""))
+
+
+@report_group.command("log")
+@click.option("--month", required=True, help="YYYY-MM, or 'previous' / 'current'.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def report_log(app, month, as_json):
+    """Show the send log of a month: who got which report, and failures."""
+    m = Month.parse(month, app.ledger.clock())
+    rows = sendlog.entries(app.ledger.engine, str(m))
+    if as_json:
+        return echo_json([r.__dict__ for r in rows])
+    echo_table(["KIND", "SCOPE", "RECIPIENT", "STATUS", "ATTEMPTS", "UPDATED", "ERROR"],
+               [[r.kind, r.scope, r.recipient, r.status, r.attempts,
+                 r.updated.isoformat()[:19], r.error] for r in rows])
+
+
+@click.group("alerts")
+def alerts_group():
+    """Budget alerts (80 / 90 / 100 % used, expiry within 30 days), sent as a digest."""
+
+
+@alerts_group.command("send")
+@click.option("--dry-run", is_flag=True, help="Write .eml files; record nothing.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for --dry-run .eml files (default ./gpuledger-alerts).")
+@click.option("--account", help="Only this account.")
+@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@pass_app
+def alerts_send(app, dry_run, out, account, as_json):
+    """Raise newly crossed thresholds and mail each account one digest."""
+    ledger = app.ledger
+    if account:
+        from ledger.queries import account_views
+
+        account_views(ledger, account)  # NotFound for an unknown account
+    settings = None if dry_run and not app.config.section("smtp") else _settings(app)
+    summary = alerts_mod.send_alerts(ledger, settings=settings, dry_run=dry_run,
+                                     out=Path(out or "gpuledger-alerts") if dry_run else None,
+                                     account=account)
+    _report_summary(summary.to_dict(), as_json, dry_run)
+    if summary.failures:
+        sys.exit(1)
+
+
+@alerts_group.command("list")
+@click.option("--account", help="Only this account.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def alerts_list(app, account, as_json):
+    """Thresholds crossed now, and whether each was already raised."""
+    from sqlalchemy import select
+
+    from ledger import db
+
+    ledger = app.ledger
+    with db.read(ledger.engine) as conn:
+        conds = alerts_mod.evaluate(conn, ledger.clock(), account)
+        raised = {tuple(r[:4]): r[4] for r in conn.execute(select(
+            alerts_mod.AL.c.account, alerts_mod.AL.c.subject, alerts_mod.AL.c.kind,
+            alerts_mod.AL.c.threshold, alerts_mod.AL.c.created_at))}
+    rows = [{"account": c.account, "subject": c.subject, "kind": c.kind,
+             "threshold": c.threshold, "raised": raised.get(c.key), "text": c.describe()}
+            for c in conds]
+    if as_json:
+        return echo_json(rows)
+    echo_table(["ACCOUNT", "SUBJECT", "ALERT", "RAISED", "DETAIL"],
+               [[r["account"], r["subject"], f"{r['kind']} {r['threshold']}",
+                 r["raised"].isoformat()[:19] if r["raised"] else "new", r["text"]]
+                for r in rows])
+
+
+COMMANDS = [report_group, alerts_group]

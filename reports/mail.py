@@ -1,0 +1,243 @@
+"""Email: SMTP settings from ``[smtp]``, MIME messages with an inline chart, and the transport.
+
+Messages are multipart/alternative: text/plain first, then a multipart/related
+holding the HTML and the burn-down PNG it shows by ``cid:``. Connection, TLS
+and authentication problems raise :class:`MailError` before anything is sent;
+a recipient the server refuses is reported per recipient and the rest go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import smtplib
+import ssl
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, getaddresses
+from pathlib import Path
+
+from ledger.config import Config
+from ledger.errors import ConfigError, LedgerError
+
+from .render import Rendered
+
+SECURITY = ("starttls", "ssl", "none")
+DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
+
+
+class MailError(LedgerError):
+    """The SMTP server could not be reached, TLS failed or it refused our credentials."""
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    security: str
+    sender: str
+    user: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    timeout: float = 30.0
+
+    @classmethod
+    def from_section(cls, section: dict, where: str = "[smtp]") -> SmtpSettings:
+        def get(key, kind, default=None):
+            value = section.get(key, default)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ConfigError(f"{where} {key} has the wrong type ({type(value).__name__})")
+            return value
+
+        host = get("host", str)
+        if not host:
+            raise ConfigError(f"{where} host is required to send mail")
+        security = get("security", str, "starttls")
+        if security not in SECURITY:
+            raise ConfigError(f"{where} security must be one of {', '.join(SECURITY)}")
+        sender = get("from", str)
+        if not sender or len(getaddresses([sender])) != 1 or "@" not in sender:
+            raise ConfigError(f"{where} from must be one email address")
+        port = get("port", int, DEFAULT_PORTS[security])
+        if not 0 < port < 65536:
+            raise ConfigError(f"{where} port must be between 1 and 65535")
+        user = get("user", str)
+        password = None
+        pw_file = get("password_file", str)
+        if pw_file:
+            try:
+                password = Path(pw_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {where} password_file {pw_file}: "
+                                  f"{exc.strerror}") from None
+        if user and password is None:
+            raise ConfigError(f"{where} user is set but password_file is not")
+        if user and security == "none":
+            raise ConfigError(f"{where} refuses to send a password without TLS "
+                              "(security = starttls or ssl)")
+        timeout = float(get("timeout", (int, float), 30.0))
+        return cls(host=host, port=port, security=security, sender=sender, user=user,
+                   password=password, ca_file=get("ca_file", str), timeout=timeout)
+
+    @classmethod
+    def from_config(cls, config: Config) -> SmtpSettings:
+        return cls.from_section(config.section("smtp"), f"{config.path}: [smtp]")
+
+    def tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+
+def message_id(kind: str, scope: str, period: str, sender: str) -> str:
+    """The same id for the same report whoever receives it, so clients fold a duplicate."""
+    domain = sender.rpartition("@")[2].strip(">") or "gpuledger.invalid"
+    digest = hashlib.sha256(f"{kind}\0{scope}\0{period}".encode()).hexdigest()[:16]
+    return f"<gpuledger.{kind}.{period}.{digest}@{domain}>"
+
+
+def build_message(r: Rendered, *, sender: str, recipients: list[str], msg_id: str,
+                  when: datetime, headers: dict[str, str] | None = None,
+                  cid: str | None = None) -> EmailMessage:
+    """text/plain + (text/html + inline PNG) as multipart/alternative."""
+    msg = EmailMessage()
+    msg["Subject"] = r.subject
+    msg["From"] = sender
+    msg["To"] = ", ".join(recipients)
+    msg["Date"] = format_datetime(when)
+    msg["Message-ID"] = msg_id
+    msg["Auto-Submitted"] = "auto-generated"
+    for k, v in (headers or {}).items():
+        msg[k] = v
+    msg.set_content(r.text)
+    msg.add_alternative(r.html, subtype="html")
+    if r.chart is not None:
+        if cid is None:
+            raise ValueError("a report with a chart needs its content id")
+        html_part = msg.get_payload()[1]
+        html_part.add_related(r.chart, maintype="image", subtype="png", cid=f"<{cid}>",
+                              filename=f"{r.name}.png", disposition="inline")
+    return msg
+
+
+def chart_cid(r_name: str, sender: str) -> str:
+    domain = sender.rpartition("@")[2].strip(">") or "gpuledger.invalid"
+    return f"burndown.{r_name}@{domain}"
+
+
+class Mailer:
+    """One SMTP session; ``send`` returns {recipient: error} for refused recipients."""
+
+    def __init__(self, settings: SmtpSettings):
+        self.s = settings
+        self.smtp: smtplib.SMTP | None = None
+
+    def __enter__(self) -> Mailer:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _where(self) -> str:
+        return f"{self.s.host}:{self.s.port}"
+
+    def connect(self) -> None:
+        s = self.s
+        try:
+            if s.security == "ssl":
+                smtp = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout,
+                                        context=s.tls_context())
+            else:
+                smtp = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
+            try:
+                smtp.ehlo()
+                if s.security == "starttls":
+                    if not smtp.has_extn("starttls"):
+                        raise MailError(f"SMTP server {self._where()} does not offer STARTTLS")
+                    smtp.starttls(context=s.tls_context())
+                    smtp.ehlo()
+                if s.user:
+                    smtp.login(s.user, s.password or "")
+            except BaseException:
+                _quiet_close(smtp)
+                raise
+        except MailError:
+            raise
+        except smtplib.SMTPAuthenticationError as exc:
+            raise MailError(f"SMTP server {self._where()} rejected the credentials of user "
+                            f"{s.user!r}: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+        except smtplib.SMTPNotSupportedError as exc:
+            raise MailError(f"SMTP server {self._where()} does not support "
+                            f"{'AUTH' if s.user else 'the request'}: {exc}") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise MailError(f"TLS with SMTP server {self._where()} failed: certificate not "
+                            f"trusted ({exc.verify_message}); set [smtp] ca_file") from None
+        except ssl.SSLError as exc:
+            raise MailError(f"TLS with SMTP server {self._where()} failed: "
+                            f"{exc.reason or exc}") from None
+        except smtplib.SMTPResponseException as exc:
+            raise MailError(f"SMTP server {self._where()} refused the session: "
+                            f"{exc.smtp_code} {_text(exc.smtp_error)}") from None
+        except (TimeoutError, smtplib.SMTPException, OSError) as exc:
+            raise MailError(f"cannot talk to SMTP server {self._where()}: "
+                            f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+                            ) from None
+        self.smtp = smtp
+
+    def close(self) -> None:
+        if self.smtp is not None:
+            _quiet_close(self.smtp)
+            self.smtp = None
+
+    def send(self, msg: EmailMessage, recipients: list[str]) -> dict[str, str]:
+        """Send to ``recipients`` (the envelope); the refused ones map to the server's reason.
+
+        A dropped connection is retried once on a fresh one; if that fails too, MailError.
+        """
+        for attempt in (1, 2):
+            if self.smtp is None:
+                self.connect()
+            try:
+                refused = self.smtp.send_message(msg, from_addr=self.s.sender,
+                                                 to_addrs=recipients)
+                return {r: f"{code} {_text(text)}" for r, (code, text) in refused.items()}
+            except smtplib.SMTPRecipientsRefused as exc:
+                return {r: f"{code} {_text(text)}" for r, (code, text) in exc.recipients.items()}
+            except (smtplib.SMTPDataError, smtplib.SMTPSenderRefused) as exc:
+                _reset(self.smtp)
+                why = f"{exc.smtp_code} {_text(exc.smtp_error)}"
+                return {r: why for r in recipients}
+            except (TimeoutError, smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                self.close()
+                if attempt == 2:
+                    raise MailError(f"SMTP server {self._where()} dropped the connection: "
+                                    f"{exc}") from None
+        raise AssertionError("unreachable")
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _reset(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.rset()
+    except (smtplib.SMTPException, OSError):
+        pass
+
+
+def _quiet_close(smtp: smtplib.SMTP) -> None:
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        try:
+            smtp.close()
+        except OSError:
+            pass
+
+
+def write_eml(msg: EmailMessage, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(msg))
+    return path

@@ -1,0 +1,80 @@
+"""Tables owned by reports: the send log, alerts and their deliveries.
+
+They live on ``ledger.models.Base`` so that Alembic (ledger/migrations/env.py
+imports this module) sees them. The two journal indexes declared here serve
+the report queries (balance of a set of wallets at a time; one account's
+movements in a month); the migration 0002 creates them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ledger.models import Base, Charge, JournalEntry, UTCDateTime
+
+J = JournalEntry.__table__
+CH = Charge.__table__
+
+# Report query indexes on ledger tables (created by migration 0002).
+Index("ix_journal_debit_wallet_id_ts", J.c.debit_wallet_id, J.c.ts)
+Index("ix_journal_credit_wallet_id_ts", J.c.credit_wallet_id, J.c.ts)
+
+SITE = "*site*"  # the scope of the site summary in the send log
+
+
+class ReportSend(Base):
+    """One message for one recipient: a monthly report (scope = account) or the site summary.
+
+    A row with status ``sent`` means the SMTP server accepted the message for that
+    recipient; a re-run sends only to recipients without one.
+    """
+
+    __tablename__ = "report_sends"
+    __table_args__ = (UniqueConstraint("kind", "scope", "period", "recipient"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # report | site
+    scope: Mapped[str] = mapped_column(String(64))  # account name, or SITE
+    period: Mapped[str] = mapped_column(String(16))  # YYYY-MM
+    recipient: Mapped[str] = mapped_column(String(254))
+    status: Mapped[str] = mapped_column(String(16))  # sent | failed
+    message_id: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Alert(Base):
+    """A threshold an account or a token crossed; raised once per (subject, kind, threshold)."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("account", "subject", "kind", "threshold"),
+        Index(None, "account"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(64))  # "account" or a token id
+    kind: Mapped[str] = mapped_column(String(16))  # used | expiry
+    threshold: Mapped[int] = mapped_column(Integer)  # percent used, or days before expiry
+    figures: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # set once every recipient the account had then has it (or it had none)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AlertDelivery(Base):
+    """An alert accepted by the SMTP server for one recipient (so it never goes twice)."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (UniqueConstraint("alert_id", "recipient"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id"))
+    recipient: Mapped[str] = mapped_column(String(254))
+    message_id: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime)
