@@ -204,7 +204,11 @@ class Mailer:
                 return {r: f"{code} {_text(text)}" for r, (code, text) in refused.items()}
             except smtplib.SMTPRecipientsRefused as exc:
                 return {r: f"{code} {_text(text)}" for r, (code, text) in exc.recipients.items()}
-            except (smtplib.SMTPDataError, smtplib.SMTPSenderRefused) as exc:
+            except smtplib.SMTPSenderRefused as exc:
+                raise MailError(f"SMTP server {self._where()} refused to take mail from "
+                                f"{self.s.sender}: {exc.smtp_code} {_text(exc.smtp_error)}"
+                                ) from None
+            except smtplib.SMTPDataError as exc:
                 _reset(self.smtp)
                 why = f"{exc.smtp_code} {_text(exc.smtp_error)}"
                 return {r: why for r in recipients}

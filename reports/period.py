@@ -66,6 +66,10 @@ class Month:
     def day(self, index: int) -> date:
         return (self.start + timedelta(days=index)).date()
 
+    def day_start(self, number: int) -> datetime:
+        """The first instant of day ``number`` (1-based) of the month."""
+        return self.start + timedelta(days=number - 1)
+
     def previous(self) -> Month:
         return Month(self.year - 1, 12) if self.month == 1 else Month(self.year, self.month - 1)
 

@@ -8,6 +8,7 @@ November report must show, worked out by hand from the operations below.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -216,6 +217,12 @@ class Handler:
         return [r.message for r in self.received if address in r.rcpt_tos]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class SmtpServer:
     """aiosmtpd on 127.0.0.1 with STARTTLS (required for AUTH) and a single user."""
 
@@ -232,10 +239,12 @@ class SmtpServer:
                   and auth_data.password == password.encode())
             return AuthResult(success=ok, handled=False)
 
-        kw = dict(hostname="127.0.0.1", port=0, authenticator=authenticator,
+        kw = dict(hostname="127.0.0.1", port=free_port(), authenticator=authenticator,
                   auth_required=True, auth_require_tls=True)
         if implicit_tls:
+            # aiosmtpd only counts STARTTLS as TLS for AUTH; the whole session is TLS here
             kw["ssl_context"] = ctx
+            kw["auth_require_tls"] = False
         else:
             kw["tls_context"] = ctx
             kw["require_starttls"] = True
@@ -250,7 +259,7 @@ class SmtpServer:
 
     @property
     def port(self) -> int:
-        return self.controller.server.sockets[0].getsockname()[1]
+        return self.controller.port
 
     def settings(self, tmp: Path, **over) -> dict:
         pw = tmp / "smtp.password"

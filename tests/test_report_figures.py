@@ -1,0 +1,241 @@
+"""Report figures against the ledger, for a seeded month, on SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import defaultdict
+
+import pytest
+
+from conftest import Clock
+from ledger import db
+from ledger.errors import InvalidInput, NotFound
+from report_fixtures import CHEMISTRY, PHYSICS, H, at, seed_month
+from reports.figures import build
+from reports.period import Month
+from reports.png import read_png_size
+from reports.render import render_account, render_site
+from reports.usage import GpuFigures, gpu_figures
+
+NOV = Month(2026, 11)
+HMS = 3_600_000  # ms in an hour
+
+
+@pytest.fixture
+def clock():
+    return Clock(at(10, 1))
+
+
+@pytest.fixture
+def month_site(ledger, clock):
+    s = seed_month(ledger, clock)
+    with db.read(ledger.engine) as conn:
+        site = build(conn, NOV, clock())
+    return s, site
+
+
+def journal_balances(ledger, until_us: int) -> dict[str, int]:
+    """Balance per account at a time, independently: the ledger's own journal listing."""
+    owners = {}
+    for t in ledger.list_tokens():
+        owners[f"token:{t.id}"] = t.account
+    for name in ("physics", "chemistry"):
+        owners[f"account:{name}"] = name
+    out = defaultdict(int)
+    from datetime import datetime
+
+    for row in ledger.journal():
+        ts = datetime.fromisoformat(row["time"].replace("Z", "+00:00"))
+        if ts.timestamp() * 1e6 >= until_us or not row["amount"]:
+            continue
+        if row["from"] in owners:
+            out[owners[row["from"]]] -= row["amount"]
+        if row["to"] in owners:
+            out[owners[row["to"]]] += row["amount"]
+    return out
+
+
+def test_statement_matches_the_ledger(ledger, month_site):
+    _, site = month_site
+    for name, expected in (("physics", PHYSICS), ("chemistry", CHEMISTRY)):
+        st = site.account(name).statement
+        got = {k: getattr(st, k) for k in expected}
+        assert got == expected, name
+        assert st.reconciles()
+    opening = journal_balances(ledger, NOV.start_us)
+    closing = journal_balances(ledger, NOV.end_us)
+    assert site.account("physics").statement.opening == opening["physics"]
+    assert site.account("physics").statement.closing == closing["physics"]
+    assert site.account("chemistry").statement.closing == closing["chemistry"]
+    assert site.account("physics").statement.held_at_end == 12 * H
+    assert site.totals.charged == PHYSICS["charged"] + CHEMISTRY["charged"]
+
+
+def test_token_activity_and_remaining(ledger, month_site):
+    s, site = month_site
+    p, c = site.account("physics"), site.account("chemistry")
+    a = p.activity
+    assert (a.minted.count, a.split_internal.count, a.split_out.count) == (0, 1, 1)
+    assert (a.split_internal.amount, a.split_out.amount) == (100 * H, 50 * H)
+    assert (a.transfer_out.count, a.transfer_out.amount) == (1, 10 * H)
+    assert (a.revoked.count, a.revoked.amount) == (1, 90 * H)
+    assert (c.activity.split_in.amount, c.activity.transfer_in.amount) == (50 * H, 10 * H)
+    assert (c.activity.expired.count, c.activity.expired.amount) == (1, 197 * H)
+    tokens = {t.id: t for t in p.tokens}
+    t1 = tokens[s.ids["T1"]]
+    # 1000 - 6 (Oct) - 150 split - charges 25 + refund 1 - 12 held by the pending job
+    assert (t1.remaining, t1.held, t1.status) == (1000 * H - 6 * H - 150 * H - 25 * H + 1 * H
+                                                  - 12 * H, 12 * H, "active")
+    assert t1.remaining == ledger.inspect(s.ids["T1"]).remaining - 5 * H  # Dec: 5 h returned
+    assert tokens[s.ids["T2"]].status == "revoked" and tokens[s.ids["T2"]].remaining == 0
+    assert tokens[s.ids["T0"]].expires_soon and tokens[s.ids["T0"]].remaining == 50 * H
+    assert {t.id: t.status for t in c.tokens} == {s.ids["C1"]: "expired", s.ids["C2"]: "active"}
+    assert [e.id for e in site.expiring] == [s.ids["T0"]]
+
+
+def test_usage_by_user_and_gpu_type(month_site):
+    _, site = month_site
+    p = site.account("physics")
+    users = {u.key: u for u in p.by_user}
+    assert {k: (u.jobs, u.charged, u.returned, u.refunded) for k, u in users.items()} == {
+        "alice": (2, 11 * H, 10 * H, 1 * H),  # a1 (+m1 on two nodes); void 3 h, a1 2 h, m1 5 h
+        "bob": (3, 10 * H, 8 * H, 0),  # boundary 5/10, b1 3/6, n1 2/2
+        "carol": (1, 4 * H, 0, 0),
+    }
+    types = {u.key: (u.jobs, u.charged) for u in p.by_gpu_type}
+    assert types == {"h100": (4, 18 * H), "a100": (1, 3 * H), "-": (1, 4 * H)}
+    assert sum(u.charged for u in p.by_user) == p.statement.charged
+    assert p.jobs == 6 and p.settlements == 7
+
+
+def test_efficiency_and_least_efficient_jobs(month_site):
+    _, site = month_site
+    p = site.account("physics")
+    # measured GPUs: boundary 5h/4h, a1 2x3h/0.3h, b1 5h/4.5h, m1 2x1.5h/0.15h + 2x1h/0.1h
+    assert p.measure.held_ms == 21 * HMS
+    assert p.measure.busy_ms == int(9.6 * HMS)
+    assert p.measure.held_all_ms == 29 * HMS  # + carol's 4 unmeasured GPUs x 2 h
+    assert p.measure.unmeasured_charges == 1  # bob's n1 carried no usage
+    assert p.measure.efficiency == pytest.approx(9.6 / 21)
+    jobs = [(j.job_id, j.held_ms, j.busy_ms, j.gpus) for j in p.worst_jobs]
+    assert jobs == [("1001", 6 * HMS, int(0.6 * HMS), 2), ("1006", 5 * HMS, int(0.5 * HMS), 2),
+                    ("901", 5 * HMS, 4 * HMS, 1), ("1002", 5 * HMS, int(4.5 * HMS), 1)]
+    assert site.account("chemistry").measure.efficiency == pytest.approx(8.2 / 10)
+
+
+def test_burn_down_projection_and_month_over_month(month_site):
+    _, site = month_site
+    p = site.account("physics")
+    assert p.series[0] == (NOV.start, PHYSICS["opening"])
+    assert p.series[-1] == (NOV.end, PHYSICS["closing"])
+    assert len(p.series) == 31
+    assert p.series[1][1] == PHYSICS["opening"] + 5 * H  # Nov 1: boundary job returns 5 h
+    net = PHYSICS["charged"] - PHYSICS["refunded"]
+    assert p.projection.rate_per_day == net // 30
+    assert p.projection.exhaustion is not None and not p.projection.exhausted
+    assert p.previous_charged == 6 * H and p.change == pytest.approx((net - 6 * H) / (6 * H))
+    assert site.account("chemistry").previous_charged == 0
+
+
+def test_single_account_gives_the_same_figures(ledger, month_site):
+    _, site = month_site
+    with db.read(ledger.engine) as conn:
+        one = build(conn, NOV, ledger.clock(), "chemistry")
+    assert [r.account for r in one.accounts] == ["chemistry"]
+    a, b = one.accounts[0], site.account("chemistry")
+    assert a.statement == b.statement
+    assert [t.id for t in a.tokens] == [t.id for t in b.tokens]
+    assert a.measure == b.measure
+
+
+def test_month_without_activity_is_a_report(ledger, month_site):
+    with db.read(ledger.engine) as conn:
+        sep = build(conn, Month(2026, 9), ledger.clock())
+        dec = build(conn, Month(2026, 12), ledger.clock())
+    r = sep.account("physics")
+    assert not r.had_activity and r.statement.opening == r.statement.closing == 0
+    rendered = render_account(r)
+    assert "No activity in September 2026" in rendered.text
+    assert 'data-figure="no-activity"' in rendered.html
+    assert dec.account("physics").had_activity  # the pending job settled in December
+
+
+def test_bad_month_and_unknown_account(ledger, month_site):
+    now = ledger.clock()
+    for text in ("2026-13", "26-11", "november", "2026-00", ""):
+        with pytest.raises(InvalidInput, match="not a month"):
+            Month.parse(text, now)
+    with pytest.raises(InvalidInput, match="has not started"):
+        Month.parse("2027-01", now)
+    assert Month.parse("previous", now) == NOV
+    with db.read(ledger.engine) as conn, pytest.raises(NotFound, match="unknown account"):
+        build(conn, NOV, now, "biology")
+
+
+def test_rendered_forms_carry_the_figures(month_site):
+    _, site = month_site
+    p = site.account("physics")
+    r = render_account(p, chart_src="cid:x@y")
+    for text in (r.text, r.html):
+        assert "1034.000" in text and "948.000" in text  # opening, closing (GPU-h)
+        assert "25.000" in text and "45.7 %" in text  # charged, efficiency
+        assert "2026-12-20" in text  # T0's expiry, ISO
+    assert 'src="cid:x@y"' in r.html and 'alt="Balance from 1034.000 GPU-h' in r.html
+    data = json.loads(json.dumps(r.json))
+    assert data["statement"]["closing"] == PHYSICS["closing"]
+    assert data["efficiency"]["ratio"] == round(9.6 / 21, 4)
+    width, height = read_png_size(r.chart)
+    assert (width, height) == (640, 260)
+    site_r = render_site(site)
+    assert "physics" in site_r.text and "chemistry" in site_r.text
+    assert site_r.json["totals"]["charged"] == PHYSICS["charged"] + CHEMISTRY["charged"]
+
+
+def test_names_are_escaped_in_html(sqlite_ledger, clock):
+    from ledger.views import HoldRequest
+
+    lg = sqlite_ledger
+    clock.now = at(11, 2)
+    tok, _ = lg.mint("physics", 10 * H, expires=at(12, 31))
+    hold = lg.reserve(tok, HoldRequest(gpus=1, seconds=H, gpu_type="h100",
+                                       user="<b>eve</b>&co"))
+    lg.post(hold.id, H)
+    clock.now = at(12, 1)
+    with db.read(lg.engine) as conn:
+        r = render_account(build(conn, NOV, clock()).account("physics"))
+    assert "<b>eve</b>" not in r.html and "&lt;b&gt;eve&lt;/b&gt;&amp;co" in r.html
+    assert "<b>eve</b>&co" in r.text
+
+
+def test_usage_shapes():
+    agent = {"job_id": 1, "restart": 0, "gpus": [
+        {"index": 0, "held_ms": 1000, "busy_ms": 400, "measured": True},
+        {"index": 1, "held_ms": 1000, "busy_ms": 0, "measured": False}]}
+    assert gpu_figures(agent) == [GpuFigures(1000, 400, True), GpuFigures(1000, 0, False)]
+    policy = {"policy": "measured", "lines": [{"held_ms": 10, "busy_ms": 99, "measured": True}]}
+    assert gpu_figures(policy) == [GpuFigures(10, 10, True)]  # busy capped at held
+    assert gpu_figures({"usage": agent, "charge": policy}) == gpu_figures(agent)
+    assert gpu_figures({"held_ms": 5, "busy_ms": 1, "measured": True}) == [GpuFigures(5, 1, True)]
+    assert gpu_figures({"unmeasured": True, "gpus": agent["gpus"]}) == [
+        GpuFigures(1000, 0, False), GpuFigures(1000, 0, False)]
+    for nothing in (None, {}, {"uncapped_amount": 5}, {"gpus": []}, [], "x",
+                    {"gpus": [{"held_ms": -1}]}):
+        assert gpu_figures(nothing) is None
+
+
+def test_png_pixels_decode():
+    from reports.chart import LINE, burndown_png
+
+    data = burndown_png([(NOV.start, 100 * H), (NOV.day_start(15), 60 * H)], NOV.start,
+                        NOV.end, 4 * H, None)
+    assert read_png_size(data) == (640, 260)
+    pos, idat = 8, b""
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        if data[pos + 4:pos + 8] == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    assert len(raw) == 260 * (640 + 1)
+    assert raw.count(bytes([LINE])) > 100  # the balance line is drawn
