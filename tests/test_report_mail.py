@@ -177,6 +177,7 @@ def test_connection_refused(sqlite_ledger, clock, tmp_path):
     _nothing_marked(sqlite_ledger)
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_implicit_tls(sqlite_ledger, clock, tmp_path):
     seed_month(sqlite_ledger, clock)
     with SmtpServer(tmp_path, implicit_tls=True) as server:
