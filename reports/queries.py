@@ -109,8 +109,7 @@ class Flow:
     rows: int
 
 
-def flows(conn: Connection, d: Directory, *, since_us: int | None, until_us: int,
-          by_day: bool) -> list[Flow]:
+def flows_query(d: Directory, since_us: int | None, until_us: int, *, by_day: bool):
     """Journal totals grouped by (day,) kind, debit, credit, token — movements and events."""
     # constants inlined so SELECT and GROUP BY render the very same expression on every backend
     day = ((J.c.ts - literal_column(str(int(since_us or 0)), BigInteger)) // literal_column(str(DAY_US), BigInteger)
@@ -121,9 +120,13 @@ def flows(conn: Connection, d: Directory, *, since_us: int | None, until_us: int
     q = select(*cols, func.sum(J.c.amount), func.count()).where(J.c.ts < until_us)
     if since_us is not None:
         q = q.where(J.c.ts >= since_us)
-    q = _restrict(q, d).group_by(*cols)
+    return _restrict(q, d).group_by(*cols)
+
+
+def flows(conn: Connection, d: Directory, *, since_us: int | None, until_us: int,
+          by_day: bool) -> list[Flow]:
     out = []
-    for r in conn.execute(q):
+    for r in conn.execute(flows_query(d, since_us, until_us, by_day=by_day)):
         if by_day:
             out.append(Flow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5] or 0), int(r[6])))
         else:
@@ -140,7 +143,7 @@ class ReturnLine:
     amount: int
 
 
-def returns(conn: Connection, d: Directory, since_us: int, until_us: int) -> list[ReturnLine]:
+def returns_query(d: Directory, since_us: int, until_us: int):
     """Held-but-not-charged amounts leaving escrow, and refunds, per account, user, GPU type."""
     q = (select(HO.c.account, HO.c.user, HO.c.gpu_type, J.c.kind, func.sum(J.c.amount))
          .select_from(J.join(HO, HO.c.id == J.c.hold_id))
@@ -150,7 +153,12 @@ def returns(conn: Connection, d: Directory, since_us: int, until_us: int) -> lis
          .group_by(HO.c.account, HO.c.user, HO.c.gpu_type, J.c.kind))
     if d.only is not None:
         q = q.where(HO.c.account == d.only)
-    return [ReturnLine(r[0], r[1], r[2], r[3], int(r[4])) for r in conn.execute(q)]
+    return q
+
+
+def returns(conn: Connection, d: Directory, since_us: int, until_us: int) -> list[ReturnLine]:
+    return [ReturnLine(r[0], r[1], r[2], r[3], int(r[4]))
+            for r in conn.execute(returns_query(d, since_us, until_us))]
 
 
 def _charge_window(q, d: Directory, since: datetime, until: datetime):
@@ -160,12 +168,17 @@ def _charge_window(q, d: Directory, since: datetime, until: datetime):
     return q
 
 
+def multi_charge_query(d: Directory, since: datetime, until: datetime):
+    """Holds settled by more than one charge in the window (multi-node jobs, array tasks)."""
+    q = select(CH.c.hold_id).group_by(CH.c.hold_id).having(func.count() > 1)
+    if d.only is not None:
+        q = q.select_from(CH.join(HO, HO.c.id == CH.c.hold_id))
+    return _charge_window(q, d, since, until)
+
+
 def multi_charge_holds(conn: Connection, d: Directory, since: datetime, until: datetime
                        ) -> set[str]:
-    """Holds settled by more than one charge in the window (multi-node jobs, array tasks)."""
-    q = (select(CH.c.hold_id).select_from(CH.join(HO, HO.c.id == CH.c.hold_id))
-         .group_by(CH.c.hold_id).having(func.count() > 1))
-    return set(conn.execute(_charge_window(q, d, since, until)).scalars())
+    return set(conn.execute(multi_charge_query(d, since, until)).scalars())
 
 
 @dataclass(frozen=True)
@@ -180,28 +193,38 @@ class ChargeRow:
     usage: dict | None
 
 
-def charges(conn: Connection, d: Directory, since: datetime, until: datetime
-            ) -> Iterator[ChargeRow]:
-    """Every charge in the window with its hold's account, user, GPU type — streamed."""
+def charges_query(d: Directory, since: datetime, until: datetime):
+    """Every charge in the window with its hold's account, user, GPU type."""
     q = (select(HO.c.account, HO.c.user, HO.c.gpu_type, HO.c.gpus, CH.c.hold_id, CH.c.job_id,
                 CH.c.amount, CH.c.usage)
          .select_from(CH.join(HO, HO.c.id == CH.c.hold_id)))
+    return _charge_window(q, d, since, until)
+
+
+def charges(conn: Connection, d: Directory, since: datetime, until: datetime
+            ) -> Iterator[ChargeRow]:
+    """:func:`charges_query`, streamed in batches."""
     result = conn.execution_options(yield_per=STREAM_BATCH).execute(
-        _charge_window(q, d, since, until))
+        charges_query(d, since, until))
     for r in result:
         yield ChargeRow(*r)
 
 
-def charged_per_account(conn: Connection, d: Directory, since_us: int, until_us: int
-                        ) -> dict[str, tuple[int, int]]:
-    """{account: (charged, charges)} from the journal's charge rows in a window."""
+def charged_query(d: Directory, since_us: int, until_us: int):
+    """Charge rows of the journal in a window, per token."""
     q = (select(J.c.token_id, func.sum(J.c.amount), func.count())
          .where(J.c.ts >= since_us, J.c.ts < until_us, J.c.kind == "charge")
          .group_by(J.c.token_id))
     if d.only is not None:
         q = q.where(J.c.token_id.in_(sorted(d.tokens)) if d.tokens else false())
+    return q
+
+
+def charged_per_account(conn: Connection, d: Directory, since_us: int, until_us: int
+                        ) -> dict[str, tuple[int, int]]:
+    """{account: (charged, charges)} from the journal's charge rows in a window."""
     out: dict[str, tuple[int, int]] = {}
-    for token_id, amount, n in conn.execute(q):
+    for token_id, amount, n in conn.execute(charged_query(d, since_us, until_us)):
         tok = d.tokens.get(token_id)
         if tok is None:
             continue
