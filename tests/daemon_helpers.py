@@ -1,0 +1,97 @@
+"""Shared by the daemon tests: a live daemon on a temporary socket, and running as a user."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from io import StringIO
+from pathlib import Path
+
+from ledger.daemon.auth import Policy
+from ledger.daemon.handlers import Handlers
+from ledger.daemon.server import RequestLog, Server
+
+
+class LiveDaemon:
+    """A :class:`Server` on a socket in a world-traversable directory, in a thread."""
+
+    def __init__(self, ledger, *, accounts=None, max_line: int = 16384):
+        self.dir = Path(tempfile.mkdtemp(prefix="gl-daemon-"))
+        os.chmod(self.dir, 0o755)
+        self.path = self.dir / "gpuledger.sock"
+        self.ledger = ledger
+        self.accounts = accounts or (lambda user: frozenset())
+        self.max_line = max_line
+        self.log = StringIO()
+        self.server: Server | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> LiveDaemon:
+        handlers = Handlers(self.ledger, Policy("slurm"), accounts=self.accounts)
+        self.server = Server(handlers, self.path, max_line=self.max_line,
+                             log=RequestLog(self.log))
+        self.server.bind()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+        if self.thread:
+            self.thread.join(5)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def as_user(name: str, fn: Callable[[], object]) -> object:
+    """Run ``fn`` in a forked child with ``name``'s uid/gid; return its JSON-able result."""
+    pw = pwd.getpwnam(name)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            os.environ["HOME"] = pw.pw_dir
+            os.environ["USER"] = name
+            out = {"result": fn()}
+        except BaseException:  # noqa: BLE001 - report everything to the parent
+            out = {"error": traceback.format_exc()}
+        with os.fdopen(w, "w") as fh:
+            json.dump(out, fh, default=str)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    out = json.loads(data)
+    if "error" in out:
+        raise AssertionError(f"child as {name} failed:\n{out['error']}")
+    return out["result"]
+
+
+def cli_as(name: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run the ``gpuledger`` CLI in-process as ``name``; exit code and output.
+
+    Everything is imported before the fork: the user may not read this interpreter's files.
+    """
+    from click.testing import CliRunner
+
+    from ledger.cli import cli
+
+    def run():
+        res = CliRunner().invoke(cli, args, env=env or {}, catch_exceptions=False)
+        return {"code": res.exit_code, "output": res.output}
+
+    return as_user(name, run)

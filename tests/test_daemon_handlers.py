@@ -1,0 +1,183 @@
+"""Daemon handlers over a real ledger: what each peer may do, and what comes back."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from ledger.daemon.auth import Peer, Policy
+from ledger.daemon.handlers import Handlers
+from ledger.tokens import Scopes
+
+ROOT = Peer(1, 0, 0, "root", True)
+SLURM = Peer(2, 64030, 64030, "slurm", True)
+ALICE = Peer(3, 1001, 1001, "alice", False)
+BOB = Peer(4, 1002, 1002, "bob", False)
+MEMBERS = {"alice": frozenset({"physics", "chemistry"}), "bob": frozenset({"chemistry"})}
+
+
+@pytest.fixture
+def handlers(sqlite_ledger):
+    return Handlers(sqlite_ledger, Policy("slurm"), accounts=lambda u: MEMBERS.get(u, frozenset()))
+
+
+@pytest.fixture
+def token(sqlite_ledger):
+    tok, _ = sqlite_ledger.mint("physics", 10 * 3600)
+    return tok
+
+
+def reserve(h, peer, token, **kw):
+    fields = {"op": "reserve", "token": token, "gpus": "2", "type": "h100", "seconds": "3600",
+              "user": "alice", "account": "physics", "partition": "gpu", "key": "k-1"}
+    fields.update({k: str(v) for k, v in kw.items() if v is not None})
+    return h.handle(peer, {k: v for k, v in fields.items() if v != "None"})
+
+
+def test_reserve_holds_gpus_times_time_times_rate(handlers, sqlite_ledger, token):
+    resp = reserve(handlers, SLURM, token)
+    assert resp["ok"] == 1 and resp["amount"] == 2 * 3600 and resp["hours"] == "2.000"
+    hold = sqlite_ledger.hold(resp["hold"])
+    assert (hold.user, hold.gpus, hold.seconds, hold.state) == ("alice", 2, 3600, "pending")
+    assert resp["token_id"] == hold.token_id
+
+
+def test_reserve_replay_with_same_key_is_one_hold(handlers, sqlite_ledger, token):
+    first = reserve(handlers, ROOT, token)
+    again = reserve(handlers, ROOT, token)
+    assert first["hold"] == again["hold"]
+    assert len(sqlite_ledger.holds()) == 1
+
+
+def test_array_tasks_multiply(handlers, token):
+    resp = reserve(handlers, SLURM, token, tasks=10, gpus=1, seconds=600, key="k-arr")
+    assert resp["amount"] == 10 * 600
+
+
+def test_insufficient_refusal_carries_ledger_message_and_numbers(handlers, token):
+    resp = reserve(handlers, SLURM, token, gpus=2, seconds=4 * 3600 * 2, key="k-big")
+    assert resp["ok"] == 0 and resp["reason"] == "insufficient"
+    assert resp["message"].startswith("needs 16.000 GPU-h (2 x h100 x 8:00:00), token tok_")
+    assert resp["message"].endswith("has 10.000 GPU-h left")
+    assert resp["needed"] == 16 * 3600 and resp["available"] == 10 * 3600
+
+
+def test_wrong_account_and_garbage_and_forged(handlers, token):
+    wrong = reserve(handlers, SLURM, token, account="chemistry", key="k-w")
+    assert wrong["reason"] == "wrong_account"
+    assert "belongs to account physics, not chemistry" in wrong["message"]
+    garbage = reserve(handlers, SLURM, "not-a-token", key="k-g")
+    assert garbage["reason"] == "malformed"
+    head, payload, sig = token.split(".")
+    forged = reserve(handlers, SLURM, f"{head}.{payload}.{'A' * len(sig)}", key="k-f")
+    assert forged["reason"] == "bad_signature"
+
+
+def test_unprivileged_peers_cannot_reserve_resize_or_void(handlers, token):
+    for op in ("reserve", "resize", "void"):
+        resp = handlers.handle(ALICE, {"op": op, "token": token, "hold": "hold_00", "gpus": "1",
+                                       "seconds": "60", "user": "alice"})
+        assert resp["ok"] == 0 and resp["reason"] == "forbidden", op
+
+
+def test_resize_grows_shrinks_and_refuses(handlers, sqlite_ledger, token):
+    hold = reserve(handlers, SLURM, token)["hold"]
+    grown = handlers.handle(SLURM, {"op": "resize", "hold": hold, "seconds": str(2 * 3600)})
+    assert grown["ok"] == 1 and grown["amount"] == 4 * 3600 and grown["delta"] == 2 * 3600
+    same = handlers.handle(SLURM, {"op": "resize", "hold": hold, "seconds": str(2 * 3600)})
+    assert same["amount"] == 4 * 3600 and same["delta"] == 0
+    too_much = handlers.handle(SLURM, {"op": "resize", "hold": hold, "seconds": str(10 * 3600)})
+    assert too_much["ok"] == 0 and too_much["reason"] == "insufficient"
+    assert too_much["message"].startswith("needs 16.000 GPU-h more (2 x h100 x 10:00:00)")
+    shrunk = handlers.handle(SLURM, {"op": "resize", "hold": hold, "gpus": "1"})
+    assert shrunk["amount"] == 2 * 3600
+    assert sqlite_ledger.hold(hold).amount == 2 * 3600
+
+
+def test_void_returns_everything(handlers, sqlite_ledger, token):
+    hold = reserve(handlers, SLURM, token)["hold"]
+    resp = handlers.handle(SLURM, {"op": "void", "hold": hold})
+    assert resp["ok"] == 1 and resp["state"] == "voided" and resp["returned"] == 2 * 3600
+    assert sqlite_ledger.inspect(token).remaining == 10 * 3600
+
+
+def test_quote_for_self_only(handlers, token):
+    mine = handlers.handle(ALICE, {"op": "quote", "gpus": "4", "type": "h100",
+                                   "seconds": "7200", "token": token})
+    assert mine["ok"] == 1 and mine["hours"] == "8.000" and mine["covers"] is True
+    assert mine["user"] == "alice" and mine["remaining_hours"] == "10.000"
+    big = handlers.handle(ALICE, {"op": "quote", "gpus": "4", "type": "h100",
+                                  "seconds": str(4 * 3600), "token": token})
+    assert big["ok"] == 1 and big["covers"] is False
+    other = handlers.handle(ALICE, {"op": "quote", "gpus": "1", "seconds": "60", "user": "bob"})
+    assert other["reason"] == "forbidden"
+    for_bob = handlers.handle(SLURM, {"op": "quote", "gpus": "1", "seconds": "3600",
+                                      "user": "bob"})
+    assert for_bob["ok"] == 1 and for_bob["amount"] == 1800  # default rate 0.5
+
+
+def test_quote_refusal_keeps_price(handlers, sqlite_ledger, clock):
+    tok, _ = sqlite_ledger.mint("physics", 3600, scopes=Scopes(users=("bob",)))
+    resp = handlers.handle(ALICE, {"op": "quote", "gpus": "1", "type": "h100",
+                                   "seconds": "600", "token": tok})
+    assert resp["ok"] == 0 and resp["reason"] == "wrong_user" and resp["amount"] == 600
+
+
+def test_balance_shows_own_and_account_tokens_only(handlers, sqlite_ledger):
+    physics, _ = sqlite_ledger.mint("physics", 3600)
+    for_bob, _ = sqlite_ledger.mint("physics", 3600, scopes=Scopes(users=("bob",)))
+    chem_alice, _ = sqlite_ledger.mint("chemistry", 3600, scopes=Scopes(users=("alice",)))
+    ids = {t: sqlite_ledger.token_id_of(t) for t in (physics, for_bob, chem_alice)}
+    alice = json.loads(handlers.handle(ALICE, {"op": "balance"})["json"])
+    bob = json.loads(handlers.handle(BOB, {"op": "balance"})["json"])
+    assert {t["id"] for t in alice["tokens"]} == {ids[physics], ids[chem_alice]}
+    assert {t["id"] for t in bob["tokens"]} == {ids[for_bob]}
+    assert [a["name"] for a in bob["accounts"]] == ["chemistry"]
+    assert handlers.handle(BOB, {"op": "balance", "user": "alice"})["reason"] == "forbidden"
+    assert json.loads(handlers.handle(ROOT, {"op": "balance", "user": "bob"})["json"])[
+        "user"] == "bob"
+
+
+def test_jobs_lists_own_holds(handlers, token):
+    reserve(handlers, SLURM, token, user="alice", key="a")
+    reserve(handlers, SLURM, token, user="bob", key="b", account=None)
+    alice = json.loads(handlers.handle(ALICE, {"op": "jobs"})["json"])
+    assert [h["user"] for h in alice["holds"]] == ["alice"]
+    assert handlers.handle(ALICE, {"op": "jobs", "user": "bob"})["reason"] == "forbidden"
+
+
+def test_expired_and_not_yet_valid(handlers, sqlite_ledger, clock):
+    later, _ = sqlite_ledger.mint("physics", 3600, not_before=clock.now + timedelta(days=1))
+    resp = reserve(handlers, SLURM, later, key="nyv")
+    assert resp["reason"] == "not_yet_valid" and "is not valid before" in resp["message"]
+    soon, _ = sqlite_ledger.mint("physics", 3600, expires=clock.now + timedelta(hours=1))
+    clock.advance(hours=2)
+    resp = reserve(handlers, SLURM, soon, key="exp")
+    assert resp["reason"] == "expired" and "expired on" in resp["message"]
+
+
+def test_key_added_after_start_is_picked_up(handlers, sqlite_ledger):
+    sqlite_ledger.reload_keys()  # daemon started with key k1 only
+    sqlite_ledger.generate_key("k2")
+    tok, _ = sqlite_ledger.mint("physics", 3600, kid="k2")
+    sqlite_ledger.reload_keys()
+    sqlite_ledger._verifier = type(sqlite_ledger.verifier())({})  # a daemon that knows no key
+    resp = reserve(handlers, SLURM, tok, gpus=1, seconds=60, key="k2")
+    assert resp["ok"] == 1
+
+
+@pytest.mark.parametrize("fields,reason", [
+    ({}, "bad_request"),
+    ({"op": "nope"}, "bad_request"),
+    ({"op": "reserve", "token": "x", "gpus": "-1", "seconds": "60"}, "bad_request"),
+    ({"op": "reserve", "token": "x", "gpus": "0", "seconds": "60"}, "invalid"),
+    ({"op": "reserve", "token": "x", "gpus": "1", "seconds": "60", "user": "a b"}, "bad_request"),
+    ({"op": "resize", "hold": "hold_0"}, "bad_request"),
+    ({"op": "resize", "hold": "hold_0", "seconds": "60"}, "not_found"),
+    ({"op": "jobs", "state": "weird"}, "bad_request"),
+])
+def test_bad_requests_are_answered(handlers, fields, reason):
+    resp = handlers.handle(ROOT, fields)
+    assert resp["ok"] == 0 and resp["reason"] == reason

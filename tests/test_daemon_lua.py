@@ -1,0 +1,336 @@
+"""job_submit.lua under lua5.1 with a stub ``slurm`` table, against a live daemon.
+
+The stub mimics what slurmctld 22.05 hands the script (fields measured on the test
+cluster: NO_VAL for unset numbers, ``spank_job_env`` indexed from 0, partitions keyed
+by name with ``default_time``/``max_time``/``flag_default``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import need
+from daemon_helpers import LiveDaemon
+from ledger.daemon.protocol import decode, encode
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm_plugin" / "lua" / "job_submit.lua"
+NUMERIC = {"time_limit", "min_nodes", "max_nodes", "num_tasks", "ntasks_per_node",
+           "sockets_per_node", "user_id", "job_id"}
+
+DRIVER = r"""
+local NUMERIC = { %s }
+local user_msgs = {}
+slurm = { SUCCESS = 0, ERROR = -1, ESLURM_ACCESS_DENIED = 2002, ESLURM_ACCOUNTING_POLICY = 2050,
+  ESLURM_INVALID_ACCOUNT = 2045, ESLURM_INVALID_TIME_LIMIT = 2051, ESLURM_MISSING_TIME_LIMIT = 2116,
+  log_info = function(...) io.stderr:write("INFO ", string.format(...), "\n") end,
+  log_error = function(...) io.stderr:write("ERROR ", string.format(...), "\n") end,
+  log_user = function(...) user_msgs[#user_msgs + 1] = string.format(...) end }
+dofile(arg[1])
+local socket = require("socket")
+local parts = {
+  gpu = { name = "gpu", flag_default = 1, default_time = 60, max_time = 1440 },
+  short = { name = "short", flag_default = 0, default_time = 4294967294, max_time = 240 },
+  nolimit = { name = "nolimit", flag_default = 0, default_time = 4294967294, max_time = 4294967295 } }
+local function unesc(v) return (v:gsub("%%%%(%%x%%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+local function esc(v) return (tostring(v):gsub("[^%%w%%-%%._:/@,;=+]", function(c) return string.format("%%%%%%02X", c:byte()) end)) end
+local function job(prefix, f)
+  local d = { time_limit = 4294967294, min_nodes = 4294967294, max_nodes = 4294967294,
+    num_tasks = 4294967294, ntasks_per_node = 65534, sockets_per_node = 65534,
+    user_name = "alice", user_id = 1001, default_account = "physics", spank_job_env_size = 0 }
+  if prefix == "r_" then d = {} end
+  for k, v in pairs(f) do
+    if k:sub(1, #prefix) == prefix then
+      local name = k:sub(#prefix + 1)
+      if v == "" then d[name] = nil
+      elseif NUMERIC[name] then d[name] = tonumber(v) else d[name] = v end
+    end
+  end
+  if f[prefix .. "token"] then
+    d.token = nil
+    d.spank_job_env = { [0] = "_SLURM_SPANK_OPTION_gpuledger_gpu_token=x", [1] = "GPULEDGER_TOKEN=" .. f[prefix .. "token"] }
+    d.spank_job_env_size = 2
+  end
+  return d
+end
+for line in io.lines() do
+  local f = {}
+  for k, v in line:gmatch("([%%w_]+)=(%%S*)") do f[k] = unesc(v) end
+  user_msgs = {}
+  local t0 = socket.gettime()
+  local d, rc
+  if f.call == "modify" then
+    d = job("d_", f)
+    rc = slurm_job_modify(d, job("r_", f), parts, tonumber(f.uid or "0"))
+  else
+    d = job("", f)
+    rc = slurm_job_submit(d, parts, d.user_id)
+  end
+  local ms = (socket.gettime() - t0) * 1000
+  io.stdout:write(string.format("rc=%%d admin_comment=%%s user=%%s ms=%%.3f\n", rc,
+    esc(d.admin_comment or ""), esc(table.concat(user_msgs, "|")), ms))
+  io.stdout:flush()
+end
+""" % ", ".join(f"{n} = true" for n in sorted(NUMERIC))
+
+CODES = {"ok": 0, "error": -1, "denied": 2002, "policy": 2050, "account": 2045,
+         "bad_time": 2051, "no_time": 2116}
+
+
+def lua_available() -> bool:
+    if not shutil.which("lua5.1"):
+        return False
+    return subprocess.run(["lua5.1", "-e", "require('socket.unix')"],
+                          capture_output=True).returncode == 0
+
+
+class Lua:
+    """One lua5.1 process = one slurmctld Lua state (persists across calls, like slurmctld)."""
+
+    def __init__(self, tmp: Path, script: Path = SCRIPT, **conf: object):
+        self.conf = tmp / "job_submit.conf"
+        self.conf.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+        driver = tmp / "driver.lua"
+        driver.write_text(DRIVER)
+        self.proc = subprocess.Popen(
+            ["lua5.1", str(driver), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={"GPULEDGER_JOB_SUBMIT_CONF": str(self.conf)})
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip("\n"))
+
+    def _call(self, fields: dict) -> dict:
+        self.proc.stdin.write(encode({k: v for k, v in fields.items()}).decode())
+        self.proc.stdin.flush()
+        out = decode(self.proc.stdout.readline())
+        out["rc"] = int(out["rc"])
+        out["ms"] = float(out["ms"])
+        return out
+
+    def submit(self, **fields) -> dict:
+        return self._call({"call": "submit", **fields})
+
+    def modify(self, uid: int = 0, **fields) -> dict:
+        return self._call({"call": "modify", "uid": uid, **fields})
+
+    def logged(self, text: str, wait: float = 3.0) -> bool:
+        """Whether the script logged ``text`` (stderr is read by a thread: wait a little)."""
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if any(text in line for line in self.log):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def daemon(sqlite_ledger):
+    need(lua_available(), "lua5.1 with lua-socket (apt install lua5.1 lua-socket)")
+    d = LiveDaemon(sqlite_ledger).start()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def lua(daemon, tmp_path):
+    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts="freebie, other")
+    yield lu
+    lu.close()
+
+
+@pytest.fixture
+def token(sqlite_ledger):
+    return sqlite_ledger.mint("physics", 10 * 3600)[0]
+
+
+def hold_of(result):
+    comment = result["admin_comment"]
+    assert comment.startswith("gpuledger:hold=hold_") and ";token=tok_" in comment, result
+    return comment.split(";")[0].split("=")[1]
+
+
+def test_non_gpu_job_passes_without_contact(lua, daemon):
+    r = lua.submit()
+    assert r["rc"] == 0 and r["admin_comment"] == ""
+    assert lua.submit(tres_per_node="gres:gpu:0", token="x")["rc"] == 0
+    assert "op=" not in daemon.log.getvalue()
+
+
+@pytest.mark.parametrize("fields,gpus,gtype,seconds", [
+    ({"tres_per_node": "gres:gpu:h100:2", "time_limit": 60}, 2, "h100", 3600),
+    ({"tres_per_node": "gres/gpu:h100:2", "time_limit": 60}, 2, "h100", 3600),
+    ({"tres_per_node": "gres:gpu:2,gres:shard:1", "time_limit": 30}, 2, None, 1800),
+    ({"tres_per_job": "gres:gpu:a100:3"}, 3, "a100", 3600),           # partition default 60
+    ({"tres_per_node": "gres:gpu:h100:2", "min_nodes": 2, "max_nodes": 2, "time_limit": 10},
+     4, "h100", 600),                                                   # --gpus-per-node -N 2
+    ({"tres_per_task": "gres:gpu:1", "num_tasks": 3, "time_limit": 10}, 3, None, 600),
+    ({"tres_per_task": "gres/gpu:h100:1", "ntasks_per_node": 2, "min_nodes": 2,
+      "max_nodes": 2, "time_limit": 10}, 4, "h100", 600),
+    ({"tres_per_socket": "gres:gpu:1", "sockets_per_node": 2, "time_limit": 10}, 2, None, 600),
+    ({"tres_per_node": "gres:gpu:h100", "partition": "short"}, 1, "h100", 4 * 3600),  # max
+])
+def test_gpu_request_forms(lua, sqlite_ledger, token, fields, gpus, gtype, seconds):
+    r = lua.submit(token=token, **fields)
+    assert r["rc"] == 0, r
+    hold = sqlite_ledger.hold(hold_of(r))
+    assert (hold.gpus, hold.gpu_type, hold.seconds, hold.tasks) == (gpus, gtype, seconds, 1)
+    assert hold.user == "alice" and hold.account == "physics"
+
+
+def test_array_holds_task_count_times_cost(lua, sqlite_ledger, token):
+    r = lua.submit(token=token, tres_per_node="gres:gpu:h100:1", time_limit=6, array_inx="0-9")
+    hold = sqlite_ledger.hold(hold_of(r))
+    assert hold.tasks == 10 and hold.amount == 10 * 360
+    r = lua.submit(token=token, tres_per_node="gres:gpu:h100:1", time_limit=6,
+                   array_inx="0-9:2,20%2")
+    assert sqlite_ledger.hold(hold_of(r)).tasks == 6
+
+
+def test_refusals_reach_the_user_with_numbers(lua, token):
+    r = lua.submit(token=token, tres_per_node="gres:gpu:h100:2", time_limit=8 * 60)
+    assert r["rc"] == CODES["policy"]
+    assert r["user"].startswith("gpu-token: needs 16.000 GPU-h (2 x h100 x 8:00:00), token tok_")
+    assert r["user"].endswith(" has 10.000 GPU-h left")
+    r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5, account="chemistry")
+    assert r["rc"] == CODES["account"] and "belongs to account physics, not chemistry" in r["user"]
+    r = lua.submit(token="garbage", tres_per_node="gres:gpu:1", time_limit=5)
+    assert r["rc"] == CODES["denied"] and r["user"].startswith("gpu-token: malformed token")
+
+
+def test_missing_token_and_free_accounts(lua, daemon):
+    r = lua.submit(tres_per_node="gres:gpu:1", time_limit=5)
+    assert r["rc"] == CODES["denied"] and "carries no GPU token" in r["user"]
+    assert "--gpu-token" in r["user"]
+    free = lua.submit(tres_per_node="gres:gpu:1", time_limit=5, account="freebie")
+    assert free["rc"] == 0 and free["admin_comment"] == ""
+    assert "op=reserve" not in daemon.log.getvalue()
+
+
+def test_no_time_limit_anywhere_asks_for_t(lua, token):
+    r = lua.submit(token=token, tres_per_node="gres:gpu:1", partition="nolimit")
+    assert r["rc"] == CODES["no_time"]
+    assert r["user"] == ("gpu-token: partition nolimit has no default or maximum time limit; "
+                         "give the job one with -t/--time (e.g. -t 2:00:00)")
+
+
+def test_connection_is_reused_and_survives_a_daemon_restart(sqlite_ledger, daemon, lua, token):
+    a = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=1)
+    b = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=1)
+    pids = {line.split(" pid=")[1].split()[0] for line in daemon.log.getvalue().splitlines()
+            if "op=reserve" in line}
+    assert a["rc"] == b["rc"] == 0 and len(pids) == 1  # one connection for both jobs
+    daemon.stop()
+    again = LiveDaemon(sqlite_ledger)
+    again.path = daemon.path
+    again.start()
+    try:
+        c = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=1)
+        assert c["rc"] == 0, c  # stale connection noticed, retried on a fresh one
+        assert len(sqlite_ledger.holds()) == 3
+    finally:
+        again.close()
+
+
+def test_unavailable_reject_mode_refuses_within_timeout(tmp_path, token):
+    need(lua_available(), "lua5.1 with lua-socket")
+    silent = socket.socket(socket.AF_UNIX)  # accepts, never answers
+    silent.bind(str(tmp_path / "silent.sock"))
+    silent.listen(8)
+    lua = Lua(tmp_path, socket=tmp_path / "silent.sock", timeout=0.3)
+    try:
+        r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5)
+        assert r["rc"] == CODES["error"]
+        assert r["user"].startswith("gpu-token: the GPU ledger is unavailable (timeout)")
+        assert 250 <= r["ms"] < 450
+        gone = Lua(tmp_path, socket=tmp_path / "nothing.sock", timeout=0.3)
+        r = gone.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5)
+        assert r["rc"] == CODES["error"] and "ledger is unavailable" in r["user"]
+        gone.close()
+    finally:
+        lua.close()
+        silent.close()
+
+
+def test_unavailable_accept_mode_defers(tmp_path, token):
+    need(lua_available(), "lua5.1 with lua-socket")
+    lua = Lua(tmp_path, socket=tmp_path / "nothing.sock", timeout=0.3,
+              on_ledger_unavailable="accept")
+    try:
+        r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5)
+        assert r["rc"] == 0 and r["admin_comment"] == "gpuledger:deferred"
+        assert lua.logged("result=deferred")
+        plain = lua.submit()
+        assert plain["rc"] == 0 and plain["admin_comment"] == ""
+    finally:
+        lua.close()
+
+
+def test_lua_error_refuses_the_job(daemon, tmp_path, token):
+    broken = tmp_path / "job_submit.lua"
+    text = SCRIPT.read_text()
+    hook = "-- gpuledger:test-hook (tests replace this line to force a Lua error)"
+    assert hook in text
+    broken.write_text(text.replace(hook, "local x = nil; x = x.boom"))
+    lua = Lua(tmp_path, script=broken, socket=daemon.path)
+    try:
+        r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5)
+        assert r["rc"] == CODES["error"] and "internal error" in r["user"]
+        assert lua.logged("lua error, job refused")
+    finally:
+        lua.close()
+
+
+def test_modify_resizes_or_refuses(lua, sqlite_ledger, token):
+    r = lua.submit(token=token, tres_per_node="gres:gpu:h100:2", time_limit=60)
+    hold = hold_of(r)
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 60, "r_job_id": 7,
+           "r_tres_per_node": "gres:gpu:h100:2", "r_min_nodes": 1}
+    grown = lua.modify(d_time_limit=120, **rec)
+    assert grown["rc"] == 0 and sqlite_ledger.hold(hold).amount == 4 * 3600
+    refused = lua.modify(d_time_limit=600, **rec)
+    assert refused["rc"] == CODES["policy"] and "needs" in refused["user"]
+    assert sqlite_ledger.hold(hold).amount == 4 * 3600
+    fewer = lua.modify(d_tres_per_node="gres:gpu:h100:1", **rec)
+    assert fewer["rc"] == 0 and sqlite_ledger.hold(hold).gpus == 1
+    unchanged = lua.modify(d_name="renamed", **rec)
+    assert unchanged["rc"] == 0
+
+
+def test_modify_protects_the_hold_field(lua, token):
+    r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5)
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 5}
+    forged = lua.modify(uid=1001, d_admin_comment="gpuledger:hold=hold_00;token=tok_x", **rec)
+    assert forged["rc"] == CODES["denied"] and "cannot be changed" in forged["user"]
+    wiped = lua.modify(uid=1001, d_admin_comment="mine", **rec)
+    assert wiped["rc"] == CODES["denied"]
+    by_root = lua.modify(uid=0, d_admin_comment="gpuledger:deferred", **rec)
+    assert by_root["rc"] == 0
+
+
+def test_modify_adding_gpus_to_a_plain_job_is_refused(lua):
+    r = lua.modify(uid=1001, d_tres_per_node="gres:gpu:2", r_time_limit=5)
+    assert r["rc"] == CODES["denied"] and "GPUs cannot be added" in r["user"]
+
+
+def test_submit_latency_through_lua_is_small(lua, token):
+    times = []
+    for _ in range(50):
+        r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=1)
+        assert r["rc"] == 0
+        times.append(r["ms"])
+    times.sort()
+    assert times[len(times) // 2] < 20  # generous: SQLite commit with fsync on a shared box
