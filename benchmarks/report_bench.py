@@ -35,16 +35,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import create_engine, select, text, update  # noqa: E402
+from sqlalchemy import create_engine, select, text, update
 
-from ledger import db, migrate  # noqa: E402
-from ledger.journal import canonical_data, row_hash, verify  # noqa: E402
-from ledger.models import ChainHead, Wallet  # noqa: E402
-from ledger.service import Ledger  # noqa: E402
-from reports import queries as q  # noqa: E402
-from reports.deliver import render_all  # noqa: E402
-from reports.figures import build  # noqa: E402
-from reports.period import Month  # noqa: E402
+from ledger import db, migrate
+from ledger.journal import canonical_data, row_hash, verify
+from ledger.models import ChainHead, Wallet
+from ledger.service import Ledger
+from reports import queries as q
+from reports.deliver import render_all
+from reports.figures import build
+from reports.period import Month
 
 PG = os.environ.get("GPULEDGER_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB = os.environ.get("GPULEDGER_BENCH_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")

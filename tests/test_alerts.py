@@ -5,12 +5,12 @@ from __future__ import annotations
 from email import message_from_bytes, policy
 
 import pytest
+from conftest import Clock
+from report_fixtures import H, SmtpServer, at
 from sqlalchemy import select
 
-from conftest import Clock
 from ledger import db
 from ledger.views import HoldRequest
-from report_fixtures import H, SmtpServer, at
 from reports.alerts import AL, evaluate, send_alerts
 from reports.mail import SmtpSettings
 

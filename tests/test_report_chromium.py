@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import Clock, need
-from ledger.cli import cli
 from report_fixtures import PHYSICS, H, at, seed_month
+
+from ledger.cli import cli
 from reports.png import read_png_size
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -7,11 +7,11 @@ import zlib
 from collections import defaultdict
 
 import pytest
-
 from conftest import Clock
+from report_fixtures import CHEMISTRY, PHYSICS, H, at, seed_month
+
 from ledger import db
 from ledger.errors import InvalidInput, NotFound
-from report_fixtures import CHEMISTRY, PHYSICS, H, at, seed_month
 from reports.figures import build
 from reports.period import Month
 from reports.png import read_png_size

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import Clock
+from report_fixtures import CHEMISTRY, PHYSICS, H, SmtpServer, at, seed_month
+
 from ledger.cli import cli
 from ledger.errors import ConfigError
-from report_fixtures import CHEMISTRY, PHYSICS, H, SmtpServer, at, seed_month
 from reports import sendlog
 from reports.deliver import send_reports
 from reports.mail import MailError, SmtpSettings
