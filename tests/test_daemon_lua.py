@@ -182,6 +182,8 @@ def test_non_gpu_job_passes_without_contact(lua, daemon):
       "max_nodes": 2, "time_limit": 10}, 4, "h100", 600),
     ({"tres_per_socket": "gres:gpu:1", "sockets_per_node": 2, "time_limit": 10}, 2, None, 600),
     ({"tres_per_node": "gres:gpu:h100", "partition": "short"}, 1, "h100", 4 * 3600),  # max
+    ({"tres_per_node": "gres:gpu:h100", "partition": "short", "time_limit": 600}, 1, "h100",
+     4 * 3600),                                                     # clamped to MaxTime
 ])
 def test_gpu_request_forms(lua, sqlite_ledger, token, fields, gpus, gtype, seconds):
     r = lua.submit(token=token, **fields)
@@ -222,7 +224,7 @@ def test_missing_token_and_free_accounts(lua, daemon):
 
 def test_no_time_limit_anywhere_asks_for_t(lua, token):
     r = lua.submit(token=token, tres_per_node="gres:gpu:1", partition="nolimit")
-    assert r["rc"] == CODES["no_time"]
+    assert r["rc"] == CODES["bad_time"]
     assert r["user"] == ("gpu-token: partition nolimit has no default or maximum time limit; "
                          "give the job one with -t/--time (e.g. -t 2:00:00)")
 

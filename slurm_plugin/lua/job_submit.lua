@@ -295,6 +295,20 @@ local function time_limit(d, part_list)
 	end
 	local first = names and names:match("^[^,]+")
 	if minutes then
+		-- above every listed partition's MaxTime the job can never run that long: clamp
+		local cap = nil
+		for name in (names or ""):gmatch("[^,]+") do
+			local p = part_list and part_list[name]
+			local m = p and p.max_time
+			if m == nil or m == INFINITE or m == NO_VAL then
+				cap = nil
+				break
+			end
+			cap = math.max(cap or 0, m)
+		end
+		if cap and cap > 0 and minutes > cap then
+			minutes = cap
+		end
 		return minutes, first
 	end
 	if d.time_limit == INFINITE then
@@ -307,7 +321,7 @@ local function time_limit(d, part_list)
 		local m = p and (num(p.default_time) or num(p.max_time))
 		if not m then
 			refuse("gpu-token: partition " .. name .. " has no default or maximum time limit; "
-				.. "give the job one with -t/--time (e.g. -t 2:00:00)", code("ESLURM_MISSING_TIME_LIMIT"))
+				.. "give the job one with -t/--time (e.g. -t 2:00:00)", code("ESLURM_INVALID_TIME_LIMIT"))
 		end
 		if not most or m > most then
 			most = m
@@ -315,7 +329,7 @@ local function time_limit(d, part_list)
 	end
 	if not most then
 		refuse("gpu-token: the job has no time limit; give it one with -t/--time (e.g. -t 2:00:00)",
-			code("ESLURM_MISSING_TIME_LIMIT"))
+			code("ESLURM_INVALID_TIME_LIMIT"))
 	end
 	return most, first
 end
@@ -350,7 +364,7 @@ local function token_of(d)
 		return nil
 	end
 	local n = tonumber(d.spank_job_env_size) or 0
-	for i = 0, n do -- indexed from 0
+	for i = 0, n - 1 do -- indexed from 0
 		local e = env[i]
 		if e and e:sub(1, #TOKEN_VAR) == TOKEN_VAR then
 			local t = e:sub(#TOKEN_VAR + 1)
