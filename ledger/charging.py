@@ -72,10 +72,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -((-a) // b)
 
 
-def as_fraction(floor: float | int | str | Decimal | Fraction) -> Fraction:
+def as_fraction(floor: float | str | Decimal | Fraction) -> Fraction:
     """An exact floor in [0, 1]; floats go through their shortest text form (0.1 -> 1/10)."""
     if isinstance(floor, bool):
-        raise ValueError("floor must be a number")
+        raise TypeError("floor must be a number, not a bool")
     f = Fraction(str(floor)) if isinstance(floor, float) else Fraction(floor)
     if not 0 <= f <= 1:
         raise ValueError(f"floor must be between 0 and 1, got {floor}")
@@ -127,7 +127,7 @@ def charge_for(
     usage: Iterable[GpuUsageLike | Mapping[str, Any]],
     rate_ppm: int,
     policy: str,
-    floor: float | int | str | Decimal | Fraction = DEFAULT_FLOOR,
+    floor: float | str | Decimal | Fraction = DEFAULT_FLOOR,
 ) -> ChargeResult:
     """Charge a job's GPUs under `policy` ("allocated" or "measured") at `rate_ppm`."""
     if policy not in POLICIES:

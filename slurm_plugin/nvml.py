@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 try:  # the binding itself may be missing on a node
     import pynvml
@@ -77,7 +77,7 @@ def translate(exc: Exception) -> NvmlError:
     cls = _CODES.get(code, NvmlError) if isinstance(code, int) else NvmlError
     try:
         text = str(exc)
-    except Exception:  # pragma: no cover - str() of NVMLError may call into the library
+    except Exception:  # noqa: BLE001 - str() of an NVMLError may call into the library
         text = f"NVML error {code}"
     return cls(text, code if isinstance(code, int) else None)
 
@@ -104,7 +104,7 @@ class DeviceInfo:
     mig_enabled: bool = False
     parent_uuid: str | None = None
     gpu_instance_id: int | None = None
-    mig: tuple["DeviceInfo", ...] = ()
+    mig: tuple[DeviceInfo, ...] = ()
 
     @property
     def is_mig(self) -> bool:
@@ -141,6 +141,7 @@ class Nvml:
         self._open = False
         self._devs: dict[str, _Dev] = {}
         self._off: dict[str, set[str]] = {}  # uuid -> metrics known unavailable
+        self._failing: set[tuple[str, str]] = set()  # (uuid, metric) with a transient error
 
     # -- lifetime -------------------------------------------------------
     def open(self) -> None:
@@ -169,7 +170,7 @@ class Nvml:
         except NvmlError as exc:
             log.warning("gpuledger-agent: nvmlShutdown failed: %s", exc)
 
-    def __enter__(self) -> "Nvml":
+    def __enter__(self) -> Self:
         self.open()
         return self
 
@@ -211,9 +212,13 @@ class Nvml:
                 mh = _call(pynvml.nvmlDeviceGetMigDeviceHandleByIndex, parent, j)
             except NvmlNotFound:
                 continue  # empty slot
-            uuid = _text(_call(pynvml.nvmlDeviceGetUUID, mh))
-            name = _text(_call(pynvml.nvmlDeviceGetName, mh))
-            gi = _call(pynvml.nvmlDeviceGetGpuInstanceId, mh)
+            try:
+                uuid = _text(_call(pynvml.nvmlDeviceGetUUID, mh))
+                name = _text(_call(pynvml.nvmlDeviceGetName, mh))
+                gi = _call(pynvml.nvmlDeviceGetGpuInstanceId, mh)
+            except (NvmlNotSupported, NvmlNoPermission, NvmlNotFound) as exc:
+                log.warning("gpuledger-agent: MIG slot %d of %s skipped: %s", j, parent_uuid, exc)
+                continue
             info = DeviceInfo(index, None, uuid, name, parent_uuid=parent_uuid, gpu_instance_id=gi)
             self._devs[uuid] = _Dev(info, mh, parent_handle=parent)
             out.append(info)
@@ -251,11 +256,20 @@ class Nvml:
         if name in off:
             return None
         try:
-            return fn()
+            value = fn()
         except (NvmlNotSupported, NvmlNoPermission) as exc:
             off.add(name)
             log.info("gpuledger-agent: %s on %s unavailable (%s); not asked again", name, uuid, exc)
             return None
+        except (NvmlGpuLost, NvmlUnavailable):
+            raise
+        except NvmlError as exc:  # transient (timeout, unknown): this reading only
+            if (uuid, name) not in self._failing:
+                self._failing.add((uuid, name))
+                log.warning("gpuledger-agent: %s on %s failed: %s", name, uuid, exc)
+            return None
+        self._failing.discard((uuid, name))
+        return value
 
     @staticmethod
     def _memory_used(h: Any) -> int:
@@ -270,12 +284,13 @@ class Nvml:
             dev.gpm = self._gpm_supported(dev)
         if dev.gpm:
             try:
-                value = self._gpm_sm_util(dev)
-            except (NvmlNotSupported, NvmlNoPermission) as exc:
-                log.info("gpuledger-agent: GPM on %s unavailable (%s); using utilization", uuid, exc)
-                dev.gpm = False
-            else:
+                value = self._metric(uuid, "gpm", lambda: self._gpm_sm_util(dev))
+            finally:
+                if "gpm" in self._off.get(uuid, ()):
+                    dev.gpm = False
+            if dev.gpm:
                 return (value, UTIL_GPM) if value is not None else (None, None)
+            log.info("gpuledger-agent: using utilization rates on %s", uuid)
         rates = self._metric(
             uuid, "util", lambda: _call(pynvml.nvmlDeviceGetUtilizationRates, dev.handle)
         )

@@ -58,7 +58,7 @@ class JobState:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "JobState":
+    def from_dict(cls, d: Mapping[str, Any]) -> JobState:
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"unknown state version {d.get('version')!r}")
         gpus = [GpuState(**g) for g in d["gpus"]]

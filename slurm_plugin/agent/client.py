@@ -88,7 +88,9 @@ def summary(
     return read_spool(job_id, restart, spool_dir or DEFAULT_SPOOL, finish=finish)
 
 
-def read_spool(job_id: int, restart: int, spool_dir: str, *, finish: bool = True) -> JobUsage | None:
+def read_spool(
+    job_id: int, restart: int, spool_dir: str, *, finish: bool = True, now_ms: int | None = None
+) -> JobUsage | None:
     """Usage from the spool alone; the time since the agent's last round is a gap.
 
     With finish, the job is marked finished there so a restarted agent stops it."""
@@ -104,7 +106,7 @@ def read_spool(job_id: int, restart: int, spool_dir: str, *, finish: bool = True
     if job.finished:
         return accounting.usage(job, source="spool")
     if finish:
-        accounting.close_unobserved(job, wall_ms())
+        accounting.close_unobserved(job, wall_ms() if now_ms is None else now_ms)
         try:
             spool.write(job_id, restart, job.to_dict())
         except OSError as exc:

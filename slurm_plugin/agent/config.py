@@ -36,7 +36,7 @@ class AgentConfig:
     keep_finished_days: float = 7.0
 
     @classmethod
-    def load(cls, path: str | None, **overrides: Any) -> "AgentConfig":
+    def load(cls, path: str | None, **overrides: Any) -> AgentConfig:
         data: dict[str, Any] = {}
         if path:
             raw = tomllib.loads(Path(path).read_text())

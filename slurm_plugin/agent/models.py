@@ -19,7 +19,7 @@ class GpuBinding:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GpuBinding":
+    def from_dict(cls, d: dict[str, Any]) -> GpuBinding:
         return cls(int(d["index"]), d.get("uuid"), bool(d["measured"]), d.get("reason"))
 
 
@@ -41,7 +41,7 @@ class GpuUsage:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GpuUsage":
+    def from_dict(cls, d: dict[str, Any]) -> GpuUsage:
         return cls(
             index=int(d["index"]),
             uuid=d.get("uuid"),
@@ -75,7 +75,7 @@ class JobUsage:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JobUsage":
+    def from_dict(cls, d: dict[str, Any]) -> JobUsage:
         return cls(
             job_id=int(d["job_id"]),
             restart=int(d["restart"]),

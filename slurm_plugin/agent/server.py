@@ -67,7 +67,7 @@ class AgentServer:
         self.allowed = set(allowed_uids) if allowed_uids is not None else {0, os.geteuid()}
         self.stop_event = asyncio.Event()
         self.rounds = 0
-        self._clients = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         """Run until `stop_event` is set; the socket is removed on the way out."""
@@ -88,6 +88,9 @@ class AgentServer:
             await self._sample_loop()
         finally:
             server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await server.wait_closed()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -110,24 +113,25 @@ class AgentServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = peer_uid(writer.get_extra_info("socket"))
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             if uid not in self.allowed:
                 log.warning("gpuledger-agent: refused peer uid %s", uid)
                 await self._send(writer, {"ok": False, "error": "permission denied"})
                 return
-            if self._clients >= MAX_CLIENTS:
+            if len(self._tasks) > MAX_CLIENTS:
                 await self._send(writer, {"ok": False, "error": "busy"})
                 return
-            self._clients += 1
-            try:
-                await self._serve_lines(reader, writer)
-            finally:
-                self._clients -= 1
+            await self._serve_lines(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception:
             log.exception("gpuledger-agent: client handler failed")
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -136,7 +140,7 @@ class AgentServer:
         while True:
             try:
                 line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
             except ValueError:  # longer than MAX_LINE
                 await self._send(writer, {"ok": False, "error": "bad request: line too long"})

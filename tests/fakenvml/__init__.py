@@ -1,7 +1,7 @@
 """A fake libnvidia-ml for tests: the real pynvml binding runs against fake GPUs."""
 
-from tests.fakenvml.devices import FakeClock, FakeGpu, FakeMig, Phase, Workload, a100_mig, h100
-from tests.fakenvml.library import FakeNvmlLib, install
+from .devices import FakeClock, FakeGpu, FakeMig, Phase, Workload, a100_mig, h100
+from .library import FakeNvmlLib, install
 
 __all__ = [
     "FakeClock", "FakeGpu", "FakeMig", "FakeNvmlLib", "Phase", "Workload",
