@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import need
 from daemon_helpers import LiveDaemon
+
 from ledger.daemon.protocol import decode, encode
 
 REPO = Path(__file__).resolve().parents[1]

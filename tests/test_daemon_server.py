@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import pwd
 import socket
+import time
 
 import pytest
+from daemon_helpers import LiveDaemon, as_user, cli_as
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon_helpers import LiveDaemon, as_user, cli_as
 from ledger.daemon.client import Client
-from ledger.daemon.protocol import decode, encode
+from ledger.daemon.protocol import decode
 
 HAVE_USERS = all(_u in {p.pw_name for p in pwd.getpwall()} for _u in ("alice", "bob"))
 MEMBERS = {"alice": frozenset({"physics"}), "bob": frozenset({"chemistry"})}
@@ -43,7 +44,11 @@ def test_ping_hello_and_reserve_over_socket(daemon, token, sqlite_ledger):
         resp = c.call("reserve", **reserve_fields(token))
     assert resp["ok"] == "1" and resp["amount"] == "7200"
     assert sqlite_ledger.hold(resp["hold"]).amount == 7200
-    log = daemon.log.getvalue()
+    for _ in range(100):  # the log line is written just after the reply
+        log = daemon.log.getvalue()
+        if "op=reserve" in log:
+            break
+        time.sleep(0.01)
     assert "op=reserve peer=root" in log and f"hold={resp['hold']}" in log and " us=" in log
     assert token not in log  # the token itself is never logged
 

@@ -13,8 +13,17 @@ import time
 from collections.abc import Callable
 
 from ..amounts import fmt_hours
-from ..errors import (ConfigError, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
-                      Reason, Refusal, StateError, StorageError)
+from ..errors import (
+    ConfigError,
+    IdempotencyConflict,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    Reason,
+    Refusal,
+    StateError,
+    StorageError,
+)
 from ..queries import account_views
 from ..views import HoldRequest
 from .auth import Forbidden, Peer, Policy, SlurmAccounts, user_name

@@ -83,8 +83,7 @@ def decode(line: bytes | str) -> dict[str, str]:
             raise ProtocolError("line is not ASCII") from None
     else:
         text = line
-    if text.endswith("\n"):
-        text = text[:-1]
+    text = text.removesuffix("\n")
     if not text.strip():
         raise ProtocolError("empty line")
     fields: dict[str, str] = {}

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import need  # noqa: E402
-from daemon_helpers import cli_as  # noqa: E402
+from conftest import need
+from daemon_helpers import cli_as
 
-from ledger import config as config_mod  # noqa: E402
-from ledger.service import Ledger  # noqa: E402
+from ledger import config as config_mod
+from ledger.service import Ledger
 
 pytestmark = pytest.mark.slurm
 
