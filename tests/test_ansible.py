@@ -1,0 +1,254 @@
+"""The Ansible roles: playbooks pass --syntax-check, every variable a role uses is
+defined (and commented) in its defaults/main.yml with the role's prefix, and the
+settings the roles share have the same defaults everywhere.
+
+YAML is read with the Python that runs Ansible (PyYAML comes with ansible-core);
+without ansible-playbook these tests skip, and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+import pytest
+
+from conftest import need
+
+REPO = Path(__file__).resolve().parent.parent
+ANSIBLE = REPO / "ansible"
+ROLES = ("gpuledger_controller", "gpuledger_node", "gpuledger_reports")
+SHORT = {"gpuledger_controller": "controller", "gpuledger_node": "node", "gpuledger_reports": "reports"}
+# Names a role may use without defining them: Ansible's own.
+BUILTIN = {
+    "item", "omit", "ansible_check_mode", "ansible_service_mgr", "ansible_managed",
+    "ansible_hostname", "playbook_dir", "inventory_hostname", "lookup", "query", "dict",
+    "range", "true", "false", "none", "True", "False", "None",
+}
+# Task keys whose strings are Jinja expressions without {{ }}.
+BARE = {"when", "changed_when", "failed_when", "that", "until"}
+
+
+def _ansible_playbook() -> str:
+    path = shutil.which("ansible-playbook")
+    need(path is not None, "ansible (ansible-playbook)")
+    return path
+
+
+@cache
+def _yaml_python() -> str:
+    """The interpreter of ansible-playbook (it has PyYAML)."""
+    first = Path(_ansible_playbook()).read_text().splitlines()[0]
+    return first[2:].strip().split()[-1] if first.startswith("#!") else "python3"
+
+
+@cache
+def load_yaml(path: Path):
+    code = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))"
+    out = subprocess.run([_yaml_python(), "-c", code, str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, ANSIBLE_LOCALHOST_WARNING="false",
+                ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_NOCOLOR="1")
+
+
+@pytest.mark.parametrize("playbook", ["site.yml", "single-node.yml"])
+def test_playbook_syntax(playbook):
+    exe = _ansible_playbook()
+    inventory = str(ANSIBLE / "inventory.example.ini") if playbook == "site.yml" else "localhost,"
+    r = subprocess.run([exe, "--syntax-check", "-i", inventory, str(ANSIBLE / playbook)],
+                       cwd=ANSIBLE, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_site_uses_the_roles():
+    plays = load_yaml(ANSIBLE / "site.yml")
+    used = {r if isinstance(r, str) else r["role"] for p in plays for r in p.get("roles", [])}
+    assert set(ROLES) <= used
+
+
+# -- variables ---------------------------------------------------------------------------
+
+
+class _Any(dict):
+    """Every filter/test name exists (only variable names matter here)."""
+
+    def __contains__(self, key):
+        return True
+
+    def __missing__(self, key):
+        return _noop
+
+    def get(self, key, default=None):
+        return super().get(key, _noop)
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _jinja_names(text: str, bare: bool = False) -> set[str]:
+    if not isinstance(text, str):
+        return set()
+    if bare:
+        text = "{{ " + text + " }}"
+    elif "{{" not in text and "{%" not in text:
+        return set()
+    env = jinja2.Environment(extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])
+    env.filters, env.tests = _Any(env.filters), _Any(env.tests)  # Ansible's filters and tests
+    return set(jinja2.meta.find_undeclared_variables(env.parse(text)))
+
+
+def _walk(node, key: str | None = None):
+    """(key, string) for every string in a task structure; key is the mapping key above it."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+    elif isinstance(node, str):
+        yield key, node
+
+
+def _defined_in_tasks(data) -> set[str]:
+    """register:, set_fact keys, task/include vars: and loop_var names."""
+    names: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("register"), str):
+                names.add(node["register"])
+            for k in ("ansible.builtin.set_fact", "set_fact", "vars"):
+                if isinstance(node.get(k), dict):
+                    names.update(node[k])
+            lc = node.get("loop_control")
+            if isinstance(lc, dict) and "loop_var" in lc:
+                names.add(lc["loop_var"])
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v)
+
+    visit(data)
+    return names
+
+
+def _role_files(role: str) -> list[Path]:
+    base = ANSIBLE / "roles" / role
+    return sorted(p for d in ("tasks", "handlers", "vars") for p in (base / d).glob("*.yml"))
+
+
+def _included_roles_files(role: str) -> list[Path]:
+    """Task files of other roles this role runs with include_role tasks_from."""
+    out = []
+    for path in _role_files(role):
+        for task in load_yaml(path) or []:
+            inc = task.get("ansible.builtin.include_role") if isinstance(task, dict) else None
+            if inc:
+                out.append(ANSIBLE / "roles" / inc["name"] / "tasks" / inc.get("tasks_from", "main.yml"))
+    return out
+
+
+def _defaults(role: str) -> dict:
+    return load_yaml(ANSIBLE / "roles" / role / "defaults" / "main.yml") or {}
+
+
+def _used_and_defined(role: str) -> tuple[dict[str, set[str]], set[str]]:
+    used: dict[str, set[str]] = {}
+    defined = set(_defaults(role))
+    for path in _role_files(role):
+        data = load_yaml(path)
+        if path.parent.name == "vars":
+            defined.update(data or {})
+        defined |= _defined_in_tasks(data)
+        for key, text in _walk(data):
+            for name in _jinja_names(text, bare=key in BARE):
+                used.setdefault(name, set()).add(str(path.relative_to(ANSIBLE)))
+    for path in (ANSIBLE / "roles" / role / "templates").glob("*.j2"):
+        for name in _jinja_names(path.read_text()):
+            used.setdefault(name, set()).add(str(path.relative_to(ANSIBLE)))
+    # Variables of defaults that refer to others count as uses too.
+    for key, text in _walk(_defaults(role)):
+        for name in _jinja_names(text):
+            used.setdefault(name, set()).add(f"roles/{role}/defaults/main.yml")
+    for path in _included_roles_files(role):
+        defined |= _defined_in_tasks(load_yaml(path))
+    return used, defined
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_variable_is_defined_and_prefixed(role):
+    _ansible_playbook()
+    used, defined = _used_and_defined(role)
+    undefined = {n: sorted(w) for n, w in used.items() if n not in defined and n not in BUILTIN}
+    assert not undefined, f"{role} uses variables it does not define: {undefined}"
+    unprefixed = sorted(n for n in defined if not n.startswith("gpuledger_"))
+    assert not unprefixed, f"{role} defines variables without the gpuledger_ prefix: {unprefixed}"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_defaults_are_prefixed_and_commented(role):
+    _ansible_playbook()
+    other = {f"gpuledger_{s}_" for r, s in SHORT.items() if r != role}
+    for name in _defaults(role):
+        assert name.startswith("gpuledger_"), name
+        assert not any(name.startswith(p) for p in other), f"{role} defines another role's {name}"
+    # Each group of top-level keys (no blank line between them) starts under a comment.
+    lines = (ANSIBLE / "roles" / role / "defaults" / "main.yml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^([a-z0-9_]+):", line)
+        if not m:
+            continue
+        j = i - 1
+        while j >= 0 and lines[j].strip() and not lines[j].lstrip().startswith("#"):
+            j -= 1  # keys and their continuation lines above, in the same group
+        assert j >= 0 and lines[j].lstrip().startswith("#"), \
+            f"{role} defaults: {m.group(1)} (line {i + 1}) has no comment above it"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_variables_are_listed_in_the_readme(role):
+    _ansible_playbook()
+    readme = (ANSIBLE / "README.md").read_text()
+    missing = [n for n in _defaults(role) if f"`{n}`" not in readme]
+    assert not missing, f"ansible/README.md does not list {missing}"
+
+
+def test_shared_defaults_agree():
+    """gpuledger_* settings shared by the roles have one default (the controller's)."""
+    _ansible_playbook()
+    role_prefixes = tuple(f"gpuledger_{s}_" for s in SHORT.values())
+    owner = _defaults("gpuledger_controller")
+    for role in ROLES[1:]:
+        for name, value in _defaults(role).items():
+            if name.startswith(role_prefixes):
+                continue
+            assert name in owner, f"{role} shares {name}, which gpuledger_controller does not define"
+            assert value == owner[name], f"{role}'s default of {name} differs from the controller's"
+
+
+def test_tasks_use_builtin_modules_and_named_sentences():
+    _ansible_playbook()
+    for role in ROLES:
+        for path in _role_files(role):
+            if path.parent.name == "vars":
+                continue
+            for task in load_yaml(path) or []:
+                modules = [k for k in task if "." in k]
+                assert modules and all(m.startswith("ansible.builtin.") for m in modules), (path, task)
+                name = task.get("name", "")
+                assert name[:1].isupper(), (path, name)
+                if path.parent.name == "tasks":
+                    assert name.endswith("."), (path, name)
