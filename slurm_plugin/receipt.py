@@ -1,0 +1,66 @@
+"""A job's receipt: token, hold, held/charged/returned, per node and per GPU, journal seqs."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from ledger.errors import NotFound
+from ledger.journal import J
+from ledger.service import Ledger
+
+from . import marks
+from .slurm import SlurmError, SlurmReader
+
+
+def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> list:
+    """Holds bound to the job (or its array), else the one its AdminComment names."""
+    base = job_id.split("_")[0]
+    found = ledger.holds(job_id=base)
+    if found or reader is None:
+        return found
+    try:
+        record = reader.job(job_id)
+    except SlurmError:
+        record = None
+    if record is not None and record.array_job_id:
+        found = ledger.holds(job_id=record.array_job_id)
+        if found:
+            return found
+    mark = marks.parse(record.admin_comment) if record else None
+    if isinstance(mark, marks.HoldMark):
+        try:
+            return [ledger.hold(mark.hold_id)]
+        except NotFound:
+            return []
+    return []
+
+
+def journal_refs(ledger: Ledger, hold_id: str) -> list[dict]:
+    with ledger._read() as conn:  # read-only: the journal rows that moved this hold's value
+        rows = conn.execute(select(J.c.seq, J.c.kind, J.c.amount, J.c.hash)
+                            .where(J.c.hold_id == hold_id).order_by(J.c.seq)).all()
+    return [{"seq": r.seq, "kind": r.kind, "amount": r.amount, "hash": r.hash} for r in rows]
+
+
+def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> dict:
+    holds = holds_for_job(ledger, job_id, reader)
+    if not holds:
+        raise NotFound(f"no GPU-token hold for job {job_id}")
+    task_id = job_id if "_" not in job_id else None
+    out = []
+    for hold in holds:
+        charges = ledger.charges(hold.id)
+        nodes = []
+        for c in charges:
+            u = c["usage"] or {}
+            nodes.append({
+                "job_id": c["job_id"], "node": c["node"], "restart": c["restart"],
+                "key": c["key"], "charged": c["amount"], "source": u.get("source"),
+                "policy": u.get("policy"), "held_ms": u.get("held_ms"),
+                "busy_ms": u.get("busy_ms"), "measured": u.get("measured"),
+                "energy_mj": u.get("energy_mj"), "gpus": u.get("gpus") or u.get("by_type") or [],
+                "created": c["created"],
+            })
+        out.append({**hold.to_dict(), "charges": nodes,
+                    "journal": journal_refs(ledger, hold.id)})
+    return {"job": job_id, "task": task_id, "holds": out}

@@ -1,0 +1,197 @@
+"""The reconciler: close every hold whose job is over, from what Slurm remembers.
+
+For each pending hold it finds the Slurm records sharing it (bound job id, or the
+AdminComment mark for holds job_submit took before the job had an id) in the live table
+(``scontrol``) and in accounting (``sacct -D``, one record per run):
+
+* no record at all, older than the grace period → void (cancelled while pending and
+  purged, or refused after job_submit accepted);
+* some record still pending/running/completing → leave it (its epilogs will settle);
+* otherwise charge every run × node that no epilog charged, from sacct (elapsed × the
+  run's GPUs per type × rate, split evenly over its nodes), under the epilog's own keys,
+  then close the hold.
+
+It also expires tokens past their date. Every write goes through keys the epilog uses
+too, so it is safe beside running epilogs and beside another reconciler.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from ledger.errors import LedgerError
+from ledger.service import Ledger
+from ledger.views import HoldView
+
+from . import marks, settle
+from .slurm import JobRecord, SlurmReader
+
+
+@dataclass
+class Summary:
+    examined: int = 0
+    voided: list[str] = field(default_factory=list)
+    settled: list[str] = field(default_factory=list)
+    charged_runs: int = 0
+    charged: int = 0  # GPU-seconds charged by this pass
+    skipped_active: int = 0
+    waiting: int = 0  # no job yet, within the grace period
+    expired_tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return {"examined": self.examined, "voided": self.voided, "settled": self.settled,
+                "charged_runs": self.charged_runs, "charged": self.charged,
+                "skipped_active": self.skipped_active, "waiting": self.waiting,
+                "expired_tokens": self.expired_tokens, "errors": self.errors,
+                "dry_run": self.dry_run}
+
+
+def index_by_hold(records: Iterable[JobRecord]) -> dict[str, list[JobRecord]]:
+    out: dict[str, list[JobRecord]] = defaultdict(list)
+    for r in records:
+        mark = marks.parse(r.admin_comment)
+        if isinstance(mark, marks.HoldMark):
+            out[mark.hold_id].append(r)
+    return out
+
+
+def index_by_job(records: Iterable[JobRecord]) -> dict[str, list[JobRecord]]:
+    out: dict[str, list[JobRecord]] = defaultdict(list)
+    for r in records:
+        out[r.job_id].append(r)
+        if r.array_job_id:
+            out[r.array_job_id].append(r)
+    return out
+
+
+def merge_runs(live: list[JobRecord], acct: list[JobRecord]) -> list[JobRecord]:
+    """One record per (job id, run): accounting's runs, the live table's state for the last."""
+    runs: dict[tuple[str, int], JobRecord] = {}
+    for r in acct:
+        runs[(r.job_id, r.restarts or 0)] = r
+    for r in live:
+        runs[(r.job_id, r.restarts or 0)] = r  # the controller knows better while it has it
+    return list(runs.values())
+
+
+def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord
+               ) -> list[tuple[str, int, dict]]:
+    """(node, amount, usage) for one finished run, from Slurm's elapsed time."""
+    elapsed = max(0, run.elapsed_s or 0)
+    nodes = run.nodes or []
+    out = []
+    for node in nodes:
+        amount, gpus = 0, []
+        for gtype, count in sorted(run.gpus.items(), key=lambda kv: kv[0] or ""):
+            per_node = count // len(nodes) + (1 if nodes.index(node) < count % len(nodes) else 0)
+            rate = ledger_rates.get(gtype, ledger_rates.get("default", hold.rate_ppm)) \
+                if gtype else hold.rate_ppm
+            part = -((-per_node * elapsed * 1000 * rate) // 1_000_000_000)
+            amount += part
+            gpus.append({"gpu_type": gtype, "gpus": per_node, "rate_ppm": rate,
+                         "held_ms": elapsed * 1000 * per_node, "charge": part})
+        out.append((node, amount, {
+            "source": "sacct", "policy": "allocated", "measured": False, "node": node,
+            "restart": run.restarts or 0, "elapsed_s": elapsed, "by_type": gpus,
+            "held_ms": sum(g["held_ms"] for g in gpus), "busy_ms": 0, "energy_mj": 0,
+            "state": run.state}))
+    return out
+
+
+class Reconciler:
+    def __init__(self, ledger: Ledger, reader: SlurmReader, *, grace_s: int = 600,
+                 lookback_days: int = 30, now: Callable[[], datetime] | None = None,
+                 cluster: str | None = None):
+        self.cluster = cluster if cluster is not None else ledger.cluster
+        self.ledger = ledger
+        self.reader = reader
+        self.grace = timedelta(seconds=grace_s)
+        self.lookback = timedelta(days=lookback_days)
+        self.now = now or ledger.clock
+
+    def run(self, *, dry_run: bool = False,
+            progress: Callable[[Iterable], Iterable] | None = None) -> Summary:
+        s = Summary(dry_run=dry_run)
+        if not dry_run:
+            try:
+                s.expired_tokens = len(self.ledger.expire())
+            except LedgerError as exc:
+                s.errors.append(f"expire: {exc}")
+        holds = [h for h in self.ledger.holds(state="pending")
+                 if not (self.cluster and h.cluster and h.cluster != self.cluster)]
+        s.examined = len(holds)
+        if not holds:
+            return s
+        now = self.now()
+        since = min(h.created for h in holds) - timedelta(days=1)
+        since = max(since, now - self.lookback)
+        live = self.reader.live_jobs()
+        acct = self.reader.finished_jobs(since)
+        by_hold_live, by_hold_acct = index_by_hold(live), index_by_hold(acct)
+        by_job_live, by_job_acct = index_by_job(live), index_by_job(acct)
+        rates = self.ledger.rates()
+        for hold in (progress(holds) if progress else holds):
+            try:
+                self._one(hold, now, rates, s, dry_run,
+                          by_hold_live.get(hold.id, []) + _for_job(by_job_live, hold),
+                          by_hold_acct.get(hold.id, []) + _for_job(by_job_acct, hold))
+            except LedgerError as exc:
+                s.errors.append(f"{hold.id}: {exc}")
+        return s
+
+    def _one(self, hold: HoldView, now: datetime, rates: dict[str, int], s: Summary,
+             dry_run: bool, live: list[JobRecord], acct: list[JobRecord]) -> None:
+        live, acct = _unique(live), _unique(acct)
+        if not live and not acct:
+            if now - hold.created < self.grace:
+                s.waiting += 1
+                return
+            s.voided.append(hold.id)
+            if not dry_run:
+                settle.close(self.ledger, hold.id, "no Slurm job: cancelled while pending or "
+                             "refused after submission")
+            return
+        if any(r.active for r in live):
+            s.skipped_active += 1
+            return
+        runs = merge_runs(live, acct)
+        if any(r.active for r in runs):
+            s.skipped_active += 1
+            return
+        keys = settle.charged_keys(self.ledger, hold.id)
+        for run in runs:
+            if not run.ran:
+                continue
+            for node, amount, usage in run_charge(rates, hold, run):
+                key = settle.charge_key(hold.id, run.job_id, run.restarts or 0, node)
+                if key in keys:
+                    continue
+                s.charged_runs += 1
+                if dry_run:
+                    s.charged += amount
+                    continue
+                result = settle.post_node(self.ledger, hold.id, run.job_id, run.restarts or 0,
+                                          node, amount, usage)
+                s.charged += result.amount
+        (s.settled if hold.charged or any(r.ran for r in runs) else s.voided).append(hold.id)
+        if not dry_run:
+            settle.close(self.ledger, hold.id, "settled by the reconciler from Slurm accounting")
+
+
+def _for_job(index: dict[str, list[JobRecord]], hold: HoldView) -> list[JobRecord]:
+    return index.get(hold.job_id, []) if hold.job_id else []
+
+
+def _unique(records: list[JobRecord]) -> list[JobRecord]:
+    seen, out = set(), []
+    for r in records:
+        k = (r.job_id, r.restarts, r.state, r.source)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out

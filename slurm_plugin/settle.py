@@ -1,0 +1,96 @@
+"""Settlement rules shared by the epilog and the reconciler (the ledger does the money).
+
+Every run of a job charges each of its nodes once, under the key
+``<hold>:<job id>:<restart>:<node>`` (``post(final=False, cap=True)``); whoever charges first
+wins and every later attempt — a second epilog, the reconciler reading sacct — replays or
+conflicts on that key and charges nothing. A hold is closed (the rest returned, ``void``
+under the key ``close:<hold>``) only when every Slurm record sharing it is finished and
+has charged all its nodes: the last node of a multi-node job, the last task of an array,
+the last run of a requeued job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from ledger.errors import IdempotencyConflict, NotFound, StateError
+from ledger.models import Charge
+from ledger.service import Ledger
+from ledger.views import HoldView
+
+from .slurm import JobRecord
+
+CH = Charge.__table__
+PENDING_LIKE = frozenset({"PENDING", "RUNNING", "CONFIGURING", "SUSPENDED", "REQUEUED",
+                          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT",
+                          "STOPPED", "SPECIAL_EXIT", "RESV_DEL_HOLD", "POWER_UP_NODE"})
+
+
+def charge_key(hold_id: str, job_id: str, restart: int, node: str) -> str:
+    return f"{hold_id}:{job_id}:{restart}:{node}"
+
+
+def close_key(hold_id: str) -> str:
+    return f"close:{hold_id}"
+
+
+@dataclass(frozen=True)
+class PostResult:
+    charged: bool  # this call charged (False: the key was charged before)
+    amount: int
+    hold: HoldView | None
+    note: str = ""
+
+
+def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str, amount: int,
+              usage: dict) -> PostResult:
+    """Charge one node of one run, at most once; never raises for a repeat."""
+    key = charge_key(hold_id, job_id, restart, node)
+    before = charged_keys(ledger, hold_id)
+    if key in before:
+        return PostResult(False, 0, None, "already charged")
+    try:
+        view = ledger.post(hold_id, amount, usage=usage, key=key, final=False, cap=True,
+                           job_id=job_id, node=node, restart=restart)
+    except IdempotencyConflict:
+        return PostResult(False, 0, None, "already charged (other figures)")
+    except StateError as exc:
+        if key in charged_keys(ledger, hold_id):
+            return PostResult(False, 0, None, "already charged")
+        raise StateError(f"cannot charge {key}: {exc}") from None
+    return PostResult(True, amount, view)
+
+
+def charged_keys(ledger: Ledger, hold_id: str) -> set[str]:
+    with ledger._read() as conn:  # a read of the charges table; rules stay in the ledger
+        return set(conn.execute(select(CH.c.key).where(CH.c.hold_id == hold_id)).scalars())
+
+
+def record_done(record: JobRecord, hold_id: str, keys: set[str]) -> bool:
+    """A Slurm record that will not charge again: never ran, or charged every node."""
+    if record.state in PENDING_LIKE and not record.superseded:
+        return False
+    if not record.ran:
+        return record.state != "COMPLETING"
+    restart = record.restarts or 0
+    return all(charge_key(hold_id, record.job_id, restart, n) in keys for n in record.nodes)
+
+
+def close_if_done(ledger: Ledger, hold_id: str, records: list[JobRecord],
+                  reason: str) -> HoldView | None:
+    """Close the hold when every record sharing it is done; None when not (yet)."""
+    keys = charged_keys(ledger, hold_id)
+    if not records or not all(record_done(r, hold_id, keys) for r in records):
+        return None
+    return close(ledger, hold_id, reason)
+
+
+def close(ledger: Ledger, hold_id: str, reason: str) -> HoldView | None:
+    try:
+        return ledger.void(hold_id, key=close_key(hold_id), reason=reason)
+    except StateError:
+        return None  # closed meanwhile by someone else
+    except NotFound:
+        return None
