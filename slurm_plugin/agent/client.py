@@ -31,7 +31,10 @@ def request(req: dict[str, Any], socket_path: str | None = None, timeout: float 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
-            s.sendall(encode(req))
+            try:
+                s.sendall(encode(req))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the agent may have answered (e.g. refused us) and closed: read it
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)
