@@ -271,6 +271,9 @@ def parse_sacct(text: str) -> list[JobRecord]:
             start=parse_time(start) if nodes else None, end=parse_time(end),
             elapsed_s=int(elapsed) if elapsed.isdigit() else None, nodes=nodes,
             gpus=gpus_in_tres(tres), admin_comment=comment.strip(), source="sacct"))
+    last = {r.job_id: i for i, r in enumerate(out)}
+    for i, r in enumerate(out):
+        r.superseded = last[r.job_id] != i
     return out
 
 
