@@ -43,7 +43,7 @@ def epilog(h: Hook, reader: SlurmReader | None = None, ledger: Ledger | None = N
         return
     ledger = ledger or Ledger.from_config(h.config)
     hold = ledger.hold(run.hold_id)
-    held_ms = int(round((now - run.start) * 1000))
+    held_ms = round((now - run.start) * 1000)
     gpu_usage, source = usage.node_usage(run.job_id, run.restart, run.gpus, held_ms,
                                          h.hooks.agent_socket)
     types = {int(i): t for i, t in run.gpu_types.items()}

@@ -299,7 +299,7 @@ class SlurmReader(Protocol):
 
 def _run(cmd: list[str], timeout: float = TIMEOUT_S) -> str:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError:
         raise SlurmError(f"{cmd[0]} is not installed") from None
     except subprocess.TimeoutExpired:

@@ -46,7 +46,7 @@ DONE = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 
 
 def sh(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
 
 
 def cluster_ready() -> bool:
@@ -110,9 +110,9 @@ class Settle:
 
     def start_daemon(self) -> None:
         SOCKET.parent.mkdir(mode=0o755, exist_ok=True)
-        self.daemon = subprocess.Popen([GL, "--config", str(self.cfg), "serve"],
-                                       stdout=subprocess.DEVNULL,
-                                       stderr=open(self.root / "daemon.log", "a"))
+        with open(self.root / "daemon.log", "a") as err:  # the child keeps its own copy
+            self.daemon = subprocess.Popen([GL, "--config", str(self.cfg), "serve"],
+                                           stdout=subprocess.DEVNULL, stderr=err)
         for _ in range(100):
             if SOCKET.exists():
                 return
