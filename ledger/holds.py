@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import secrets
 from types import SimpleNamespace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, insert, select, update
 
 from .amounts import check_amount, cost, fmt_hours
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
-from .journal import Tx
+from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .models import Charge, Hold, Rate
 from .service import DEFAULT_RATE, check_account_name
 from .tokens import Claims, digest
@@ -111,59 +111,76 @@ class HoldOps:
         fields = {"token": claims.id, "request": request.to_dict(), "job_id": job_id}
 
         def run(tx: Tx) -> dict:
-            try:
-                row = self._token_row(tx.conn, claims.id, lock=True)
-            except NotFound:
-                raise Refusal(Reason.UNKNOWN_TOKEN,
-                              f"token {claims.id} is signed but unknown to this ledger",
-                              token_id=claims.id) from None
-            if row.digest != digest(token.strip()):
-                raise Refusal(Reason.BAD_SIGNATURE,
-                              f"token {claims.id} does not match the ledger's record of it",
-                              token_id=claims.id)
-            if row.status == "revoked":
-                raise Refusal(Reason.REVOKED, f"token {claims.id} was revoked: "
-                              f"{row.status_reason}", token_id=claims.id)
-            if row.status == "expired" or row.expires <= tx.now:
-                raise Refusal(Reason.EXPIRED, f"token {claims.id} expired on "
-                              f"{row.expires.date().isoformat()}", token_id=claims.id)
-            rate = self._rate(tx.conn, request.gpu_type)
-            if rate is None:
-                raise Refusal(Reason.UNKNOWN_GPU_TYPE,
-                              f"no rate for GPU type {request.gpu_type} and no default rate",
-                              token_id=claims.id)
-            amount = request.tasks * cost(request.gpus * request.seconds, rate)
-            available = row.balance
-            if amount > available:
-                held = self._held(tx.conn, claims.id)
-                reason = Reason.EXHAUSTED if available == 0 and held == 0 else \
-                    Reason.INSUFFICIENT
-                tail = "is exhausted" if reason is Reason.EXHAUSTED else \
-                    f"has {fmt_hours(available)} GPU-h left"
-                raise Refusal(reason, f"needs {fmt_hours(amount)} GPU-h ({request.describe()}), "
-                              f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
-                              available=available)
-            hold_id = new_hold_id()
-            tx.conn.execute(insert(HO).values(
-                id=hold_id, token_id=claims.id, account=row.account, user=request.user,
-                partition=request.partition, cluster=request.cluster or self.cluster,
-                gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
-                tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
-                state="pending", job_id=job_id, created_at=tx.now, request=request.to_dict(),
-            ))
-            tx.move("reserve", row.wallet_id, tx.wallet_id("system:escrow"), amount,
-                    account=row.account, token_id=claims.id, hold_id=hold_id,
-                    data={"request": request.to_dict(), "rate_ppm": rate, "job_id": job_id})
-            tx.flush()
-            return HoldView(
-                id=hold_id, token_id=claims.id, account=row.account, user=request.user,
-                gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
-                tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
-                state="pending", job_id=job_id, created=tx.now, resolved=None,
-                partition=request.partition, cluster=request.cluster or self.cluster,
-            ).to_dict()
+            fast = _fast_reserve_row(tx, claims.id, request.gpu_type, digest(token.strip()))
+            if fast is not None:
+                account, wallet_id, rate, available = fast
+                amount = request.tasks * cost(request.gpus * request.seconds, rate)
+                if amount <= available:
+                    return self._reserve_insert(tx, claims, request, job_id, account, wallet_id,
+                                                rate, amount)
+            return self._reserve_checked(tx, claims, token, request, job_id)
 
         return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
+
+    def _reserve_checked(self, tx: Tx, claims: Claims, token: str, request: HoldRequest,
+                         job_id: str | None) -> dict:
+        """The full checks, each with its own refusal (the fast path declined)."""
+        try:
+            row = self._token_row(tx.conn, claims.id, lock=True)
+        except NotFound:
+            raise Refusal(Reason.UNKNOWN_TOKEN,
+                          f"token {claims.id} is signed but unknown to this ledger",
+                          token_id=claims.id) from None
+        if row.digest != digest(token.strip()):
+            raise Refusal(Reason.BAD_SIGNATURE,
+                          f"token {claims.id} does not match the ledger's record of it",
+                          token_id=claims.id)
+        if row.status == "revoked":
+            raise Refusal(Reason.REVOKED, f"token {claims.id} was revoked: "
+                          f"{row.status_reason}", token_id=claims.id)
+        if row.status == "expired" or row.expires <= tx.now:
+            raise Refusal(Reason.EXPIRED, f"token {claims.id} expired on "
+                          f"{row.expires.date().isoformat()}", token_id=claims.id)
+        rate = self._rate(tx.conn, request.gpu_type)
+        if rate is None:
+            raise Refusal(Reason.UNKNOWN_GPU_TYPE,
+                          f"no rate for GPU type {request.gpu_type} and no default rate",
+                          token_id=claims.id)
+        amount = request.tasks * cost(request.gpus * request.seconds, rate)
+        available = row.balance
+        if amount > available:
+            held = self._held(tx.conn, claims.id)
+            reason = Reason.EXHAUSTED if available == 0 and held == 0 else \
+                Reason.INSUFFICIENT
+            tail = "is exhausted" if reason is Reason.EXHAUSTED else \
+                f"has {fmt_hours(available)} GPU-h left"
+            raise Refusal(reason, f"needs {fmt_hours(amount)} GPU-h ({request.describe()}), "
+                          f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
+                          available=available)
+        return self._reserve_insert(tx, claims, request, job_id, row.account, row.wallet_id,
+                                    rate, amount)
+
+    def _reserve_insert(self, tx: Tx, claims: Claims, request: HoldRequest, job_id, account: str,
+                        wallet_id: int, rate: int, amount: int) -> dict:
+        hold_id = new_hold_id()
+        tx.conn.execute(insert(HO).values(
+            id=hold_id, token_id=claims.id, account=account, user=request.user,
+            partition=request.partition, cluster=request.cluster or self.cluster,
+            gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
+            tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
+            state="pending", job_id=job_id, created_at=tx.now, request=request.to_dict(),
+        ))
+        tx.move("reserve", wallet_id, tx.wallet_id("system:escrow"), amount,
+                account=account, token_id=claims.id, hold_id=hold_id,
+                data={"request": request.to_dict(), "rate_ppm": rate, "job_id": job_id})
+        tx.flush()
+        return HoldView(
+            id=hold_id, token_id=claims.id, account=account, user=request.user,
+            gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
+            tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
+            state="pending", job_id=job_id, created=tx.now, resolved=None,
+            partition=request.partition, cluster=request.cluster or self.cluster,
+        ).to_dict()
 
     # -- settle ---------------------------------------------------------------------------------
 
@@ -379,3 +396,32 @@ class HoldOps:
         return [{"key": r.key, "amount": r.amount, "job_id": r.job_id, "node": r.node,
                  "restart": r.restart, "usage": r.usage, "created": r.created_at.isoformat()}
                 for r in rows]
+
+
+def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest: str):
+    """One locked read for the common case: (account, wallet id, rate, balance) of an active,
+    unexpired token whose stored digest matches and whose GPU type has a rate; else None."""
+    conn = tx.conn
+    name = conn.dialect.name
+    now = tx.now.astimezone(UTC).replace(tzinfo=None)
+    lock = " FOR UPDATE OF t" if name == "postgresql" else " FOR UPDATE"
+    sql = raw_sql(conn)(
+        "SELECT a.name, t.wallet_id, w.balance, t.digest, "
+        "(SELECT rate_ppm FROM rates WHERE gpu_type = ?), "
+        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default') "
+        "FROM tokens t JOIN accounts a ON a.id = t.account_id "
+        "JOIN wallets w ON w.id = t.wallet_id "
+        "WHERE t.id = ? AND t.status = 'active' AND t.expires > ?" + lock)
+    when = now.strftime("%Y-%m-%d %H:%M:%S.%f") if name == "sqlite" else now
+    cur = conn.connection.driver_connection.cursor()
+    try:
+        cur.execute(sql, (gpu_type or DEFAULT_RATE, token_id, when))
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    if row is None or row[3] != token_digest:
+        return None
+    rate = row[4] or row[5]
+    if rate is None:
+        return None
+    return row[0], row[1], rate, row[2]
