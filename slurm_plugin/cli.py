@@ -95,4 +95,10 @@ def show(app, job_id, as_json):
                         "CHARGED GPU-H"], rows)
 
 
-COMMANDS = [reconcile, job_group]
+def _agent():
+    from .agent.cli import agent
+
+    return agent
+
+
+COMMANDS = [reconcile, job_group, _agent()]

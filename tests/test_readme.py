@@ -46,3 +46,9 @@ def test_quickstart_is_two_commands_that_exist():
     root = README.parent
     for c in commands:
         assert (root / c).is_file() and (root / c).stat().st_mode & 0o111, c
+
+
+def test_every_component_command_is_registered():
+    for name in ("serve", "balance", "quote", "jobs", "reconcile", "job", "agent", "report",
+                 "alerts"):
+        assert cli.get_command(click.Context(cli), name) is not None, name
