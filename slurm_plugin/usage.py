@@ -11,26 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ledger.charging import charge_for
 
+from .agent.models import GpuUsage
+
 log = logging.getLogger("gpuledger.hook.usage")
-
-
-@dataclass(frozen=True)
-class GpuUsage:
-    """Same fields as the agent's GpuUsage (what ``charge_for`` reads)."""
-
-    index: int
-    uuid: str | None
-    held_ms: int
-    busy_ms: int
-    energy_mj: int
-    peak_mem_bytes: int
-    measured: bool
-    gaps_ms: int = 0
-    reason: str | None = None
 
 
 def held_only(gpus: list[int], held_ms: int, reason: str) -> list[GpuUsage]:
@@ -52,8 +39,7 @@ def node_usage(job_id: str, restart: int, gpus: list[int], held_ms: int,
     if summary is None or not summary.gpus:
         return held_only(gpus, held_ms, "agent has no record of the job"), "held"
     seen = {g.index for g in summary.gpus}
-    usage = [GpuUsage(g.index, g.uuid, g.held_ms, g.busy_ms, g.energy_mj, g.peak_mem_bytes,
-                      g.measured, g.gaps_ms, g.reason) for g in summary.gpus]
+    usage = list(summary.gpus)
     usage += held_only([i for i in gpus if i not in seen], held_ms, "not reported by agent")
     return usage, summary.source
 
