@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+from conftest import need
 from fakenvml import FakeClock, FakeNvmlLib, h100, install
 from fakenvml.scenario import mig_a100
 
@@ -116,8 +117,8 @@ def test_mig_slice_by_caps_minor_and_by_uuid():
     assert m.bind(3).uuid == "GPU-a100-0000"  # whole GPU
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
 def test_real_character_device_minor(tmp_path):
+    need(os.geteuid() == 0, "root (mknod)")
     p = tmp_path / "nvidia5"
     os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(195, 5))
     assert char_minor(str(p)) == 5

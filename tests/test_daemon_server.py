@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from conftest import need
 from daemon_helpers import LiveDaemon, as_user, cli_as
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,8 +58,8 @@ def test_socket_is_reachable_by_everyone_and_creds_decide(daemon):
     assert daemon.path.stat().st_mode & 0o777 == 0o666
 
 
-@pytest.mark.skipif(not HAVE_USERS, reason="local users alice and bob")
 def test_peer_credentials_of_an_ordinary_user(daemon, token):
+    need(HAVE_USERS, "local users alice and bob (tests/cluster/up creates them)")
     def as_alice():
         with Client(daemon.path) as c:
             return [c.call("hello"), c.call("reserve", **reserve_fields(token)),
@@ -72,8 +73,8 @@ def test_peer_credentials_of_an_ordinary_user(daemon, token):
     assert quote["ok"] == "1" and quote["user"] == "alice" and quote["amount"] == "60"
 
 
-@pytest.mark.skipif(not HAVE_USERS, reason="local users alice and bob")
 def test_user_commands_as_alice_and_bob(daemon, sqlite_ledger, token):
+    need(HAVE_USERS, "local users alice and bob (tests/cluster/up creates them)")
     bob_token = sqlite_ledger.mint("chemistry", 3600)[0]
     with Client(daemon.path) as c:
         c.call("reserve", **reserve_fields(token, key="a"))
