@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fakenvml import FakeClock, FakeNvmlLib, install
+from fakenvml import FakeClock, FakeNvmlLib, WallClock, install
 from fakenvml.scenario import eight_h100
 
 from slurm_plugin.agent import client
@@ -32,24 +32,6 @@ from slurm_plugin.agent.spool import Spool
 
 CPU_GOAL_PCT = 0.5
 RSS_GOAL_MB = 60.0
-
-
-class WallClock(FakeClock):
-    """The real clock, in the FakeClock shape the fake library reads."""
-
-    def __init__(self) -> None:
-        super().__init__(time.time_ns() // 1_000_000)
-
-    @property  # type: ignore[override]
-    def ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-    @ms.setter
-    def ms(self, value: int) -> None:
-        pass
-
-    def __call__(self) -> int:
-        return self.ms
 
 
 def rss_mb() -> tuple[float, float]:

@@ -48,6 +48,7 @@ class ChargeLine:
     allocated: int
     measured_amount: int
     charge: int
+    reason: str | None = None  # why the GPU was not measured, when it was not
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def charge_line(u: GpuUsageLike | Mapping[str, Any], rate_ppm: int, policy: str,
         allocated=allocated,
         measured_amount=measured_amount,
         charge=allocated if policy == "allocated" else measured_amount,
+        reason=None if measured else _get(u, "reason"),
     )
 
 

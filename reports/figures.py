@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -106,6 +107,21 @@ class Measure:
     held_ms: int = 0
     held_all_ms: int = 0
     unmeasured_charges: int = 0  # charges with no usage figures at all
+
+    @classmethod
+    def of_usage(cls, usage: Any) -> Measure:
+        """The figures of one charge's usage record: busy and held of measured GPUs only."""
+        m = cls()
+        gpus = gpu_figures(usage)
+        if gpus is None:
+            m.unmeasured_charges = 1
+            return m
+        for g in gpus:
+            m.held_all_ms += g.held_ms
+            if g.measured:
+                m.held_ms += g.held_ms
+                m.busy_ms += g.busy_ms
+        return m
 
     def add(self, other: Measure) -> None:
         self.busy_ms += other.busy_ms
@@ -336,16 +352,7 @@ def _fold_charges(conn: Connection, d: q.Directory, month: Month, accs: dict[str
         user, typ = a.line(a.users, c.user), a.line(a.types, c.gpu_type)
         for line in (user, typ):
             line.charged += c.amount
-        m = Measure()
-        gpus = gpu_figures(c.usage)
-        if gpus is None:
-            m.unmeasured_charges = 1
-        else:
-            for g in gpus:
-                m.held_all_ms += g.held_ms
-                if g.measured:
-                    m.held_ms += g.held_ms
-                    m.busy_ms += g.busy_ms
+        m = Measure.of_usage(c.usage)
         for target in (user.measure, typ.measure, a.measure):
             target.add(m)
         if c.hold_id not in multi or c.hold_id not in seen:

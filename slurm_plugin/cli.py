@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ledger.amounts import fmt_hours
+from ledger.amounts import fmt_hours, fmt_rate
 from ledger.cli.context import echo_fields, echo_json, echo_table, pass_app
 
 from .hookconf import hook_config
@@ -74,25 +74,39 @@ def show(app, job_id, as_json):
     if as_json:
         return echo_json(data)
     for h in data["holds"]:
+        eff = h["efficiency"]
         echo_fields([("job", h["job_id"] or job_id), ("hold", h["id"]), ("state", h["state"]),
                      ("token", h["token_id"]), ("account", h["account"]), ("user", h["user"]),
                      ("held", f"{fmt_hours(h['amount'])} GPU-h"),
                      ("charged", f"{fmt_hours(h['charged'])} GPU-h"),
                      ("returned", f"{fmt_hours(h['returned'])} GPU-h"),
+                     ("policy", h["policy"] or "-"),
+                     ("efficiency", f"{eff:.1%} busy of held (measured GPUs)" if eff is not None
+                      else "not measured"),
+                     ("energy", f"{h['energy_mj'] / 3.6e9:.3f} kWh"),
                      ("journal", " ".join(f"#{j['seq']}:{j['kind']}" for j in h["journal"]))])
         rows = []
         for c in h["charges"]:
-            gpus = c["gpus"] or [{}]
-            for g in gpus:
-                rows.append([c["job_id"], c["restart"], c["node"], c["source"],
-                             g.get("index", "-"), g.get("gpu_type"),
-                             f"{(g.get('held_ms') or 0) / 1000:.1f}",
-                             f"{(g.get('busy_ms') or 0) / 1000:.1f}" if "busy_ms" in g else None,
-                             fmt_hours(g.get("charge") or 0)])
+            for g in c["gpus"] or [{}]:
+                rows.append(_gpu_row(c, g))
         if rows:
             click.echo("")
-            echo_table(["JOB", "RUN", "NODE", "SOURCE", "GPU", "TYPE", "HELD S", "BUSY S",
-                        "CHARGED GPU-H"], rows)
+            echo_table(["JOB", "RUN", "NODE", "SOURCE", "GPU", "TYPE", "RATE", "HELD S", "BUSY S",
+                        "EFF", "ENERGY KJ", "PEAK GIB", "MEASURED", "CHARGED GPU-H"], rows)
+
+
+def _gpu_row(c: dict, g: dict) -> list:
+    """One receipt line: a GPU of one run on one node, as its settlement recorded it."""
+    held, busy = g.get("held_ms") or 0, g.get("busy_ms")
+    measured = g.get("measured")
+    return [c["job_id"], c["restart"], c["node"], c["source"], g.get("index", "-"),
+            g.get("gpu_type"), fmt_rate(g["rate_ppm"]) if "rate_ppm" in g else None,
+            f"{held / 1000:.1f}", f"{busy / 1000:.1f}" if busy is not None else None,
+            f"{busy / held:.0%}" if measured and busy is not None and held else None,
+            f"{g['energy_mj'] / 1e6:.1f}" if g.get("energy_mj") else None,
+            f"{g['peak_mem_bytes'] / 2**30:.1f}" if g.get("peak_mem_bytes") else None,
+            {True: "yes", False: f"no: {g.get('reason') or 'unmeasured'}"}.get(measured),
+            fmt_hours(g.get("charge") or 0)]
 
 
 def _agent():

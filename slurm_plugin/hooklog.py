@@ -2,6 +2,8 @@
 
 slurmd keeps a hook's stderr only in its own debug log, so every line also goes to syslog
 (when /dev/log exists) and to the hooks log file; a log that cannot be opened is skipped.
+The handlers sit on the ``gpuledger`` logger, so what the agent client, the usage code and
+the ledger log during a hook lands in the same places with the same tag.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 def setup(name: str, job_id: str | None, log_file: Path | None = None,
           use_syslog: bool = True) -> logging.Logger:
     tag = f"{name}[{job_id or '-'}]"
-    log = logging.getLogger(f"gpuledger.hook.{name}")
+    log = logging.getLogger("gpuledger")
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -40,4 +42,8 @@ def setup(name: str, job_id: str | None, log_file: Path | None = None,
             log.addHandler(fh)
         except OSError:
             pass
-    return log
+    hook = logging.getLogger(f"gpuledger.hook.{name}")
+    hook.handlers.clear()
+    hook.setLevel(logging.NOTSET)
+    hook.propagate = True
+    return hook

@@ -93,10 +93,15 @@ def _register_agent(h: Hook) -> None:
     except Exception:  # noqa: BLE001 - no agent in this build
         return
     try:
-        client.register(int(h.env.job_id), h.env.restart, h.env.gpus,
-                        socket_path=h.hooks.agent_socket)
+        bindings = client.register(int(h.env.job_id), h.env.restart, h.env.gpus,
+                                   socket_path=h.hooks.agent_socket)
     except Exception as exc:  # noqa: BLE001 - settlement falls back to held time
         h.log.warning("agent registration failed: %s", exc)
+        return
+    for b in bindings:
+        if not b.measured:
+            h.log.warning("GPU %d will not be measured (settled on held time): %s",
+                          b.index, b.reason)
 
 
 main = main_for("gpuledger-prolog", prolog)

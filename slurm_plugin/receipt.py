@@ -1,4 +1,8 @@
-"""A job's receipt: token, hold, held/charged/returned, per node and per GPU, journal seqs."""
+"""A job's receipt: token, hold, held/charged/returned, per node and per GPU, journal seqs.
+
+Per GPU it shows what the settlement recorded (held, busy, energy, peak memory, rate,
+policy); per hold the efficiency, busy ÷ held of the measured GPUs (the reports' rule).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from sqlalchemy import select
 from ledger.errors import NotFound
 from ledger.journal import J
 from ledger.service import Ledger
+from reports.figures import Measure
 
 from . import marks
 from .slurm import SlurmError, SlurmReader
@@ -61,6 +66,14 @@ def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> d
                 "energy_mj": u.get("energy_mj"), "gpus": u.get("gpus") or u.get("by_type") or [],
                 "created": c["created"],
             })
+        measure = Measure()
+        for c in charges:
+            measure.add(Measure.of_usage(c["usage"]))
+        policies = sorted({n["policy"] for n in nodes if n["policy"]})
         out.append({**hold.to_dict(), "charges": nodes,
+                    "policy": ",".join(policies) or None,
+                    "busy_ms": measure.busy_ms, "measured_held_ms": measure.held_ms,
+                    "efficiency": measure.efficiency,
+                    "energy_mj": sum(n["energy_mj"] or 0 for n in nodes),
                     "journal": journal_refs(ledger, hold.id)})
     return {"job": job_id, "task": task_id, "holds": out}

@@ -191,3 +191,25 @@ def test_every_gpu_is_sampled_each_round(node):
     before = lib.calls["nvmlDeviceGetPowerUsage"]
     run_until(agent, clock, 3_000)
     assert lib.calls["nvmlDeviceGetPowerUsage"] - before == 6  # 2 GPUs x 3 rounds, no job
+
+
+def test_live_workload_integrates_the_control_file_exactly(tmp_path):
+    """The e2e fake (tests/fakenvml/live.py): phases start at the stamps jobs write."""
+    from fakenvml.live import LiveWorkload, read_phases
+
+    ctl = tmp_path / "gpu0"
+    w = LiveWorkload(ctl, t0_ms=1_000_000)
+    assert w.at(500).util_pct == 0 and w.energy_uj(500) == 70_000 * 500
+    ctl.write_text("1001000 100 700000 1024\n1003000 50 400000 2048\n")
+    assert w.active_pct_ms(2500) == 100 * 1500  # 1000..2500 at 100 %
+    with ctl.open("a") as f:
+        f.write("1004000 0 70000 0\n1004")  # a torn last line is not read yet
+    assert w.active_pct_ms(6000) == 100 * 2000 + 50 * 1000
+    assert w.energy_uj(6000) == 70_000 * 1000 + 700_000 * 2000 + 400_000 * 1000 + 70_000 * 2000
+    assert w.at(3500).mem_bytes == 2048 and w.at(6000).util_pct == 0
+    # a line stamped before the last query starts at that query: history never changes
+    with ctl.open("a") as f:
+        f.write("500 100 700000 0\n")
+    assert w.active_pct_ms(6000) == 100 * 2000 + 50 * 1000
+    assert w.active_pct_ms(7000) == 100 * 2000 + 50 * 1000 + 100 * 1000
+    assert [t for t, _ in read_phases(ctl, 1_000_000)] == [1000, 3000, 4000, 4500]

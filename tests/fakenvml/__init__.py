@@ -1,9 +1,9 @@
 """A fake libnvidia-ml for tests: the real pynvml binding runs against fake GPUs."""
 
-from .devices import FakeClock, FakeGpu, FakeMig, Phase, Workload, a100_mig, h100
+from .devices import FakeClock, FakeGpu, FakeMig, Phase, WallClock, Workload, a100_mig, h100
 from .library import FakeNvmlLib, install
 
 __all__ = [
-    "FakeClock", "FakeGpu", "FakeMig", "FakeNvmlLib", "Phase", "Workload",
+    "FakeClock", "FakeGpu", "FakeMig", "FakeNvmlLib", "Phase", "WallClock", "Workload",
     "a100_mig", "h100", "install",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -17,6 +18,21 @@ class FakeClock:
 
     def advance(self, ms: int) -> None:
         self.ms += ms
+
+
+class WallClock(FakeClock):
+    """The real clock in the FakeClock shape (for a fake GPU under a live agent)."""
+
+    def __init__(self) -> None:
+        super().__init__(time.time_ns() // 1_000_000)
+
+    @property  # type: ignore[override]
+    def ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    @ms.setter
+    def ms(self, value: int) -> None:
+        pass
 
 
 @dataclass(frozen=True)

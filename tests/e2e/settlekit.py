@@ -1,0 +1,236 @@
+"""The settlement harness for the real one-node Slurm cluster (tests/cluster/up).
+
+``Settle`` runs ``gpuledger serve`` on a throwaway SQLite ledger, points job_submit.lua at it
+(/etc/gpuledger/job_submit.conf) and the prolog/epilog at it (/etc/gpuledger/gpuledger.toml),
+installs the prolog/epilog wrappers in slurm.conf if they are not there yet, and restores both
+files afterwards. Test modules import the ``st``/``s`` fixtures from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import need
+
+from ledger import config as config_mod
+from ledger.service import Ledger
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+GL = str(BIN / "gpuledger")
+SUBMIT_CONF = Path("/etc/gpuledger/job_submit.conf")
+NODE_CONF = Path("/etc/gpuledger/gpuledger.toml")
+LUA = Path("/etc/slurm/job_submit.lua")
+SOCKET = Path("/run/gpuledger-settle/gl.sock")
+WRAPPERS = {h: Path(f"/usr/local/sbin/gpuledger-{h}") for h in ("prolog", "epilog")}
+DONE = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+        "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
+
+
+def cluster_ready() -> bool:
+    if not shutil.which("sinfo") or os.geteuid() != 0:
+        return False
+    out = sh(["sinfo", "-h", "-o", "%t"])
+    return out.returncode == 0 and bool(re.search(r"idle|mix|alloc", out.stdout))
+
+
+def ensure_hooks() -> None:
+    for hook, path in WRAPPERS.items():
+        text = f'#!/bin/sh\nexec {BIN}/gpuledger-{hook} "$@"\n'
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            path.chmod(0o755)
+    cfg = sh(["scontrol", "show", "config"]).stdout
+    if f"Prolog                  = {WRAPPERS['prolog']}" in cfg and \
+            f"Epilog                  = {WRAPPERS['epilog']}" in cfg:
+        return
+    env = {**os.environ, "GPULEDGER_PROLOG": str(WRAPPERS["prolog"]),
+           "GPULEDGER_EPILOG": str(WRAPPERS["epilog"])}
+    out = sh([str(REPO / "tests/cluster/up")], env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def field(job: str, name: str) -> str:
+    out = sh(["scontrol", "show", "job", "-o", job]).stdout
+    m = re.search(rf"(?:^| ){name}=(\S*)", out)
+    return m.group(1) if m else ""
+
+
+class Settle:
+    def __init__(self, root: Path):
+        self.root = root
+        self.cfg = root / "gpuledger.toml"
+        self.jobs: list[str] = []
+        self.daemon: subprocess.Popen | None = None
+        self.home = root / "home"
+        self.home.mkdir()
+        self.home.chmod(0o755)
+
+    def gl(self, *args: str, check: bool = True) -> str:
+        out = sh([GL, "--config", str(self.cfg), *args])
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def setup(self) -> None:
+        self.gl("init", "--cluster", "gpuledger",
+                "--database", f"sqlite:///{self.root / 'ledger.db'}")
+        text = self.cfg.read_text().replace('"/run/gpuledger/gpuledger.sock"', f'"{SOCKET}"')
+        text += (f'\n[hooks]\nstate_dir = "{self.root / "jobs"}"\n'
+                 f'log_file = "{self.root / "hooks.log"}"\ngrace_seconds = 0\n')
+        self.cfg.write_text(text)
+        self.gl("keys", "generate", "--kid", "k1")
+        for a in ("physics", "chemistry"):
+            self.gl("account", "create", a)
+        for gpu, rate in (("h100", "1.0"), ("a100", "0.6"), ("default", "0.5")):
+            self.gl("rates", "set", gpu, rate)
+        self.ledger = Ledger.from_config(config_mod.load(self.cfg))
+
+    def start_daemon(self) -> None:
+        SOCKET.parent.mkdir(mode=0o755, exist_ok=True)
+        with open(self.root / "daemon.log", "a") as err:  # the child keeps its own copy
+            self.daemon = subprocess.Popen([GL, "--config", str(self.cfg), "serve"],
+                                           stdout=subprocess.DEVNULL, stderr=err)
+        for _ in range(100):
+            if SOCKET.exists():
+                return
+            time.sleep(0.05)
+        raise AssertionError((self.root / "daemon.log").read_text())
+
+    def stop_daemon(self) -> None:
+        if self.daemon and self.daemon.poll() is None:
+            self.daemon.terminate()
+            self.daemon.wait(10)
+        self.daemon = None
+        SOCKET.unlink(missing_ok=True)
+
+    def submit_conf(self, mode: str = "reject") -> None:
+        SUBMIT_CONF.write_text(f"socket = {SOCKET}\ntimeout = 1.0\n"
+                               f"on_ledger_unavailable = {mode}\n")
+        time.sleep(1.1)  # slurmctld reloads the script when its mtime moves (whole seconds)
+        os.utime(LUA)
+
+    def mint(self, hours: str = "20") -> tuple[str, str]:
+        token = self.gl("token", "mint", "--account", "physics", "--hours", hours)
+        return token, self.ledger.token_id_of(token)
+
+    def sbatch(self, token: str, *args: str, wrap: str = "sleep 2", hold=False) -> str:
+        cmd = ["runuser", "-u", "alice", "--", "env", f"HOME={self.home}", "sbatch",
+               "-o", "/dev/null", "--chdir=/tmp", f"--gpu-token={token}",
+               *(["--hold"] if hold else []), *args, "--wrap", wrap]
+        out = sh(cmd)
+        m = re.search(r"Submitted batch job (\d+)", out.stdout)
+        assert m, out.stderr
+        self.jobs.append(m.group(1))
+        return m.group(1)
+
+    def wait(self, job: str, states=DONE, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = sh(["scontrol", "show", "job", "-o", job]).stdout
+            found = re.findall(r"JobState=(\S+)", out)
+            if found and all(s in states for s in found):
+                return found[0]
+            if not found and "RUNNING" not in states:
+                return "GONE"
+            time.sleep(0.3)
+        raise AssertionError(f"job {job} not in {states} after {timeout}s: {found}")
+
+    def hold_of(self, job: str):
+        m = re.fullmatch(r"gpuledger:hold=(hold_[0-9a-f]+);token=(tok_[0-9a-f]+)",
+                         field(job, "AdminComment"))
+        assert m, f"job {job}: AdminComment={field(job, 'AdminComment')!r}"
+        return self.ledger.hold(m.group(1))
+
+    def settled(self, hold_id: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = self.ledger.hold(hold_id)
+            if h.state != "pending":
+                return h
+            time.sleep(0.3)
+        raise AssertionError(f"hold {hold_id} still pending; log:\n{self.log()}")
+
+    def log(self) -> str:
+        p = self.root / "hooks.log"
+        return p.read_text() if p.exists() else ""
+
+    def elapsed(self, job: str) -> int:
+        out = sh(["sacct", "-n", "-X", "-P", "-o", "ElapsedRaw", "-j", job]).stdout.split()
+        return int(out[-1])
+
+    def reconcile(self) -> dict:
+        return json.loads(self.gl("reconcile", "--json"))
+
+    def epilog_by_hand(self, job: str, gpus: str, token: str, restart: int = 0):
+        env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": job, "SLURMD_NODENAME": "vm",
+               "SLURM_JOB_GPUS": gpus, "SPANK_GPULEDGER_TOKEN": token,
+               "SLURM_JOB_RESTART_COUNT": str(restart), "GPULEDGER_CONFIG": str(NODE_CONF)}
+        out = subprocess.run([str(BIN / "gpuledger-epilog")], env=env, capture_output=True, check=False,
+                             text=True)
+        assert out.returncode == 0
+        return out
+
+    def verify(self) -> None:
+        assert self.ledger.verify_journal().ok
+
+    def cancel_all(self) -> None:
+        if self.jobs:
+            sh(["scancel", *self.jobs])
+        self.jobs.clear()
+
+
+@pytest.fixture(scope="module")
+def st():
+    need(cluster_ready(), "Slurm test cluster (tests/cluster/up)")
+    root = Path(tempfile.mkdtemp(prefix="gl-settle-"))
+    root.chmod(0o755)
+    s = Settle(root)
+    NODE_CONF.parent.mkdir(parents=True, exist_ok=True)
+    saved = {p: (p.read_text() if p.exists() else None) for p in (SUBMIT_CONF, NODE_CONF)}
+    try:
+        ensure_hooks()
+        s.setup()
+        NODE_CONF.write_text(s.cfg.read_text().replace('dir = "keys"',
+                                                       f'dir = "{root / "keys"}"'))
+        s.start_daemon()
+        s.submit_conf()
+        yield s
+    finally:
+        s.cancel_all()
+        s.stop_daemon()
+        for p, text in saved.items():
+            if text is None:
+                p.unlink(missing_ok=True)
+            else:
+                p.write_text(text)
+        os.utime(LUA)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def s(st):
+    if st.daemon is None:
+        st.start_daemon()
+    yield st
+    st.cancel_all()
+
+
