@@ -13,7 +13,7 @@ import secrets
 from types import SimpleNamespace
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from .amounts import check_amount, cost, fmt_hours
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
@@ -70,6 +70,11 @@ class HoldOps:
     # -- pricing --------------------------------------------------------------------------------
 
     def _rate(self, conn: Connection, gpu_type: str | None) -> int | None:
+        """The rate a hold is priced at: the type's own, else ``default``. A request that
+        names no GPU type may land on any type, so it is held at the highest rate there is
+        (the settlement charges the allocated type's rate and returns the rest)."""
+        if gpu_type is None:
+            return conn.execute(select(func.max(R.c.rate_ppm))).scalar()
         rates = dict(conn.execute(select(R.c.gpu_type, R.c.rate_ppm).where(
             R.c.gpu_type.in_([gpu_type or DEFAULT_RATE, DEFAULT_RATE]))).all())
         return rates.get(gpu_type or DEFAULT_RATE) or rates.get(DEFAULT_RATE)
@@ -405,9 +410,11 @@ def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest:
     name = conn.dialect.name
     now = tx.now.astimezone(UTC).replace(tzinfo=None)
     lock = " FOR UPDATE OF t" if name == "postgresql" else " FOR UPDATE"
+    # the rate rule of LedgerBase._rate, in SQL: untyped requests pay the highest rate
+    typed = "(SELECT rate_ppm FROM rates WHERE gpu_type = ?), " if gpu_type else \
+        "(SELECT MAX(rate_ppm) FROM rates), "
     sql = raw_sql(conn)(
-        "SELECT a.name, t.wallet_id, w.balance, t.digest, "
-        "(SELECT rate_ppm FROM rates WHERE gpu_type = ?), "
+        "SELECT a.name, t.wallet_id, w.balance, t.digest, " + typed +
         "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default') "
         "FROM tokens t JOIN accounts a ON a.id = t.account_id "
         "JOIN wallets w ON w.id = t.wallet_id "
@@ -415,7 +422,7 @@ def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest:
     when = now.strftime("%Y-%m-%d %H:%M:%S.%f") if name == "sqlite" else now
     cur = conn.connection.driver_connection.cursor()
     try:
-        cur.execute(sql, (gpu_type or DEFAULT_RATE, token_id, when))
+        cur.execute(sql, ((gpu_type,) if gpu_type else ()) + (token_id, when))
         row = cur.fetchone()
     finally:
         cur.close()

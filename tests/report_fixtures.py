@@ -97,7 +97,7 @@ def seed_month(lg, clock) -> Seeded:
     clock.now = at(11, 6, 20)
     lg.post(s.jobs["b1"], 3 * H, usage=gpus((5, 4.5)))  # a100 rate 0.6: 5 h -> 3 GPU-h
     clock.now = at(11, 7)
-    job("c1", "T1", "physics", "carol", None, 4, 2, job_id="1003")  # default 0.5: 4 GPU-h
+    job("c1", "T1", "physics", "carol", None, 4, 2, job_id="1003")  # untyped: held at 1.0 (8 GPU-h), charged 4
     clock.now = at(11, 7, 14)
     lg.post(s.jobs["c1"], 4 * H, usage={"measured": False, "gpus": [
         {"index": i, "held_ms": 2 * 3_600_000, "busy_ms": 0, "measured": False}

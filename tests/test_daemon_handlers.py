@@ -115,7 +115,7 @@ def test_quote_for_self_only(handlers, token):
     assert other["reason"] == "forbidden"
     for_bob = handlers.handle(SLURM, {"op": "quote", "gpus": "1", "seconds": "3600",
                                       "user": "bob"})
-    assert for_bob["ok"] == 1 and for_bob["amount"] == 1800  # default rate 0.5
+    assert for_bob["ok"] == 1 and for_bob["amount"] == 3600  # untyped: the highest rate (h100)
 
 
 def test_quote_refusal_keeps_price(handlers, sqlite_ledger, clock):

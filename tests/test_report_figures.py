@@ -101,7 +101,7 @@ def test_usage_by_user_and_gpu_type(month_site):
     assert {k: (u.jobs, u.charged, u.returned, u.refunded) for k, u in users.items()} == {
         "alice": (2, 11 * H, 10 * H, 1 * H),  # a1 (+m1 on two nodes); void 3 h, a1 2 h, m1 5 h
         "bob": (3, 10 * H, 8 * H, 0),  # boundary 5/10, b1 3/6, n1 2/2
-        "carol": (1, 4 * H, 0, 0),
+        "carol": (1, 4 * H, 4 * H, 0),  # untyped: held at the highest rate
     }
     types = {u.key: (u.jobs, u.charged) for u in p.by_gpu_type}
     assert types == {"h100": (4, 18 * H), "a100": (1, 3 * H), "-": (1, 4 * H)}

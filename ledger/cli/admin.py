@@ -172,7 +172,9 @@ def rates_group():
 @click.argument("rate")
 @pass_app
 def rates_set(app, gpu_type, rate):
-    """Set the rate of GPU_TYPE ("default" for untyped GPUs); applies to new holds."""
+    """Set the rate of GPU_TYPE ("default": types without a rate); applies to new holds.
+
+    Requests that name no GPU type are held at the highest rate."""
     app.ledger.set_rate(gpu_type, parse_rate(rate))
     click.echo(f"Rate of {gpu_type} is {fmt_rate(parse_rate(rate))}")
 

@@ -203,13 +203,14 @@ def refusal(stderr: str) -> str:
 # -- accepted jobs ---------------------------------------------------------------------------
 
 
+# A request that names no GPU type may land on an h100: it is held at the highest rate.
 @pytest.mark.parametrize("args,gpus,gtype,seconds,rate", [
     (["--gres=gpu:h100:2", "-t", "1:00:00"], 2, "h100", 3600, 1.0),
-    (["--gres=gpu:1", "-t", "30"], 1, None, 1800, 0.5),
+    (["--gres=gpu:1", "-t", "30"], 1, None, 1800, 1.0),
     (["--gpus=a100:2", "-t", "1:00:00"], 2, "a100", 3600, 0.6),
     (["--gpus-per-node=h100:2", "-N", "1", "-t", "10"], 2, "h100", 600, 1.0),
-    (["--gpus-per-task=1", "-n", "2", "-t", "10"], 2, None, 600, 0.5),
-    (["--gpus-per-socket=1", "--sockets-per-node=1", "-t", "10"], 1, None, 600, 0.5),
+    (["--gpus-per-task=1", "-n", "2", "-t", "10"], 2, None, 600, 1.0),
+    (["--gpus-per-socket=1", "--sockets-per-node=1", "-t", "10"], 1, None, 600, 1.0),
     (["--gres=gpu:h100:1"], 1, "h100", 3600, 1.0),  # partition gpu's DefaultTime 1 h
 ])
 def test_accepted_job_holds_gpus_times_time_times_rate(fresh, args, gpus, gtype, seconds, rate):
