@@ -13,7 +13,7 @@ import secrets
 from types import SimpleNamespace
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from .amounts import check_amount, cost, fmt_hours
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
@@ -24,6 +24,16 @@ from .tokens import Claims, digest
 from .views import HoldRequest, HoldView
 
 HO, CH, R = Hold.__table__, Charge.__table__, Rate.__table__
+
+# Hot-path statements, built once (see ledger.service): reserve, post and void run these.
+_HOLD_PUT = insert(HO)
+_HOLD_GET = select(HO).where(HO.c.id == bindparam("hid"))
+_HOLD_GET_LOCKED = _HOLD_GET.with_for_update()
+_HOLD_ADD_CHARGE = update(HO).where(HO.c.id == bindparam("hid")).values(
+    charged=HO.c.charged + bindparam("add"))
+_HOLD_CLOSE = update(HO).where(HO.c.id == bindparam("hid")).values(
+    state=bindparam("new_state"), resolved_at=bindparam("at"))
+_CHARGE_PUT = insert(CH)
 
 
 def new_hold_id() -> str:
@@ -168,7 +178,7 @@ class HoldOps:
     def _reserve_insert(self, tx: Tx, claims: Claims, request: HoldRequest, job_id, account: str,
                         wallet_id: int, rate: int, amount: int) -> dict:
         hold_id = new_hold_id()
-        tx.conn.execute(insert(HO).values(
+        tx.conn.execute(_HOLD_PUT, dict(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
             partition=request.partition, cluster=request.cluster or self.cluster,
             gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
@@ -190,10 +200,7 @@ class HoldOps:
     # -- settle ---------------------------------------------------------------------------------
 
     def _hold_row(self, conn: Connection, hold_id: str, lock: bool = False):
-        q = select(HO).where(HO.c.id == hold_id)
-        if lock:
-            q = q.with_for_update()
-        row = conn.execute(q).one_or_none()
+        row = conn.execute(_HOLD_GET_LOCKED if lock else _HOLD_GET, {"hid": hold_id}).one_or_none()
         if row is None:
             raise NotFound(f"unknown hold {hold_id}")
         return row
@@ -208,8 +215,7 @@ class HoldOps:
 
     def _close(self, tx: Tx, hold, token_row, state: str, kind: str, reason: str | None = None):
         remainder = hold.amount - hold.charged
-        tx.conn.execute(update(HO).where(HO.c.id == hold.id).values(state=state,
-                                                                     resolved_at=tx.now))
+        tx.conn.execute(_HOLD_CLOSE, {"hid": hold.id, "new_state": state, "at": tx.now})
         tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row), remainder,
                 account=hold.account, token_id=hold.token_id, hold_id=hold.id, reason=reason,
                 data={"charged": hold.charged, "held": hold.amount})
@@ -241,11 +247,11 @@ class HoldOps:
             record = dict(usage or {})
             if charge != amount:
                 record["uncapped_amount"] = amount
-            tx.conn.execute(insert(CH).values(hold_id=hold_id, key=key or f"post:{hold_id}", amount=charge,
-                                              job_id=job_id or hold.job_id, node=node,
-                                              restart=restart, usage=record, created_at=tx.now))
-            tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-                charged=HO.c.charged + charge))
+            tx.conn.execute(_CHARGE_PUT, dict(
+                hold_id=hold_id, key=key or f"post:{hold_id}", amount=charge,
+                job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
+                created_at=tx.now))
+            tx.conn.execute(_HOLD_ADD_CHARGE, {"hid": hold_id, "add": charge})
             tx.move("charge", tx.wallet_id("system:escrow"), tx.wallet_id("system:usage"),
                     charge, account=hold.account, token_id=hold.token_id, hold_id=hold_id,
                     data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id, "node": node,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 
 from . import db, keys
 from .config import Config
@@ -27,6 +27,11 @@ from .tokens import Verifier
 
 A, W, T, R, K, HO, IDEM = (m.__table__ for m in (Account, Wallet, Token, Rate, SigningKey, Hold,
                                                   IdempotencyRecord))
+
+# Hot-path statements, built once: executing a prebuilt statement with a parameter dict
+# skips SQLAlchemy's per-call statement building (``.values()``/``.where()``) and cache-key work.
+_IDEM_GET = select(IDEM.c.op, IDEM.c.fingerprint, IDEM.c.result).where(IDEM.c.key == bindparam("k"))
+_IDEM_PUT = insert(IDEM)
 SYSTEM_WALLETS = {
     "system:issuance": True,  # the only wallet allowed below zero: value minted
     "system:escrow": False,  # held for pending jobs
@@ -95,9 +100,7 @@ class LedgerBase:
         fp = fingerprint({"op": op, **fields})
 
         def stored(conn: Connection) -> dict | None:
-            row = conn.execute(
-                select(IDEM.c.op, IDEM.c.fingerprint, IDEM.c.result).where(IDEM.c.key == key)
-            ).one_or_none()
+            row = conn.execute(_IDEM_GET, {"k": key}).one_or_none()
             if row is None:
                 return None
             if row.op != op or row.fingerprint != fp:
@@ -111,8 +114,8 @@ class LedgerBase:
             if previous is not None:
                 return previous
             result = fn(tx)
-            tx.conn.execute(insert(IDEM).values(key=key, op=op, fingerprint=fp, result=result,
-                                                created_at=tx.now))
+            tx.conn.execute(_IDEM_PUT, {"key": key, "op": op, "fingerprint": fp,
+                                        "result": result, "created_at": tx.now})
             return result
 
         for _attempt in range(3):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from . import keys
 from .amounts import check_amount, fmt_hours
@@ -15,6 +15,12 @@ from .tokens import Claims, Scopes, digest, is_token_id, new_token_id, sign
 from .views import TokenView
 
 A, W, T, K, HO = (m.__table__ for m in (Account, Wallet, Token, SigningKey, Hold))
+
+# A token with its account and balance; built once (hot path of reserve/post/void).
+_TOKEN_ROW = (select(T, A.c.name.label("account"), A.c.wallet_id.label("pool_wallet_id"),
+                     W.c.balance).join(A, A.c.id == T.c.account_id)
+              .join(W, W.c.id == T.c.wallet_id).where(T.c.id == bindparam("tid")))
+_TOKEN_ROW_LOCKED = _TOKEN_ROW.with_for_update(of=T)
 DEFAULT_VALIDITY = timedelta(days=365)
 
 
@@ -42,12 +48,7 @@ class TokenOps:
         return self.verifier().verify(ref).id
 
     def _token_row(self, conn: Connection, token_id: str, lock: bool = False):
-        q = (select(T, A.c.name.label("account"), A.c.wallet_id.label("pool_wallet_id"),
-                    W.c.balance).join(A, A.c.id == T.c.account_id)
-             .join(W, W.c.id == T.c.wallet_id).where(T.c.id == token_id))
-        if lock:
-            q = q.with_for_update(of=T)
-        row = conn.execute(q).one_or_none()
+        row = conn.execute(_TOKEN_ROW_LOCKED if lock else _TOKEN_ROW, {"tid": token_id}).one_or_none()
         if row is None:
             raise NotFound(f"unknown token {token_id}")
         return row
