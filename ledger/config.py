@@ -193,6 +193,14 @@ free_accounts = []
 # "allocated" = held GPU time x rate; "measured" = per GPU max(busy, floor x held) x rate.
 policy = "allocated"
 floor = 0.25
+
+# [hooks]  (prolog, epilog and `gpuledger reconcile`; the values shown are the defaults)
+# state_dir = "/var/lib/gpuledger/jobs"      # per-node prolog records
+# log_file = "/var/log/gpuledger/hooks.log"  # also to syslog (syslog = true)
+# agent_socket = "/run/gpuledger/agent.sock" # the node agent (NVML)
+# agent_spool = "/var/spool/gpuledger/agent" # read when the agent is down
+# grace_seconds = 600                        # a pending hold with no Slurm job is voided after
+# lookback_days = 30                         # how far back the reconciler asks sacct
 """
 
 

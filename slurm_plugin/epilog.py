@@ -45,7 +45,7 @@ def epilog(h: Hook, reader: SlurmReader | None = None, ledger: Ledger | None = N
     hold = ledger.hold(run.hold_id)
     held_ms = round((now - run.start) * 1000)
     gpu_usage, source = usage.node_usage(run.job_id, run.restart, run.gpus, held_ms,
-                                         h.hooks.agent_socket)
+                                         h.hooks.agent_socket, h.hooks.agent_spool)
     types = {int(i): t for i, t in run.gpu_types.items()}
     if not types and hold.gpu_type:
         types = {u.index: hold.gpu_type for u in gpu_usage}

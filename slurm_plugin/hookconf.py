@@ -14,6 +14,7 @@ class HookConfig:
     state_dir: Path = Path("/var/lib/gpuledger/jobs")  # per-node prolog records
     log_file: Path | None = Path("/var/log/gpuledger/hooks.log")
     agent_socket: str | None = None  # None: the agent's default socket
+    agent_spool: str | None = None  # None: the agent's default spool (read when it is down)
     syslog: bool = True
     grace_s: int = 600  # a pending hold with no Slurm job is voided after this
     lookback_days: int = 30  # how far back the reconciler asks sacct
@@ -28,6 +29,7 @@ def hook_config(config: Config) -> HookConfig:
             state_dir=Path(raw.get("state_dir", str(d.state_dir))),
             log_file=Path(log_file) if log_file else None,
             agent_socket=raw.get("agent_socket") or None,
+            agent_spool=raw.get("agent_spool") or None,
             syslog=bool(raw.get("syslog", d.syslog)),
             grace_s=int(raw.get("grace_seconds", d.grace_s)),
             lookback_days=int(raw.get("lookback_days", d.lookback_days)),

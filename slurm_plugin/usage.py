@@ -25,14 +25,16 @@ def held_only(gpus: list[int], held_ms: int, reason: str) -> list[GpuUsage]:
 
 
 def node_usage(job_id: str, restart: int, gpus: list[int], held_ms: int,
-               agent_socket: str | None = None) -> tuple[list[GpuUsage], str]:
+               agent_socket: str | None = None,
+               agent_spool: str | None = None) -> tuple[list[GpuUsage], str]:
     """Per-GPU usage and where it came from: ``agent``, ``spool`` or ``held``."""
     try:
         from slurm_plugin.agent import client
     except Exception as exc:  # noqa: BLE001 - no agent in this build
         return held_only(gpus, held_ms, f"no agent module ({exc.__class__.__name__})"), "held"
     try:
-        summary = client.summary(int(job_id), restart, socket_path=agent_socket)
+        summary = client.summary(int(job_id), restart, socket_path=agent_socket,
+                                 spool_dir=agent_spool)
     except Exception as exc:  # noqa: BLE001 - the agent never fails the epilog
         log.warning("agent summary failed: %s", exc)
         summary = None

@@ -67,7 +67,8 @@ def hook(world, job_id, node="n1", gpus=(0,), restart=0, token=None, started=0.0
     env = HookEnv(job_id=job_id, node=node, restart=restart, gpus=list(gpus),
                   token=token, comment=None)
     return Hook(env, cfg, HookConfig(state_dir=tmp / "state" / node, log_file=None,
-                                     agent_socket=str(tmp / "no-agent.sock")),
+                                     agent_socket=str(tmp / "no-agent.sock"),
+                                     agent_spool=str(tmp / "no-agent-spool")),
                 logging.getLogger("test"), started)
 
 

@@ -45,6 +45,12 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
 
 
+def node_name() -> str:
+    """The test cluster's one node (the playbook names it after the short hostname)."""
+    out = sh(["sinfo", "-h", "-N", "-o", "%N"]).stdout.split()
+    return out[0] if out else ""
+
+
 def cluster_ready() -> bool:
     if not shutil.which("sinfo") or os.geteuid() != 0:
         return False
@@ -181,7 +187,7 @@ class Settle:
         return json.loads(self.gl("reconcile", "--json"))
 
     def epilog_by_hand(self, job: str, gpus: str, token: str, restart: int = 0):
-        env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": job, "SLURMD_NODENAME": "vm",
+        env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": job, "SLURMD_NODENAME": node_name(),
                "SLURM_JOB_GPUS": gpus, "SPANK_GPULEDGER_TOKEN": token,
                "SLURM_JOB_RESTART_COUNT": str(restart), "GPULEDGER_CONFIG": str(NODE_CONF)}
         out = subprocess.run([str(BIN / "gpuledger-epilog")], env=env, capture_output=True, check=False,

@@ -87,7 +87,8 @@ def agent(st):
     good = NODE_CONF.read_text()
     assert 'policy = "allocated"' in good
     NODE_CONF.write_text(good.replace('policy = "allocated"', 'policy = "measured"')
-                         + f'agent_socket = "{AGENT_SOCKET}"\n')  # [hooks] is the last table
+                         + f'agent_socket = "{AGENT_SOCKET}"\nagent_spool = "{a.spool}"\n')
+    # ([hooks] is the last table)
     try:
         yield a
     finally:
