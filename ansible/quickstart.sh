@@ -10,7 +10,7 @@ if ! command -v ansible-playbook >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends ansible-core python3-venv >/dev/null
 fi
-ANSIBLE_LOCALHOST_WARNING=false ANSIBLE_INVENTORY_UNPARSED_WARNING=false \
+ANSIBLE_LOCALHOST_WARNING=false ANSIBLE_INVENTORY_UNPARSED_WARNING=false ANSIBLE_PYTHON_INTERPRETER=auto_silent \
   ansible-playbook -i localhost, -c local "$repo/ansible/single-node.yml"
 node=$(hostname -s)
 for _ in $(seq 1 90); do
