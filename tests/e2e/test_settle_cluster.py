@@ -163,13 +163,18 @@ def test_epilog_failure_is_settled_by_reconcile_from_sacct(s):
     s.verify()
 
 
+# Only this PID namespace: a host running this suite also sees the slurmd of
+# any container on it (e.g. a systemd-nspawn trial), which is not ours to kill.
+_OWN_PID_NS = ["--ns", str(os.getpid()), "--nslist", "pid"]
+
+
 def _slurmd_pids() -> list[int]:
-    out = sh(["pgrep", "-x", "slurmd"]).stdout.split()
+    out = sh(["pgrep", *_OWN_PID_NS, "-x", "slurmd"]).stdout.split()
     return [int(p) for p in out]
 
 
 def _stepd_pids(job: str) -> list[int]:
-    out = sh(["pgrep", "-f", rf"^slurmstepd: \[{job}\."]).stdout.split()
+    out = sh(["pgrep", *_OWN_PID_NS, "-f", rf"^slurmstepd: \[{job}\."]).stdout.split()
     return [int(p) for p in out]
 
 
