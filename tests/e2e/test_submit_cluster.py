@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -243,7 +244,8 @@ def test_sbatch_directive_with_token_file(fresh):
     token, tid = fresh.mint()
     tokfile = fresh.root / "alice.tok"
     tokfile.write_text(token + "\n")
-    os.chown(tokfile, 1001, 1001)
+    alice = pwd.getpwnam("alice")
+    os.chown(tokfile, alice.pw_uid, alice.pw_gid)
     os.chmod(tokfile, 0o600)
     script = fresh.root / "job.sh"
     script.write_text(f"#!/bin/sh\n#SBATCH --gpu-token=@{tokfile}\n#SBATCH --gres=gpu:h100:1\n"
