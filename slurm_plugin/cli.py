@@ -83,7 +83,8 @@ def show(app, job_id, as_json):
                      ("policy", h["policy"] or "-"),
                      ("efficiency", f"{eff:.1%} busy of held (measured GPUs)" if eff is not None
                       else "not measured"),
-                     ("energy", f"{h['energy_mj'] / 3.6e9:.3f} kWh"),
+                     ("energy", f"{h['energy_mj'] / 3.6e9:.3f} kWh" if h["energy_mj"]
+                      else "not measured"),
                      ("journal", " ".join(f"#{j['seq']}:{j['kind']}" for j in h["journal"]))])
         rows = []
         for c in h["charges"]:
