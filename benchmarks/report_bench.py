@@ -213,6 +213,9 @@ def _insert(raw, backend: str, table: str, cols: tuple[str, ...], rows: list) ->
                 cp.write_row(r)
         return
     mark = "?" if backend == "sqlite" else "%s"
+    if backend == "sqlite":  # the ledger's SQLite datetime text (no deprecated default adapter)
+        rows = [tuple(v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime) else v
+                      for v in r) for r in rows]
     sql = f"INSERT INTO {table} ({quoted}) VALUES ({', '.join([mark] * len(cols))})"
     cur = raw.cursor()
     cur.executemany(sql, rows)
