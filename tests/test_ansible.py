@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -252,3 +253,13 @@ def test_tasks_use_builtin_modules_and_named_sentences():
                 assert name[:1].isupper(), (path, name)
                 if path.parent.name == "tasks":
                     assert name.endswith("."), (path, name)
+
+
+def test_ansible_lint_production_profile():
+    """ansible-lint (from the test extras) passes on every role and playbook, profile production."""
+    exe = Path(sys.executable).parent / "ansible-lint"
+    need(exe.exists(), "ansible-lint (pip install -e '.[test]')")
+    r = subprocess.run([str(exe), "--nocolor"], cwd=ANSIBLE, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "ANSIBLE_LOCAL_TEMP": "/tmp"})
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    assert "Profile 'production' was required, and it passed" in r.stderr + r.stdout
