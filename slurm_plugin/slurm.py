@@ -2,7 +2,8 @@
 
 Parses the machine-readable output of Slurm 22.05 and 24.11 (`scontrol show job -d -o`,
 `squeue -h -o`, `sacct -P -n`): 22.05 prints ``TRES=`` where 23.02+ prints ``ReqTRES=`` and
-``AllocTRES=``; GRES strings are ``gres:gpu`` before 23.11 and ``gres/gpu`` after. Times
+``AllocTRES=`` (``AllocTRES=(null)`` until a job has nodes: the request counts then);
+GRES strings are ``gres:gpu`` before 23.11 and ``gres/gpu`` after. Times
 are the controller's local time without zone; they are read as this host's local time.
 
 pyslurm is used for the live job table only when an importable pyslurm reports the same
@@ -210,7 +211,10 @@ def parse_scontrol_job(line: str) -> JobRecord:
         raise SlurmError(f"not a scontrol job line: {line[:80]!r}")
     array_job = d.get("ArrayJobId")
     task = d.get("ArrayTaskId")
-    tres = d.get("AllocTRES") or d.get("TRES") or d.get("ReqTRES")
+    # 24.11 prints AllocTRES=(null) until the job has nodes (recorded: a pending array rest,
+    # a job cancelled while pending); then the request stands in, as 22.05's TRES= does.
+    tres = next((d[k] for k in ("AllocTRES", "TRES", "ReqTRES")
+                 if d.get(k) and d[k] != "(null)"), None)
     start = parse_time(d.get("StartTime"))
     nodes = expand_hostlist(d.get("NodeList"))
     record = JobRecord(
@@ -262,6 +266,7 @@ def parse_sacct(text: str) -> list[JobRecord]:
             raise SlurmError(f"sacct line with {len(parts)} fields: {line[:80]!r}")
         raw, shown, state, start, end, elapsed, nodelist, tres, comment = parts
         array_job, _, task = shown.partition("_")
+        task = task.strip("[]")  # a pending rest: 1234_[1-3%1], scontrol's ArrayTaskId 1-3%1
         nodes = expand_hostlist(nodelist)
         run = seen.get(raw, 0)
         seen[raw] = run + 1
