@@ -8,6 +8,8 @@ fails is logged and settled later by ``gpuledger reconcile``.
 
 from __future__ import annotations
 
+import logging
+
 import time
 
 from ledger.amounts import fmt_hours
@@ -60,8 +62,9 @@ def epilog(h: Hook, reader: SlurmReader | None = None, ledger: Ledger | None = N
         h.log.info("charged %s GPU-h on hold %s (%d GPU(s), %s, run %d)", fmt_hours(amount),
                    run.hold_id, len(gpu_usage), source, run.restart)
     else:
-        h.log.info("hold %s: node %s run %d %s; nothing charged", run.hold_id, run.node,
-                   run.restart, result.note)
+        level = logging.ERROR if result.note.startswith("UNCOLLECTED") else logging.INFO
+        h.log.log(level, "hold %s: node %s run %d %s; nothing charged", run.hold_id, run.node,
+                  run.restart, result.note)
     records = _records(reader, run, record)
     closed = settle.close_if_done(ledger, run.hold_id, records, "job finished")
     if closed is not None:

@@ -178,6 +178,8 @@ class Reconciler:
                 result = settle.post_node(self.ledger, hold.id, run.job_id, run.restarts or 0,
                                           node, amount, usage)
                 s.charged += result.amount
+                if result.note.startswith("UNCOLLECTED"):
+                    s.errors.append(f"{hold.id}: {key}: {result.note}")
         (s.settled if hold.charged or any(r.ran for r in runs) else s.voided).append(hold.id)
         if not dry_run:
             settle.close(self.ledger, hold.id, "settled by the reconciler from Slurm accounting")

@@ -59,7 +59,9 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
     except StateError as exc:
         if key in charged_keys(ledger, hold_id):
             return PostResult(False, 0, None, "already charged")
-        raise StateError(f"cannot charge {key}: {exc}") from None
+        # The hold closed before this run reported (e.g. the reconciler settled the job from
+        # sacct first): nothing can take this charge any more; say so loudly, don't retry.
+        return PostResult(False, 0, None, f"UNCOLLECTED: {amount} GPU-s not charged ({exc})")
     return PostResult(True, amount, view)
 
 

@@ -215,3 +215,18 @@ def test_run_charge_splits_gpus_over_nodes(world):
             elapsed=10, clock=clock)
     parts = {n: amount for n, amount, _ in run_charge(ledger.rates(), hold, r)}
     assert parts == {"a": 2 * 10 + 6, "b": 1 * 10 + 6}
+
+
+def test_a_run_reported_after_the_hold_closed_is_logged_uncollected(world, caplog):
+    """A late epilog for a closed hold cannot charge: it says so loudly, not 'for the reconciler'."""
+    ledger, clock, _token, _cfg, fake, _ = world
+    hold = reserve(world)
+    fake.live["41"] = rec("41", "RUNNING", hold, clock=clock)
+    prolog(hook(world, "41", "n1", started=1000.0), fake, ledger)
+    ledger.void(hold.id, reason="closed by hand")
+    fake.live["41"].state = "COMPLETING"
+    with caplog.at_level(logging.INFO):
+        epilog(hook(world, "41", "n1"), fake, ledger, now=1030.0)
+    assert ledger.hold(hold.id).charged == 0 and ledger.charges(hold.id) == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("UNCOLLECTED: 30 GPU-s not charged" in m and hold.id in m for m in errors), errors
