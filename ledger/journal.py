@@ -1,10 +1,12 @@
 """Postings and the hash chain.
 
 A :class:`Tx` collects the movements of one operation; :meth:`Tx.flush`
-applies them to the wallets (locked in id order, balances checked) and then
-appends their journal rows after locking the chain head, so the head is
-always the last lock a writer takes. Each row's hash covers the previous
-row's hash and the row's own canonical body.
+applies them to the wallets (locked in id order, balances checked), and
+:meth:`Tx.seal`, the last statement before the commit, appends their journal
+rows after locking the chain head. The head is thus the last lock a writer
+takes and is held only for the append and the commit — every writer queues on
+it. Each row's hash covers the previous row's hash and the row's own canonical
+body.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Tx:
         self.conn = conn
         self.now = now
         self.postings: list[Posting] = []
+        self._applied = 0  # postings[:_applied] have moved their wallets' balances
         # code -> id of wallets that never change id (system wallets); shared across Tx
         self._wallet_cache = {} if wallet_ids is None else wallet_ids
 
@@ -84,31 +87,45 @@ class Tx:
         self.postings.append(Posting(kind, None, None, 0, **refs))
 
     def flush(self) -> None:
-        """Apply balances (checked, in wallet-id order), then append the chained rows."""
+        """Apply the balances of the postings not applied yet (checked, in wallet-id order).
+
+        Overdrafts surface here, inside the operation; the journal rows wait for seal()."""
+        new = self.postings[self._applied:]
+        self._applied = len(self.postings)
         deltas: dict[int, int] = {}
-        for p in self.postings:
+        for p in new:
             if p.amount:
                 deltas[p.debit] = deltas.get(p.debit, 0) - p.amount
                 deltas[p.credit] = deltas.get(p.credit, 0) + p.amount
         ids = sorted(w for w, d in deltas.items() if d)
+        if not ids:
+            return
         sql = raw_sql(self.conn)
         cur = self.conn.connection.driver_connection.cursor()
         try:
-            if ids:
-                marks = ",".join(["?"] * len(ids))
-                cur.execute(sql("SELECT id, code, balance, allow_negative FROM wallets "
-                                f"WHERE id IN ({marks}) ORDER BY id" + FOR_UPDATE), ids)
-                for wid, code, balance, allow_negative in cur.fetchall():
-                    if balance + deltas[wid] < 0 and not allow_negative:
-                        raise Refusal(
-                            Reason.INSUFFICIENT,
-                            f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
-                            needed=-deltas[wid], available=balance,
-                        )
-                cur.executemany(sql("UPDATE wallets SET balance = balance + ? WHERE id = ?"),
-                                [(deltas[w], w) for w in ids])
-            if not self.postings:
-                return
+            marks = ",".join(["?"] * len(ids))
+            cur.execute(sql("SELECT id, code, balance, allow_negative FROM wallets "
+                            f"WHERE id IN ({marks}) ORDER BY id" + FOR_UPDATE), ids)
+            for wid, code, balance, allow_negative in cur.fetchall():
+                if balance + deltas[wid] < 0 and not allow_negative:
+                    raise Refusal(
+                        Reason.INSUFFICIENT,
+                        f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
+                        needed=-deltas[wid], available=balance,
+                    )
+            cur.executemany(sql("UPDATE wallets SET balance = balance + ? WHERE id = ?"),
+                            [(deltas[w], w) for w in ids])
+        finally:
+            cur.close()
+
+    def seal(self) -> None:
+        """Apply what is left, then append every posting's chained journal row (lock the head)."""
+        self.flush()
+        if not self.postings:
+            return
+        sql = raw_sql(self.conn)
+        cur = self.conn.connection.driver_connection.cursor()
+        try:
             cur.execute(sql("SELECT seq, hash FROM chain_head WHERE id = 1" + FOR_UPDATE))
             head = cur.fetchone()
             if head is None:
@@ -133,6 +150,7 @@ class Tx:
         finally:
             cur.close()
         self.postings.clear()
+        self._applied = 0
 
 
 FOR_UPDATE = " FOR UPDATE"

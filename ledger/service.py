@@ -85,7 +85,7 @@ class LedgerBase:
         def run(conn: Connection):
             tx = Tx(conn, self.clock(), self._wallet_ids)
             result = fn(tx)
-            tx.flush()
+            tx.seal()  # the journal rows, last: the chain head is locked only until commit
             return result
 
         return db.run_write(self.engine, run)
