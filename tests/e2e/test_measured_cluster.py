@@ -174,6 +174,26 @@ def test_measured_charge_follows_the_gpu_trace(s, agent):
     assert "policy      measured" in text and f"efficiency  {eff:.1%} busy of held" in text, text
 
 
+def test_a100_without_gpm_is_measured_from_utilization_rates(s, agent):
+    """A100s have no GPM: the agent samples nvmlDeviceGetUtilizationRates each interval, so
+    busy time is exact only to a sampling interval at each change of load."""
+    token, _ = s.mint()
+    since = time.time_ns() // 1_000_000
+    job = s.sbatch(token, "--gres=gpu:a100:1", "-t", "10", wrap=job_script(
+        "sleep 1", ctl("g0", 100, 400, 2 * GIB), "sleep 3", ctl("g0", 0, 70, 0), "sleep 1"))
+    hold = s.hold_of(job)
+    s.wait(job)
+    h = s.settled(hold.id)
+    (u,) = usage_of(s.ledger.charges(hold.id)[0])
+    assert u.index in (2, 3)  # gres.conf: the a100s are /dev/nvidia2 and /dev/nvidia3
+    busy, _ = expected(u.index, since)
+    assert abs(busy - 3000) < 300, busy
+    assert u.measured and u.gaps_ms == 0 and u.uuid == f"GPU-fake-a100-{u.index:04d}", u
+    assert abs(u.busy_ms - busy) <= 2 * INTERVAL * 1000 + 50, (u.busy_ms, busy)
+    assert u.peak_mem_bytes == 2 * GIB
+    assert h.charged == math.ceil(max(u.busy_ms, math.ceil(u.held_ms / 4)) * 600_000 / 10**9)
+
+
 def test_idle_gpu_pays_the_floor(s, agent):
     token, _ = s.mint()
     job = s.sbatch(token, "--gres=gpu:h100:1", "-t", "10", wrap=job_script("sleep 6"))
