@@ -7,7 +7,7 @@ million so that cost = ceil(gpu_seconds * rate_ppm / 1e6) stays exact.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 
 from .errors import InvalidInput
 

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, select
 
 from .errors import Refusal, Reason, StorageError
 from .models import GENESIS_HASH, ChainHead, JournalEntry, Wallet

@@ -12,13 +12,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,8 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import need
 
-from ledger import config as config_mod
-from ledger.service import Ledger
+from ledgerkit import init_ledger, start_daemon
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -68,6 +64,11 @@ def ensure_hooks() -> None:
     if f"Prolog                  = {WRAPPERS['prolog']}" in cfg and \
             f"Epilog                  = {WRAPPERS['epilog']}" in cfg:
         return
+    cluster_up()
+
+
+def cluster_up() -> None:
+    """tests/cluster/up with the prolog/epilog wrappers in slurm.conf."""
     env = {**os.environ, "GPULEDGER_PROLOG": str(WRAPPERS["prolog"]),
            "GPULEDGER_EPILOG": str(WRAPPERS["epilog"])}
     out = sh([str(REPO / "tests/cluster/up")], env=env)
@@ -97,29 +98,13 @@ class Settle:
         return out.stdout.strip()
 
     def setup(self) -> None:
-        self.gl("init", "--cluster", "gpuledger",
-                "--database", f"sqlite:///{self.root / 'ledger.db'}")
-        text = self.cfg.read_text().replace('"/run/gpuledger/gpuledger.sock"', f'"{SOCKET}"')
-        text += (f'\n[hooks]\nstate_dir = "{self.root / "jobs"}"\n'
-                 f'log_file = "{self.root / "hooks.log"}"\ngrace_seconds = 0\n')
-        self.cfg.write_text(text)
-        self.gl("keys", "generate", "--kid", "k1")
-        for a in ("physics", "chemistry"):
-            self.gl("account", "create", a)
-        for gpu, rate in (("h100", "1.0"), ("a100", "0.6"), ("default", "0.5")):
-            self.gl("rates", "set", gpu, rate)
-        self.ledger = Ledger.from_config(config_mod.load(self.cfg))
+        self.ledger = init_ledger(
+            self.gl, self.cfg, SOCKET, database=f"sqlite:///{self.root / 'ledger.db'}",
+            extra=(f'\n[hooks]\nstate_dir = "{self.root / "jobs"}"\n'
+                   f'log_file = "{self.root / "hooks.log"}"\ngrace_seconds = 0\n'))
 
     def start_daemon(self) -> None:
-        SOCKET.parent.mkdir(mode=0o755, exist_ok=True)
-        with open(self.root / "daemon.log", "a") as err:  # the child keeps its own copy
-            self.daemon = subprocess.Popen([GL, "--config", str(self.cfg), "serve"],
-                                           stdout=subprocess.DEVNULL, stderr=err)
-        for _ in range(100):
-            if SOCKET.exists():
-                return
-            time.sleep(0.05)
-        raise AssertionError((self.root / "daemon.log").read_text())
+        self.daemon = start_daemon(GL, self.cfg, SOCKET, self.root / "daemon.log")
 
     def stop_daemon(self) -> None:
         if self.daemon and self.daemon.poll() is None:

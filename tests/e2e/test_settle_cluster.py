@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from settlekit import (  # noqa: F401 - st and s are fixtures
-    LUA, NODE_CONF, REPO, WRAPPERS, field, node_name, s, sh, st,
+    LUA, NODE_CONF, cluster_up, field, node_name, s, sh, st,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
@@ -197,10 +197,7 @@ def test_slurmd_crash_mid_job_is_settled_by_reconcile(s):
         s.wait(job, timeout=180)
     finally:
         NODE_CONF.write_text(good)
-        up = sh([str(REPO / "tests/cluster/up")], env={
-            **os.environ, "GPULEDGER_PROLOG": str(WRAPPERS["prolog"]),
-            "GPULEDGER_EPILOG": str(WRAPPERS["epilog"])})
-        assert up.returncode == 0, up.stderr[-2000:]
+        cluster_up()
     out = s.reconcile()
     h = s.ledger.hold(hold.id)
     assert h.state == "posted" and hold.id in out["settled"] + out["voided"], out

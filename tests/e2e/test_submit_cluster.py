@@ -28,9 +28,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import need
 from daemon_helpers import cli_as
+from ledgerkit import init_ledger, start_daemon
 
-from ledger import config as config_mod
-from ledger.service import Ledger
 
 pytestmark = pytest.mark.slurm
 
@@ -75,27 +74,10 @@ class Cluster:
         return out.stdout.strip()
 
     def setup_ledger(self) -> None:
-        self.gl("init", "--cluster", "gpuledger")
-        text = self.cfg_path.read_text().replace('socket = "/run/gpuledger/gpuledger.sock"',
-                                                 f'socket = "{SOCKET}"')
-        self.cfg_path.write_text(text)
-        self.gl("keys", "generate", "--kid", "k1")
-        for account in ("physics", "chemistry"):
-            self.gl("account", "create", account)
-        for gpu, rate in (("h100", "1.0"), ("a100", "0.6"), ("default", "0.5")):
-            self.gl("rates", "set", gpu, rate)
-        self.ledger = Ledger.from_config(config_mod.load(self.cfg_path))
+        self.ledger = init_ledger(self.gl, self.cfg_path, SOCKET)
 
     def start_daemon(self) -> None:
-        SOCKET.parent.mkdir(mode=0o755, exist_ok=True)
-        self.daemon = subprocess.Popen([*GPULEDGER, "--config", str(self.cfg_path), "serve"],
-                                       stdout=subprocess.DEVNULL,
-                                       stderr=open(self.root / "daemon.log", "a"))
-        for _ in range(100):
-            if SOCKET.exists():
-                return
-            time.sleep(0.05)
-        raise AssertionError("daemon did not start: " + (self.root / "daemon.log").read_text())
+        self.daemon = start_daemon(GPULEDGER[0], self.cfg_path, SOCKET, self.root / "daemon.log")
 
     def stop_daemon(self) -> None:
         if self.daemon and self.daemon.poll() is None:
