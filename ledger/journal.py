@@ -32,6 +32,8 @@ def canonical_data(data: dict | None) -> str:
 
 def row_hash(prev_hash: str, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
              reason, data: str) -> str:
+    """The hash of one journal row: the previous row's hash and the row's canonical body.
+    The one definition: the writer (Tx.seal) and every check (verify) call it."""
     body = json.dumps(
         [seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data],
         separators=(",", ":"), ensure_ascii=False,
@@ -212,8 +214,6 @@ def verify(conn: Connection, batch: int = 20000) -> VerifyResult:
     )
     prev, expected_seq, n = GENESIS_HASH, 1, 0
     sums: dict[int, int] = {}
-    dumps = json.dumps
-    sha = hashlib.sha256
 
     def fail(seq, problem):
         cur.close()
@@ -232,9 +232,8 @@ def verify(conn: Connection, batch: int = 20000) -> VerifyResult:
             if prev_hash != prev:
                 return fail(seq, f"row {seq}: previous-hash link is broken "
                                  "(a row before it was inserted, deleted or reordered)")
-            body = dumps([seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
-                          reason, data], separators=(",", ":"), ensure_ascii=False)
-            if sha(f"{prev}{body}".encode()).hexdigest() != stored:
+            if row_hash(prev, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
+                        reason, data) != stored:
                 return fail(seq, f"row {seq}: contents do not match its hash (edited)")
             if amount:
                 sums[debit] = sums.get(debit, 0) - amount
