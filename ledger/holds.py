@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from .amounts import check_amount, fmt_hours
+from .charge_record import ChargeRecord
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
@@ -207,7 +208,7 @@ class HoldOps:
                 account=hold.account, token_id=hold.token_id, hold_id=hold.id, reason=reason,
                 data={"charged": hold.charged, "held": hold.amount})
 
-    def post(self, hold_id: str, amount: int, *, usage: dict | None = None,
+    def post(self, hold_id: str, amount: int, *, usage: ChargeRecord | dict | None = None,
              key: str | None = None, final: bool = True, cap: bool = False,
              job_id: str | None = None, node: str | None = None,
              restart: int | None = None) -> HoldView:
@@ -231,9 +232,7 @@ class HoldOps:
                     raise InvalidInput(f"charge {fmt_hours(amount)} GPU-h exceeds what hold "
                                        f"{hold_id} still holds ({fmt_hours(left)} GPU-h)")
                 charge = left
-            record = dict(usage or {})
-            if charge != amount:
-                record["uncapped_amount"] = amount
+            record = _usage_row(usage, None if charge == amount else amount)
             tx.conn.execute(_CHARGE_PUT, dict(
                 hold_id=hold_id, key=key or f"post:{hold_id}", amount=charge,
                 job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
@@ -388,6 +387,16 @@ class HoldOps:
         return [{"key": r.key, "amount": r.amount, "job_id": r.job_id, "node": r.node,
                  "restart": r.restart, "usage": r.usage, "created": r.created_at.isoformat()}
                 for r in rows]
+
+
+def _usage_row(usage: ChargeRecord | dict | None, uncapped: int | None) -> dict:
+    """What ``charges.usage`` stores: the charge record (``ledger.charge_record``)."""
+    if isinstance(usage, ChargeRecord):
+        return (usage.capped(uncapped) if uncapped is not None else usage).to_dict()
+    record = dict(usage or {})
+    if uncapped is not None:
+        record["uncapped_amount"] = uncapped
+    return record
 
 
 def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest: str):
