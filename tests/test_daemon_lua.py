@@ -429,3 +429,33 @@ def test_modify_cannot_leave_the_tokens_scopes(lua, sqlite_ledger, gpu_only_toke
     assert sqlite_ledger.hold(hold) == before
     fine = lua.modify(uid=1001, d_partition="gpu", **rec)
     assert fine["rc"] == 0
+
+
+def test_modify_counts_gpus_over_the_jobs_nodes(lua, sqlite_ledger, token):
+    """An update that leaves the node count unset keeps the record's; a new count multiplies."""
+    r = lua.submit(token=token, tres_per_node="gres:gpu:h100:1", min_nodes=2, max_nodes=2,
+                   time_limit=60)
+    hold = hold_of(r)
+    assert sqlite_ledger.hold(hold).gpus == 2
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 60, "r_job_id": 7,
+           "r_tres_per_node": "gres:gpu:h100:1", "r_min_nodes": 2, "r_max_nodes": 2,
+           "r_account": "physics"}
+    retyped = lua.modify(uid=1001, d_tres_per_node="gres:gpu:h100:2", **rec)
+    assert retyped["rc"] == 0 and sqlite_ledger.hold(hold).gpus == 4  # 2 per node x 2 nodes
+    wider = lua.modify(uid=1001, d_min_nodes=3, d_max_nodes=3,
+                       **{**rec, "r_tres_per_node": "gres:gpu:h100:2"})
+    assert wider["rc"] == 0 and sqlite_ledger.hold(hold).gpus == 6
+    assert sqlite_ledger.hold(hold).amount == 6 * 3600
+
+
+def test_modify_of_a_per_task_gpu_job_is_refused(lua, sqlite_ledger, token):
+    r = lua.submit(token=token, tres_per_task="gres:gpu:1", num_tasks=2, time_limit=10)
+    hold = hold_of(r)
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 10, "r_job_id": 7,
+           "r_tres_per_task": "gres:gpu:1", "r_min_nodes": 1, "r_account": "physics"}
+    for change in ({"d_min_nodes": 2, "d_max_nodes": 2}, {"d_tres_per_task": "gres:gpu:2"}):
+        out = lua.modify(uid=1001, **change, **rec)
+        assert out["rc"] == CODES["denied"] and "per task or per socket" in out["user"], out
+    assert sqlite_ledger.hold(hold).gpus == 2
+    longer = lua.modify(uid=1001, d_time_limit=20, **rec)  # the time alone is fine
+    assert longer["rc"] == 0 and sqlite_ledger.hold(hold).seconds == 1200

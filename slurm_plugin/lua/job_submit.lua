@@ -279,9 +279,10 @@ end
 
 -- GPUs of one job (one array task): the largest of the per-node/-job/-task/-socket forms.
 local function gpu_request(d, rec)
+	-- on modify, what the update leaves unset (nil, NO_VAL) is the job record's value
 	local function field(k)
 		local v = d[k]
-		if v == nil and rec then
+		if rec and (v == nil or (type(v) == "number" and not num(v, NO_VAL16))) then
 			v = rec[k]
 		end
 		return v
@@ -492,9 +493,15 @@ local function modify(d, rec, part_list, uid)
 	local new_time = d.time_limit ~= nil and d.time_limit ~= NO_VAL
 	local new_gpus = d.tres_per_node ~= nil or d.tres_per_job ~= nil or d.tres_per_task ~= nil
 		or d.tres_per_socket ~= nil
+	local new_shape = false -- a new node/task/socket count multiplies per-node/-task GPUs
+	for _, k in ipairs({ "min_nodes", "max_nodes", "num_tasks", "ntasks_per_node", "sockets_per_node" }) do
+		if d[k] ~= nil and num(d[k], NO_VAL16) then
+			new_shape = true
+		end
+	end
 	local new_part = d.partition ~= nil and d.partition ~= ""
 	local new_account = d.account ~= nil and d.account ~= ""
-	if not (new_time or new_gpus or new_part or new_account) then
+	if not (new_time or new_gpus or new_shape or new_part or new_account) then
 		return slurm.SUCCESS
 	end
 	local account = d.account or rec.account
@@ -521,7 +528,16 @@ local function modify(d, rec, part_list, uid)
 		end
 		line = line .. " seconds=" .. (tonumber(d.time_limit) * 60)
 	end
-	if new_gpus then
+	if new_gpus or new_shape then
+		-- The job record carries no task or socket counts: GPUs per task/socket cannot be
+		-- recounted here, so such a change could only be priced by guessing. Refuse it.
+		for _, f in ipairs({ "tres_per_task", "tres_per_socket" }) do
+			local v = d[f] or rec[f]
+			if v and asks_gpu({ [f] = v }) then
+				refuse("gpu-token: a pending job that asks for GPUs per task or per socket cannot change "
+					.. "its GPUs, nodes or tasks; cancel it and submit it again", code("ESLURM_ACCESS_DENIED"))
+			end
+		end
 		local gpus, gtype, shared = gpu_request(d, rec)
 		if shared then
 			refuse_shared(shared)
