@@ -50,7 +50,7 @@ local function job(prefix, f)
     if k:sub(1, #prefix) == prefix then
       local name = k:sub(#prefix + 1)
       if v == "" then d[name] = nil
-      elseif NUMERIC[name] then d[name] = tonumber(v) else d[name] = v end
+      elseif NUMERIC[name] then d[name] = tonumber(v) + 0.0 else d[name] = v end  -- lua_pushnumber: floats on 5.3+
     end
   end
   if f[prefix .. "token"] then
@@ -84,23 +84,29 @@ CODES = {"ok": 0, "error": -1, "denied": 2002, "policy": 2050, "account": 2045,
          "bad_time": 2051, "no_time": 2116}
 
 
-def lua_available() -> bool:
-    if not shutil.which("lua5.1"):
+# Debian's slurmctld links Lua 5.1; RHEL-family builds link 5.3 or 5.4, where numbers that
+# slurmctld pushes are floats (60.0 .. "" is "60.0") and string.format("%d") is strict.
+INTERPRETERS = ("lua5.1", "lua5.3", "lua5.4")
+
+
+def lua_available(interpreter: str = "lua5.1") -> bool:
+    if not shutil.which(interpreter):
         return False
-    return subprocess.run(["lua5.1", "-e", "require('socket.unix')"],
+    return subprocess.run([interpreter, "-e", "require('socket.unix')"],
                           capture_output=True).returncode == 0
 
 
 class Lua:
     """One lua5.1 process = one slurmctld Lua state (persists across calls, like slurmctld)."""
 
-    def __init__(self, tmp: Path, script: Path = SCRIPT, **conf: object):
+    def __init__(self, tmp: Path, script: Path = SCRIPT, interpreter: str = "lua5.1",
+                 **conf: object):
         self.conf = tmp / "job_submit.conf"
         self.conf.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         driver = tmp / "driver.lua"
         driver.write_text(DRIVER)
         self.proc = subprocess.Popen(
-            ["lua5.1", str(driver), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [interpreter, str(driver), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={"GPULEDGER_JOB_SUBMIT_CONF": str(self.conf)})
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
@@ -145,9 +151,12 @@ def daemon(sqlite_ledger):
     d.close()
 
 
-@pytest.fixture
-def lua(daemon, tmp_path):
-    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts="freebie, other")
+@pytest.fixture(params=INTERPRETERS)
+def lua(request, daemon, tmp_path):
+    need(lua_available(request.param), f"{request.param} with lua-socket "
+         f"(apt install {request.param} lua-socket)")
+    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts="freebie, other",
+             interpreter=request.param)
     yield lu
     lu.close()
 

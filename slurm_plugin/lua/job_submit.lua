@@ -45,6 +45,17 @@ local conf = {
 }
 local conf_path = os.getenv("GPULEDGER_JOB_SUBMIT_CONF") or "/etc/gpuledger/job_submit.conf"
 
+-- Numbers from slurmctld are floats on Lua 5.3/5.4 (60.0 .. "" is "60.0"): every number
+-- that becomes text goes through int() first.
+local function int(v)
+	v = tonumber(v)
+	return v and math.floor(v)
+end
+
+local function id_text(v)
+	return v and string.format("%d", int(v)) or "?"
+end
+
 local function trim(s)
 	return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
@@ -428,7 +439,7 @@ local function submit(d, part_list)
 	local t0 = now()
 	local gpus, gtype, shared = gpu_request(d)
 	local account = d.account or d.default_account
-	local user = d.user_name or tostring(d.user_id)
+	local user = d.user_name or id_text(d.user_id)
 	if account and conf.free_accounts[account] then
 		slurm.log_info("gpuledger: result=free user=%s account=%s gpus=%d", esc(user), esc(account), gpus)
 		return slurm.SUCCESS
@@ -445,7 +456,7 @@ local function submit(d, part_list)
 	if not token then
 		slurm.log_info("gpuledger: result=refused reason=no_token user=%s account=%s gpus=%d",
 			esc(user), esc(account or ""), gpus)
-		refuse("gpu-token: this job asks for " .. gpus .. " GPU(s) but carries no GPU token; submit it with "
+		refuse("gpu-token: this job asks for " .. id_text(gpus) .. " GPU(s) but carries no GPU token; submit it with "
 			.. "--gpu-token=@FILE (or --gpu-token=TOKEN, $GPU_TOKEN, ~/.config/gpuledger/token); "
 			.. "see `gpuledger balance` for your tokens", code("ESLURM_ACCESS_DENIED"))
 	end
@@ -454,7 +465,7 @@ local function submit(d, part_list)
 	key_counter = key_counter + 1
 	local fields = string.format("user=%s account=%s partition=%s gpus=%d type=%s seconds=%d tasks=%d",
 		esc(user), esc(account or ""), esc(partition or ""), gpus, esc(gtype or ""), minutes * 60, tasks)
-	local line = "op=reserve token=" .. esc(token) .. " " .. fields .. " uid=" .. tostring(d.user_id)
+	local line = "op=reserve token=" .. esc(token) .. " " .. fields .. " uid=" .. id_text(d.user_id)
 		.. " key=" .. key_prefix .. key_counter
 		.. (conf.cluster and (" cluster=" .. esc(conf.cluster)) or "") .. "\n"
 	local resp, err = call(line)
@@ -526,7 +537,7 @@ local function modify(d, rec, part_list, uid)
 		if d.time_limit == INFINITE then
 			refuse("gpu-token: GPU jobs need a finite time limit", code("ESLURM_INVALID_TIME_LIMIT"))
 		end
-		line = line .. " seconds=" .. (tonumber(d.time_limit) * 60)
+		line = line .. " seconds=" .. id_text(int(d.time_limit) * 60)
 	end
 	if new_gpus or new_shape then
 		-- The job record carries no task or socket counts: GPUs per task/socket cannot be
@@ -545,7 +556,7 @@ local function modify(d, rec, part_list, uid)
 		if gpus <= 0 then
 			line = "op=void hold=" .. hold .. " reason=job%20modified%20to%20use%20no%20GPU"
 		else
-			line = line .. " gpus=" .. gpus .. " type=" .. esc(gtype or "")
+			line = line .. " gpus=" .. id_text(gpus) .. " type=" .. esc(gtype or "")
 		end
 	end
 	if line:sub(1, 9) == "op=resize" then
@@ -560,13 +571,13 @@ local function modify(d, rec, part_list, uid)
 	local r = resp and parse(resp) or { reason = "unavailable", message = err }
 	if r.ok == "1" then
 		slurm.log_info("gpuledger: result=%s job=%s hold=%s amount=%s delta=%s uid=%d",
-			line:match("^op=(%w+)"), tostring(rec.job_id), hold, r.amount or "", r.delta or "", uid)
+			line:match("^op=(%w+)"), id_text(rec.job_id), hold, r.amount or "", r.delta or "", int(uid) or -1)
 		if line:sub(1, 7) == "op=void" then
 			d.admin_comment = ""
 		end
 		return slurm.SUCCESS
 	end
-	slurm.log_info("gpuledger: result=refused op=modify job=%s hold=%s reason=%s", tostring(rec.job_id),
+	slurm.log_info("gpuledger: result=refused op=modify job=%s hold=%s reason=%s", id_text(rec.job_id),
 		hold, esc(r.reason or ""))
 	if UNAVAILABLE[r.reason or ""] then
 		refuse("gpu-token: the GPU ledger is unavailable (" .. tostring(r.message) .. "); change refused",
