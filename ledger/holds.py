@@ -410,31 +410,42 @@ class HoldOps:
 
 
 def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest: str):
-    """One locked read for the common case: (account, wallet id, rate, balance) of an active,
-    unexpired token whose stored digest matches and whose GPU type has a rate; else None."""
+    """The common case in two statements: (account, wallet id, rate, balance) of an active,
+    unexpired token whose stored digest matches and whose GPU type has a rate; else None.
+
+    Locks the token row and nothing else (wallets are locked by Tx.flush, in id order, the
+    chain head by Tx.seal): not the account row its siblings share — MariaDB ignores
+    ``FOR UPDATE OF`` and would lock every row of a join — and no read in the locking
+    statement but the token's own, because a locking read mixed with a consistent read
+    fails under MariaDB's ``innodb_snapshot_isolation`` whenever it waited for the lock.
+    The second statement reads the rest after the lock, so it sees the latest balance."""
     conn = tx.conn
-    name = conn.dialect.name
+    sql = raw_sql(conn)
     now = tx.now.astimezone(UTC).replace(tzinfo=None)
-    lock = " FOR UPDATE OF t" if name == "postgresql" else " FOR UPDATE"
+    when = now.strftime("%Y-%m-%d %H:%M:%S.%f") if conn.dialect.name == "sqlite" else now
     # the rate rule of LedgerBase._rate, in SQL: untyped requests pay the highest rate
     typed = "(SELECT rate_ppm FROM rates WHERE gpu_type = ?), " if gpu_type else \
         "(SELECT MAX(rate_ppm) FROM rates), "
-    sql = raw_sql(conn)(
-        "SELECT a.name, t.wallet_id, w.balance, t.digest, " + typed +
-        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default') "
-        "FROM tokens t JOIN accounts a ON a.id = t.account_id "
-        "JOIN wallets w ON w.id = t.wallet_id "
-        "WHERE t.id = ? AND t.status = 'active' AND t.expires > ?" + lock)
-    when = now.strftime("%Y-%m-%d %H:%M:%S.%f") if name == "sqlite" else now
     cur = conn.connection.driver_connection.cursor()
     try:
-        cur.execute(sql, ((gpu_type,) if gpu_type else ()) + (token_id, when))
+        cur.execute(sql("SELECT wallet_id, account_id, digest FROM tokens "
+                        "WHERE id = ? AND status = 'active' AND expires > ?" + FOR_UPDATE),
+                    (token_id, when))
+        token = cur.fetchone()
+        if token is None or token[2] != token_digest:
+            return None
+        wallet_id, account_id, _ = token
+        cur.execute(sql(
+            "SELECT a.name, w.balance, " + typed +
+            "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default') "
+            "FROM accounts a JOIN wallets w ON w.id = ? WHERE a.id = ?"),
+            ((gpu_type,) if gpu_type else ()) + (wallet_id, account_id))
         row = cur.fetchone()
     finally:
         cur.close()
-    if row is None or row[3] != token_digest:
+    if row is None:
         return None
-    rate = row[4] or row[5]
+    rate = row[2] or row[3]
     if rate is None:
         return None
-    return row[0], row[1], rate, row[2]
+    return row[0], wallet_id, rate, row[1]
