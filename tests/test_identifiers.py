@@ -53,10 +53,21 @@ def test_rates_differing_in_case_are_two_rates(ledger):
 
 
 def _text_collations(engine) -> set[tuple[str, str, str]]:
+    """(table, column, collation) of every text column (JSON documents are longtext, whose
+    collation MariaDB fixes at utf8mb4_bin; they are never compared as keys)."""
     with engine.connect() as conn:
         return set(conn.execute(text(
             "SELECT table_name, column_name, collation_name FROM information_schema.columns "
-            "WHERE table_schema = DATABASE() AND collation_name IS NOT NULL")).all())
+            "WHERE table_schema = DATABASE() AND data_type IN ('char', 'varchar', 'text')"
+        )).all())
+
+
+def _foreign_keys(engine) -> set[tuple[str, str, str]]:
+    with engine.connect() as conn:
+        return set(conn.execute(text(
+            "SELECT constraint_name, table_name, referenced_table_name "
+            "FROM information_schema.referential_constraints "
+            "WHERE constraint_schema = DATABASE()")).all())
 
 
 def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_path: Path,
@@ -77,10 +88,8 @@ def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_p
         mariadb = engine.dialect.name in ("mysql", "mariadb")
         if mariadb:
             assert any(c != "utf8mb4_nopad_bin" for _, _, c in _text_collations(engine))
-            with engine.connect() as conn:
-                fks = conn.execute(text(
-                    "SELECT COUNT(*) FROM information_schema.referential_constraints "
-                    "WHERE constraint_schema = DATABASE()")).scalar()
+            fks = _foreign_keys(engine)
+            assert fks
 
         assert migrate.upgrade(engine) == ("0002", migrate.head())
 
@@ -97,8 +106,6 @@ def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_p
             with engine.connect() as conn:
                 assert conn.execute(text("SELECT @@collation_database")).scalar() == \
                     "utf8mb4_nopad_bin"
-                assert conn.execute(text(
-                    "SELECT COUNT(*) FROM information_schema.referential_constraints "
-                    "WHERE constraint_schema = DATABASE()")).scalar() == fks
+            assert fks <= _foreign_keys(engine)  # every foreign key is back
     finally:
         engine.dispose()
