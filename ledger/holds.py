@@ -240,6 +240,8 @@ class HoldOps:
         if pending and hold.state != "pending":
             raise StateError(f"hold {hold_id} is already {hold.state}")
         facts = hold_facts(tx, hold_id)
+        if pending and facts.closed is not None:
+            raise StateError(f"hold {hold_id} is already {facts.state}")
         token_row = self._token_row(tx.conn, facts.token_id or hold.token_id, lock=True)
         return hold, facts, token_row
 
