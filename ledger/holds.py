@@ -20,7 +20,7 @@ from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .models import Charge, Hold, Rate
 from .service import DEFAULT_RATE, check_account_name
-from .tokens import Claims, digest
+from .tokens import Claims, Scopes, digest
 from .views import HoldRequest, HoldView
 
 HO, CH, R = Hold.__table__, Charge.__table__, Rate.__table__
@@ -34,6 +34,16 @@ _HOLD_ADD_CHARGE = update(HO).where(HO.c.id == bindparam("hid")).values(
 _HOLD_CLOSE = update(HO).where(HO.c.id == bindparam("hid")).values(
     state=bindparam("new_state"), resolved_at=bindparam("at"))
 _CHARGE_PUT = insert(CH)
+
+
+class _Keep:
+    """``resize(gpu_type=KEEP)``: the hold's GPU type stays (``None`` means untyped)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
 
 
 def new_hold_id() -> str:
@@ -50,27 +60,32 @@ def hold_view(row) -> HoldView:
     )
 
 
-def _scope_refusal(claims: Claims, req: HoldRequest, cluster: str | None) -> Refusal | None:
-    """The first scope the request falls outside of, as a refusal."""
-    s = claims.scopes
+def _scope_refusal(token_id: str, account: str, s: Scopes, req: HoldRequest,
+                   cluster: str | None) -> Refusal | None:
+    """The first scope the request falls outside of, as a refusal.
+
+    A job that lists several partitions (``-p a,b``) may start in any of them, so every
+    candidate must be inside the token's partitions."""
+    outside = [p for p in req.partitions if p not in s.partitions] or \
+        ([] if req.partitions else ["(none given)"])
     checks = (
-        (req.account is not None and req.account != claims.account, Reason.WRONG_ACCOUNT,
-         f"token {claims.id} belongs to account {claims.account}, not {req.account}"),
+        (req.account is not None and req.account != account, Reason.WRONG_ACCOUNT,
+         f"token {token_id} belongs to account {account}, not {req.account}"),
         (bool(s.users) and req.user not in s.users, Reason.WRONG_USER,
-         f"token {claims.id} is not valid for user {req.user} (only {', '.join(s.users)})"),
+         f"token {token_id} is not valid for user {req.user} (only {', '.join(s.users)})"),
         (bool(s.gpu_types) and req.gpu_type not in s.gpu_types, Reason.WRONG_GPU_TYPE,
-         f"token {claims.id} is not valid for GPU type {req.gpu_type or 'any'} "
+         f"token {token_id} is not valid for GPU type {req.gpu_type or 'any'} "
          f"(only {', '.join(s.gpu_types)})"),
-        (bool(s.partitions) and req.partition not in s.partitions, Reason.WRONG_PARTITION,
-         f"token {claims.id} is not valid in partition {req.partition} "
+        (bool(s.partitions) and bool(outside), Reason.WRONG_PARTITION,
+         f"token {token_id} is not valid in partition {', '.join(outside)} "
          f"(only {', '.join(s.partitions)})"),
         (bool(s.clusters) and (req.cluster or cluster) not in s.clusters, Reason.WRONG_CLUSTER,
-         f"token {claims.id} is not valid on cluster {req.cluster or cluster} "
+         f"token {token_id} is not valid on cluster {req.cluster or cluster} "
          f"(only {', '.join(s.clusters)})"),
     )
     for failed, reason, message in checks:
         if failed:
-            return Refusal(reason, message, token_id=claims.id)
+            return Refusal(reason, message, token_id=token_id)
     return None
 
 
@@ -110,7 +125,8 @@ class HoldOps:
         if now >= claims.expires:
             raise Refusal(Reason.EXPIRED, f"token {claims.id} expired on "
                           f"{claims.expires.date().isoformat()}", token_id=claims.id)
-        refusal = _scope_refusal(claims, request, self.cluster)
+        refusal = _scope_refusal(claims.id, claims.account, claims.scopes, request,
+                                 self.cluster)
         if refusal:
             raise refusal
         return claims
@@ -291,18 +307,44 @@ class HoldOps:
             raise StateError(f"hold {hold_id} was already {op}ed with other figures") from None
 
     def resize(self, hold_id: str, *, seconds: int | None = None, gpus: int | None = None,
-               tasks: int | None = None, key: str | None = None) -> HoldView:
-        """Re-price a pending hold for a new time limit / GPU count (at the hold's own rate)."""
-        fields = {"hold": hold_id, "seconds": seconds, "gpus": gpus, "tasks": tasks}
+               tasks: int | None = None, gpu_type: str | None | _Keep = KEEP,
+               partition: str | None = None, account: str | None = None,
+               key: str | None = None) -> HoldView:
+        """Re-price a pending hold for what the job now asks for (``scontrol update``).
+
+        A new time limit, GPU count or task count keeps the hold's rate; a new GPU type
+        (``None``: untyped, held at the highest rate) is priced at that type's rate. The
+        token's scopes are checked again against the job as changed (GPU type, every
+        candidate partition, account), so an update cannot move a job where its token is
+        not valid."""
+        fields = {"hold": hold_id, "seconds": seconds, "gpus": gpus, "tasks": tasks,
+                  **({} if gpu_type is KEEP else {"gpu_type": gpu_type}),
+                  **({"partition": partition} if partition else {}),
+                  **({"account": account} if account else {})}
 
         def run(tx: Tx) -> dict:
             hold = self._hold_row(tx.conn, hold_id, lock=True)
             if hold.state != "pending":
                 raise StateError(f"hold {hold_id} is already {hold.state}")
             token_row = self._token_row(tx.conn, hold.token_id, lock=True)
+            new_type = hold.gpu_type if gpu_type is KEEP else gpu_type
             req = HoldRequest(gpus=gpus or hold.gpus, seconds=seconds or hold.seconds,
-                              tasks=tasks or hold.tasks, gpu_type=hold.gpu_type)
-            new_amount = req.tasks * cost(req.gpus * req.seconds, hold.rate_ppm)
+                              tasks=tasks or hold.tasks, gpu_type=new_type,
+                              partition=partition or hold.partition,
+                              account=account or hold.account, user=hold.user,
+                              cluster=hold.cluster)
+            refusal = _scope_refusal(hold.token_id, token_row.account,
+                                     Scopes.from_dict(token_row.scopes or {}), req, self.cluster)
+            if refusal:
+                raise refusal
+            rate = hold.rate_ppm
+            if gpu_type is not KEEP and new_type != hold.gpu_type:
+                rate = self._rate(tx.conn, new_type)
+                if rate is None:
+                    raise Refusal(Reason.UNKNOWN_GPU_TYPE,
+                                  f"no rate for GPU type {new_type} and no default rate",
+                                  token_id=hold.token_id)
+            new_amount = req.tasks * cost(req.gpus * req.seconds, rate)
             if new_amount < hold.charged:
                 raise InvalidInput(f"hold {hold_id} has already charged "
                                    f"{fmt_hours(hold.charged)} GPU-h")
@@ -332,7 +374,8 @@ class HoldOps:
                 tx.event("resize", account=hold.account, token_id=hold.token_id,
                          hold_id=hold_id, data=fields)
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-                amount=new_amount, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks))
+                amount=new_amount, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
+                gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition))
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
