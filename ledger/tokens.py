@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import secrets
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -304,19 +305,23 @@ def decode_unverified(token: str) -> tuple[str, str, bytes, Claims]:
 
 
 class Verifier:
-    """Checks signatures against known public keys; remembers tokens it has verified."""
+    """Checks signatures against known public keys; remembers tokens it has verified.
+
+    Thread-safe: the daemon verifies on many threads at once; only the cache is locked."""
 
     def __init__(self, public_keys: dict[str, Ed25519PublicKey], cache_size: int = 4096):
         self.public_keys = dict(public_keys)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Claims] = OrderedDict()
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> Claims:
         if isinstance(token, str):
-            cached = self._cache.get(token)
-            if cached is not None:
-                self._cache.move_to_end(token)
-                return cached
+            with self._lock:
+                cached = self._cache.get(token)
+                if cached is not None:
+                    self._cache.move_to_end(token)
+                    return cached
         signing_input, kid, sig, claims = decode_unverified(token)
         key = self.public_keys.get(kid)
         if key is None:
@@ -328,7 +333,8 @@ class Verifier:
                 Reason.BAD_SIGNATURE, "token signature does not verify (forged or altered)",
                 token_id=claims.id,
             ) from None
-        self._cache[token] = claims
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[token] = claims
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return claims
