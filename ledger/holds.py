@@ -17,6 +17,7 @@ from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from .amounts import check_amount, cost, fmt_hours
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
+from .facts import hold_facts
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .models import Charge, Hold, Rate
 from .service import DEFAULT_RATE, check_account_name
@@ -222,19 +223,36 @@ class HoldOps:
         return row
 
     def _return_to(self, tx: Tx, token_row) -> int:
-        """Where a hold's unused remainder goes: token, account pool, or system:expired."""
+        """Where a hold's unused remainder goes: token, account pool, or system:expired.
+
+        The pool is that of the account the journal says the token was minted to."""
         if token_row.status == "revoked":
-            return token_row.pool_wallet_id
+            return self._pool_wallet(tx.conn, token_row)
         if token_row.status == "expired" or token_row.expires <= tx.now:
             return tx.wallet_id("system:expired")
         return token_row.wallet_id
 
-    def _close(self, tx: Tx, hold, token_row, state: str, kind: str, reason: str | None = None):
-        remainder = hold.amount - hold.charged
-        tx.conn.execute(_HOLD_CLOSE, {"hid": hold.id, "new_state": state, "at": tx.now})
-        tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row), remainder,
-                account=hold.account, token_id=hold.token_id, hold_id=hold.id, reason=reason,
-                data={"charged": hold.charged, "held": hold.amount})
+    def _locked(self, tx: Tx, hold_id: str, pending: bool = True):
+        """(hold row, its journal facts, its token row), hold then token locked.
+
+        The token is the one the journal's reserve row names, not the editable column."""
+        hold = self._hold_row(tx.conn, hold_id, lock=True)
+        if pending and hold.state != "pending":
+            raise StateError(f"hold {hold_id} is already {hold.state}")
+        facts = hold_facts(tx, hold_id)
+        token_row = self._token_row(tx.conn, facts.token_id or hold.token_id, lock=True)
+        return hold, facts, token_row
+
+    def _close(self, tx: Tx, hold_id: str, token_row, state: str, kind: str,
+               reason: str | None = None):
+        """Return what the journal says is still escrowed for the hold (not its columns)."""
+        facts = hold_facts(tx, hold_id)
+        tx.conn.execute(_HOLD_CLOSE, {"hid": hold_id, "new_state": state, "at": tx.now})
+        tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row),
+                facts.remaining, account=facts.account, token_id=facts.token_id,
+                hold_id=hold_id, reason=reason,
+                data={"charged": facts.charged, "held": facts.held})
+        return facts
 
     def post(self, hold_id: str, amount: int, *, usage: dict | None = None,
              key: str | None = None, final: bool = True, cap: bool = False,
@@ -249,11 +267,8 @@ class HoldOps:
         fields = {"hold": hold_id, "amount": amount, "final": final, "cap": cap}
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            if hold.state != "pending":
-                raise StateError(f"hold {hold_id} is already {hold.state}")
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
-            left = hold.amount - hold.charged
+            hold, facts, token_row = self._locked(tx, hold_id)
+            left = facts.remaining
             charge = amount
             if amount > left:
                 if not cap:
@@ -269,12 +284,13 @@ class HoldOps:
                 created_at=tx.now))
             tx.conn.execute(_HOLD_ADD_CHARGE, {"hid": hold_id, "add": charge})
             tx.move("charge", tx.wallet_id("system:escrow"), tx.wallet_id("system:usage"),
-                    charge, account=hold.account, token_id=hold.token_id, hold_id=hold_id,
+                    charge, account=facts.account, token_id=facts.token_id, hold_id=hold_id,
                     data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id, "node": node,
                           "restart": restart})
-            after = SimpleNamespace(**{**hold._mapping, "charged": hold.charged + charge})
+            after = SimpleNamespace(**{**hold._mapping, "amount": facts.held,
+                                       "charged": facts.charged + charge})
             if final:
-                self._close(tx, after, token_row, "posted", "release")
+                self._close(tx, hold_id, token_row, "posted", "release")
                 after.state, after.resolved_at = "posted", tx.now
             tx.flush()
             return hold_view(after).to_dict()
@@ -285,14 +301,13 @@ class HoldOps:
         """Close a pending hold, returning everything not yet charged."""
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            if hold.state != "pending":
-                raise StateError(f"hold {hold_id} is already {hold.state}")
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
-            state = "posted" if hold.charged else "voided"
-            self._close(tx, hold, token_row, state, "void", reason)
+            hold, facts, token_row = self._locked(tx, hold_id)
+            state = "posted" if facts.charged else "voided"
+            self._close(tx, hold_id, token_row, state, "void", reason)
             tx.flush()
-            return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
+            return hold_view(SimpleNamespace(**{
+                **hold._mapping, "amount": facts.held, "charged": facts.charged,
+                "state": state, "resolved_at": tx.now})).to_dict()
 
         return self._resolve_once("void", hold_id, key, {"hold": hold_id}, run)
 
@@ -323,10 +338,7 @@ class HoldOps:
                   **({"account": account} if account else {})}
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            if hold.state != "pending":
-                raise StateError(f"hold {hold_id} is already {hold.state}")
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
+            hold, facts, token_row = self._locked(tx, hold_id)
             new_type = hold.gpu_type if gpu_type is KEEP else gpu_type
             req = HoldRequest(gpus=gpus or hold.gpus, seconds=seconds or hold.seconds,
                               tasks=tasks or hold.tasks, gpu_type=new_type,
@@ -345,10 +357,10 @@ class HoldOps:
                                   f"no rate for GPU type {new_type} and no default rate",
                                   token_id=hold.token_id)
             new_amount = req.tasks * cost(req.gpus * req.seconds, rate)
-            if new_amount < hold.charged:
+            if new_amount < facts.charged:
                 raise InvalidInput(f"hold {hold_id} has already charged "
-                                   f"{fmt_hours(hold.charged)} GPU-h")
-            delta = new_amount - hold.amount
+                                   f"{fmt_hours(facts.charged)} GPU-h")
+            delta = new_amount - facts.held
             escrow = tx.wallet_id("system:escrow")
             if delta > 0:
                 if token_row.status == "revoked":
@@ -364,17 +376,17 @@ class HoldOps:
                                   f"needs {fmt_hours(delta)} GPU-h more ({req.describe()}), "
                                   f"token {hold.token_id} has {fmt_hours(available)} GPU-h left",
                                   token_id=hold.token_id, needed=delta, available=available)
-                tx.move("resize", token_row.wallet_id, escrow, delta, account=hold.account,
-                        token_id=hold.token_id, hold_id=hold_id, data=fields)
+                tx.move("resize", token_row.wallet_id, escrow, delta, account=facts.account,
+                        token_id=facts.token_id, hold_id=hold_id, data=fields)
             elif delta < 0:
                 tx.move("resize", escrow, self._return_to(tx, token_row), -delta,
-                        account=hold.account, token_id=hold.token_id, hold_id=hold_id,
+                        account=facts.account, token_id=facts.token_id, hold_id=hold_id,
                         data=fields)
             else:
-                tx.event("resize", account=hold.account, token_id=hold.token_id,
+                tx.event("resize", account=facts.account, token_id=facts.token_id,
                          hold_id=hold_id, data=fields)
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-                amount=new_amount, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
+                amount=HO.c.amount + delta, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
                 gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition))
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
@@ -390,16 +402,15 @@ class HoldOps:
         fields = {"hold": hold_id, "amount": amount, "reason": reason}
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
-            refundable = hold.charged - hold.refunded
+            hold, facts, token_row = self._locked(tx, hold_id, pending=False)
+            refundable = facts.charged - facts.refunded
             if amount > refundable:
                 raise InvalidInput(f"hold {hold_id} has {fmt_hours(refundable)} GPU-h "
                                    f"refundable, cannot refund {fmt_hours(amount)}")
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
                 refunded=HO.c.refunded + amount))
             tx.move("refund", tx.wallet_id("system:usage"), self._return_to(tx, token_row),
-                    amount, account=hold.account, token_id=hold.token_id, hold_id=hold_id,
+                    amount, account=facts.account, token_id=facts.token_id, hold_id=hold_id,
                     reason=reason)
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
