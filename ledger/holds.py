@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import secrets
 from types import SimpleNamespace
-from datetime import UTC, datetime
+from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
-from .amounts import check_amount, cost, fmt_hours
+from .amounts import check_amount, fmt_hours
+from .charge_record import ChargeRecord
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
 from .facts import hold_facts
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
-from .models import Charge, Hold, Rate
-from .service import DEFAULT_RATE, check_account_name
+from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
+from .models import Charge, Hold, UTCDateTime
+from .names import check_account_name
+from .pricing import (RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates,
+                      unpriced)
 from .tokens import Claims, Scopes, digest
 from .views import HoldRequest, HoldView
 
-HO, CH, R = Hold.__table__, Charge.__table__, Rate.__table__
+HO, CH = Hold.__table__, Charge.__table__
 
 # Hot-path statements, built once (see ledger.service): reserve, post and void run these.
 _HOLD_PUT = insert(HO)
@@ -96,40 +100,29 @@ class HoldOps:
     # -- pricing --------------------------------------------------------------------------------
 
     def _rate(self, conn: Connection, gpu_type: str | None) -> int | None:
-        """The rate a hold is priced at: the type's own, else ``default``. A request that
-        names no GPU type may land on any type, so it is held at the highest rate there is
-        (the settlement charges the allocated type's rate and returns the rest)."""
-        if gpu_type is None:
-            return conn.execute(select(func.max(R.c.rate_ppm))).scalar()
-        rates = dict(conn.execute(select(R.c.gpu_type, R.c.rate_ppm).where(
-            R.c.gpu_type.in_([gpu_type or DEFAULT_RATE, DEFAULT_RATE]))).all())
-        return rates.get(gpu_type or DEFAULT_RATE) or rates.get(DEFAULT_RATE)
+        """The rate a hold is priced at (``ledger.pricing.hold_rate``), from the rates table."""
+        return hold_rate(gpu_type, rate_candidates(conn, gpu_type))
 
     def price(self, request: HoldRequest) -> tuple[int, int]:
         """(amount, rate_ppm) a request would hold; Refusal for an unpriced GPU type."""
         with self._read() as conn:
             rate = self._rate(conn, request.gpu_type)
         if rate is None:
-            raise Refusal(Reason.UNKNOWN_GPU_TYPE,
-                          f"no rate for GPU type {request.gpu_type} and no default rate")
-        return request.tasks * cost(request.gpus * request.seconds, rate), rate
+            raise unpriced(request.gpu_type)
+        return hold_cost(request.gpus, request.seconds, request.tasks, rate), rate
 
     # -- checks ---------------------------------------------------------------------------------
 
     def check(self, token: str, request: HoldRequest) -> Claims:
         """Everything that can be decided from the token alone (signature, validity, scopes)."""
         claims = self.verifier().verify(token)
-        now = self.clock()
-        if now < claims.not_before:
-            raise Refusal(Reason.NOT_YET_VALID, f"token {claims.id} is not valid before "
-                          f"{claims.not_before.isoformat()}", token_id=claims.id)
-        if now >= claims.expires:
-            raise Refusal(Reason.EXPIRED, f"token {claims.id} expired on "
-                          f"{claims.expires.date().isoformat()}", token_id=claims.id)
-        refusal = _scope_refusal(claims.id, claims.account, claims.scopes, request,
-                                 self.cluster)
-        if refusal:
-            raise refusal
+        found = refusal(liveness("active", claims.not_before, claims.expires, self.clock()),
+                        claims.id, expires=claims.expires, not_before=claims.not_before)
+        if found:
+            raise found
+        found = _scope_refusal(claims.id, claims.account, claims.scopes, request, self.cluster)
+        if found:
+            raise found
         return claims
 
     # -- reserve --------------------------------------------------------------------------------
@@ -146,7 +139,7 @@ class HoldOps:
             fast = _fast_reserve_row(tx, claims.id, request.gpu_type, digest(token.strip()))
             if fast is not None:
                 account, wallet_id, rate, available = fast
-                amount = request.tasks * cost(request.gpus * request.seconds, rate)
+                amount = hold_cost(request.gpus, request.seconds, request.tasks, rate)
                 if amount <= available:
                     return self._reserve_insert(tx, claims, request, job_id, account, wallet_id,
                                                 rate, amount)
@@ -167,18 +160,11 @@ class HoldOps:
             raise Refusal(Reason.BAD_SIGNATURE,
                           f"token {claims.id} does not match the ledger's record of it",
                           token_id=claims.id)
-        if row.status == "revoked":
-            raise Refusal(Reason.REVOKED, f"token {claims.id} was revoked: "
-                          f"{row.status_reason}", token_id=claims.id)
-        if row.status == "expired" or row.expires <= tx.now:
-            raise Refusal(Reason.EXPIRED, f"token {claims.id} expired on "
-                          f"{row.expires.date().isoformat()}", token_id=claims.id)
+        refuse_unless_live(row, tx.now)
         rate = self._rate(tx.conn, request.gpu_type)
         if rate is None:
-            raise Refusal(Reason.UNKNOWN_GPU_TYPE,
-                          f"no rate for GPU type {request.gpu_type} and no default rate",
-                          token_id=claims.id)
-        amount = request.tasks * cost(request.gpus * request.seconds, rate)
+            raise unpriced(request.gpu_type, claims.id)
+        amount = hold_cost(request.gpus, request.seconds, request.tasks, rate)
         available = row.balance
         if amount > available:
             held = self._held(tx.conn, claims.id)
@@ -226,9 +212,10 @@ class HoldOps:
         """Where a hold's unused remainder goes: token, account pool, or system:expired.
 
         The pool is that of the account the journal says the token was minted to."""
-        if token_row.status == "revoked":
+        state = token_liveness(token_row, tx.now)
+        if state is Liveness.REVOKED:
             return self._pool_wallet(tx.conn, token_row)
-        if token_row.status == "expired" or token_row.expires <= tx.now:
+        if state is Liveness.EXPIRED:
             return tx.wallet_id("system:expired")
         return token_row.wallet_id
 
@@ -254,7 +241,7 @@ class HoldOps:
                 data={"charged": facts.charged, "held": facts.held})
         return facts
 
-    def post(self, hold_id: str, amount: int, *, usage: dict | None = None,
+    def post(self, hold_id: str, amount: int, *, usage: ChargeRecord | dict | None = None,
              key: str | None = None, final: bool = True, cap: bool = False,
              job_id: str | None = None, node: str | None = None,
              restart: int | None = None) -> HoldView:
@@ -275,9 +262,7 @@ class HoldOps:
                     raise InvalidInput(f"charge {fmt_hours(amount)} GPU-h exceeds what hold "
                                        f"{hold_id} still holds ({fmt_hours(left)} GPU-h)")
                 charge = left
-            record = dict(usage or {})
-            if charge != amount:
-                record["uncapped_amount"] = amount
+            record = _usage_row(usage, None if charge == amount else amount)
             tx.conn.execute(_CHARGE_PUT, dict(
                 hold_id=hold_id, key=key or f"post:{hold_id}", amount=charge,
                 job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
@@ -353,23 +338,15 @@ class HoldOps:
             if gpu_type is not KEEP and new_type != hold.gpu_type:
                 rate = self._rate(tx.conn, new_type)
                 if rate is None:
-                    raise Refusal(Reason.UNKNOWN_GPU_TYPE,
-                                  f"no rate for GPU type {new_type} and no default rate",
-                                  token_id=hold.token_id)
-            new_amount = req.tasks * cost(req.gpus * req.seconds, rate)
+                    raise unpriced(new_type, hold.token_id)
+            new_amount = hold_cost(req.gpus, req.seconds, req.tasks, rate)
             if new_amount < facts.charged:
                 raise InvalidInput(f"hold {hold_id} has already charged "
                                    f"{fmt_hours(facts.charged)} GPU-h")
             delta = new_amount - facts.held
             escrow = tx.wallet_id("system:escrow")
             if delta > 0:
-                if token_row.status == "revoked":
-                    raise Refusal(Reason.REVOKED, f"token {hold.token_id} was revoked: "
-                                  f"{token_row.status_reason}", token_id=hold.token_id)
-                if token_row.status == "expired" or token_row.expires <= tx.now:
-                    raise Refusal(Reason.EXPIRED, f"token {hold.token_id} expired on "
-                                  f"{token_row.expires.date().isoformat()}",
-                                  token_id=hold.token_id)
+                refuse_unless_live(token_row, tx.now)
                 available = self._balance(tx.conn, token_row.wallet_id)
                 if delta > available:
                     raise Refusal(Reason.INSUFFICIENT,
@@ -463,32 +440,50 @@ class HoldOps:
                 for r in rows]
 
 
+def _usage_row(usage: ChargeRecord | dict | None, uncapped: int | None) -> dict:
+    """What ``charges.usage`` stores: the charge record (``ledger.charge_record``)."""
+    if isinstance(usage, ChargeRecord):
+        return (usage.capped(uncapped) if uncapped is not None else usage).to_dict()
+    record = dict(usage or {})
+    if uncapped is not None:
+        record["uncapped_amount"] = uncapped
+    return record
+
+
 def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest: str):
-    """One locked read for the common case: (account, wallet id, rate, balance) of an active,
-    unexpired token whose stored digest matches and whose GPU type has a rate; else None."""
+    """One locked read for the common case: (account, wallet id, rate, balance) of a live
+    token whose stored digest matches and whose GPU type is priced; else None.
+
+    The read fetches the token's liveness fields and the candidate rates; liveness and the
+    rate are decided by the same functions as every other path (ledger.liveness, .pricing).
+    """
     conn = tx.conn
     name = conn.dialect.name
-    now = tx.now.astimezone(UTC).replace(tzinfo=None)
     lock = " FOR UPDATE OF t" if name == "postgresql" else " FOR UPDATE"
-    # the rate rule of LedgerBase._rate, in SQL: untyped requests pay the highest rate
-    typed = "(SELECT rate_ppm FROM rates WHERE gpu_type = ?), " if gpu_type else \
-        "(SELECT MAX(rate_ppm) FROM rates), "
+    typed = not is_untyped(gpu_type)
     sql = raw_sql(conn)(
-        "SELECT a.name, t.wallet_id, w.balance, t.digest, " + typed +
-        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default') "
+        "SELECT a.name, t.wallet_id, w.balance, t.digest, t.status, t.not_before, t.expires, "
+        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default'), "
+        "(SELECT MAX(rate_ppm) FROM rates)" +
+        (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?) " if typed else " ") +
         "FROM tokens t JOIN accounts a ON a.id = t.account_id "
         "JOIN wallets w ON w.id = t.wallet_id "
-        "WHERE t.id = ? AND t.status = 'active' AND t.expires > ?" + lock)
-    when = now.strftime("%Y-%m-%d %H:%M:%S.%f") if name == "sqlite" else now
+        "WHERE t.id = ?" + lock)
     cur = conn.connection.driver_connection.cursor()
     try:
-        cur.execute(sql, ((gpu_type,) if gpu_type else ()) + (token_id, when))
+        cur.execute(sql, ((gpu_type,) if typed else ()) + (token_id,))
         row = cur.fetchone()
     finally:
         cur.close()
     if row is None or row[3] != token_digest:
         return None
-    rate = row[4] or row[5]
+    if liveness(row[4], _utc(row[5]), _utc(row[6]), tx.now) is not Liveness.ACTIVE:
+        return None
+    rate = hold_rate(gpu_type, RateCandidates(row[9] if typed else None, row[7], row[8]))
     if rate is None:
         return None
     return row[0], row[1], rate, row[2]
+
+
+def _utc(value):
+    return UTCDateTime().process_result_value(value, None)

@@ -32,6 +32,8 @@ def canonical_data(data: dict | None) -> str:
 
 def row_hash(prev_hash: str, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
              reason, data: str) -> str:
+    """The hash of one journal row: the previous row's hash and the row's canonical body.
+    The one definition: the writer (Tx.seal) and every check (verify) call it."""
     body = json.dumps(
         [seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data],
         separators=(",", ":"), ensure_ascii=False,

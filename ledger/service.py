@@ -22,8 +22,11 @@ from .config import Config
 from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
                      UniqueViolation)
 from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
+from .holds import HoldOps
 from .journal import Tx, ensure_head, now_utc
+from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
+from .token_ops import TokenOps
 from .tokens import Verifier
 
 A, W, T, R, K, HO, IDEM = (m.__table__ for m in (Account, Wallet, Token, Rate, SigningKey, Hold,
@@ -39,25 +42,6 @@ SYSTEM_WALLETS = {
     "system:usage": False,  # charged to jobs
     "system:expired": False,  # remainders of expired tokens
 }
-DEFAULT_RATE = "default"
-_ACCOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_GPU_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
-
-
-def check_account_name(name: str) -> str:
-    if not isinstance(name, str) or not _ACCOUNT_NAME.match(name):
-        raise InvalidInput(
-            f"invalid account name {name!r} (lowercase letters, digits, . _ -; at most 64)"
-        )
-    return name
-
-
-def check_gpu_type(name: str) -> str:
-    if not isinstance(name, str) or not _GPU_TYPE.match(name):
-        raise InvalidInput(f"invalid GPU type {name!r}")
-    return name
-
-
 def fingerprint(fields: dict) -> str:
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -403,9 +387,6 @@ class AdminOps(LedgerBase):
         with self._read() as conn:
             return conn.execute(select(func.coalesce(func.sum(W.c.balance), 0))).scalar()
 
-
-from .holds import HoldOps  # noqa: E402  (mixins defined in their own modules)
-from .token_ops import TokenOps  # noqa: E402
 
 
 class Ledger(HoldOps, TokenOps, AdminOps):

@@ -11,6 +11,7 @@ from .amounts import check_amount, fmt_hours
 from .errors import InvalidInput, KeyError_, NotFound, Reason, Refusal, StateError
 from .facts import token_birth
 from .journal import Tx
+from .liveness import Liveness, require_spendable, token_liveness
 from .models import Account, Hold, SigningKey, Token, Wallet
 from .tokens import Claims, Scopes, digest, is_token_id, new_token_id, sign
 from .views import TokenView
@@ -27,10 +28,9 @@ DEFAULT_VALIDITY = timedelta(days=365)
 
 def token_status(row, balance: int, held: int, now: datetime) -> str:
     """active | revoked | expired | exhausted — the one place this is decided."""
-    if row.status in ("revoked", "expired"):
-        return row.status
-    if row.expires <= now:
-        return "expired"
+    state = token_liveness(row, now)
+    if state in (Liveness.REVOKED, Liveness.EXPIRED):
+        return str(state)
     if balance == 0 and held == 0:
         return "exhausted"
     return "active"
@@ -84,10 +84,7 @@ class TokenOps:
         )
 
     def _require_spendable(self, row, now: datetime, what: str) -> None:
-        if row.status == "revoked":
-            raise StateError(f"token {row.id} is revoked; cannot {what}")
-        if row.status == "expired" or row.expires <= now:
-            raise StateError(f"token {row.id} expired on {row.expires.date()}; cannot {what}")
+        require_spendable(row, now, what)
 
     # -- creation -------------------------------------------------------------------------------
 

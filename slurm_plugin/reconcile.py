@@ -8,7 +8,8 @@ AdminComment mark for holds job_submit took before the job had an id) in the liv
   purged, or refused after job_submit accepted);
 * some record still pending/running/completing → leave it (its epilogs will settle);
 * otherwise charge every run × node that no epilog charged, from sacct (elapsed × the
-  run's GPUs per type × rate, split evenly over its nodes), under the epilog's own keys,
+  run's GPUs of each type, split evenly over its nodes, at each type's rate — the epilog's
+  formula, ``ledger.charging.charge_gpus``), under the epilog's own keys,
   then close the hold.
 
 It also expires tokens past their date. Every write goes through keys the epilog uses
@@ -22,12 +23,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from ledger.charge_record import ChargeRecord
+from ledger.charging import charge_gpus
 from ledger.errors import LedgerError
 from ledger.service import Ledger
 from ledger.views import HoldView
 
 from . import marks, settle
 from .slurm import JobRecord, SlurmReader
+from .usage import held_only
 
 
 @dataclass
@@ -80,26 +84,24 @@ def merge_runs(live: list[JobRecord], acct: list[JobRecord]) -> list[JobRecord]:
 
 
 def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord
-               ) -> list[tuple[str, int, dict]]:
-    """(node, amount, usage) for one finished run, from Slurm's elapsed time."""
+               ) -> list[tuple[str, int, ChargeRecord]]:
+    """(node, amount, charge record) for one finished run, from Slurm's elapsed time: each
+    node's share of the run's GPUs, held for the elapsed time and unmeasured, charged by the
+    one charge formula (``ledger.charging.charge_gpus``, policy ``allocated``)."""
     elapsed = max(0, run.elapsed_s or 0)
     nodes = run.nodes or []
     out = []
     for node in nodes:
-        amount, gpus = 0, []
+        types: dict[int, str | None] = {}
         for gtype, count in sorted(run.gpus.items(), key=lambda kv: kv[0] or ""):
             per_node = count // len(nodes) + (1 if nodes.index(node) < count % len(nodes) else 0)
-            rate = ledger_rates.get(gtype, ledger_rates.get("default", hold.rate_ppm)) \
-                if gtype else hold.rate_ppm
-            part = -((-per_node * elapsed * 1000 * rate) // 1_000_000_000)
-            amount += part
-            gpus.append({"gpu_type": gtype, "gpus": per_node, "rate_ppm": rate,
-                         "held_ms": elapsed * 1000 * per_node, "charge": part})
-        out.append((node, amount, {
-            "source": "sacct", "policy": "allocated", "measured": False, "node": node,
-            "restart": run.restarts or 0, "elapsed_s": elapsed, "by_type": gpus,
-            "held_ms": sum(g["held_ms"] for g in gpus), "busy_ms": 0, "energy_mj": 0,
-            "state": run.state}))
+            for _ in range(per_node):
+                types[len(types)] = gtype
+        gpus = held_only(list(types), elapsed * 1000, "settled from Slurm accounting")
+        record = charge_gpus(gpus, types, ledger_rates, hold.rate_ppm, "allocated",
+                             source="sacct", node=node, restart=run.restarts or 0,
+                             elapsed_s=elapsed, state=run.state)
+        out.append((node, record.amount, record))
     return out
 
 

@@ -97,7 +97,8 @@ def test_multi_node_job_settles_once_when_every_node_reported(world):
     assert (h.state, h.charged, h.returned) == ("posted", 61, 1200 - 61)
     usage = {c["node"]: c["usage"] for c in ledger.charges(hold.id)}
     assert usage["n1"]["gpus"][0]["held_ms"] == 30000 and usage["n1"]["source"] == "held"
-    assert usage["n2"]["policy"] == "allocated" and usage["n2"]["measured"] is False
+    assert usage["n2"]["policy"] == "allocated" and usage["n2"]["version"] == 2
+    assert [g["measured"] for g in usage["n2"]["gpus"]] == [False]
 
 
 def test_array_remainder_returns_after_the_last_task(world):

@@ -60,6 +60,9 @@ def db_current(app):
     """Show the schema revision of the ledger database."""
     rev = migrate.current(app.ledger.engine)
     click.echo(f"{rev or 'empty'} (latest {migrate.head()})")
+    for schema in migrate.components():
+        rev = migrate.current(app.ledger.engine, schema)
+        click.echo(f"{schema.name}: {rev or 'empty'} (latest {migrate.head(schema)})")
 
 
 @click.group("keys")
