@@ -18,7 +18,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from .amounts import check_amount, fmt_hours
 from .charge_record import ChargeRecord
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
-from .facts import hold_facts
+from .facts import HoldFacts, hold_facts
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
 from .models import Charge, Hold, UTCDateTime
@@ -227,19 +227,20 @@ class HoldOps:
         if pending and hold.state != "pending":
             raise StateError(f"hold {hold_id} is already {hold.state}")
         facts = hold_facts(tx, hold_id)
+        if pending and facts.closed is not None:
+            raise StateError(f"hold {hold_id} is already {facts.state}")
         token_row = self._token_row(tx.conn, facts.token_id or hold.token_id, lock=True)
         return hold, facts, token_row
 
-    def _close(self, tx: Tx, hold_id: str, token_row, state: str, kind: str,
-               reason: str | None = None):
-        """Return what the journal says is still escrowed for the hold (not its columns)."""
-        facts = hold_facts(tx, hold_id)
+    def _close(self, tx: Tx, hold_id: str, facts: HoldFacts, token_row, state: str, kind: str,
+               reason: str | None = None) -> None:
+        """Return what the journal says is still escrowed for the hold (not its columns);
+        ``facts`` are the hold's journal facts including this transaction's postings."""
         tx.conn.execute(_HOLD_CLOSE, {"hid": hold_id, "new_state": state, "at": tx.now})
         tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row),
                 facts.remaining, account=facts.account, token_id=facts.token_id,
                 hold_id=hold_id, reason=reason,
                 data={"charged": facts.charged, "held": facts.held})
-        return facts
 
     def post(self, hold_id: str, amount: int, *, usage: ChargeRecord | dict | None = None,
              key: str | None = None, final: bool = True, cap: bool = False,
@@ -268,14 +269,16 @@ class HoldOps:
                 job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
                 created_at=tx.now))
             tx.conn.execute(_HOLD_ADD_CHARGE, {"hid": hold_id, "add": charge})
-            tx.move("charge", tx.wallet_id("system:escrow"), tx.wallet_id("system:usage"),
-                    charge, account=facts.account, token_id=facts.token_id, hold_id=hold_id,
-                    data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id, "node": node,
-                          "restart": restart})
+            escrow, sink = tx.wallet_id("system:escrow"), tx.wallet_id("system:usage")
+            tx.move("charge", escrow, sink, charge, account=facts.account,
+                    token_id=facts.token_id, hold_id=hold_id,
+                    data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id,
+                          "node": node, "restart": restart})
+            facts.add("charge", escrow, sink, charge, escrow)
             after = SimpleNamespace(**{**hold._mapping, "amount": facts.held,
-                                       "charged": facts.charged + charge})
+                                       "charged": facts.charged})
             if final:
-                self._close(tx, hold_id, token_row, "posted", "release")
+                self._close(tx, hold_id, facts, token_row, "posted", "release")
                 after.state, after.resolved_at = "posted", tx.now
             tx.flush()
             return hold_view(after).to_dict()
@@ -288,7 +291,7 @@ class HoldOps:
         def run(tx: Tx) -> dict:
             hold, facts, token_row = self._locked(tx, hold_id)
             state = "posted" if facts.charged else "voided"
-            self._close(tx, hold_id, token_row, state, "void", reason)
+            self._close(tx, hold_id, facts, token_row, state, "void", reason)
             tx.flush()
             return hold_view(SimpleNamespace(**{
                 **hold._mapping, "amount": facts.held, "charged": facts.charged,
