@@ -380,8 +380,8 @@ def test_retired_attestation_key_signs_nothing_new(busy, tmp_path):
     second = exported(busy, "attest2")
     assert (first["kid"], second["kid"]) == ("attest1", "attest2")
     assert busy.verify_journal([("second.json", second)]).ok
-    assert [(k["kid"], k["retired"]) for k in busy.attest_keys()] == [("attest1", True),
-                                                                      ("attest2", False)]
+    assert [(k["kid"], bool(k["retired"])) for k in busy.attest_keys()] == [
+        ("attest1", True), ("attest2", False)]
 
 
 def test_head_of_another_ledger_is_named(busy, tmp_path):
