@@ -20,6 +20,7 @@ import time
 from .server import Server
 
 USER_NICE = 19  # the users' process runs at this niceness (the least CPU share)
+PRIVILEGED_NICE = -10  # and slurmctld's at this one, where the daemon may raise it (root)
 RESTART_DELAY = 1.0  # s before a child that died is started again
 STOP_TIMEOUT = 5.0
 
@@ -73,6 +74,7 @@ class TwoProcesses:
             self._start_child()
 
     def serve_forever(self) -> None:
+        set_priority(PRIVILEGED_NICE)
         self._start_child()
         threading.Thread(target=self._supervise, daemon=True).start()
         self.privileged.serve_forever()
@@ -92,9 +94,14 @@ class TwoProcesses:
         self.public.stop()
 
 
-def lower_priority() -> None:
-    """For the users' process: the kernel runs the privileged one first."""
+def set_priority(nice: int) -> None:
+    """This process's niceness, absolute; left as it is where not permitted."""
     try:
-        os.nice(USER_NICE)
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
     except OSError:
         pass
+
+
+def lower_priority() -> None:
+    """For the users' process: the kernel runs the privileged one first."""
+    set_priority(USER_NICE)
