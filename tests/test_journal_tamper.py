@@ -392,3 +392,16 @@ def test_head_of_another_ledger_is_named(busy, tmp_path):
     assert result.problem == ("other.json: exported from another ledger (or row 1 was "
                               "rewritten): its first row differs")
     other.engine.dispose()
+
+
+def test_hold_moved_to_another_token_is_named_and_void_returns_to_the_reserving_token(busy):
+    token, view = busy.mint("physics", 10_000)
+    _, thief = busy.mint("physics", 1)
+    hold = busy.reserve(token, HoldRequest(gpus=1, seconds=600, gpu_type="h100"))
+    sql(busy, "UPDATE holds SET token_id = :t WHERE id = :h", t=thief.id, h=hold.id)
+    result = busy.verify_journal()
+    assert f"hold {hold.id}: token is {thief.id} but the journal says {view.id}" \
+        in result.problems
+    busy.void(hold.id)
+    assert wallet(busy, f"token:{view.id}") == 10_000
+    assert wallet(busy, f"token:{thief.id}") == 1
