@@ -87,9 +87,12 @@ def cli_as(name: str, args: list[str], env: dict[str, str] | None = None) -> dic
 
     Everything is imported before the fork: the user may not read this interpreter's files.
     """
+    import click
     from click.testing import CliRunner
 
     from ledger.cli import cli
+
+    cli.list_commands(click.Context(cli))  # registers (imports) every command before the fork
 
     def run():
         res = CliRunner().invoke(cli, args, env=env or {}, catch_exceptions=False)
