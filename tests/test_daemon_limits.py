@@ -13,7 +13,11 @@ import json
 import os
 import pwd
 import selectors
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -370,84 +374,118 @@ def test_admission_requests_in_flight_wait_until_the_deadline():
 
 # -- the privileged socket: its own process -----------------------------------------------------
 
-def test_privileged_socket_is_its_own_process_and_users_cannot_open_it(sqlite_ledger, token,
-                                                                        tmp_path):
-    import subprocess
-    import sys
+class Served:
+    """``gpuledger serve`` in a subprocess with ``[daemon] privileged_socket`` set."""
 
-    from daemon_helpers import as_user
+    def __init__(self, ledger, tmp_path: Path):
+        self.run = Path(tempfile.mkdtemp(prefix="gl-daemon-"))  # users must reach it
+        os.chmod(self.run, 0o755)
+        self.public = self.run / "gpuledger.sock"
+        self.priv = self.run / "gpuledger-slurm.sock"
+        cfg = tmp_path / "gpuledger.toml"
+        cfg.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "ledger.db"}"\n'
+                       f'[keys]\ndir = "{ledger.keys_dir}"\n'
+                       f'[daemon]\nsocket = "{self.public}"\n'
+                       f'privileged_socket = "{self.priv}"\n')
+        self.log = tmp_path / "daemon.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", "from ledger.cli import main; "
+                                          "main()", "--config", str(cfg), "serve"], stderr=err)
+        self.wait(lambda: self.answers(self.public) and self.answers(self.priv), "both sockets")
 
-    from ledger.daemon.auth import uid_of
-    from ledger.daemon.processes import USER_NICE
-
-    import shutil
-    import tempfile
-
-    run = Path(tempfile.mkdtemp(prefix="gl-daemon-"))  # users must reach it: not under tmp_path
-    os.chmod(run, 0o755)
-    public, priv = run / "gpuledger.sock", run / "gpuledger-slurm.sock"
-    cfg = tmp_path / "gpuledger.toml"
-    cfg.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "ledger.db"}"\n'
-                   f'[keys]\ndir = "{sqlite_ledger.keys_dir}"\n'
-                   f'[daemon]\nsocket = "{public}"\nprivileged_socket = "{priv}"\n')
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", "from ledger.cli import main; main()",
-                                 "--config", str(cfg), "serve"], stderr=err)
-
-    def wait(cond, what, seconds=20.0):
+    def wait(self, cond, what, seconds=20.0):
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             if cond():
                 return
             time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()}")
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log.read_text()}")
 
-    def answers(path):
+    @staticmethod
+    def answers(path) -> bool:
         try:
             with Client(path, timeout=5) as c:
                 return c.call("ping") == {"ok": "1"}
         except Exception:  # noqa: BLE001 - not (yet) up
             return False
 
-    def users_pid():
-        pids = [int(w.split("=")[1]) for line in log.read_text().splitlines()
-                if "event=started role=users" in line for w in line.split() if w.startswith("pid=")]
+    def users_pid(self) -> int | None:
+        pids = [int(w.split("=")[1]) for line in self.log.read_text().splitlines()
+                if "event=started role=users" in line for w in line.split()
+                if w.startswith("pid=")]
         return pids[-1] if pids else None
 
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.run, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
     try:
-        wait(lambda: answers(public) and answers(priv), "both sockets")
-        st = os.stat(priv)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_privileged_socket_is_its_own_process_and_users_cannot_open_it(sqlite_ledger, token,
+                                                                        tmp_path):
+    from daemon_helpers import as_user
+
+    from ledger.daemon.auth import uid_of
+    from ledger.daemon.processes import USER_NICE
+
+    d = Served(sqlite_ledger, tmp_path)
+    try:
+        st = os.stat(d.priv)
         assert st.st_mode & 0o777 == 0o600
         assert st.st_uid == (uid_of("slurm") if uid_of("slurm") is not None else 0)
-        with Client(priv) as root:
+        with Client(d.priv) as root:
             hold = root.call("reserve", **reserve_fields(token, "via-priv"))
         assert hold["ok"] == "1" and sqlite_ledger.hold(hold["hold"]).amount == 60
-        first = users_pid()
-        assert first and first != proc.pid
+        first = d.users_pid()
+        assert first and first != d.proc.pid
         assert os.getpriority(os.PRIO_PROCESS, first) == USER_NICE  # the kernel runs root first
         if HAVE_USERS:
             def alice():
                 try:
-                    socket.socket(socket.AF_UNIX).connect(str(priv))
+                    socket.socket(socket.AF_UNIX).connect(str(d.priv))
                 except PermissionError:
                     denied = True
                 else:
                     denied = False
-                with Client(public) as c:
+                with Client(d.public) as c:
                     return denied, c.call("hello")
             denied, hello = as_user("alice", alice)
             assert denied and hello["user"] == "alice" and hello["privileged"] == "0"
         os.kill(first, 9)  # the users' process dies: it is started again
-        wait(lambda: users_pid() not in (None, first) and answers(public), "a new users' process")
-        assert "event=exited role=users" in log.read_text()
-        assert answers(priv)
+        d.wait(lambda: d.users_pid() not in (None, first) and d.answers(d.public),
+               "a new users' process")
+        assert "event=exited role=users" in d.log.read_text()
+        assert d.answers(d.priv)
+        d.proc.terminate()
+        d.proc.wait(10)
+        assert d.proc.returncode == 0, d.log.read_text()
+        assert not d.public.exists() and not d.priv.exists()  # both removed on SIGTERM
+        d.wait(lambda: not alive(d.users_pid()), "the users' process to stop with it", 5)
     finally:
-        proc.terminate()
-        proc.wait(10)
-        gone = not public.exists() and not priv.exists()
-        shutil.rmtree(run, ignore_errors=True)
-    assert proc.returncode == 0, log.read_text()
-    assert gone  # both sockets removed on SIGTERM
-    with pytest.raises(ProcessLookupError):
-        os.kill(users_pid(), 0)  # and the users' process stopped with it
+        d.close()
+
+
+def test_users_process_does_not_outlive_a_killed_daemon(sqlite_ledger, tmp_path):
+    """Else it would keep the main socket, and the restarted daemon would find it taken."""
+    d = Served(sqlite_ledger, tmp_path)
+    try:
+        child = d.users_pid()
+        assert alive(child)
+        d.proc.kill()
+        d.proc.wait(10)
+        d.wait(lambda: not alive(child), "the orphaned users' process to end", 10)
+    finally:
+        d.close()

@@ -31,7 +31,7 @@ def serve(app, socket_path, socket_group, inherited_fd):
     SlurmUser only) and starts a second, lower-priority process for the main socket."""
     from .auth import Policy, SlurmAccounts
     from .handlers import Handlers
-    from .processes import TwoProcesses, lower_priority
+    from .processes import TwoProcesses, as_users_process
     from .server import RequestLog, Server, tune_threads
 
     cfg = app.config
@@ -46,7 +46,7 @@ def serve(app, socket_path, socket_group, inherited_fd):
 
     public = server(path, group=socket_group or cfg.daemon.socket_group)
     if inherited_fd is not None:
-        lower_priority()
+        as_users_process()
         public.adopt(inherited_fd)
         runner = public
     elif cfg.daemon.privileged_socket:

@@ -11,7 +11,9 @@ starts, and handed to it as an inherited descriptor; a child that dies is starte
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +23,8 @@ from .server import Server
 
 USER_NICE = 19  # the users' process runs at this niceness (the least CPU share)
 PRIVILEGED_NICE = -10  # and slurmctld's at this one, where the daemon may raise it (root)
+PARENT_ENV = "GPULEDGER_SERVE_PARENT"  # the privileged process's pid, for the users' one
+PR_SET_PDEATHSIG = 1
 RESTART_DELAY = 1.0  # s before a child that died is started again
 STOP_TIMEOUT = 5.0
 
@@ -58,7 +62,8 @@ class TwoProcesses:
             if self._stopping.is_set():
                 return
             self._child = subprocess.Popen(public_command(self.config_path, fd), pass_fds=(fd,),
-                                           stdin=subprocess.DEVNULL)
+                                           stdin=subprocess.DEVNULL,
+                                           env={**os.environ, PARENT_ENV: str(os.getpid())})
         self.public.log.event(event="started", role="users", pid=self._child.pid,
                               socket=self.public.path)
 
@@ -102,6 +107,15 @@ def set_priority(nice: int) -> None:
         pass
 
 
-def lower_priority() -> None:
-    """For the users' process: the kernel runs the privileged one first."""
+def as_users_process() -> None:
+    """Set up the users' process: the kernel runs the privileged one first, and this one
+    ends with it (else it would keep the main socket, and a restarted daemon find it taken)."""
     set_priority(USER_NICE)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    parent = os.environ.get(PARENT_ENV)
+    if parent and os.getppid() != int(parent):  # it died before prctl took effect
+        os._exit(0)
