@@ -380,8 +380,8 @@ def test_retired_attestation_key_signs_nothing_new(busy, tmp_path):
     second = exported(busy, "attest2")
     assert (first["kid"], second["kid"]) == ("attest1", "attest2")
     assert busy.verify_journal([("second.json", second)]).ok
-    assert [(k["kid"], k["retired"]) for k in busy.attest_keys()] == [("attest1", True),
-                                                                      ("attest2", False)]
+    assert [(k["kid"], bool(k["retired"])) for k in busy.attest_keys()] == [
+        ("attest1", True), ("attest2", False)]
 
 
 def test_head_of_another_ledger_is_named(busy, tmp_path):
@@ -392,3 +392,16 @@ def test_head_of_another_ledger_is_named(busy, tmp_path):
     assert result.problem == ("other.json: exported from another ledger (or row 1 was "
                               "rewritten): its first row differs")
     other.engine.dispose()
+
+
+def test_hold_moved_to_another_token_is_named_and_void_returns_to_the_reserving_token(busy):
+    token, view = busy.mint("physics", 10_000)
+    _, thief = busy.mint("physics", 1)
+    hold = busy.reserve(token, HoldRequest(gpus=1, seconds=600, gpu_type="h100"))
+    sql(busy, "UPDATE holds SET token_id = :t WHERE id = :h", t=thief.id, h=hold.id)
+    result = busy.verify_journal()
+    assert f"hold {hold.id}: token is {thief.id} but the journal says {view.id}" \
+        in result.problems
+    busy.void(hold.id)
+    assert wallet(busy, f"token:{view.id}") == 10_000
+    assert wallet(busy, f"token:{thief.id}") == 1
