@@ -154,8 +154,8 @@ def test_mariadb_tests_run_as_mariadb_11_8_does(ledger):
 
 def _lock_timeout(ledger, seconds: int) -> None:
     """Make the ledger's own connections give up a row-lock wait after ``seconds``."""
-    sql = "SET lock_timeout = '%ds'" % seconds if ledger.engine.dialect.name == "postgresql" \
-        else "SET SESSION innodb_lock_wait_timeout = %d" % seconds
+    sql = f"SET lock_timeout = '{seconds}s'" if ledger.engine.dialect.name == "postgresql" \
+        else f"SET SESSION innodb_lock_wait_timeout = {seconds}"
 
     @event.listens_for(ledger.engine, "connect")
     def _on_connect(dbapi_conn, _record):
@@ -215,14 +215,14 @@ def test_reserve_post_void_never_lock_the_account_row(ledger):
 
 
 _CLOSE_JOURNAL = {
-    "sqlite": ["CREATE TRIGGER no_journal BEFORE INSERT ON journal "
-               "BEGIN SELECT RAISE(ABORT, 'journal is closed'); END"],
-    "postgresql": ["CREATE FUNCTION no_journal() RETURNS trigger LANGUAGE plpgsql AS "
-                   "$$ BEGIN RAISE EXCEPTION 'journal is closed'; END $$",
-                   "CREATE TRIGGER no_journal BEFORE INSERT ON journal "
-                   "FOR EACH ROW EXECUTE FUNCTION no_journal()"],
-    "mysql": ["CREATE TRIGGER no_journal BEFORE INSERT ON journal FOR EACH ROW "
-              "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'journal is closed'"],
+    "sqlite": [("CREATE TRIGGER no_journal BEFORE INSERT ON journal "
+                "BEGIN SELECT RAISE(ABORT, 'journal is closed'); END")],
+    "postgresql": [("CREATE FUNCTION no_journal() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'journal is closed'; END $$"),
+                   ("CREATE TRIGGER no_journal BEFORE INSERT ON journal "
+                    "FOR EACH ROW EXECUTE FUNCTION no_journal()")],
+    "mysql": [("CREATE TRIGGER no_journal BEFORE INSERT ON journal FOR EACH ROW "
+               "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'journal is closed'")],
 }
 
 

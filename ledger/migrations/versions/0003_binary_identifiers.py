@@ -16,8 +16,8 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-01 03:20:00.000000
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 from ledger.models import BINARY_COLLATION
 
