@@ -241,7 +241,8 @@ class TokenOps:
         for token_id in due:
             def run(tx: Tx, token_id=token_id):
                 row = self._token_row(tx.conn, token_id, lock=True)
-                if row.status != "active":
+                if row.status != "active" or \
+                        token_liveness(row, when) is not Liveness.EXPIRED:
                     return None
                 amount = self._balance(tx.conn, row.wallet_id)
                 tx.conn.execute(update(T).where(T.c.id == token_id).values(
