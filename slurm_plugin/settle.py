@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ledger.errors import IdempotencyConflict, NotFound, StateError
 from ledger.models import Charge
@@ -48,8 +48,7 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
               usage: dict) -> PostResult:
     """Charge one node of one run, at most once; never raises for a repeat."""
     key = charge_key(hold_id, job_id, restart, node)
-    before = charged_keys(ledger, hold_id)
-    if key in before:
+    if has_charge(ledger, key):
         return PostResult(False, 0, None, "already charged")
     try:
         view = ledger.post(hold_id, amount, usage=usage, key=key, final=False, cap=True,
@@ -57,7 +56,7 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
     except IdempotencyConflict:
         return PostResult(False, 0, None, "already charged (other figures)")
     except StateError as exc:
-        if key in charged_keys(ledger, hold_id):
+        if has_charge(ledger, key):
             return PostResult(False, 0, None, "already charged")
         # The hold closed before this run reported (e.g. the reconciler settled the job from
         # sacct first): nothing can take this charge any more; say so loudly, don't retry.
@@ -68,6 +67,63 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
 def charged_keys(ledger: Ledger, hold_id: str) -> set[str]:
     with ledger._read() as conn:  # a read of the charges table; rules stay in the ledger
         return set(conn.execute(select(CH.c.key).where(CH.c.hold_id == hold_id)).scalars())
+
+
+def has_charge(ledger: Ledger, key: str) -> bool:
+    """Whether a charge key was taken (one indexed row; an epilog's cost stays flat)."""
+    with ledger._read() as conn:
+        return conn.execute(select(CH.c.id).where(CH.c.key == key)).first() is not None
+
+
+def job_hold(ledger: Ledger, owners: list[str], user: str | None = None,
+             settled: bool = False) -> HoldView | None:
+    """The pending hold the ledger binds to this job (its own id first, then its array's).
+
+    The ledger is the authority on which hold belongs to which job: PrologSlurmctld bound
+    it from the AdminComment job_submit wrote. A hold of another user is never returned.
+    ``settled``: with no pending hold, the last one bound (a late epilog then reports its
+    usage as uncollected instead of dropping it silently).
+    """
+    fallback = None
+    for owner in owners:
+        holds = [h for h in ledger.holds(job_id=owner)
+                 if user is None or h.user in (None, user)]
+        pending = [h for h in holds if h.state == "pending"]
+        if pending:
+            return pending[-1]
+        fallback = fallback or (holds[-1] if holds else None)
+    return fallback if settled else None
+
+
+def job_progress(ledger: Ledger, hold_id: str, job_id: str) -> tuple[set[str], int]:
+    """(nodes that charged the hold for ``job_id``, how many jobs charged it): two queries."""
+    with ledger._read() as conn:
+        nodes = set(conn.execute(select(CH.c.node).where(CH.c.hold_id == hold_id,
+                                                         CH.c.job_id == job_id)).scalars())
+        jobs = conn.execute(select(func.count(func.distinct(CH.c.job_id)))
+                            .where(CH.c.hold_id == hold_id)).scalar_one()
+    return {n or "" for n in nodes}, int(jobs)
+
+
+def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
+           reason: str = "job finished") -> tuple[str, HoldView | None]:
+    """A run of ``job_id`` ended (EpilogSlurmctld): close its hold once it is complete.
+
+    ``waiting``: some node of the run has not charged yet (its epilog may still run);
+    ``open``: the run charged but other array tasks have not; ``closed``: the rest returned;
+    ``none``: no pending hold for this job. A requeued run closes its hold too: the next run
+    is paid from a hold of its own (PrologSlurmctld reserves it).
+    """
+    hold = job_hold(ledger, owners)
+    if hold is None:
+        return "none", None
+    charged_nodes, jobs = job_progress(ledger, hold.id, job_id)
+    if not set(nodes) <= charged_nodes:
+        return "waiting", hold
+    if hold.tasks > 1 and jobs < hold.tasks:
+        return "open", hold
+    closed = close(ledger, hold.id, reason)
+    return ("closed", closed) if closed is not None else ("open", hold)
 
 
 def record_done(record: JobRecord, hold_id: str, keys: set[str]) -> bool:

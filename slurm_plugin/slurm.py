@@ -373,6 +373,17 @@ class CommandReader:
         jobs = [j for j in parse_scontrol_jobs(text) if j.job_id == str(job_id)]
         return jobs[0] if jobs else None
 
+    def one(self, spec: str, raw_id: str) -> JobRecord | None:
+        """One job's record: ``spec`` is ``A_T`` for an array task (``A`` lists every task)."""
+        try:
+            text = _run(["scontrol", "show", "job", "-d", "-o", str(spec)])
+        except SlurmError as exc:
+            if "Invalid job id" in str(exc):
+                return None
+            raise
+        jobs = [j for j in parse_scontrol_jobs(text) if j.job_id == str(raw_id)]
+        return jobs[0] if jobs else None
+
     def array_tasks(self, array_job_id: str) -> list[JobRecord]:
         """Every record slurmctld still holds for an array (tasks and pending rest)."""
         try:
