@@ -324,9 +324,10 @@ class AdminOps(LedgerBase):
             return conn.execute(select(func.coalesce(func.sum(W.c.balance), 0))).scalar()
 
 
-from .holds import HoldOps  # noqa: E402  (mixins defined in their own modules)
+from .debts import DebtOps  # noqa: E402  (mixins defined in their own modules)
+from .holds import HoldOps  # noqa: E402
 from .token_ops import TokenOps  # noqa: E402
 
 
-class Ledger(HoldOps, TokenOps, AdminOps):
+class Ledger(HoldOps, TokenOps, DebtOps, AdminOps):
     """The whole service API."""

@@ -43,6 +43,9 @@ class FakeSlurm:
     def cancel(self, job_id, reason):
         self.cancelled.append((job_id, reason))
 
+    def owners(self, job_ids):
+        return {r.job_id: (r.user, r.account) for r in self.acct if r.job_id in job_ids}
+
 
 class DirectClient:
     """The daemon's handlers without the socket, as SlurmUser (privileged) calls them."""
@@ -324,6 +327,29 @@ def test_reconciler_voids_settles_skips_and_is_idempotent(world):
     assert ledger.hold(running.id).state == "pending"
     again = Reconciler(ledger, fake, grace_s=600).run()
     assert again.charged == 0 and again.settled == [] and again.voided == []
+    assert ledger.verify_journal().ok
+
+
+def test_reconciler_charges_a_deferred_run_that_had_no_hold(world):
+    """A deferred job that ran with no hold (no PrologSlurmctld): the pool pays, the rest is
+    reported as owed; a deferred job whose hold PrologSlurmctld reserved is not touched."""
+    ledger, clock, token, _cfg, fake, _ = world
+    spare, _ = ledger.mint("physics", 100)
+    ledger.revoke(spare, "returned to the pool")  # the physics pool now holds 100 GPU-s
+    fake.acct.append(rec("90", "COMPLETED", comment=marks.DEFERRED, elapsed=300, clock=clock))
+    fake.live["91"] = rec("91", "CONFIGURING", comment=marks.DEFERRED, clock=clock)
+    ctld.prolog_slurmctld(hook(world, "91", token=token), fake, DirectClient(ledger))
+    fake.acct.append(rec("91", "COMPLETED", comment=marks.DEFERRED, elapsed=50, clock=clock))
+    del fake.live["91"]
+    usage_before = ledger.wallet_balance("system:usage")
+    s = Reconciler(ledger, fake, grace_s=600).run()
+    assert s.debts == [{"job_id": "90", "restart": 0, "account": "physics", "owed": 300,
+                        "charged": 100, "unpaid": 200}]
+    assert any("job 90" in e and "200 GPU-s owed by account physics" in e for e in s.errors)
+    assert ledger.wallet_balance("system:usage") - usage_before == 100 + 50  # + job 91's run
+    again = Reconciler(ledger, fake, grace_s=600).run()
+    assert again.debts[0]["charged"] == 100  # the same key: nothing charged twice
+    assert ledger.wallet_balance("system:usage") - usage_before == 150
     assert ledger.verify_journal().ok
 
 
