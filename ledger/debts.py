@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from .amounts import check_amount
-from .journal import W, Tx
+from .journal import Tx, W
 from .service import LedgerBase, check_account_name
 
 
