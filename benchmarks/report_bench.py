@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import create_engine, select, text, update
 
 from ledger import db, migrate
-from ledger.journal import canonical_data, row_hash, verify
+from ledger.audit import verify
+from ledger.journal import canonical_data, row_hash
 from ledger.models import ChainHead, Wallet
 from ledger.service import Ledger
 from reports import queries as q

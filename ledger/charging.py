@@ -1,5 +1,9 @@
 """The charge policy: the one place that turns measured GPU usage into an amount.
 
+``charge_gpus`` is what the settlement calls (the epilog with the agent's figures, the
+reconciler with Slurm's elapsed time): each GPU at its type's rate (``ledger.pricing``),
+under the site policy, giving the amount and the :class:`ChargeRecord` stored with it.
+
 Amounts are integer GPU-seconds at the reference rate. Per GPU:
   allocated = ceil(held_ms * rate_ppm / 10^9)
   measured  = ceil(min(held_ms, max(busy_ms + gaps_ms, ceil(floor * held_ms))) * rate_ppm / 10^9)
@@ -14,6 +18,9 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Protocol
+
+from .charge_record import ChargeRecord, GpuCharge
+from .pricing import gpu_rate
 
 POLICIES = ("allocated", "measured")
 DEFAULT_FLOOR = Fraction(1, 4)
@@ -146,3 +153,35 @@ def charge_for(
         allocated_total=sum(x.allocated for x in lines),
         measured_total=sum(x.measured_amount for x in lines),
     )
+
+
+def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
+                types: Mapping[int, str | None], rates: Mapping[str, int], hold_rate_ppm: int,
+                policy: str, floor: float | str | Decimal | Fraction = DEFAULT_FLOOR,
+                **context: Any) -> ChargeRecord:
+    """A settlement's record: each GPU charged at its allocated type's rate under ``policy``.
+
+    ``types`` maps a GPU index to its type (missing: unknown, charged at the hold's rate);
+    ``context`` fills the record's source/node/restart/start/end/elapsed_s/state.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    f = as_fraction(floor)
+    entries = []
+    for u in usage:
+        gpu_type = types.get(int(_get(u, "index")))
+        rate = gpu_rate(gpu_type, rates, hold_rate_ppm)
+        line = charge_line(u, _nonneg(rate, "rate_ppm"), policy, f)
+        entries.append(GpuCharge(
+            index=line.index, held_ms=line.held_ms, measured=line.measured,
+            busy_ms=line.busy_ms if line.measured else 0, gaps_ms=line.gaps_ms,
+            energy_mj=line.energy_mj, peak_mem_bytes=line.peak_mem_bytes, uuid=line.uuid,
+            gpu_type=gpu_type, rate_ppm=rate, billed_ms=line.billed_ms,
+            allocated=line.allocated, measured_amount=line.measured_amount,
+            charge=line.charge, reason=line.reason))
+    entries.sort(key=lambda g: g.index)
+    return ChargeRecord(
+        gpus=tuple(entries), policy=policy, floor=str(f),
+        amount=sum(g.charge for g in entries),
+        allocated=sum(g.allocated for g in entries),
+        measured_amount=sum(g.measured_amount for g in entries), **context)

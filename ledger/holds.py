@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import secrets
 from types import SimpleNamespace
-from datetime import UTC, datetime
+from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
-from .amounts import check_amount, cost, fmt_hours
+from .amounts import check_amount, fmt_hours
+from .charge_record import ChargeRecord
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
+from .facts import hold_facts
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
-from .models import Charge, Hold, Rate
-from .service import DEFAULT_RATE, check_account_name
-from .tokens import Claims, digest
+from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
+from .models import Charge, Hold, UTCDateTime
+from .names import check_account_name
+from .pricing import (RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates,
+                      unpriced)
+from .tokens import Claims, Scopes, digest
 from .views import HoldRequest, HoldView
 
-HO, CH, R = Hold.__table__, Charge.__table__, Rate.__table__
+HO, CH = Hold.__table__, Charge.__table__
 
 # Hot-path statements, built once (see ledger.service): reserve, post and void run these.
 _HOLD_PUT = insert(HO)
@@ -34,6 +39,16 @@ _HOLD_ADD_CHARGE = update(HO).where(HO.c.id == bindparam("hid")).values(
 _HOLD_CLOSE = update(HO).where(HO.c.id == bindparam("hid")).values(
     state=bindparam("new_state"), resolved_at=bindparam("at"))
 _CHARGE_PUT = insert(CH)
+
+
+class _Keep:
+    """``resize(gpu_type=KEEP)``: the hold's GPU type stays (``None`` means untyped)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
 
 
 def new_hold_id() -> str:
@@ -50,27 +65,32 @@ def hold_view(row) -> HoldView:
     )
 
 
-def _scope_refusal(claims: Claims, req: HoldRequest, cluster: str | None) -> Refusal | None:
-    """The first scope the request falls outside of, as a refusal."""
-    s = claims.scopes
+def _scope_refusal(token_id: str, account: str, s: Scopes, req: HoldRequest,
+                   cluster: str | None) -> Refusal | None:
+    """The first scope the request falls outside of, as a refusal.
+
+    A job that lists several partitions (``-p a,b``) may start in any of them, so every
+    candidate must be inside the token's partitions."""
+    outside = [p for p in req.partitions if p not in s.partitions] or \
+        ([] if req.partitions else ["(none given)"])
     checks = (
-        (req.account is not None and req.account != claims.account, Reason.WRONG_ACCOUNT,
-         f"token {claims.id} belongs to account {claims.account}, not {req.account}"),
+        (req.account is not None and req.account != account, Reason.WRONG_ACCOUNT,
+         f"token {token_id} belongs to account {account}, not {req.account}"),
         (bool(s.users) and req.user not in s.users, Reason.WRONG_USER,
-         f"token {claims.id} is not valid for user {req.user} (only {', '.join(s.users)})"),
+         f"token {token_id} is not valid for user {req.user} (only {', '.join(s.users)})"),
         (bool(s.gpu_types) and req.gpu_type not in s.gpu_types, Reason.WRONG_GPU_TYPE,
-         f"token {claims.id} is not valid for GPU type {req.gpu_type or 'any'} "
+         f"token {token_id} is not valid for GPU type {req.gpu_type or 'any'} "
          f"(only {', '.join(s.gpu_types)})"),
-        (bool(s.partitions) and req.partition not in s.partitions, Reason.WRONG_PARTITION,
-         f"token {claims.id} is not valid in partition {req.partition} "
+        (bool(s.partitions) and bool(outside), Reason.WRONG_PARTITION,
+         f"token {token_id} is not valid in partition {', '.join(outside)} "
          f"(only {', '.join(s.partitions)})"),
         (bool(s.clusters) and (req.cluster or cluster) not in s.clusters, Reason.WRONG_CLUSTER,
-         f"token {claims.id} is not valid on cluster {req.cluster or cluster} "
+         f"token {token_id} is not valid on cluster {req.cluster or cluster} "
          f"(only {', '.join(s.clusters)})"),
     )
     for failed, reason, message in checks:
         if failed:
-            return Refusal(reason, message, token_id=claims.id)
+            return Refusal(reason, message, token_id=token_id)
     return None
 
 
@@ -80,39 +100,29 @@ class HoldOps:
     # -- pricing --------------------------------------------------------------------------------
 
     def _rate(self, conn: Connection, gpu_type: str | None) -> int | None:
-        """The rate a hold is priced at: the type's own, else ``default``. A request that
-        names no GPU type may land on any type, so it is held at the highest rate there is
-        (the settlement charges the allocated type's rate and returns the rest)."""
-        if gpu_type is None:
-            return conn.execute(select(func.max(R.c.rate_ppm))).scalar()
-        rates = dict(conn.execute(select(R.c.gpu_type, R.c.rate_ppm).where(
-            R.c.gpu_type.in_([gpu_type or DEFAULT_RATE, DEFAULT_RATE]))).all())
-        return rates.get(gpu_type or DEFAULT_RATE) or rates.get(DEFAULT_RATE)
+        """The rate a hold is priced at (``ledger.pricing.hold_rate``), from the rates table."""
+        return hold_rate(gpu_type, rate_candidates(conn, gpu_type))
 
     def price(self, request: HoldRequest) -> tuple[int, int]:
         """(amount, rate_ppm) a request would hold; Refusal for an unpriced GPU type."""
         with self._read() as conn:
             rate = self._rate(conn, request.gpu_type)
         if rate is None:
-            raise Refusal(Reason.UNKNOWN_GPU_TYPE,
-                          f"no rate for GPU type {request.gpu_type} and no default rate")
-        return request.tasks * cost(request.gpus * request.seconds, rate), rate
+            raise unpriced(request.gpu_type)
+        return hold_cost(request.gpus, request.seconds, request.tasks, rate), rate
 
     # -- checks ---------------------------------------------------------------------------------
 
     def check(self, token: str, request: HoldRequest) -> Claims:
         """Everything that can be decided from the token alone (signature, validity, scopes)."""
         claims = self.verifier().verify(token)
-        now = self.clock()
-        if now < claims.not_before:
-            raise Refusal(Reason.NOT_YET_VALID, f"token {claims.id} is not valid before "
-                          f"{claims.not_before.isoformat()}", token_id=claims.id)
-        if now >= claims.expires:
-            raise Refusal(Reason.EXPIRED, f"token {claims.id} expired on "
-                          f"{claims.expires.date().isoformat()}", token_id=claims.id)
-        refusal = _scope_refusal(claims, request, self.cluster)
-        if refusal:
-            raise refusal
+        found = refusal(liveness("active", claims.not_before, claims.expires, self.clock()),
+                        claims.id, expires=claims.expires, not_before=claims.not_before)
+        if found:
+            raise found
+        found = _scope_refusal(claims.id, claims.account, claims.scopes, request, self.cluster)
+        if found:
+            raise found
         return claims
 
     # -- reserve --------------------------------------------------------------------------------
@@ -129,7 +139,7 @@ class HoldOps:
             fast = _fast_reserve_row(tx, claims.id, request.gpu_type, digest(token.strip()))
             if fast is not None:
                 account, wallet_id, rate, available = fast
-                amount = request.tasks * cost(request.gpus * request.seconds, rate)
+                amount = hold_cost(request.gpus, request.seconds, request.tasks, rate)
                 if amount <= available:
                     return self._reserve_insert(tx, claims, request, job_id, account, wallet_id,
                                                 rate, amount)
@@ -150,18 +160,11 @@ class HoldOps:
             raise Refusal(Reason.BAD_SIGNATURE,
                           f"token {claims.id} does not match the ledger's record of it",
                           token_id=claims.id)
-        if row.status == "revoked":
-            raise Refusal(Reason.REVOKED, f"token {claims.id} was revoked: "
-                          f"{row.status_reason}", token_id=claims.id)
-        if row.status == "expired" or row.expires <= tx.now:
-            raise Refusal(Reason.EXPIRED, f"token {claims.id} expired on "
-                          f"{row.expires.date().isoformat()}", token_id=claims.id)
+        refuse_unless_live(row, tx.now)
         rate = self._rate(tx.conn, request.gpu_type)
         if rate is None:
-            raise Refusal(Reason.UNKNOWN_GPU_TYPE,
-                          f"no rate for GPU type {request.gpu_type} and no default rate",
-                          token_id=claims.id)
-        amount = request.tasks * cost(request.gpus * request.seconds, rate)
+            raise unpriced(request.gpu_type, claims.id)
+        amount = hold_cost(request.gpus, request.seconds, request.tasks, rate)
         available = row.balance
         if amount > available:
             held = self._held(tx.conn, claims.id)
@@ -206,21 +209,39 @@ class HoldOps:
         return row
 
     def _return_to(self, tx: Tx, token_row) -> int:
-        """Where a hold's unused remainder goes: token, account pool, or system:expired."""
-        if token_row.status == "revoked":
-            return token_row.pool_wallet_id
-        if token_row.status == "expired" or token_row.expires <= tx.now:
+        """Where a hold's unused remainder goes: token, account pool, or system:expired.
+
+        The pool is that of the account the journal says the token was minted to."""
+        state = token_liveness(token_row, tx.now)
+        if state is Liveness.REVOKED:
+            return self._pool_wallet(tx.conn, token_row)
+        if state is Liveness.EXPIRED:
             return tx.wallet_id("system:expired")
         return token_row.wallet_id
 
-    def _close(self, tx: Tx, hold, token_row, state: str, kind: str, reason: str | None = None):
-        remainder = hold.amount - hold.charged
-        tx.conn.execute(_HOLD_CLOSE, {"hid": hold.id, "new_state": state, "at": tx.now})
-        tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row), remainder,
-                account=hold.account, token_id=hold.token_id, hold_id=hold.id, reason=reason,
-                data={"charged": hold.charged, "held": hold.amount})
+    def _locked(self, tx: Tx, hold_id: str, pending: bool = True):
+        """(hold row, its journal facts, its token row), hold then token locked.
 
-    def post(self, hold_id: str, amount: int, *, usage: dict | None = None,
+        The token is the one the journal's reserve row names, not the editable column."""
+        hold = self._hold_row(tx.conn, hold_id, lock=True)
+        if pending and hold.state != "pending":
+            raise StateError(f"hold {hold_id} is already {hold.state}")
+        facts = hold_facts(tx, hold_id)
+        token_row = self._token_row(tx.conn, facts.token_id or hold.token_id, lock=True)
+        return hold, facts, token_row
+
+    def _close(self, tx: Tx, hold_id: str, token_row, state: str, kind: str,
+               reason: str | None = None):
+        """Return what the journal says is still escrowed for the hold (not its columns)."""
+        facts = hold_facts(tx, hold_id)
+        tx.conn.execute(_HOLD_CLOSE, {"hid": hold_id, "new_state": state, "at": tx.now})
+        tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row),
+                facts.remaining, account=facts.account, token_id=facts.token_id,
+                hold_id=hold_id, reason=reason,
+                data={"charged": facts.charged, "held": facts.held})
+        return facts
+
+    def post(self, hold_id: str, amount: int, *, usage: ChargeRecord | dict | None = None,
              key: str | None = None, final: bool = True, cap: bool = False,
              job_id: str | None = None, node: str | None = None,
              restart: int | None = None) -> HoldView:
@@ -233,32 +254,28 @@ class HoldOps:
         fields = {"hold": hold_id, "amount": amount, "final": final, "cap": cap}
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            if hold.state != "pending":
-                raise StateError(f"hold {hold_id} is already {hold.state}")
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
-            left = hold.amount - hold.charged
+            hold, facts, token_row = self._locked(tx, hold_id)
+            left = facts.remaining
             charge = amount
             if amount > left:
                 if not cap:
                     raise InvalidInput(f"charge {fmt_hours(amount)} GPU-h exceeds what hold "
                                        f"{hold_id} still holds ({fmt_hours(left)} GPU-h)")
                 charge = left
-            record = dict(usage or {})
-            if charge != amount:
-                record["uncapped_amount"] = amount
+            record = _usage_row(usage, None if charge == amount else amount)
             tx.conn.execute(_CHARGE_PUT, dict(
                 hold_id=hold_id, key=key or f"post:{hold_id}", amount=charge,
                 job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
                 created_at=tx.now))
             tx.conn.execute(_HOLD_ADD_CHARGE, {"hid": hold_id, "add": charge})
             tx.move("charge", tx.wallet_id("system:escrow"), tx.wallet_id("system:usage"),
-                    charge, account=hold.account, token_id=hold.token_id, hold_id=hold_id,
+                    charge, account=facts.account, token_id=facts.token_id, hold_id=hold_id,
                     data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id, "node": node,
                           "restart": restart})
-            after = SimpleNamespace(**{**hold._mapping, "charged": hold.charged + charge})
+            after = SimpleNamespace(**{**hold._mapping, "amount": facts.held,
+                                       "charged": facts.charged + charge})
             if final:
-                self._close(tx, after, token_row, "posted", "release")
+                self._close(tx, hold_id, token_row, "posted", "release")
                 after.state, after.resolved_at = "posted", tx.now
             tx.flush()
             return hold_view(after).to_dict()
@@ -269,14 +286,13 @@ class HoldOps:
         """Close a pending hold, returning everything not yet charged."""
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            if hold.state != "pending":
-                raise StateError(f"hold {hold_id} is already {hold.state}")
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
-            state = "posted" if hold.charged else "voided"
-            self._close(tx, hold, token_row, state, "void", reason)
+            hold, facts, token_row = self._locked(tx, hold_id)
+            state = "posted" if facts.charged else "voided"
+            self._close(tx, hold_id, token_row, state, "void", reason)
             tx.flush()
-            return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
+            return hold_view(SimpleNamespace(**{
+                **hold._mapping, "amount": facts.held, "charged": facts.charged,
+                "state": state, "resolved_at": tx.now})).to_dict()
 
         return self._resolve_once("void", hold_id, key, {"hold": hold_id}, run)
 
@@ -291,48 +307,64 @@ class HoldOps:
             raise StateError(f"hold {hold_id} was already {op}ed with other figures") from None
 
     def resize(self, hold_id: str, *, seconds: int | None = None, gpus: int | None = None,
-               tasks: int | None = None, key: str | None = None) -> HoldView:
-        """Re-price a pending hold for a new time limit / GPU count (at the hold's own rate)."""
-        fields = {"hold": hold_id, "seconds": seconds, "gpus": gpus, "tasks": tasks}
+               tasks: int | None = None, gpu_type: str | None | _Keep = KEEP,
+               partition: str | None = None, account: str | None = None,
+               key: str | None = None) -> HoldView:
+        """Re-price a pending hold for what the job now asks for (``scontrol update``).
+
+        A new time limit, GPU count or task count keeps the hold's rate; a new GPU type
+        (``None``: untyped, held at the highest rate) is priced at that type's rate. The
+        token's scopes are checked again against the job as changed (GPU type, every
+        candidate partition, account), so an update cannot move a job where its token is
+        not valid."""
+        fields = {"hold": hold_id, "seconds": seconds, "gpus": gpus, "tasks": tasks,
+                  **({} if gpu_type is KEEP else {"gpu_type": gpu_type}),
+                  **({"partition": partition} if partition else {}),
+                  **({"account": account} if account else {})}
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            if hold.state != "pending":
-                raise StateError(f"hold {hold_id} is already {hold.state}")
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
+            hold, facts, token_row = self._locked(tx, hold_id)
+            new_type = hold.gpu_type if gpu_type is KEEP else gpu_type
             req = HoldRequest(gpus=gpus or hold.gpus, seconds=seconds or hold.seconds,
-                              tasks=tasks or hold.tasks, gpu_type=hold.gpu_type)
-            new_amount = req.tasks * cost(req.gpus * req.seconds, hold.rate_ppm)
-            if new_amount < hold.charged:
+                              tasks=tasks or hold.tasks, gpu_type=new_type,
+                              partition=partition or hold.partition,
+                              account=account or hold.account, user=hold.user,
+                              cluster=hold.cluster)
+            refusal = _scope_refusal(hold.token_id, token_row.account,
+                                     Scopes.from_dict(token_row.scopes or {}), req, self.cluster)
+            if refusal:
+                raise refusal
+            rate = hold.rate_ppm
+            if gpu_type is not KEEP and new_type != hold.gpu_type:
+                rate = self._rate(tx.conn, new_type)
+                if rate is None:
+                    raise unpriced(new_type, hold.token_id)
+            new_amount = hold_cost(req.gpus, req.seconds, req.tasks, rate)
+            if new_amount < facts.charged:
                 raise InvalidInput(f"hold {hold_id} has already charged "
-                                   f"{fmt_hours(hold.charged)} GPU-h")
-            delta = new_amount - hold.amount
+                                   f"{fmt_hours(facts.charged)} GPU-h")
+            delta = new_amount - facts.held
             escrow = tx.wallet_id("system:escrow")
             if delta > 0:
-                if token_row.status == "revoked":
-                    raise Refusal(Reason.REVOKED, f"token {hold.token_id} was revoked: "
-                                  f"{token_row.status_reason}", token_id=hold.token_id)
-                if token_row.status == "expired" or token_row.expires <= tx.now:
-                    raise Refusal(Reason.EXPIRED, f"token {hold.token_id} expired on "
-                                  f"{token_row.expires.date().isoformat()}",
-                                  token_id=hold.token_id)
+                refuse_unless_live(token_row, tx.now)
                 available = self._balance(tx.conn, token_row.wallet_id)
                 if delta > available:
                     raise Refusal(Reason.INSUFFICIENT,
                                   f"needs {fmt_hours(delta)} GPU-h more ({req.describe()}), "
                                   f"token {hold.token_id} has {fmt_hours(available)} GPU-h left",
                                   token_id=hold.token_id, needed=delta, available=available)
-                tx.move("resize", token_row.wallet_id, escrow, delta, account=hold.account,
-                        token_id=hold.token_id, hold_id=hold_id, data=fields)
+                tx.move("resize", token_row.wallet_id, escrow, delta, account=facts.account,
+                        token_id=facts.token_id, hold_id=hold_id, data=fields)
             elif delta < 0:
                 tx.move("resize", escrow, self._return_to(tx, token_row), -delta,
-                        account=hold.account, token_id=hold.token_id, hold_id=hold_id,
+                        account=facts.account, token_id=facts.token_id, hold_id=hold_id,
                         data=fields)
             else:
-                tx.event("resize", account=hold.account, token_id=hold.token_id,
+                tx.event("resize", account=facts.account, token_id=facts.token_id,
                          hold_id=hold_id, data=fields)
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-                amount=new_amount, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks))
+                amount=HO.c.amount + delta, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
+                gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition))
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
@@ -347,16 +379,15 @@ class HoldOps:
         fields = {"hold": hold_id, "amount": amount, "reason": reason}
 
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id, lock=True)
-            token_row = self._token_row(tx.conn, hold.token_id, lock=True)
-            refundable = hold.charged - hold.refunded
+            hold, facts, token_row = self._locked(tx, hold_id, pending=False)
+            refundable = facts.charged - facts.refunded
             if amount > refundable:
                 raise InvalidInput(f"hold {hold_id} has {fmt_hours(refundable)} GPU-h "
                                    f"refundable, cannot refund {fmt_hours(amount)}")
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
                 refunded=HO.c.refunded + amount))
             tx.move("refund", tx.wallet_id("system:usage"), self._return_to(tx, token_row),
-                    amount, account=hold.account, token_id=hold.token_id, hold_id=hold_id,
+                    amount, account=facts.account, token_id=facts.token_id, hold_id=hold_id,
                     reason=reason)
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
@@ -418,32 +449,50 @@ class HoldOps:
                 for r in rows]
 
 
+def _usage_row(usage: ChargeRecord | dict | None, uncapped: int | None) -> dict:
+    """What ``charges.usage`` stores: the charge record (``ledger.charge_record``)."""
+    if isinstance(usage, ChargeRecord):
+        return (usage.capped(uncapped) if uncapped is not None else usage).to_dict()
+    record = dict(usage or {})
+    if uncapped is not None:
+        record["uncapped_amount"] = uncapped
+    return record
+
+
 def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest: str):
-    """One locked read for the common case: (account, wallet id, rate, balance) of an active,
-    unexpired token whose stored digest matches and whose GPU type has a rate; else None."""
+    """One locked read for the common case: (account, wallet id, rate, balance) of a live
+    token whose stored digest matches and whose GPU type is priced; else None.
+
+    The read fetches the token's liveness fields and the candidate rates; liveness and the
+    rate are decided by the same functions as every other path (ledger.liveness, .pricing).
+    """
     conn = tx.conn
     name = conn.dialect.name
-    now = tx.now.astimezone(UTC).replace(tzinfo=None)
     lock = " FOR UPDATE OF t" if name == "postgresql" else " FOR UPDATE"
-    # the rate rule of LedgerBase._rate, in SQL: untyped requests pay the highest rate
-    typed = "(SELECT rate_ppm FROM rates WHERE gpu_type = ?), " if gpu_type else \
-        "(SELECT MAX(rate_ppm) FROM rates), "
+    typed = not is_untyped(gpu_type)
     sql = raw_sql(conn)(
-        "SELECT a.name, t.wallet_id, w.balance, t.digest, " + typed +
-        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default') "
+        "SELECT a.name, t.wallet_id, w.balance, t.digest, t.status, t.not_before, t.expires, "
+        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default'), "
+        "(SELECT MAX(rate_ppm) FROM rates)" +
+        (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?) " if typed else " ") +
         "FROM tokens t JOIN accounts a ON a.id = t.account_id "
         "JOIN wallets w ON w.id = t.wallet_id "
-        "WHERE t.id = ? AND t.status = 'active' AND t.expires > ?" + lock)
-    when = now.strftime("%Y-%m-%d %H:%M:%S.%f") if name == "sqlite" else now
+        "WHERE t.id = ?" + lock)
     cur = conn.connection.driver_connection.cursor()
     try:
-        cur.execute(sql, ((gpu_type,) if gpu_type else ()) + (token_id, when))
+        cur.execute(sql, ((gpu_type,) if typed else ()) + (token_id,))
         row = cur.fetchone()
     finally:
         cur.close()
     if row is None or row[3] != token_digest:
         return None
-    rate = row[4] or row[5]
+    if liveness(row[4], _utc(row[5]), _utc(row[6]), tx.now) is not Liveness.ACTIVE:
+        return None
+    rate = hold_rate(gpu_type, RateCandidates(row[9] if typed else None, row[7], row[8]))
     if rate is None:
         return None
     return row[0], row[1], rate, row[2]
+
+
+def _utc(value):
+    return UTCDateTime().process_result_value(value, None)

@@ -32,6 +32,8 @@ def canonical_data(data: dict | None) -> str:
 
 def row_hash(prev_hash: str, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
              reason, data: str) -> str:
+    """The hash of one journal row: the previous row's hash and the row's canonical body.
+    The one definition: the writer (Tx.seal) and every check (verify) call it."""
     body = json.dumps(
         [seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data],
         separators=(",", ":"), ensure_ascii=False,
@@ -182,80 +184,6 @@ def raw_sql(conn: Connection):
 def ensure_head(conn: Connection) -> None:
     if conn.execute(select(H.c.id).where(H.c.id == 1)).first() is None:
         conn.execute(insert(H).values(id=1, seq=0, hash=GENESIS_HASH))
-
-
-@dataclass
-class VerifyResult:
-    ok: bool
-    rows: int
-    head_seq: int
-    head_hash: str
-    problem: str | None = None
-    bad_seq: int | None = None
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "rows": self.rows, "head_seq": self.head_seq,
-                "head_hash": self.head_hash, "bad_seq": self.bad_seq, "problem": self.problem}
-
-
-def verify(conn: Connection, batch: int = 20000) -> VerifyResult:
-    """Walk the chain in order; name the first row that was edited, deleted, inserted or moved.
-
-    Also checks that the chain head matches the last row (a truncated tail) and
-    that every wallet balance equals the sum of its journal movements.
-    """
-    raw = conn.connection.driver_connection
-    cur = raw.cursor()
-    cur.execute(
-        "SELECT seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, account, token_id, "
-        "hold_id, reason, data, prev_hash, hash FROM journal ORDER BY seq"
-    )
-    prev, expected_seq, n = GENESIS_HASH, 1, 0
-    sums: dict[int, int] = {}
-    dumps = json.dumps
-    sha = hashlib.sha256
-
-    def fail(seq, problem):
-        cur.close()
-        return VerifyResult(False, n, expected_seq - 1, prev, problem, seq)
-
-    while True:
-        chunk = cur.fetchmany(batch)
-        if not chunk:
-            break
-        for (seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data,
-             prev_hash, stored) in chunk:
-            if seq != expected_seq:
-                what = "deleted" if seq > expected_seq else "duplicated"
-                return fail(seq, f"row {seq} follows row {expected_seq - 1}: a row was {what} "
-                                 f"(expected seq {expected_seq})")
-            if prev_hash != prev:
-                return fail(seq, f"row {seq}: previous-hash link is broken "
-                                 "(a row before it was inserted, deleted or reordered)")
-            body = dumps([seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
-                          reason, data], separators=(",", ":"), ensure_ascii=False)
-            if sha(f"{prev}{body}".encode()).hexdigest() != stored:
-                return fail(seq, f"row {seq}: contents do not match its hash (edited)")
-            if amount:
-                sums[debit] = sums.get(debit, 0) - amount
-                sums[credit] = sums.get(credit, 0) + amount
-            prev, expected_seq, n = stored, expected_seq + 1, n + 1
-    cur.close()
-    head = conn.execute(select(H.c.seq, H.c.hash).where(H.c.id == 1)).one_or_none()
-    if head is None:
-        return VerifyResult(False, n, n, prev, "chain head row is missing", None)
-    if (head.seq, head.hash) != (n, prev):
-        return VerifyResult(False, n, n, prev,
-                            f"chain head says row {head.seq} but the journal ends at row {n} "
-                            "(rows removed from the end, or head edited)", n + 1)
-    for wid, code, balance in conn.execute(select(W.c.id, W.c.code, W.c.balance)):
-        if sums.get(wid, 0) != balance:
-            return VerifyResult(False, n, n, prev,
-                                f"wallet {code} balance {balance} differs from its journal "
-                                f"total {sums.get(wid, 0)}", None)
-    if sum(sums.values()) != 0:
-        return VerifyResult(False, n, n, prev, "debits and credits do not balance", None)
-    return VerifyResult(True, n, n, prev)
 
 
 def now_utc() -> datetime:

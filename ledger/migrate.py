@@ -1,7 +1,15 @@
-"""Schema migrations (Alembic), run programmatically: ``gpuledger init`` / ``db upgrade``."""
+"""Schema migrations (Alembic), run programmatically: ``gpuledger init`` / ``db upgrade``.
+
+The ledger's tables have their own migrations (``ledger/migrations``, version table
+``alembic_version``). A component with tables of its own (the reports) keeps its own
+migration branch and version table and registers it here (:func:`register`); the ledger
+knows nothing of it. :func:`upgrade` migrates the ledger first, then every registered
+component to its head.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
@@ -13,36 +21,76 @@ from sqlalchemy import Engine
 from . import db
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+VERSION_TABLE = "alembic_version"
 
 
-def _alembic(conn) -> AlembicConfig:
+@dataclass(frozen=True)
+class Schema:
+    """A migration branch: its scripts and the table that records its revision."""
+
+    name: str
+    location: Path
+    version_table: str
+
+
+LEDGER = Schema("ledger", MIGRATIONS, VERSION_TABLE)
+_COMPONENTS: dict[str, Schema] = {}
+
+
+def register(name: str, location: Path, version_table: str) -> None:
+    """Add a component's migrations (idempotent); upgrade() runs them after the ledger's."""
+    if version_table == VERSION_TABLE:
+        raise ValueError("a component needs a version table of its own")
+    _COMPONENTS[name] = Schema(name, Path(location), version_table)
+
+
+def components() -> list[Schema]:
+    return list(_COMPONENTS.values())
+
+
+def _alembic(conn, schema: Schema = LEDGER) -> AlembicConfig:
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", str(schema.location))
     cfg.attributes["connection"] = conn
+    cfg.attributes["version_table"] = schema.version_table
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
-    """Migrate to ``revision``; returns (before, after) revision ids."""
+def _revision(conn, schema: Schema) -> str | None:
+    return MigrationContext.configure(
+        conn, opts={"version_table": schema.version_table}).get_current_revision()
+
+
+def _upgrade(engine: Engine, schema: Schema, revision: str) -> tuple[str | None, str]:
     with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn:
-        before = MigrationContext.configure(conn).get_current_revision()
+        before = _revision(conn, schema)
         conn.rollback()
-        command.upgrade(_alembic(conn), revision)
+        command.upgrade(_alembic(conn, schema), revision)
         conn.commit()
-        after = MigrationContext.configure(conn).get_current_revision()
+        after = _revision(conn, schema)
     return before, after
 
 
-def current(engine: Engine) -> str | None:
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
+    """Migrate the ledger to ``revision`` (and, at head, every registered component);
+    returns the ledger's (before, after) revision ids."""
+    result = _upgrade(engine, LEDGER, revision)
+    if revision == "head":
+        for schema in components():
+            _upgrade(engine, schema, "head")
+    return result
+
+
+def current(engine: Engine, schema: Schema = LEDGER) -> str | None:
     with db.read(engine) as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return _revision(conn, schema)
 
 
-def head() -> str:
-    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+def head(schema: Schema = LEDGER) -> str:
+    return ScriptDirectory(str(schema.location)).get_current_head()
 
 
-def autogenerate(engine: Engine, message: str) -> None:
+def autogenerate(engine: Engine, message: str, schema: Schema = LEDGER) -> None:
     """Developer helper: write a new revision from the models' differences."""
     with engine.connect() as conn:
-        command.revision(_alembic(conn), message=message, autogenerate=True)
+        command.revision(_alembic(conn, schema), message=message, autogenerate=True)

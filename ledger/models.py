@@ -195,6 +195,9 @@ class JournalEntry(Base):
         Index(None, "ts"),
         Index(None, "token_id"),
         Index(None, "hold_id"),
+        # a set of wallets' movements up to a time (balances as of a date; reports)
+        Index("ix_journal_debit_wallet_id_ts", "debit_wallet_id", "ts"),
+        Index("ix_journal_credit_wallet_id_ts", "credit_wallet_id", "ts"),
         CheckConstraint("amount >= 0", name="amount_not_negative"),
     )
 

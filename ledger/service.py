@@ -11,18 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 
-from . import db, keys
+from . import attest, audit, db, keys
 from .config import Config
 from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
                      UniqueViolation)
-from .journal import Tx, VerifyResult, ensure_head, now_utc, verify
+from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
+from .debts import DebtOps
+from .holds import HoldOps
+from .journal import Tx, ensure_head, now_utc
+from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
+from .token_ops import TokenOps
 from .tokens import Verifier
 
 A, W, T, R, K, HO, IDEM = (m.__table__ for m in (Account, Wallet, Token, Rate, SigningKey, Hold,
@@ -38,25 +43,6 @@ SYSTEM_WALLETS = {
     "system:usage": False,  # charged to jobs
     "system:expired": False,  # remainders of expired tokens
 }
-DEFAULT_RATE = "default"
-_ACCOUNT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_GPU_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
-
-
-def check_account_name(name: str) -> str:
-    if not isinstance(name, str) or not _ACCOUNT_NAME.match(name):
-        raise InvalidInput(
-            f"invalid account name {name!r} (lowercase letters, digits, . _ -; at most 64)"
-        )
-    return name
-
-
-def check_gpu_type(name: str) -> str:
-    if not isinstance(name, str) or not _GPU_TYPE.match(name):
-        raise InvalidInput(f"invalid GPU type {name!r}")
-    return name
-
-
 def fingerprint(fields: dict) -> str:
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -245,11 +231,64 @@ class AdminOps(LedgerBase):
         self.add_key(kid, keys.public_text(key))
         return keys.public_text(key)
 
+    def generate_attest_key(self, kid: str) -> str:
+        """New head-attestation key: private file (0600) here, public half recorded in the
+        journal. It signs exported heads only; it can never mint or verify a token."""
+        if self.keys_dir is None:
+            raise InvalidInput("no keys directory configured")
+        keys.check_kid(kid)
+        with self._read() as conn:
+            if conn.execute(select(K.c.kid).where(K.c.kid == kid)).first() is not None or \
+                    kid in self._attest_events(conn)[0]:
+                raise AlreadyExists(f"key {kid} is already registered in the ledger")
+        key = keys.generate(self.keys_dir, kid)
+        public = keys.public_text(key)
+
+        def run(tx: Tx):
+            if kid in self._attest_events(tx.conn)[0]:
+                raise AlreadyExists(f"key {kid} is already registered in the ledger")
+            tx.event(ATTEST_KEY_KIND, data={"kid": kid, "public_key": public,
+                                            "purpose": attest.PURPOSE})
+
+        self._write(run)
+        return public
+
+    @staticmethod
+    def _attest_events(conn: Connection) -> tuple[dict[str, dict], set[str]]:
+        """Head-attestation keys recorded in the journal: {kid: event}, retired kids."""
+        from .journal import J
+        found, retired = {}, set()
+        for kind, data, ts in conn.execute(select(J.c.kind, J.c.data, J.c.ts).where(
+                J.c.kind.in_([ATTEST_KEY_KIND, ATTEST_RETIRE_KIND])).order_by(J.c.seq)):
+            body = json.loads(data)
+            if kind == ATTEST_KEY_KIND:
+                found.setdefault(body.get("kid"), {**body, "ts": ts})
+            else:
+                retired.add(body.get("kid"))
+        return found, retired
+
+    def attest_keys(self) -> list[dict]:
+        from datetime import UTC
+        with self._read() as conn:
+            found, retired = self._attest_events(conn)
+        have = self.keys_dir
+        return [{
+            "kid": kid, "public_key": e.get("public_key"), "purpose": attest.PURPOSE,
+            "created": datetime.fromtimestamp(e["ts"] / 1e6, UTC).isoformat(),
+            "retired": kid in retired,
+            "private_key_here": bool(have and keys.private_path(have, kid).exists()),
+        } for kid, e in found.items()]
+
     def retire_key(self, kid: str) -> None:
         def run(tx: Tx):
             row = tx.conn.execute(select(K.c.retired_at).where(K.c.kid == kid)).one_or_none()
             if row is None:
-                raise NotFound(f"unknown key {kid!r}")
+                found, retired = self._attest_events(tx.conn)
+                if kid not in found:
+                    raise NotFound(f"unknown key {kid!r}")
+                if kid not in retired:
+                    tx.event(ATTEST_RETIRE_KIND, data={"kid": kid})
+                return
             if row.retired_at is not None:
                 return
             tx.conn.execute(update(K).where(K.c.kid == kid).values(retired_at=tx.now))
@@ -276,9 +315,35 @@ class AdminOps(LedgerBase):
                 return k["kid"]
         raise NotFound("no active signing key on this host (run `gpuledger keys generate`)")
 
-    def verify_journal(self) -> VerifyResult:
-        with self._read() as conn:
-            return verify(conn)
+    def verify_journal(self, against: Sequence[tuple[str, dict]] = ()) -> VerifyResult:
+        """Check the journal and the state outside it in one snapshot, and today's chain
+        against exported heads: ``against`` ((label, head) pairs, from
+        :func:`attest.read_head`) and the last head this host exported, if any."""
+        heads = list(against)
+        last = attest.remembered(self.keys_dir)
+        watch = {h["seq"] for _, h in heads} | ({last[1]["seq"]} if last else set())
+        with audit.snapshot(self.engine) as conn:
+            result = audit.verify(conn, watch)
+        if result.chain_intact:
+            local = attest.local_publics(self.keys_dir, result.attest_keys)
+            for label, head in heads + ([last] if last else []):
+                attest.check_head(result, head, label, local)
+            attest.check_replay(result, heads, last)
+        return result
+
+    def export_head(self, against: Sequence[tuple[str, dict]] = ()
+                    ) -> tuple[VerifyResult, dict | None]:
+        """Verify; when the ledger is sound, sign its head with this host's head-attestation
+        key, record the export in the journal and remember it here. (result, head or None)"""
+        result = self.verify_journal(against)
+        if not result.ok:
+            return result, None
+        kid, private = attest.signing_key(self.keys_dir, result, result.attest_retired)
+        head = attest.sign_head(kid, private, result, self.clock())
+        self._write(lambda tx: tx.event(HEAD_EXPORT_KIND, data={
+            "seq": head["seq"], "hash": head["hash"], "kid": kid, "at": head["at"]}))
+        attest.remember(self.keys_dir, head)
+        return result, head
 
     def head(self) -> tuple[int, str]:
         from .models import ChainHead
@@ -323,10 +388,6 @@ class AdminOps(LedgerBase):
         with self._read() as conn:
             return conn.execute(select(func.coalesce(func.sum(W.c.balance), 0))).scalar()
 
-
-from .debts import DebtOps  # noqa: E402  (mixins defined in their own modules)
-from .holds import HoldOps  # noqa: E402
-from .token_ops import TokenOps  # noqa: E402
 
 
 class Ledger(HoldOps, TokenOps, DebtOps, AdminOps):

@@ -9,7 +9,9 @@ from sqlalchemy import Connection, bindparam, func, insert, select, update
 from . import keys
 from .amounts import check_amount, fmt_hours
 from .errors import InvalidInput, KeyError_, NotFound, Reason, Refusal, StateError
+from .facts import token_birth
 from .journal import Tx
+from .liveness import Liveness, require_spendable, token_liveness
 from .models import Account, Hold, SigningKey, Token, Wallet
 from .tokens import Claims, Scopes, digest, is_token_id, new_token_id, sign
 from .views import TokenView
@@ -26,10 +28,9 @@ DEFAULT_VALIDITY = timedelta(days=365)
 
 def token_status(row, balance: int, held: int, now: datetime) -> str:
     """active | revoked | expired | exhausted — the one place this is decided."""
-    if row.status in ("revoked", "expired"):
-        return row.status
-    if row.expires <= now:
-        return "expired"
+    state = token_liveness(row, now)
+    if state in (Liveness.REVOKED, Liveness.EXPIRED):
+        return str(state)
     if balance == 0 and held == 0:
         return "exhausted"
     return "active"
@@ -53,6 +54,16 @@ class TokenOps:
             raise NotFound(f"unknown token {token_id}")
         return row
 
+    def _minted_account(self, conn: Connection, token_row) -> str:
+        """The account the journal says the token was minted (or split) to."""
+        birth = token_birth(conn, token_row.id)
+        return birth.account if birth is not None else token_row.account
+
+    def _pool_wallet(self, conn: Connection, token_row) -> int:
+        """The pool wallet of the token's account per the journal (``tokens.account_id`` is
+        an editable column; revoked value must not follow an edit of it)."""
+        return self._account_row(conn, self._minted_account(conn, token_row)).wallet_id
+
     def _balance(self, conn: Connection, wallet_id: int) -> int:
         return conn.execute(select(W.c.balance).where(W.c.id == wallet_id)).scalar()
 
@@ -73,10 +84,7 @@ class TokenOps:
         )
 
     def _require_spendable(self, row, now: datetime, what: str) -> None:
-        if row.status == "revoked":
-            raise StateError(f"token {row.id} is revoked; cannot {what}")
-        if row.status == "expired" or row.expires <= now:
-            raise StateError(f"token {row.id} expired on {row.expires.date()}; cannot {what}")
+        require_spendable(row, now, what)
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -206,8 +214,9 @@ class TokenOps:
                 raise StateError(f"token {token_id} is already revoked")
             tx.conn.execute(update(T).where(T.c.id == token_id).values(
                 status="revoked", status_reason=reason, closed_at=tx.now))
-            tx.move("revoke", row.wallet_id, row.pool_wallet_id,
-                    self._balance(tx.conn, row.wallet_id), account=row.account,
+            account = self._minted_account(tx.conn, row)
+            tx.move("revoke", row.wallet_id, self._account_row(tx.conn, account).wallet_id,
+                    self._balance(tx.conn, row.wallet_id), account=account,
                     token_id=token_id, reason=reason)
             tx.flush()
             return self._view(tx.conn, self._token_row(tx.conn, token_id), tx.now)

@@ -35,6 +35,11 @@ class HoldRequest:
             raise InvalidInput("request is implausibly large")
         check_amount(self.gpus * self.seconds * self.tasks, what="requested GPU-seconds")
 
+    @property
+    def partitions(self) -> tuple[str, ...]:
+        """Every partition the job may run in (``-p a,b`` is a candidate list)."""
+        return tuple(p for p in (self.partition or "").split(",") if p)
+
     def describe(self) -> str:
         gpu = self.gpu_type or "gpu"
         text = f"{self.gpus} x {gpu} x {fmt_duration(self.seconds)}"

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, case, func, insert, select, update
 from ledger import db
 from ledger.amounts import fmt_hours
 from ledger.errors import InvalidInput
+from ledger.liveness import Liveness, token_liveness
 from ledger.models import Account, Hold, Token, Wallet
 
 from .mail import Mailer, SmtpSettings, build_message, write_eml
@@ -58,12 +59,13 @@ class Condition:
 
 def evaluate(conn: Connection, now: datetime, account: str | None = None) -> list[Condition]:
     """Every threshold currently crossed (whether or not it was raised before)."""
-    q = (select(T.c.id, A.c.name, W.c.balance, T.c.expires)
+    q = (select(T.c.id, A.c.name, W.c.balance, T.c.expires, T.c.status, T.c.not_before)
          .join(A, A.c.id == T.c.account_id).join(W, W.c.id == T.c.wallet_id)
-         .where(T.c.status == "active", T.c.expires > now).order_by(A.c.name, T.c.id))
+         .where(T.c.status == "active").order_by(A.c.name, T.c.id))
     if account is not None:
         q = q.where(A.c.name == account)
-    tokens = conn.execute(q).all()
+    tokens = [(r.id, r.name, r.balance, r.expires) for r in conn.execute(q).all()
+              if token_liveness(r, now) not in (Liveness.REVOKED, Liveness.EXPIRED)]
     used_q = (select(HO.c.token_id,
                      func.sum(case((HO.c.state == "pending", HO.c.amount), else_=HO.c.charged)),
                      func.sum(HO.c.refunded))

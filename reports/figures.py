@@ -21,11 +21,11 @@ from typing import Any
 from sqlalchemy import Connection
 
 from ledger.amounts import SECONDS_PER_HOUR
+from ledger.charge_record import ChargeRecord
 from ledger.token_ops import token_status
 
 from . import queries as q
 from .period import Month
-from .usage import gpu_figures
 
 HOUR_MS = 3_600_000
 EXPIRY_WINDOW = timedelta(days=30)
@@ -112,11 +112,11 @@ class Measure:
     def of_usage(cls, usage: Any) -> Measure:
         """The figures of one charge's usage record: busy and held of measured GPUs only."""
         m = cls()
-        gpus = gpu_figures(usage)
-        if gpus is None:
+        record = ChargeRecord.from_dict(usage)
+        if record is None:
             m.unmeasured_charges = 1
             return m
-        for g in gpus:
+        for g in record.gpus:
             m.held_all_ms += g.held_ms
             if g.measured:
                 m.held_ms += g.held_ms

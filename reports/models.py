@@ -1,31 +1,27 @@
 """Tables owned by reports: the send log, alerts and their deliveries.
 
-They live on ``ledger.models.Base`` so that Alembic (ledger/migrations/env.py
-imports this module) sees them. The two journal indexes declared here serve
-the report queries (balance of a set of wallets at a time; one account's
-movements in a month); the migration 0002 creates them.
+They live on their own metadata (:class:`ReportBase`) with their own migration branch
+(``reports/migrations``, see ``reports.schema``); the ledger's schema knows nothing of them.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ledger.models import Base, Charge, JournalEntry, UTCDateTime
+from ledger.models import NAMING_CONVENTION, UTCDateTime
 
-J = JournalEntry.__table__
-CH = Charge.__table__
 
-# Report query indexes on ledger tables (created by migration 0002).
-Index("ix_journal_debit_wallet_id_ts", J.c.debit_wallet_id, J.c.ts)
-Index("ix_journal_credit_wallet_id_ts", J.c.credit_wallet_id, J.c.ts)
+class ReportBase(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
 
 SITE = "*site*"  # the scope of the site summary in the send log
 
 
-class ReportSend(Base):
+class ReportSend(ReportBase):
     """One message for one recipient: a monthly report (scope = account) or the site summary.
 
     A row with status ``sent`` means the SMTP server accepted the message for that
@@ -47,7 +43,7 @@ class ReportSend(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class Alert(Base):
+class Alert(ReportBase):
     """A threshold an account or a token crossed; raised once per (subject, kind, threshold)."""
 
     __tablename__ = "alerts"
@@ -67,7 +63,7 @@ class Alert(Base):
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-class AlertDelivery(Base):
+class AlertDelivery(ReportBase):
     """An alert accepted by the SMTP server for one recipient (so it never goes twice)."""
 
     __tablename__ = "alert_deliveries"

@@ -101,7 +101,7 @@ def _gpu_row(c: dict, g: dict) -> list:
     held, busy = g.get("held_ms") or 0, g.get("busy_ms")
     measured = g.get("measured")
     return [c["job_id"], c["restart"], c["node"], c["source"], g.get("index", "-"),
-            g.get("gpu_type"), fmt_rate(g["rate_ppm"]) if "rate_ppm" in g else None,
+            g.get("gpu_type"), fmt_rate(g["rate_ppm"]) if g.get("rate_ppm") is not None else None,
             f"{held / 1000:.1f}", f"{busy / 1000:.1f}" if busy is not None else None,
             f"{busy / held:.0%}" if measured and busy is not None and held else None,
             f"{g['energy_mj'] / 1e6:.1f}" if g.get("energy_mj") else None,

@@ -14,6 +14,7 @@ import logging
 import time
 
 from ledger.amounts import fmt_hours
+from ledger.charging import charge_gpus
 from ledger.service import Ledger
 
 from . import jobstate, settle, usage
@@ -50,16 +51,15 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
     types = {int(i): t for i, t in run.gpu_types.items() if t}
     if not types and hold.gpu_type:
         types = {u.index: hold.gpu_type for u in gpu_usage}
-    amount, record_usage = usage.charge(gpu_usage, types, ledger.rates(), hold.rate_ppm,
-                                        h.config.charge.policy, h.config.charge.floor)
-    record_usage.update(source=source, node=run.node, restart=run.restart,
-                        start=run.start, end=now)
-    result = settle.post_node(ledger, hold.id, run.job_id, run.restart, run.node, amount,
-                              record_usage)
+    charged = charge_gpus(gpu_usage, types, ledger.rates(), hold.rate_ppm,
+                          h.config.charge.policy, h.config.charge.floor, source=source,
+                          node=run.node, restart=run.restart, start=run.start, end=now)
+    result = settle.post_node(ledger, hold.id, run.job_id, run.restart, run.node,
+                              charged.amount, charged)
     jobstate.done(h.hooks.state_dir, run)
     if result.charged:
-        h.log.info("charged %s GPU-h on hold %s (%d GPU(s), %s, run %d)", fmt_hours(amount),
-                   hold.id, len(gpu_usage), source, run.restart)
+        h.log.info("charged %s GPU-h on hold %s (%d GPU(s), %s, run %d)",
+                   fmt_hours(result.amount), hold.id, len(gpu_usage), source, run.restart)
     else:
         level = logging.ERROR if result.note.startswith("UNCOLLECTED") else logging.INFO
         h.log.log(level, "hold %s: node %s run %d %s; nothing charged", hold.id, run.node,

@@ -6,8 +6,11 @@ policy); per hold the efficiency, busy ÷ held of the measured GPUs (the reports
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from sqlalchemy import select
 
+from ledger.charge_record import ChargeRecord
 from ledger.errors import NotFound
 from ledger.journal import J
 from ledger.service import Ledger
@@ -56,19 +59,22 @@ def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> d
     for hold in holds:
         charges = ledger.charges(hold.id)
         nodes = []
-        for c in charges:
-            u = c["usage"] or {}
-            nodes.append({
-                "job_id": c["job_id"], "node": c["node"], "restart": c["restart"],
-                "key": c["key"], "charged": c["amount"], "source": u.get("source"),
-                "policy": u.get("policy"), "held_ms": u.get("held_ms"),
-                "busy_ms": u.get("busy_ms"), "measured": u.get("measured"),
-                "energy_mj": u.get("energy_mj"), "gpus": u.get("gpus") or u.get("by_type") or [],
-                "created": c["created"],
-            })
         measure = Measure()
         for c in charges:
+            rec = ChargeRecord.from_dict(c["usage"])
             measure.add(Measure.of_usage(c["usage"]))
+            nodes.append({
+                "job_id": c["job_id"], "node": c["node"], "restart": c["restart"],
+                "key": c["key"], "charged": c["amount"],
+                "source": rec.source if rec else None, "policy": rec.policy if rec else None,
+                "held_ms": rec.held_ms if rec else None,
+                "busy_ms": rec.busy_ms if rec else None,
+                "measured": rec.all_measured if rec else None,
+                "measured_gpus": rec.measured_gpus if rec else 0,
+                "energy_mj": rec.energy_mj if rec else None,
+                "gpus": [asdict(g) for g in rec.gpus] if rec else [],
+                "created": c["created"],
+            })
         policies = sorted({n["policy"] for n in nodes if n["policy"]})
         out.append({**hold.to_dict(), "charges": nodes,
                     "policy": ",".join(policies) or None,

@@ -8,15 +8,17 @@ AdminComment mark for holds job_submit took before the job had an id) in the liv
   purged, or refused after job_submit accepted);
 * some record still pending/running/completing → leave it (its epilogs will settle);
 * otherwise charge every run × node that no epilog charged, from sacct (elapsed × the
-  run's GPUs per type × rate, split evenly over its nodes), under the epilog's own keys,
+  run's GPUs of each type, split evenly over its nodes, at each type's rate — the epilog's
+  formula, ``ledger.charging.charge_gpus``), under the epilog's own keys,
   then close the hold.
 
 A run that ended before its hold was created is another hold's (a requeued job pays each
 run from a hold of its own). Deferred jobs (AdminComment ``gpuledger:deferred``) that ran
 with no hold bound to them — only possible when PrologSlurmctld is missing or broken, as it
-requeues a deferred job it cannot get paid for — are charged from sacct to their Slurm
-account's pool under ``debt:<job>:<run>`` (``Ledger.charge_unheld``); what the pool cannot
-pay is reported as an error (exit 1) naming the job, the account and the GPU-seconds owed.
+requeues a deferred job it cannot get paid for — are priced from sacct and recorded as
+owed under ``debt:<job>:<run>`` (``Ledger.record_debt``: their token is unknown, so nothing
+can be charged), and reported as an error (exit 1) naming the job, the account and the
+GPU-seconds owed.
 
 It also expires tokens past their date. Every write goes through keys the epilog uses
 too, so it is safe beside running epilogs and beside another reconciler.
@@ -30,12 +32,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
+from ledger.charge_record import ChargeRecord
+from ledger.charging import charge_gpus
 from ledger.errors import LedgerError
 from ledger.service import Ledger
 from ledger.views import HoldView
 
 from . import marks, settle
 from .slurm import JobRecord, SlurmReader
+from .usage import held_only
 
 
 @dataclass
@@ -89,26 +94,24 @@ def merge_runs(live: list[JobRecord], acct: list[JobRecord]) -> list[JobRecord]:
 
 
 def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord
-               ) -> list[tuple[str, int, dict]]:
-    """(node, amount, usage) for one finished run, from Slurm's elapsed time."""
+               ) -> list[tuple[str, int, ChargeRecord]]:
+    """(node, amount, charge record) for one finished run, from Slurm's elapsed time: each
+    node's share of the run's GPUs, held for the elapsed time and unmeasured, charged by the
+    one charge formula (``ledger.charging.charge_gpus``, policy ``allocated``)."""
     elapsed = max(0, run.elapsed_s or 0)
     nodes = run.nodes or []
     out = []
     for node in nodes:
-        amount, gpus = 0, []
+        types: dict[int, str | None] = {}
         for gtype, count in sorted(run.gpus.items(), key=lambda kv: kv[0] or ""):
             per_node = count // len(nodes) + (1 if nodes.index(node) < count % len(nodes) else 0)
-            rate = ledger_rates.get(gtype, ledger_rates.get("default", hold.rate_ppm)) \
-                if gtype else hold.rate_ppm
-            part = -((-per_node * elapsed * 1000 * rate) // 1_000_000_000)
-            amount += part
-            gpus.append({"gpu_type": gtype, "gpus": per_node, "rate_ppm": rate,
-                         "held_ms": elapsed * 1000 * per_node, "charge": part})
-        out.append((node, amount, {
-            "source": "sacct", "policy": "allocated", "measured": False, "node": node,
-            "restart": run.restarts or 0, "elapsed_s": elapsed, "by_type": gpus,
-            "held_ms": sum(g["held_ms"] for g in gpus), "busy_ms": 0, "energy_mj": 0,
-            "state": run.state}))
+            for _ in range(per_node):
+                types[len(types)] = gtype
+        gpus = held_only(list(types), elapsed * 1000, "settled from Slurm accounting")
+        record = charge_gpus(gpus, types, ledger_rates, hold.rate_ppm, "allocated",
+                             source="sacct", node=node, restart=run.restarts or 0,
+                             elapsed_s=elapsed, state=run.state)
+        out.append((node, record.amount, record))
     return out
 
 
@@ -198,7 +201,7 @@ class Reconciler:
 
     def _deferred(self, live: list[JobRecord], acct: list[JobRecord], s: Summary,
                   dry_run: bool) -> None:
-        """Charge deferred runs that had no hold to their account's pool; report the rest."""
+        """Record deferred runs that had no hold as owed by their account; report them."""
         runs = [r for r in merge_runs(live, acct)
                 if r.admin_comment == marks.DEFERRED and r.ran and not r.active]
         unpaid = sorted({r.job_id for r in runs if not self.ledger.holds(job_id=r.job_id)})
@@ -215,10 +218,10 @@ class Reconciler:
                     "owed": owed, "charged": 0, "unpaid": owed}
             if account and not dry_run:
                 try:
-                    debt.update(self.ledger.charge_unheld(
+                    debt.update(self.ledger.record_debt(
                         account, owed, key=f"debt:{run.job_id}:{run.restarts or 0}",
                         job_id=run.job_id, reason="deferred job ran with no hold",
-                        usage={"runs": [u for _n, _a, u in parts]}))
+                        usage={"runs": [u.to_dict() for _n, _a, u in parts]}))
                 except LedgerError as exc:
                     s.errors.append(f"job {run.job_id}: {exc}")
             s.debts.append(debt)
@@ -226,7 +229,7 @@ class Reconciler:
                 s.errors.append(
                     f"job {run.job_id} (run {debt['restart']}) was accepted while the ledger "
                     f"was down and ran with no hold: {debt['unpaid']} GPU-s owed by account "
-                    f"{account or '?'} that its pool could not pay")
+                    f"{account or '?'} (journal kind 'debt'); settle it by hand")
 
 
 def _for_job(index: dict[str, list[JobRecord]], hold: HoldView) -> list[JobRecord]:

@@ -11,10 +11,12 @@ the last run of a requeued job.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
+from ledger.charge_record import ChargeRecord
 from ledger.errors import IdempotencyConflict, NotFound, StateError
 from ledger.models import Charge
 from ledger.service import Ledger
@@ -45,8 +47,11 @@ class PostResult:
 
 
 def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str, amount: int,
-              usage: dict) -> PostResult:
-    """Charge one node of one run, at most once; never raises for a repeat."""
+              usage: ChargeRecord) -> PostResult:
+    """Charge one node of one run, at most once; never raises for a repeat.
+
+    The result's amount is what the ledger charged under the node's key: less than asked
+    when the hold could not take it all (the charge is capped at what is left)."""
     key = charge_key(hold_id, job_id, restart, node)
     if has_charge(ledger, key):
         return PostResult(False, 0, None, "already charged")
@@ -61,18 +66,28 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
         # The hold closed before this run reported (e.g. the reconciler settled the job from
         # sacct first): nothing can take this charge any more; say so loudly, don't retry.
         return PostResult(False, 0, None, f"UNCOLLECTED: {amount} GPU-s not charged ({exc})")
-    return PostResult(True, amount, view)
+    charged = charge_amount(ledger, key) or 0
+    note = "" if charged == amount else \
+        f"capped: {amount} GPU-s asked, {charged} GPU-s left on the hold"
+    return PostResult(True, charged, view, note)
 
 
-def charged_keys(ledger: Ledger, hold_id: str) -> set[str]:
+def charged_keys(ledger: Ledger, hold_id: str) -> dict[str, int]:
+    """The hold's charges so far: key -> amount charged."""
     with ledger._read() as conn:  # a read of the charges table; rules stay in the ledger
-        return set(conn.execute(select(CH.c.key).where(CH.c.hold_id == hold_id)).scalars())
+        return dict(conn.execute(select(CH.c.key, CH.c.amount)
+                                 .where(CH.c.hold_id == hold_id)).all())
 
 
 def has_charge(ledger: Ledger, key: str) -> bool:
     """Whether a charge key was taken (one indexed row; an epilog's cost stays flat)."""
+    return charge_amount(ledger, key) is not None
+
+
+def charge_amount(ledger: Ledger, key: str) -> int | None:
+    """What was charged under ``key`` (one indexed row), None when nothing was."""
     with ledger._read() as conn:
-        return conn.execute(select(CH.c.id).where(CH.c.key == key)).first() is not None
+        return conn.execute(select(CH.c.amount).where(CH.c.key == key)).scalar()
 
 
 def job_hold(ledger: Ledger, owners: list[str], user: str | None = None,
@@ -126,7 +141,7 @@ def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
     return ("closed", closed) if closed is not None else ("open", hold)
 
 
-def record_done(record: JobRecord, hold_id: str, keys: set[str]) -> bool:
+def record_done(record: JobRecord, hold_id: str, keys: Collection[str]) -> bool:
     """A Slurm record that will not charge again: never ran, or charged every node."""
     if record.state in PENDING_LIKE and not record.superseded:
         return False

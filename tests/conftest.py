@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+import reports  # noqa: F401  (registers the reports' migration branch: ledgers get its tables)
 from ledger import db, migrate
 from ledger.service import Ledger
 

@@ -143,3 +143,31 @@ def test_journal_and_json_listings(run):
     accounts = json.loads(run("account", "list", "--json").output)
     assert accounts[0]["name"] == "physics" and accounts[0]["remaining_hours"] == 1.0
     assert json.loads(run("keys", "list", "--json").output)[0]["kid"] == "k1"
+
+
+def test_verify_exports_and_checks_heads_signed_by_an_attestation_key(run, tmp_path):
+    head = tmp_path / "head.json"
+    r = run("verify", "--export-head", str(head), ok=False)
+    assert r.output == ("Error: no head-attestation key on this host (run `gpuledger keys "
+                        "generate --purpose attest`); heads are never signed with a "
+                        "token-minting key\n")
+    assert not head.exists()
+    out = run("keys", "generate", "--purpose", "attest", "--kid", "att1").output
+    assert out.startswith("Generated attest key att1 (") and "public key " in out
+    kinds = {line.split()[0]: line.split()[1] for line in run("keys", "list").output.splitlines()[1:]}
+    assert kinds == {"k1": "token", "att1": "head-attestation"}
+    out = run("verify", "--export-head", str(head)).output
+    assert out.startswith("OK: ") and out.endswith(f"; signed head written to {head}\n")
+    exported = json.loads(head.read_text())
+    assert (exported["kid"], exported["purpose"]) == ("att1", "head-attestation")
+    assert stat.S_IMODE(os.stat(head).st_mode) == 0o644
+    assert run("verify", "--against", str(head)).output.startswith("OK: ")
+    altered = tmp_path / "altered.json"
+    altered.write_text(json.dumps({**exported, "seq": exported["seq"] - 1}))
+    r = run("verify", "--against", str(altered), ok=False)
+    assert r.output.splitlines()[0] == (f"Error: journal verification failed: {altered}: the "
+                                        "signature does not verify (the head file was altered)")
+    (tmp_path / "junk.json").write_text("{")
+    r = run("verify", "--against", str(tmp_path / "junk.json"), ok=False)
+    assert r.output == (f"Error: {tmp_path / 'junk.json'} is not JSON (expected a head written "
+                        "by `gpuledger verify --export-head`)\n")

@@ -50,7 +50,7 @@ local function job(prefix, f)
     if k:sub(1, #prefix) == prefix then
       local name = k:sub(#prefix + 1)
       if v == "" then d[name] = nil
-      elseif NUMERIC[name] then d[name] = tonumber(v) else d[name] = v end
+      elseif NUMERIC[name] then d[name] = tonumber(v) + 0.0 else d[name] = v end  -- lua_pushnumber: floats on 5.3+
     end
   end
   if f[prefix .. "token"] then
@@ -84,23 +84,29 @@ CODES = {"ok": 0, "error": -1, "denied": 2002, "policy": 2050, "account": 2045,
          "bad_time": 2051, "no_time": 2116}
 
 
-def lua_available() -> bool:
-    if not shutil.which("lua5.1"):
+# Debian's slurmctld links Lua 5.1; RHEL-family builds link 5.3 or 5.4, where numbers that
+# slurmctld pushes are floats (60.0 .. "" is "60.0") and string.format("%d") is strict.
+INTERPRETERS = ("lua5.1", "lua5.3", "lua5.4")
+
+
+def lua_available(interpreter: str = "lua5.1") -> bool:
+    if not shutil.which(interpreter):
         return False
-    return subprocess.run(["lua5.1", "-e", "require('socket.unix')"],
+    return subprocess.run([interpreter, "-e", "require('socket.unix')"],
                           capture_output=True).returncode == 0
 
 
 class Lua:
     """One lua5.1 process = one slurmctld Lua state (persists across calls, like slurmctld)."""
 
-    def __init__(self, tmp: Path, script: Path = SCRIPT, **conf: object):
+    def __init__(self, tmp: Path, script: Path = SCRIPT, interpreter: str = "lua5.1",
+                 **conf: object):
         self.conf = tmp / "job_submit.conf"
         self.conf.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         driver = tmp / "driver.lua"
         driver.write_text(DRIVER)
         self.proc = subprocess.Popen(
-            ["lua5.1", str(driver), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [interpreter, str(driver), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={"GPULEDGER_JOB_SUBMIT_CONF": str(self.conf)})
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
@@ -145,9 +151,12 @@ def daemon(sqlite_ledger):
     d.close()
 
 
-@pytest.fixture
-def lua(daemon, tmp_path):
-    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts="freebie, other")
+@pytest.fixture(params=INTERPRETERS)
+def lua(request, daemon, tmp_path):
+    need(lua_available(request.param), f"{request.param} with lua-socket "
+         f"(apt install {request.param} lua-socket)")
+    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts="freebie, other",
+             interpreter=request.param)
     yield lu
     lu.close()
 
@@ -173,7 +182,7 @@ def test_non_gpu_job_passes_without_contact(lua, daemon):
 @pytest.mark.parametrize("fields,gpus,gtype,seconds", [
     ({"tres_per_node": "gres:gpu:h100:2", "time_limit": 60}, 2, "h100", 3600),
     ({"tres_per_node": "gres/gpu:h100:2", "time_limit": 60}, 2, "h100", 3600),
-    ({"tres_per_node": "gres:gpu:2,gres:shard:1", "time_limit": 30}, 2, None, 1800),
+    ({"tres_per_node": "gres:gpu:2,gres:nic:1", "time_limit": 30}, 2, None, 1800),
     ({"tres_per_job": "gres:gpu:a100:3"}, 3, "a100", 3600),           # partition default 60
     ({"tres_per_node": "gres:gpu:h100:2", "min_nodes": 2, "max_nodes": 2, "time_limit": 10},
      4, "h100", 600),                                                   # --gpus-per-node -N 2
@@ -336,3 +345,126 @@ def test_submit_latency_through_lua_is_small(lua, token):
         times.append(r["ms"])
     times.sort()
     assert times[len(times) // 2] < 20  # generous: SQLite commit with fsync on a shared box
+
+
+# -- shares of a GPU, candidate partitions, updates that move a job (trust issue items 4, 5) --
+
+@pytest.mark.parametrize("fields", [
+    {"tres_per_node": "gres:shard:2"},
+    {"tres_per_node": "gres/shard:2"},
+    {"tres_per_node": "gres:mps:50"},
+    {"tres_per_task": "gres/mps:25", "num_tasks": 2},
+    {"tres_per_node": "gres:gpu:1,gres:shard:1"},
+    {"tres_per_job": "gres:shard:h100:4"},
+])
+def test_shared_gpu_requests_are_gpu_requests(lua, daemon, token, fields):
+    """shard/mps hand out GPUs: without a token, or with one (not priced yet), refused."""
+    bare = lua.submit(time_limit=5, **fields)
+    assert bare["rc"] == CODES["denied"] and bare["admin_comment"] == "", bare
+    paid = lua.submit(token=token, time_limit=5, **fields)
+    assert paid["rc"] == CODES["denied"] and "shared-GPU requests" in paid["user"], paid
+    free = lua.submit(time_limit=5, account="freebie", **fields)
+    assert free["rc"] == 0 and free["admin_comment"] == ""
+    assert "op=reserve" not in daemon.log.getvalue()
+
+
+def test_other_gres_named_like_gpu_is_not_a_gpu(lua, daemon):
+    r = lua.submit(tres_per_node="gres:gpunic:1", time_limit=5)
+    assert r["rc"] == 0 and r["admin_comment"] == ""
+
+
+def test_modify_adding_shards_to_a_plain_job_is_refused(lua):
+    r = lua.modify(uid=1001, d_tres_per_node="gres:shard:2", r_time_limit=5)
+    assert r["rc"] == CODES["denied"] and "shared-GPU" in r["user"]
+
+
+@pytest.fixture
+def gpu_only_token(sqlite_ledger):
+    from ledger.tokens import Scopes
+    return sqlite_ledger.mint("physics", 10 * 3600, scopes=Scopes(partitions=("gpu",)))[0]
+
+
+def test_every_candidate_partition_is_checked(lua, sqlite_ledger, gpu_only_token):
+    both = lua.submit(token=gpu_only_token, tres_per_node="gres:gpu:h100:1", time_limit=5,
+                      partition="gpu,short")
+    assert both["rc"] == CODES["denied"], both
+    assert "not valid in partition short (only gpu)" in both["user"]
+    reversed_order = lua.submit(token=gpu_only_token, tres_per_node="gres:gpu:h100:1",
+                                time_limit=5, partition="short,gpu")
+    assert reversed_order["rc"] == CODES["denied"]
+    one = lua.submit(token=gpu_only_token, tres_per_node="gres:gpu:h100:1", time_limit=5,
+                     partition="gpu")
+    assert one["rc"] == 0
+    assert not any(h.partition and "short" in h.partition for h in sqlite_ledger.holds())
+
+
+def test_multi_partition_job_is_held_at_its_most_expensive_candidate(lua, sqlite_ledger, token):
+    """Untyped GPUs over several partitions: held at the highest rate, for the longest
+    default time of the candidates; the hold records every candidate."""
+    r = lua.submit(token=token, tres_per_node="gres:gpu:1", partition="short,gpu")
+    hold = sqlite_ledger.hold(hold_of(r))
+    assert (hold.partition, hold.seconds, hold.rate_ppm) == ("short,gpu", 4 * 3600, 1_000_000)
+    assert hold.amount == 4 * 3600
+
+
+def _held(lua, token, **fields):
+    r = lua.submit(token=token, **fields)
+    assert r["rc"] == 0, r
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": fields["time_limit"],
+           "r_job_id": 7, "r_tres_per_node": fields["tres_per_node"], "r_min_nodes": 1,
+           "r_account": "physics", "r_partition": fields.get("partition", "gpu")}
+    return hold_of(r), rec
+
+
+def test_modify_to_a_dearer_gpu_type_reprices_the_hold(lua, sqlite_ledger, token):
+    hold, rec = _held(lua, token, tres_per_node="gres:gpu:a100:1", time_limit=60)
+    assert sqlite_ledger.hold(hold).amount == 2160  # 0.6 x 3600
+    up = lua.modify(uid=1001, d_tres_per_node="gres:gpu:h100:1", **rec)
+    assert up["rc"] == 0, up
+    h = sqlite_ledger.hold(hold)
+    assert (h.gpu_type, h.rate_ppm, h.amount) == ("h100", 1_000_000, 3600)
+    untyped = lua.modify(uid=1001, d_tres_per_node="gres:gpu:2", **rec)
+    h = sqlite_ledger.hold(hold)
+    assert untyped["rc"] == 0 and (h.gpu_type, h.rate_ppm, h.amount) == (None, 1_000_000, 7200)
+
+
+def test_modify_cannot_leave_the_tokens_scopes(lua, sqlite_ledger, gpu_only_token):
+    hold, rec = _held(lua, gpu_only_token, tres_per_node="gres:gpu:h100:1", time_limit=60)
+    before = sqlite_ledger.hold(hold)
+    moved = lua.modify(uid=1001, d_partition="gpu,short", **rec)
+    assert moved["rc"] == CODES["denied"] and "partition short" in moved["user"], moved
+    other = lua.modify(uid=1001, d_account="chemistry", **rec)
+    assert other["rc"] == CODES["account"] and "not chemistry" in other["user"], other
+    assert sqlite_ledger.hold(hold) == before
+    fine = lua.modify(uid=1001, d_partition="gpu", **rec)
+    assert fine["rc"] == 0
+
+
+def test_modify_counts_gpus_over_the_jobs_nodes(lua, sqlite_ledger, token):
+    """An update that leaves the node count unset keeps the record's; a new count multiplies."""
+    r = lua.submit(token=token, tres_per_node="gres:gpu:h100:1", min_nodes=2, max_nodes=2,
+                   time_limit=60)
+    hold = hold_of(r)
+    assert sqlite_ledger.hold(hold).gpus == 2
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 60, "r_job_id": 7,
+           "r_tres_per_node": "gres:gpu:h100:1", "r_min_nodes": 2, "r_max_nodes": 2,
+           "r_account": "physics"}
+    retyped = lua.modify(uid=1001, d_tres_per_node="gres:gpu:h100:2", **rec)
+    assert retyped["rc"] == 0 and sqlite_ledger.hold(hold).gpus == 4  # 2 per node x 2 nodes
+    wider = lua.modify(uid=1001, d_min_nodes=3, d_max_nodes=3,
+                       **{**rec, "r_tres_per_node": "gres:gpu:h100:2"})
+    assert wider["rc"] == 0 and sqlite_ledger.hold(hold).gpus == 6
+    assert sqlite_ledger.hold(hold).amount == 6 * 3600
+
+
+def test_modify_of_a_per_task_gpu_job_is_refused(lua, sqlite_ledger, token):
+    r = lua.submit(token=token, tres_per_task="gres:gpu:1", num_tasks=2, time_limit=10)
+    hold = hold_of(r)
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 10, "r_job_id": 7,
+           "r_tres_per_task": "gres:gpu:1", "r_min_nodes": 1, "r_account": "physics"}
+    for change in ({"d_min_nodes": 2, "d_max_nodes": 2}, {"d_tres_per_task": "gres:gpu:2"}):
+        out = lua.modify(uid=1001, **change, **rec)
+        assert out["rc"] == CODES["denied"] and "per task or per socket" in out["user"], out
+    assert sqlite_ledger.hold(hold).gpus == 2
+    longer = lua.modify(uid=1001, d_time_limit=20, **rec)  # the time alone is fine
+    assert longer["rc"] == 0 and sqlite_ledger.hold(hold).seconds == 1200

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import report_bench as rb
 from ledger import db
-from ledger.journal import verify
+from ledger.audit import verify
 from ledger.models import Hold
 from ledger.queries import account_views
 from reports.figures import build

@@ -16,7 +16,7 @@ from reports.figures import build
 from reports.period import Month
 from reports.png import read_png_size
 from reports.render import render_account, render_site
-from reports.usage import GpuFigures, gpu_figures
+from ledger.charge_record import ChargeRecord
 
 NOV = Month(2026, 11)
 HMS = 3_600_000  # ms in an hour
@@ -208,20 +208,26 @@ def test_names_are_escaped_in_html(sqlite_ledger, clock):
     assert "<b>eve</b>&co" in r.text
 
 
+def _figures(usage):
+    rec = ChargeRecord.from_dict(usage)
+    return None if rec is None else [(g.held_ms, g.busy_ms, g.measured) for g in rec.gpus]
+
+
 def test_usage_shapes():
+    """Rows written before the record had a version still read (ledger.charge_record)."""
     agent = {"job_id": 1, "restart": 0, "gpus": [
         {"index": 0, "held_ms": 1000, "busy_ms": 400, "measured": True},
         {"index": 1, "held_ms": 1000, "busy_ms": 0, "measured": False}]}
-    assert gpu_figures(agent) == [GpuFigures(1000, 400, True), GpuFigures(1000, 0, False)]
+    assert _figures(agent) == [(1000, 400, True), (1000, 0, False)]
     policy = {"policy": "measured", "lines": [{"held_ms": 10, "busy_ms": 99, "measured": True}]}
-    assert gpu_figures(policy) == [GpuFigures(10, 10, True)]  # busy capped at held
-    assert gpu_figures({"usage": agent, "charge": policy}) == gpu_figures(agent)
-    assert gpu_figures({"held_ms": 5, "busy_ms": 1, "measured": True}) == [GpuFigures(5, 1, True)]
-    assert gpu_figures({"unmeasured": True, "gpus": agent["gpus"]}) == [
-        GpuFigures(1000, 0, False), GpuFigures(1000, 0, False)]
+    assert _figures(policy) == [(10, 10, True)]  # busy capped at held
+    assert _figures({"usage": agent, "charge": policy}) == _figures(agent)
+    assert _figures({"held_ms": 5, "busy_ms": 1, "measured": True}) == [(5, 1, True)]
+    assert _figures({"unmeasured": True, "gpus": agent["gpus"]}) == [
+        (1000, 0, False), (1000, 0, False)]
     for nothing in (None, {}, {"uncapped_amount": 5}, {"gpus": []}, [], "x",
                     {"gpus": [{"held_ms": -1}]}):
-        assert gpu_figures(nothing) is None
+        assert _figures(nothing) is None
 
 
 def test_png_pixels_decode():

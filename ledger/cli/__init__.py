@@ -20,6 +20,24 @@ from .context import pass_app  # noqa: F401  (re-exported for command modules)
 
 
 class ErrorHandlingGroup(click.Group):
+    """The root group: commands are registered on first use (``_register``), so importing
+    ``ledger.cli`` loads neither the optional components nor the modules that import it."""
+
+    _registered = False
+
+    def _ensure(self) -> None:
+        if not ErrorHandlingGroup._registered:
+            ErrorHandlingGroup._registered = True
+            _register()
+
+    def list_commands(self, ctx):
+        self._ensure()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, cmd_name):
+        self._ensure()
+        return super().get_command(ctx, cmd_name)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -71,8 +89,6 @@ _OPTIONAL = (
     "slurm_plugin.cli:COMMANDS",
     "reports.cli:COMMANDS",
 )
-
-_register()
 
 
 def main() -> None:

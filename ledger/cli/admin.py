@@ -60,6 +60,9 @@ def db_current(app):
     """Show the schema revision of the ledger database."""
     rev = migrate.current(app.ledger.engine)
     click.echo(f"{rev or 'empty'} (latest {migrate.head()})")
+    for schema in migrate.components():
+        rev = migrate.current(app.ledger.engine, schema)
+        click.echo(f"{schema.name}: {rev or 'empty'} (latest {migrate.head(schema)})")
 
 
 @click.group("keys")
@@ -68,27 +71,37 @@ def keys_group():
 
 
 @keys_group.command("generate")
-@click.option("--kid", help="Key id (default: key-YYYYMMDD).")
+@click.option("--kid", help="Key id (default: key-YYYYMMDD, or attest-YYYYMMDD).")
+@click.option("--purpose", type=click.Choice(["token", "attest"]), default="token",
+              show_default=True,
+              help="token: mints tokens; attest: signs exported journal heads, nothing else.")
 @pass_app
-def keys_generate(app, kid):
-    """Create a signing key: private file (0600) here, public half in the ledger."""
+def keys_generate(app, kid, purpose):
+    """Create a key: private file (0600) here, public half in the ledger."""
     from datetime import UTC, datetime
 
-    kid = kid or "key-" + datetime.now(UTC).strftime("%Y%m%d")
-    public = app.ledger.generate_key(kid)
-    click.echo(f"Generated {kid} ({app.config.keys_dir / (kid + '.key')}), public key {public}")
+    prefix = "attest-" if purpose == "attest" else "key-"
+    kid = kid or prefix + datetime.now(UTC).strftime("%Y%m%d")
+    if purpose == "attest":
+        public = app.ledger.generate_attest_key(kid)
+    else:
+        public = app.ledger.generate_key(kid)
+    click.echo(f"Generated {purpose} key {kid} ({app.config.keys_dir / (kid + '.key')}), "
+               f"public key {public}")
 
 
 @keys_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_app
 def keys_list(app, as_json):
-    """List keys known to the ledger."""
-    keys = app.ledger.list_keys()
+    """List keys known to the ledger (token-minting and head-attestation)."""
+    keys = [{**k, "purpose": "token"} for k in app.ledger.list_keys()]
+    keys += [{**k, "retired": "yes" if k["retired"] else None}
+             for k in app.ledger.attest_keys()]
     if as_json:
         return echo_json(keys)
-    echo_table(["KID", "CREATED", "RETIRED", "PRIVATE HERE"],
-               [[k["kid"], k["created"][:19], (k["retired"] or "")[:19] or None,
+    echo_table(["KID", "PURPOSE", "CREATED", "RETIRED", "PRIVATE HERE"],
+               [[k["kid"], k["purpose"], k["created"][:19], (k["retired"] or "")[:19] or None,
                  "yes" if k["private_key_here"] else "no"] for k in keys])
 
 
@@ -209,23 +222,37 @@ def journal(app, since, limit, as_json):
 @click.command("verify")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @click.option("--export-head", type=click.Path(dir_okay=False),
-              help="Write the chain head, signed with the ledger key, to this file.")
+              help="When all is well, write the chain head, signed with this host's "
+                   "head-attestation key, to this file.")
+@click.option("--against", "against", multiple=True, type=click.Path(dir_okay=False),
+              help="An earlier exported head (repeatable): it must be a prefix of today's "
+                   "chain and not older than an export already seen.")
 @pass_app
-def verify(app, as_json, export_head):
-    """Check the journal's hash chain and balances; exit 1 naming the first bad row."""
-    result = app.ledger.verify_journal()
-    if export_head and result.ok:
-        from ..attest import signed_head
+def verify(app, as_json, export_head, against):
+    """Check the journal's hash chain and every balance, hold, token and charge against it,
+    in one consistent snapshot; exit 1 naming each problem (the first bad row first)."""
+    from .. import attest
 
-        Path(export_head).write_text(json.dumps(signed_head(app.ledger, result), indent=2) + "\n")
-        os.chmod(export_head, 0o644)
+    heads = [(path, attest.read_head(path)) for path in against]
+    if export_head:
+        result, head = app.ledger.export_head(heads)
+        if head is not None:
+            tmp = Path(export_head + ".tmp")
+            tmp.write_text(json.dumps(head, indent=2) + "\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, export_head)
+    else:
+        result = app.ledger.verify_journal(heads)
     if as_json:
         echo_json(result.to_dict())
     elif result.ok:
-        click.echo(f"OK: {result.rows} journal rows, head {result.head_seq} {result.head_hash}")
+        click.echo(f"OK: {result.rows} journal rows, head {result.head_seq} {result.head_hash}"
+                   + (f"; signed head written to {export_head}" if export_head else ""))
     if not result.ok:
         if not as_json:
             click.echo(f"Error: journal verification failed: {result.problem}", err=True)
+            for more in result.problems[1:]:
+                click.echo(f"  also: {more}", err=True)
         raise SystemExit(1)
 
 

@@ -58,6 +58,18 @@ def _name(fields: dict[str, str], name: str) -> str | None:
     return value
 
 
+def _names(fields: dict[str, str], name: str) -> str | None:
+    """A comma list of names (``partition=a,b``: the job's candidate partitions), in order,
+    without repeats; None when absent."""
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    items = value.split(",")
+    if len(items) > 64 or not all(_NAME.match(i) for i in items):
+        raise BadRequest(f"field {name} is not a comma list of valid names")
+    return ",".join(dict.fromkeys(items))
+
+
 def error_response(exc: BaseException) -> dict[str, object]:
     """A typed error → ``ok=0 reason=… message=…`` (Refusals keep their numbers)."""
     if isinstance(exc, Refusal):
@@ -123,7 +135,7 @@ class Handlers:
         return HoldRequest(
             gpus=_int(fields, "gpus"), seconds=_int(fields, "seconds"),
             gpu_type=_name(fields, "type"), tasks=_int(fields, "tasks", required=False) or 1,
-            account=_name(fields, "account"), user=user, partition=_name(fields, "partition"),
+            account=_name(fields, "account"), user=user, partition=_names(fields, "partition"),
             cluster=_name(fields, "cluster"),
         )
 
@@ -155,17 +167,25 @@ class Handlers:
                 "desc": request.describe()}
 
     def resize(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
-        """Re-price a pending hold to absolute ``seconds``/``gpus``/``tasks`` (replays are no-ops)."""
+        """Re-price a pending hold to what the job now asks for (replays are no-ops).
+
+        Absolute ``seconds``/``gpus``/``tasks``; ``type`` when the GPU request changed
+        (empty: untyped); ``partition``/``account`` when those changed. The ledger checks
+        the token's scopes again."""
         self.policy.require_privileged(peer, "resize")
         hold_id = _name(fields, "hold")
         if hold_id is None:
             raise BadRequest("missing field hold")
         seconds, gpus, tasks = (_int(fields, k, required=False) for k in ("seconds", "gpus", "tasks"))
-        if not (seconds or gpus or tasks):
-            raise BadRequest("resize needs seconds, gpus or tasks")
+        partition, account = _names(fields, "partition"), _name(fields, "account")
+        retype = "type" in fields
+        if not (seconds or gpus or tasks or retype or partition or account):
+            raise BadRequest("resize needs seconds, gpus, tasks, type, partition or account")
+        extra = {"gpu_type": _name(fields, "type")} if retype else {}
         before = self.ledger.hold(hold_id).amount
         view = self.ledger.resize(hold_id, seconds=seconds or None, gpus=gpus or None,
-                                  tasks=tasks or None)
+                                  tasks=tasks or None, partition=partition, account=account,
+                                  **extra)
         return {"ok": 1, "hold": view.id, "amount": view.amount, "hours": fmt_hours(view.amount),
                 "delta": view.amount - before}
 

@@ -6,6 +6,7 @@ import re
 
 from ..errors import InvalidInput
 
+SHARED_GRES = ("shard", "mps")  # GPU-backed GRES that hand out a share of a GPU
 _GRES_GPU = re.compile(r"^(?:gres[:/])?gpu(?::([A-Za-z][A-Za-z0-9_.+-]*))?(?::(\d+))?$")
 _GPUS = re.compile(r"^(?:([A-Za-z][A-Za-z0-9_.+-]*):)?(\d+)$")
 
@@ -13,11 +14,16 @@ _GPUS = re.compile(r"^(?:([A-Za-z][A-Za-z0-9_.+-]*):)?(\d+)$")
 def parse_gres(text: str) -> tuple[int, str | None]:
     """``gpu:h100:4`` → (4, "h100"); ``gpu:2`` → (2, None); ``gpu`` → (1, None).
 
-    Other GRES in a comma list are ignored; two GPU entries of different types are refused.
+    Other GRES in a comma list are ignored; two GPU entries of different types are refused,
+    and so are shares of a GPU (``shard``, ``mps``), which tokens cannot pay for yet.
     """
     count, gpu_type = 0, None
     for item in (i.strip() for i in text.split(",")):
-        if not item.startswith(("gpu", "gres:gpu", "gres/gpu")):
+        name = re.split(r"[:=]", re.sub(r"^gres[:/]", "", item), maxsplit=1)[0]
+        if name in SHARED_GRES:
+            raise InvalidInput(f"shared-GPU requests ({item}) cannot be paid with a GPU token "
+                               "yet; ask for whole GPUs (gpu:N)")
+        if name != "gpu":
             continue
         m = _GRES_GPU.match(item)
         if not m:

@@ -2,12 +2,16 @@
 gpuledger job_submit.lua (Slurm 22.05+, Lua 5.1): every GPU job must carry a token
 that pays for its maximum cost; the cost is held in escrow by the gpuledger daemon.
 
-* Jobs asking for no GPU pass untouched; nothing is contacted.
+* Jobs asking for no GPU-backed GRES (gpu, shard, mps) pass untouched; nothing is contacted.
+* Shares of a GPU (--gres=shard:N / mps:N) are refused unless the account is free-listed
+  (tokens cannot pay for fractions yet); they never pass unchecked.
 * GPU jobs: count GPUs (--gres, --gpus, --gpus-per-node/-task/-socket; "gres:gpu" and
   "gres/gpu"), x nodes/tasks/sockets, x array tasks, x time limit (unset: the
-  partition's DefaultTime, else its MaxTime, else refuse and ask for -t), and send ONE
-  request over the daemon's Unix socket (connection kept open across calls) with a
-  strict total timeout. On success AdminComment becomes exactly
+  partitions' DefaultTime, else MaxTime, the longest over -p a,b, else refuse and ask for
+  -t), and send ONE request naming every candidate partition over the daemon's Unix
+  socket (connection kept open across calls) with a strict total timeout.
+* scontrol update of a held job (time, GRES incl. the GPU type, partition, account) asks
+  the daemon to re-price the hold and re-check the token's scopes; refused if it cannot. On success AdminComment becomes exactly
   "gpuledger:hold=<hold_id>;token=<token_id>" (never the token itself).
 * Refusals return an ESLURM code and tell the user why with slurm.log_user("gpu-token: ...").
 * Daemon unreachable/slow: on_ledger_unavailable=reject refuses; =accept accepts the job
@@ -40,6 +44,17 @@ local conf = {
 	cluster = nil,
 }
 local conf_path = os.getenv("GPULEDGER_JOB_SUBMIT_CONF") or "/etc/gpuledger/job_submit.conf"
+
+-- Numbers from slurmctld are floats on Lua 5.3/5.4 (60.0 .. "" is "60.0"): every number
+-- that becomes text goes through int() first.
+local function int(v)
+	v = tonumber(v)
+	return v and math.floor(v)
+end
+
+local function id_text(v)
+	return v and string.format("%d", int(v)) or "?"
+end
 
 local function trim(s)
 	return (s:gsub("^%s+", ""):gsub("%s+$", ""))
@@ -214,15 +229,29 @@ local function num(v, none)
 	return v
 end
 
--- "gres:gpu:h100:2,gres:shard:1" -> 2, "h100"; no GPU entry -> 0
+-- GRES that hand out a GPU or a share of one. Every one of them is a GPU request: shard
+-- and mps (fractions of a GPU) are refused until they are priced, never let through.
+local GPU_BACKED = { gpu = true, shard = true, mps = true }
+local SHARED = { shard = true, mps = true }
+
+-- "gres:gpu:h100:2" / "gres/gpu:2" / "gpu" / "shard:4" -> "gpu"/"shard"/..., rest after the name
+local function gres_name(item)
+	local body = item:gsub("^gres[:/]", "")
+	local name = body:match("^([%w_.+-]+)")
+	return name, body:sub(#(name or "") + 1)
+end
+
+-- "gres:gpu:h100:2,gres:nic:1" -> 2, "h100", nil; a shard/mps entry -> its name as third value
 local function gpus_in(spec)
 	if not spec or spec == "" then
-		return 0, nil
+		return 0, nil, nil
 	end
-	local count, gtype = 0, nil
+	local count, gtype, shared = 0, nil, nil
 	for item in spec:gmatch("[^,]+") do
-		local rest = item:match("^gres[:/]gpu(.*)$") or item:match("^gpu(.*)$")
-		if rest then
+		local name, rest = gres_name(item)
+		if name and SHARED[name] then
+			shared = name
+		elseif name == "gpu" then
 			local t, n = rest:match("^[:=]([%a][%w_.+-]*)[:=](%d+)$")
 			if not t then
 				n = rest:match("^[:=](%d+)$")
@@ -238,14 +267,22 @@ local function gpus_in(spec)
 			count = count + (tonumber(n) or 1)
 		end
 	end
-	return count, gtype
+	return count, gtype, shared
 end
 
+local TRES_FIELDS = { "tres_per_node", "tres_per_job", "tres_per_task", "tres_per_socket" }
+
+-- Whether any GRES request names a GPU-backed GRES (not a substring test: "gres:gpunic"
+-- is not a GPU, "gres/shard:2" is).
 local function asks_gpu(d)
-	for _, f in ipairs({ "tres_per_node", "tres_per_job", "tres_per_task", "tres_per_socket" }) do
+	for _, f in ipairs(TRES_FIELDS) do
 		local v = d[f]
-		if v and v:find("gpu", 1, true) then
-			return true
+		if v then
+			for item in v:gmatch("[^,]+") do
+				if GPU_BACKED[gres_name(item) or ""] then
+					return true
+				end
+			end
 		end
 	end
 	return false
@@ -253,9 +290,10 @@ end
 
 -- GPUs of one job (one array task): the largest of the per-node/-job/-task/-socket forms.
 local function gpu_request(d, rec)
+	-- on modify, what the update leaves unset (nil, NO_VAL) is the job record's value
 	local function field(k)
 		local v = d[k]
-		if v == nil and rec then
+		if rec and (v == nil or (type(v) == "number" and not num(v, NO_VAL16))) then
 			v = rec[k]
 		end
 		return v
@@ -266,10 +304,11 @@ local function gpu_request(d, rec)
 		tasks = (num(field("ntasks_per_node"), NO_VAL16) or 1) * nodes
 	end
 	local sockets = num(field("sockets_per_node"), NO_VAL16) or 1
-	local best, gtype = 0, nil
+	local best, gtype, shared = 0, nil, nil
 	for _, f in ipairs({ { "tres_per_node", nodes }, { "tres_per_job", 1 },
 		{ "tres_per_task", tasks }, { "tres_per_socket", sockets * nodes } }) do
-		local n, t = gpus_in(field(f[1]))
+		local n, t, sh = gpus_in(field(f[1]))
+		shared = shared or sh
 		if t and gtype and t ~= gtype then
 			refuse("gpu-token: one GPU type per job, not " .. gtype .. " and " .. t, code("ERROR"))
 		end
@@ -278,10 +317,16 @@ local function gpu_request(d, rec)
 			best = n * f[2]
 		end
 	end
-	return best, gtype
+	return best, gtype, shared
 end
 
--- Minutes the job may run: its own limit, else the partition's DefaultTime, else MaxTime.
+local function refuse_shared(shared)
+	refuse("gpu-token: shared-GPU requests (--gres=" .. shared .. ") cannot be paid with a GPU token "
+		.. "yet; ask for whole GPUs (--gres=gpu:N) or ask your admins", code("ESLURM_ACCESS_DENIED"))
+end
+
+-- Minutes the job may run (its own limit, else the partitions' DefaultTime, else MaxTime:
+-- the longest over the candidates) and every candidate partition ("a,b").
 local function time_limit(d, part_list)
 	local names = d.partition
 	local minutes = num(d.time_limit)
@@ -293,7 +338,6 @@ local function time_limit(d, part_list)
 			end
 		end
 	end
-	local first = names and names:match("^[^,]+")
 	if minutes then
 		-- above every listed partition's MaxTime the job can never run that long: clamp
 		local cap = nil
@@ -309,7 +353,7 @@ local function time_limit(d, part_list)
 		if cap and cap > 0 and minutes > cap then
 			minutes = cap
 		end
-		return minutes, first
+		return minutes, names
 	end
 	if d.time_limit == INFINITE then
 		refuse("gpu-token: GPU jobs need a finite time limit; give one with -t/--time (e.g. -t 2:00:00)",
@@ -331,7 +375,7 @@ local function time_limit(d, part_list)
 		refuse("gpu-token: the job has no time limit; give it one with -t/--time (e.g. -t 2:00:00)",
 			code("ESLURM_INVALID_TIME_LIMIT"))
 	end
-	return most, first
+	return most, names
 end
 
 -- "0-9" -> 10, "0-9:2" -> 5, "1,3,5" -> 3, "0-99%10" -> 100
@@ -393,21 +437,26 @@ local function submit(d, part_list)
 	end
 	-- gpuledger:test-hook (tests replace this line to force a Lua error)
 	local t0 = now()
-	local gpus, gtype = gpu_request(d)
-	if gpus <= 0 then
-		return slurm.SUCCESS
-	end
+	local gpus, gtype, shared = gpu_request(d)
 	local account = d.account or d.default_account
-	local user = d.user_name or tostring(d.user_id)
+	local user = d.user_name or id_text(d.user_id)
 	if account and conf.free_accounts[account] then
 		slurm.log_info("gpuledger: result=free user=%s account=%s gpus=%d", esc(user), esc(account), gpus)
+		return slurm.SUCCESS
+	end
+	if shared then
+		slurm.log_info("gpuledger: result=refused reason=shared_gpu gres=%s user=%s account=%s",
+			shared, esc(user), esc(account or ""))
+		refuse_shared(shared)
+	end
+	if gpus <= 0 then
 		return slurm.SUCCESS
 	end
 	local token = token_of(d)
 	if not token then
 		slurm.log_info("gpuledger: result=refused reason=no_token user=%s account=%s gpus=%d",
 			esc(user), esc(account or ""), gpus)
-		refuse("gpu-token: this job asks for " .. gpus .. " GPU(s) but carries no GPU token; submit it with "
+		refuse("gpu-token: this job asks for " .. id_text(gpus) .. " GPU(s) but carries no GPU token; submit it with "
 			.. "--gpu-token=@FILE (or --gpu-token=TOKEN, $GPU_TOKEN, ~/.config/gpuledger/token); "
 			.. "see `gpuledger balance` for your tokens", code("ESLURM_ACCESS_DENIED"))
 	end
@@ -416,7 +465,7 @@ local function submit(d, part_list)
 	key_counter = key_counter + 1
 	local fields = string.format("user=%s account=%s partition=%s gpus=%d type=%s seconds=%d tasks=%d",
 		esc(user), esc(account or ""), esc(partition or ""), gpus, esc(gtype or ""), minutes * 60, tasks)
-	local line = "op=reserve token=" .. esc(token) .. " " .. fields .. " uid=" .. tostring(d.user_id)
+	local line = "op=reserve token=" .. esc(token) .. " " .. fields .. " uid=" .. id_text(d.user_id)
 		.. " key=" .. key_prefix .. key_counter
 		.. (conf.cluster and (" cluster=" .. esc(conf.cluster)) or "") .. "\n"
 	local resp, err = call(line)
@@ -455,12 +504,25 @@ local function modify(d, rec, part_list, uid)
 	local new_time = d.time_limit ~= nil and d.time_limit ~= NO_VAL
 	local new_gpus = d.tres_per_node ~= nil or d.tres_per_job ~= nil or d.tres_per_task ~= nil
 		or d.tres_per_socket ~= nil
-	if not (new_time or new_gpus) then
+	local new_shape = false -- a new node/task/socket count multiplies per-node/-task GPUs
+	for _, k in ipairs({ "min_nodes", "max_nodes", "num_tasks", "ntasks_per_node", "sockets_per_node" }) do
+		if d[k] ~= nil and num(d[k], NO_VAL16) then
+			new_shape = true
+		end
+	end
+	local new_part = d.partition ~= nil and d.partition ~= ""
+	local new_account = d.account ~= nil and d.account ~= ""
+	if not (new_time or new_gpus or new_shape or new_part or new_account) then
 		return slurm.SUCCESS
 	end
+	local account = d.account or rec.account
+	local free = account and conf.free_accounts[account]
 	if not hold then
-		if new_gpus and (old == nil or old:sub(1, #HOLD_MARK) ~= HOLD_MARK) and asks_gpu(d) then
-			local gpus = gpu_request(d, rec)
+		if new_gpus and (old == nil or old:sub(1, #HOLD_MARK) ~= HOLD_MARK) and asks_gpu(d) and not free then
+			local gpus, _, shared = gpu_request(d, rec)
+			if shared then
+				refuse_shared(shared)
+			end
 			if gpus > 0 then
 				refuse("gpu-token: GPUs cannot be added to a job submitted without them; cancel it and "
 					.. "submit again with --gpu-token", code("ESLURM_ACCESS_DENIED"))
@@ -468,32 +530,54 @@ local function modify(d, rec, part_list, uid)
 		end
 		return slurm.SUCCESS -- deferred jobs are priced by the prolog with their final limits
 	end
+	-- A held job: the ledger re-prices it and checks the token's scopes against the job as
+	-- changed (GPU type, every candidate partition, account).
 	local line = "op=resize hold=" .. hold
 	if new_time then
 		if d.time_limit == INFINITE then
 			refuse("gpu-token: GPU jobs need a finite time limit", code("ESLURM_INVALID_TIME_LIMIT"))
 		end
-		line = line .. " seconds=" .. (tonumber(d.time_limit) * 60)
+		line = line .. " seconds=" .. id_text(int(d.time_limit) * 60)
 	end
-	if new_gpus then
-		local gpus = gpu_request(d, rec)
+	if new_gpus or new_shape then
+		-- The job record carries no task or socket counts: GPUs per task/socket cannot be
+		-- recounted here, so such a change could only be priced by guessing. Refuse it.
+		for _, f in ipairs({ "tres_per_task", "tres_per_socket" }) do
+			local v = d[f] or rec[f]
+			if v and asks_gpu({ [f] = v }) then
+				refuse("gpu-token: a pending job that asks for GPUs per task or per socket cannot change "
+					.. "its GPUs, nodes or tasks; cancel it and submit it again", code("ESLURM_ACCESS_DENIED"))
+			end
+		end
+		local gpus, gtype, shared = gpu_request(d, rec)
+		if shared then
+			refuse_shared(shared)
+		end
 		if gpus <= 0 then
 			line = "op=void hold=" .. hold .. " reason=job%20modified%20to%20use%20no%20GPU"
 		else
-			line = line .. " gpus=" .. gpus
+			line = line .. " gpus=" .. id_text(gpus) .. " type=" .. esc(gtype or "")
+		end
+	end
+	if line:sub(1, 9) == "op=resize" then
+		if new_part then
+			line = line .. " partition=" .. esc(d.partition)
+		end
+		if new_account then
+			line = line .. " account=" .. esc(d.account)
 		end
 	end
 	local resp, err = call(line .. "\n")
 	local r = resp and parse(resp) or { reason = "unavailable", message = err }
 	if r.ok == "1" then
 		slurm.log_info("gpuledger: result=%s job=%s hold=%s amount=%s delta=%s uid=%d",
-			line:match("^op=(%w+)"), tostring(rec.job_id), hold, r.amount or "", r.delta or "", uid)
+			line:match("^op=(%w+)"), id_text(rec.job_id), hold, r.amount or "", r.delta or "", int(uid) or -1)
 		if line:sub(1, 7) == "op=void" then
 			d.admin_comment = ""
 		end
 		return slurm.SUCCESS
 	end
-	slurm.log_info("gpuledger: result=refused op=modify job=%s hold=%s reason=%s", tostring(rec.job_id),
+	slurm.log_info("gpuledger: result=refused op=modify job=%s hold=%s reason=%s", id_text(rec.job_id),
 		hold, esc(r.reason or ""))
 	if UNAVAILABLE[r.reason or ""] then
 		refuse("gpu-token: the GPU ledger is unavailable (" .. tostring(r.message) .. "); change refused",

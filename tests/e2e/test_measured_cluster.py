@@ -221,7 +221,8 @@ def test_agent_killed_mid_job_counts_the_gap_as_busy(s, agent):
     (u,) = usage_of(s.ledger.charges(hold.id)[0])
     busy, _ = expected(0, since)
     assert u.measured and 1800 <= u.gaps_ms <= 2000 + 1500, u
-    assert abs(u.busy_ms - busy) <= 30, (u.busy_ms, busy)  # nothing counted twice
+    # counted twice would be ~2 s off; the slack is the agent's sampling on a loaded host
+    assert abs(u.busy_ms - busy) <= 250, (u.busy_ms, busy)
     assert h.charged == math.ceil(max(u.busy_ms + u.gaps_ms, math.ceil(u.held_ms / 4)) / 1000)
     assert "resumed job" in agent.log.read_text()
 

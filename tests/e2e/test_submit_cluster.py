@@ -271,8 +271,11 @@ def test_refusal_messages(fresh):
     rc, err, _, _ = fresh.sbatch("alice", f"--gpu-token={later}", "--gres=gpu:1", "-t", "5")
     assert refusal(err) == f"gpu-token: token {ltid} is not valid before {nbf.isoformat()}"
 
-    exp = now + timedelta(seconds=3)
-    soon, stid = fresh.mint(not_before="2020-01-01", expires=exp.isoformat())
+    # minted in-process right before: a CLI start on a loaded machine can outlast a short expiry
+    exp = datetime.now(UTC) + timedelta(seconds=3)
+    soon, view = fresh.ledger.mint("physics", 10 * 3600, expires=exp,
+                                   not_before=datetime(2020, 1, 1, tzinfo=UTC))
+    stid = view.id
     time.sleep(max(0.0, (exp - datetime.now(UTC)).total_seconds()) + 1)
     rc, err, _, _ = fresh.sbatch("alice", f"--gpu-token={soon}", "--gres=gpu:1", "-t", "5")
     assert refusal(err) == f"gpu-token: token {stid} expired on {exp.date().isoformat()}"
@@ -341,6 +344,48 @@ def test_scontrol_update_timelimit_resizes_the_hold(fresh):
                      "gres=gpu:h100:2"])
     assert more_gpus.returncode == 0, more_gpus.stderr
     assert fresh.ledger.hold(hold.id).gpus == 2 and fresh.ledger.hold(hold.id).amount == 3600
+
+
+def test_scontrol_update_to_a_dearer_gpu_type_reprices_the_hold(fresh):
+    """a100 → h100 on a pending job: held again at the h100 rate, not capped at the old hold."""
+    token, _ = fresh.mint(hours="3")
+    rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", "--gres=gpu:a100:1",
+                                   "-t", "1:00:00")
+    assert rc == 0, err
+    hold = fresh.hold_of(job)
+    assert (hold.gpu_type, hold.amount) == ("a100", 2160)
+    up = run(["runuser", "-u", "alice", "--", "scontrol", "update", f"jobid={job}",
+              "gres=gpu:h100:1"])
+    assert up.returncode == 0, up.stderr
+    after = fresh.ledger.hold(hold.id)
+    assert (after.gpu_type, after.rate_ppm, after.amount) == ("h100", 1_000_000, 3600)
+
+
+def test_every_candidate_partition_is_checked_on_submit_and_update(fresh):
+    token, _ = fresh.mint(partitions="gpu")
+    rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", "--gres=gpu:h100:1",
+                                   "-t", "10", "-p", "gpu,short")
+    assert rc != 0 and job is None
+    assert "not valid in partition short (only gpu)" in refusal(err)
+    rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", "--gres=gpu:h100:1",
+                                   "-t", "10", "-p", "gpu")
+    assert rc == 0, err
+    hold = fresh.hold_of(job)
+    moved = run(["runuser", "-u", "alice", "--", "scontrol", "update", f"jobid={job}",
+                 "partition=short"])
+    assert moved.returncode != 0
+    assert "Partition=gpu " in run(["scontrol", "show", "job", job]).stdout
+    assert fresh.ledger.hold(hold.id) == hold
+
+
+@pytest.mark.parametrize("gres", ["shard:1", "shard:h100:2"])  # mps: not configured here
+def test_shared_gpu_gres_never_passes_unchecked(fresh, gres):
+    """A shard is a share of a GPU: refused with or without a token until shares are priced."""
+    rc, err, job, _ = fresh.sbatch("alice", f"--gres={gres}", "-t", "5")
+    assert rc != 0 and job is None and "shared-GPU requests" in refusal(err)
+    token, _ = fresh.mint()
+    rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", f"--gres={gres}", "-t", "5")
+    assert rc != 0 and job is None and "shared-GPU requests" in refusal(err)
 
 
 def test_users_cannot_rewrite_the_hold_field(fresh):

@@ -1,0 +1,366 @@
+"""``gpuledger verify``: the hash chain, and every table outside it, checked in one snapshot.
+
+The walk recomputes each journal row's hash (:func:`ledger.journal.row_hash`) and
+follows the links, then holds the state outside the journal against what the
+journal says: wallet balances, holds (amount, charged, refunded, state, token,
+account), tokens (account, wallet, face, status), the charges table, the escrow
+(Σ still held by pending holds) and the usage sink (Σ charges − Σ refunds).
+Rows that move a hold's or a token's money must move it between the right
+wallets (a close pays the token, its minted account's pool or ``expired``; a
+revoke pays the minted account's pool).
+
+Everything is read in one consistent snapshot, so writers may keep working:
+PostgreSQL REPEATABLE READ READ ONLY, MariaDB ``START TRANSACTION WITH
+CONSISTENT SNAPSHOT`` at REPEATABLE READ, SQLite one deferred read transaction
+(WAL: a snapshot from its first read).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.exc import DBAPIError
+
+from . import db
+from .facts import BIRTH_KINDS, CLOSE_KINDS, HoldFacts
+from .journal import row_hash
+from .models import GENESIS_HASH, Account, ChainHead, Charge, Hold, Token, Wallet
+
+A, W, H, HO, T, CH = (m.__table__ for m in (Account, Wallet, ChainHead, Hold, Token, Charge))
+_STREAM = {"yield_per": 5000}
+
+MAX_PROBLEMS = 100
+ATTEST_KEY_KIND = "attest_key_add"  # journal event: a head-attestation public key
+ATTEST_RETIRE_KIND = "attest_key_retire"
+HEAD_EXPORT_KIND = "head_export"  # journal event: a signed head was exported
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A read-only transaction that sees one consistent state of the whole database."""
+    name = engine.dialect.name
+    if name == "postgresql":
+        options = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+    elif name in ("mysql", "mariadb"):
+        options = {"isolation_level": "REPEATABLE READ"}
+    else:
+        options = {"sqlite_begin": "DEFERRED"}
+    try:
+        with engine.connect().execution_options(**options) as conn:
+            with conn.begin():
+                if name in ("mysql", "mariadb"):
+                    conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                yield conn
+    except DBAPIError as exc:
+        raise db.storage_error(exc) from None
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    rows: int
+    head_seq: int
+    head_hash: str
+    problem: str | None = None
+    bad_seq: int | None = None
+    problems: list[str] = field(default_factory=list)
+    chain_intact: bool = True  # False: the walk stopped at a broken link or hash
+    first_hash: str | None = None  # row 1's hash: names this ledger in exported heads
+    hashes: dict[int, str] = field(default_factory=dict)  # seq -> hash of the watched rows
+    attest_keys: dict[str, str] = field(default_factory=dict)  # kid -> public key (journal)
+    attest_retired: set[str] = field(default_factory=set)
+    exports: list[dict] = field(default_factory=list)  # head_export events, in order
+
+    def fail(self, problem: str, seq: int | None = None) -> None:
+        """Record a problem (the first one is ``problem``/``bad_seq``)."""
+        if self.ok:
+            self.ok, self.problem, self.bad_seq = False, problem, seq
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "rows": self.rows, "head_seq": self.head_seq,
+                "head_hash": self.head_hash, "bad_seq": self.bad_seq, "problem": self.problem,
+                "problems": self.problems}
+
+
+_JOURNAL = ("SELECT seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, account, token_id, "
+            "hold_id, reason, data, prev_hash, hash FROM journal ORDER BY seq")
+
+
+class _Walk:
+    """The facts gathered from the journal while its chain is checked."""
+
+    def __init__(self, result: VerifyResult, wallets: dict[str, int], pools: dict[str, int]):
+        self.r = result
+        self.escrow = wallets.get("system:escrow")
+        self.usage = wallets.get("system:usage")
+        self.expired = wallets.get("system:expired")
+        self.pools = pools  # account name -> pool wallet id
+        self.holds: dict[str, HoldFacts] = {}
+        self.tokens: dict[str, list] = {}  # id -> [account, wallet, face, status]
+        self.charges: dict[str, tuple[str, int, int]] = {}  # key -> (hold, amount, seq)
+        self.refunds = 0
+
+    def token(self, seq: int, token_id: str | None, what: str) -> list | None:
+        t = self.tokens.get(token_id)
+        if t is None:
+            self.r.fail(f"row {seq}: {what} names token {token_id}, which no mint or split "
+                        "row created", seq)
+        return t
+
+    def hold_row(self, seq, kind, debit, credit, amount, account, token_id, hold_id, data):
+        fail = self.r.fail
+        f = self.holds.get(hold_id)
+        if kind == "reserve":
+            if f is not None:
+                fail(f"row {seq}: hold {hold_id} is reserved a second time", seq)
+            f = self.holds[hold_id] = HoldFacts(token_id, account)
+            t = self.token(seq, token_id, f"the reserve of hold {hold_id}")
+            if t is not None:
+                if account != t[0]:
+                    fail(f"row {seq}: hold {hold_id} is reserved for account {account} but "
+                         f"token {token_id} was minted to {t[0]}", seq)
+                if amount and debit != t[1]:
+                    fail(f"row {seq}: hold {hold_id} is paid from wallet {debit}, not from "
+                         f"token {token_id}'s wallet", seq)
+        elif f is None:
+            if kind != "bind":
+                fail(f"row {seq}: {kind} of hold {hold_id} before any reserve row", seq)
+            return
+        elif f.closed is not None and kind in ("charge", "resize") + CLOSE_KINDS:
+            fail(f"row {seq}: {kind} of hold {hold_id} after it was closed", seq)
+        if amount:
+            escrow_side = {"reserve": credit, "charge": debit, "release": debit,
+                           "void": debit}.get(kind)
+            if kind == "resize":
+                escrow_side = self.escrow if self.escrow in (debit, credit) else None
+            if kind in ("reserve", "charge", "resize") + CLOSE_KINDS and escrow_side != self.escrow:
+                fail(f"row {seq}: {kind} of hold {hold_id} does not go through system:escrow", seq)
+            if kind == "charge" and credit != self.usage:
+                fail(f"row {seq}: charge of hold {hold_id} is not paid into system:usage", seq)
+            if kind == "refund" and debit != self.usage:
+                fail(f"row {seq}: refund of hold {hold_id} is not paid from system:usage", seq)
+            returned = credit if (kind in CLOSE_KINDS + ("refund",) or
+                                  (kind == "resize" and debit == self.escrow)) else None
+            if returned is not None:
+                t = self.tokens.get(f.token_id)
+                allowed = {self.expired}
+                if t is not None:
+                    allowed |= {t[1], self.pools.get(t[0])}
+                if returned not in allowed:
+                    fail(f"row {seq}: {kind} of hold {hold_id} pays wallet {returned}, which is "
+                         f"neither token {f.token_id}, the pool of its account nor "
+                         "system:expired", seq)
+        f.add(kind, debit, credit, amount, self.escrow)
+        if f.remaining < 0:
+            fail(f"row {seq}: hold {hold_id} has paid out {-f.remaining} GPU-s more than it "
+                 f"escrowed ({f.held})", seq)
+        if f.refunded > f.charged:
+            fail(f"row {seq}: hold {hold_id} refunds {f.refunded} GPU-s of {f.charged} charged",
+                 seq)
+        if kind == "charge":
+            key = json.loads(data).get("key")
+            if key in self.charges:
+                fail(f"row {seq}: charge key {key!r} is used twice", seq)
+            self.charges[key] = (hold_id, amount, seq)
+        elif kind == "refund":
+            self.refunds += amount
+
+    def token_row(self, seq, kind, debit, credit, amount, account, token_id, data):
+        fail = self.r.fail
+        if kind in BIRTH_KINDS:
+            if token_id in self.tokens:
+                fail(f"row {seq}: token {token_id} is created a second time", seq)
+            self.tokens[token_id] = [account, credit, amount, "active"]
+            if kind == "split":
+                parent = self.token(seq, json.loads(data).get("parent"), "a split")
+                if parent is not None and debit != parent[1]:
+                    fail(f"row {seq}: split {token_id} is paid from wallet {debit}, not from "
+                         "its parent token's wallet", seq)
+            return
+        t = self.token(seq, token_id, kind)
+        if t is None:
+            return
+        if kind == "transfer":
+            src = self.token(seq, json.loads(data).get("from_token"), "a transfer")
+            if (src is not None and debit != src[1]) or credit != t[1]:
+                fail(f"row {seq}: transfer to token {token_id} moves between the wrong "
+                     "wallets", seq)
+        elif kind in ("revoke", "expire"):
+            if t[3] != "active":
+                fail(f"row {seq}: token {token_id} is closed ({kind}) when already {t[3]}", seq)
+            t[3] = "revoked" if kind == "revoke" else "expired"
+            to = self.pools.get(t[0]) if kind == "revoke" else self.expired
+            if amount and (debit != t[1] or credit != to):
+                where = f"the pool of account {t[0]}" if kind == "revoke" else "system:expired"
+                fail(f"row {seq}: {kind} of token {token_id} does not pay from the token to "
+                     f"{where}", seq)
+
+
+def verify(conn: Connection, watch: frozenset[int] | set[int] = frozenset(),
+           batch: int = 5000) -> VerifyResult:
+    """Check the chain and the state outside it; every problem is named (the first in
+    ``problem``). ``watch``: seqs whose stored hashes are returned (exported heads)."""
+    result = VerifyResult(True, 0, 0, GENESIS_HASH)
+    wallets = {code: wid for wid, code in conn.execute(select(W.c.id, W.c.code))}
+    pools = {}
+    for name, wid, code in conn.execute(select(A.c.name, A.c.wallet_id, W.c.code).outerjoin(
+            W, W.c.id == A.c.wallet_id)):
+        pools[name] = wid
+        if code != f"account:{name}":
+            result.fail(f"account {name}'s pool is wallet {code}, not account:{name}")
+    walk = _Walk(result, wallets, pools)
+    if not _chain(conn, walk, watch, batch):
+        return result
+    _head(conn, result)
+    _balances(conn, walk)
+    _holds(conn, walk)
+    _tokens(conn, walk)
+    _charges(conn, walk)
+    return result
+
+
+def _chain(conn: Connection, walk: _Walk, watch, batch: int) -> bool:
+    """Walk the rows in order; False when the chain itself is broken (the walk stops there)."""
+    r = walk.r
+    prev, expected, n = GENESIS_HASH, 1, 0
+    sums: dict[int, int] = {}
+    walk.sums = sums
+    stream = conn.exec_driver_sql(_JOURNAL, execution_options={"yield_per": batch})
+
+    def broken(seq: int, problem: str) -> bool:
+        stream.close()
+        r.rows, r.head_seq, r.head_hash, r.chain_intact = n, expected - 1, prev, False
+        r.fail(problem, seq)
+        return False
+
+    for (seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data,
+         prev_hash, stored) in stream:
+        if seq != expected:
+            what = "deleted" if seq > expected else "duplicated"
+            return broken(seq, f"row {seq} follows row {expected - 1}: a row was {what} "
+                               f"(expected seq {expected})")
+        if prev_hash != prev:
+            return broken(seq, f"row {seq}: previous-hash link is broken "
+                               "(a row before it was inserted, deleted or reordered)")
+        if row_hash(prev, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
+                    reason, data) != stored:
+            return broken(seq, f"row {seq}: contents do not match its hash (edited)")
+        if amount:
+            sums[debit] = sums.get(debit, 0) - amount
+            sums[credit] = sums.get(credit, 0) + amount
+            if hold_id is None and walk.escrow in (debit, credit):
+                r.fail(f"row {seq}: {kind} moves system:escrow without a hold", seq)
+            if kind not in ("charge", "refund") and walk.usage in (debit, credit):
+                r.fail(f"row {seq}: {kind} moves system:usage (only charges and refunds may)",
+                       seq)
+        if hold_id is not None:
+            walk.hold_row(seq, kind, debit, credit, amount, account, token_id, hold_id, data)
+        elif token_id is not None:
+            walk.token_row(seq, kind, debit, credit, amount, account, token_id, data)
+        elif kind == ATTEST_KEY_KIND:
+            body = json.loads(data)
+            r.attest_keys.setdefault(body.get("kid"), body.get("public_key"))
+        elif kind == ATTEST_RETIRE_KIND:
+            r.attest_retired.add(json.loads(data).get("kid"))
+        elif kind == HEAD_EXPORT_KIND:
+            r.exports.append({**json.loads(data), "row": seq})
+        if seq == 1:
+            r.first_hash = stored
+        if seq in watch:
+            r.hashes[seq] = stored
+        prev, expected, n = stored, expected + 1, n + 1
+    r.rows, r.head_seq, r.head_hash = n, n, prev
+    return True
+
+
+def _head(conn: Connection, r: VerifyResult) -> None:
+    head = conn.execute(select(H.c.seq, H.c.hash).where(H.c.id == 1)).first()
+    if head is None:
+        r.fail("chain head row is missing")
+    elif (head[0], head[1]) != (r.rows, r.head_hash):
+        r.fail(f"chain head says row {head[0]} but the journal ends at row {r.rows} "
+               "(rows removed from the end, or head edited)", r.rows + 1)
+
+
+def _balances(conn: Connection, walk: _Walk) -> None:
+    r, sums = walk.r, walk.sums
+    seen = set()
+    for wid, code, balance in conn.execute(select(W.c.id, W.c.code, W.c.balance)):
+        seen.add(wid)
+        if sums.get(wid, 0) != balance:
+            r.fail(f"wallet {code} balance {balance} differs from its journal total "
+                   f"{sums.get(wid, 0)}")
+    for wid in sorted(set(sums) - seen):
+        r.fail(f"wallet {wid} moved {sums[wid]} GPU-s in the journal but is missing")
+    if sum(sums.values()) != 0:
+        r.fail("debits and credits do not balance")
+    pending = sum(f.remaining for f in walk.holds.values() if f.closed is None)
+    escrow = sums.get(walk.escrow, 0)
+    if escrow != pending:
+        r.fail(f"system:escrow holds {escrow} GPU-s but the pending holds' journal rows say "
+               f"{pending} is still held")
+
+
+def _holds(conn: Connection, walk: _Walk) -> None:
+    r, facts = walk.r, walk.holds
+    rows = conn.execute(select(HO.c.id, HO.c.token_id, HO.c.account, HO.c.amount, HO.c.charged,
+                               HO.c.refunded, HO.c.state).order_by(HO.c.id),
+                        execution_options=_STREAM)
+    for hold_id, token_id, account, amount, charged, refunded, state in rows:
+        f = facts.pop(hold_id, None)
+        if f is None:
+            r.fail(f"hold {hold_id} has no reserve row in the journal")
+            continue
+        for what, have, want in (("token", token_id, f.token_id), ("account", account, f.account),
+                                 ("amount", amount, f.held), ("charged", charged, f.charged),
+                                 ("refunded", refunded, f.refunded), ("state", state, f.state)):
+            if have != want:
+                r.fail(f"hold {hold_id}: {what} is {have} but the journal says {want}")
+    for hold_id in sorted(facts):
+        r.fail(f"hold {hold_id} is in the journal but its holds row is missing")
+
+
+def _tokens(conn: Connection, walk: _Walk) -> None:
+    r, facts = walk.r, dict(walk.tokens)
+    rows = conn.execute(select(T.c.id, A.c.name, T.c.wallet_id, T.c.face, T.c.status)
+                        .outerjoin(A, A.c.id == T.c.account_id).order_by(T.c.id),
+                        execution_options=_STREAM)
+    for token_id, account, wallet_id, face, status in rows:
+        t = facts.pop(token_id, None)
+        if t is None:
+            r.fail(f"token {token_id} has no mint or split row in the journal")
+            continue
+        for what, have, want in (("account", account, t[0]), ("wallet", wallet_id, t[1]),
+                                 ("face value", face, t[2]), ("status", status, t[3])):
+            if have != want:
+                r.fail(f"token {token_id}: {what} is {have} but the journal says {want}")
+    for token_id in sorted(facts):
+        r.fail(f"token {token_id} is in the journal but its tokens row is missing")
+
+
+def _charges(conn: Connection, walk: _Walk) -> None:
+    r, facts = walk.r, dict(walk.charges)
+    total = 0
+    rows = conn.execute(select(CH.c.hold_id, CH.c.key, CH.c.amount).order_by(CH.c.id),
+                        execution_options=_STREAM)
+    for hold_id, key, amount in rows:
+        total += amount
+        f = facts.pop(key, None)
+        if f is None:
+            r.fail(f"charge {key!r} of hold {hold_id} has no journal row")
+        elif (hold_id, amount) != f[:2]:
+            r.fail(f"charge {key!r}: hold {hold_id}, {amount} GPU-s, but journal row {f[2]} "
+                   f"says hold {f[0]}, {f[1]} GPU-s", f[2])
+    for key, (hold_id, _amount, seq) in sorted(facts.items(), key=lambda kv: kv[1][2]):
+        r.fail(f"charge {key!r} of hold {hold_id} (journal row {seq}) is missing from the "
+               "charges table", seq)
+    usage = walk.sums.get(walk.usage, 0)
+    if usage != total - walk.refunds:
+        r.fail(f"system:usage holds {usage} GPU-s but the charges table less refunds says "
+               f"{total - walk.refunds}")

@@ -1,0 +1,159 @@
+"""One rule, one place: pricing and token liveness agree on every path; the module graph
+has no cycle inside ``ledger`` and the ledger never imports the reports."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from ledger.errors import Reason, Refusal
+from ledger.views import HoldRequest
+
+H = 3600
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("gpu_type", [None, "", " "])
+def test_untyped_request_is_quoted_and_held_at_the_highest_rate(ledger, gpu_type):
+    """h100 1.0, a100 0.6, default 0.5: a request naming no type holds 1 GPU-h at h100's rate
+    — in the quote, on the fast path (rich token) and on the checked path (poor token)."""
+    req = HoldRequest(gpus=1, seconds=H, gpu_type=gpu_type)
+    assert ledger.price(req) == (H, 1_000_000)
+    rich, _ = ledger.mint("physics", 10 * H)
+    assert ledger.reserve(rich, req).amount == H
+    poor, _ = ledger.mint("physics", H - 1)  # cannot pay the highest rate
+    with pytest.raises(Refusal) as exc:
+        ledger.reserve(poor, req)
+    assert exc.value.reason is Reason.INSUFFICIENT and exc.value.needed == H
+    exact, _ = ledger.mint("physics", H)
+    assert ledger.reserve(exact, req).rate_ppm == 1_000_000
+
+
+def test_typed_request_prices_the_same_on_every_path(ledger):
+    """Own rate, else default — quote, fast path and checked path agree."""
+    for gpu_type, rate in (("a100", 600_000), ("v100", 500_000)):
+        req = HoldRequest(gpus=2, seconds=H, gpu_type=gpu_type)
+        need = 2 * H * rate // 1_000_000
+        assert ledger.price(req) == (need, rate)
+        rich, _ = ledger.mint("physics", 10 * need)
+        assert ledger.reserve(rich, req).amount == need
+        poor, _ = ledger.mint("physics", need)
+        ledger.transfer(poor, rich, 1, reason="make it short")
+        with pytest.raises(Refusal) as exc:
+            ledger.reserve(poor, req)
+        assert exc.value.needed == need
+
+
+def test_no_default_rate_refuses_an_unknown_type_on_both_paths(tmp_path, clock):
+    from conftest import make_ledger
+    lg = make_ledger(f"sqlite:///{tmp_path / 'l.db'}", tmp_path / "keys", clock)
+    lg.generate_key("k1")
+    lg.create_account("physics")
+    lg.set_rate("h100", 1_000_000)
+    tok, _ = lg.mint("physics", 10 * H)
+    for amount in (10 * H, 1):  # fast path, then the checked path of a poor token
+        with pytest.raises(Refusal) as exc:
+            lg.reserve(tok, HoldRequest(gpus=1, seconds=H, gpu_type="v100"))
+        assert exc.value.reason is Reason.UNKNOWN_GPU_TYPE
+        if amount == 10 * H:
+            other, _ = lg.mint("physics", 1)
+            lg.transfer(tok, other, 10 * H - 1, reason="drain")
+    lg.engine.dispose()
+
+
+def test_pricing_rule_unit():
+    from ledger.pricing import RateCandidates, gpu_rate, hold_rate
+    rates = {"h100": 1_000_000, "a100": 600_000, "default": 500_000}
+    for gpu_type, want in ((None, 1_000_000), ("", 1_000_000), ("a100", 600_000),
+                           ("v100", 500_000)):
+        assert hold_rate(gpu_type, RateCandidates.from_rates(rates, gpu_type)) == want
+    assert hold_rate("v100", RateCandidates.from_rates({"h100": 1}, "v100")) is None
+    assert hold_rate(None, RateCandidates.from_rates({}, None)) is None
+    # settlement: each GPU at its allocated type's rate; unknown type pays the hold's rate
+    assert gpu_rate("a100", rates, 1_000_000) == 600_000
+    assert gpu_rate("v100", rates, 1_000_000) == 500_000
+    assert gpu_rate(None, rates, 777) == 777 and gpu_rate("", rates, 777) == 777
+
+
+def test_liveness_is_decided_once(ledger, clock):
+    """Not yet valid, expired before the sweep, revoked: the same answer on reserve (fast and
+    checked path), resize, split/transfer, the shown status and where remainders go."""
+    from ledger.liveness import Liveness, liveness
+    now = clock.now
+    assert liveness("active", now, now + timedelta(1), now) is Liveness.ACTIVE
+    assert liveness("active", now + timedelta(1), now + timedelta(2), now) \
+        is Liveness.NOT_YET_VALID
+    assert liveness("active", now - timedelta(2), now, now) is Liveness.EXPIRED
+    assert liveness("revoked", now - timedelta(2), now, now) is Liveness.REVOKED
+
+    later, _ = ledger.mint("physics", 10 * H, not_before=now + timedelta(days=1),
+                           expires=now + timedelta(days=3))
+    with pytest.raises(Refusal) as exc:
+        ledger.reserve(later, HoldRequest(gpus=1, seconds=60, gpu_type="h100"))
+    assert exc.value.reason is Reason.NOT_YET_VALID
+    tok, view = ledger.mint("physics", 10 * H, expires=now + timedelta(days=1))
+    hold = ledger.reserve(tok, HoldRequest(gpus=1, seconds=H, gpu_type="h100"))
+    clock.advance(days=1)  # expired, not swept yet
+    assert ledger.inspect(view.id).status == "expired"
+    for ref in (tok,):
+        with pytest.raises(Refusal) as exc:
+            ledger.reserve(ref, HoldRequest(gpus=1, seconds=60, gpu_type="h100"))
+        assert exc.value.reason is Reason.EXPIRED
+    with pytest.raises(Refusal) as exc:
+        ledger.resize(hold.id, seconds=2 * H)
+    assert exc.value.reason is Reason.EXPIRED
+    before = ledger.wallet_balance("system:expired")
+    ledger.void(hold.id)
+    assert ledger.wallet_balance("system:expired") == before + H
+
+
+def _ledger_modules() -> list[str]:
+    out = []
+    for path in sorted((ROOT / "ledger").rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if "migrations" in parts:
+            continue  # run by Alembic, not importable on their own
+        out.append(".".join(parts))
+    return out
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_no_module_under_ledger_imports_reports():
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "ledger").rglob("*.py")
+                 if any(n == "reports" or n.startswith("reports.") for n in _imports(p))]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("module", ["ledger.holds", "ledger.token_ops", "ledger.service",
+                                    "ledger.migrate", "ledger.charge_record",
+                                    "ledger.daemon.cli"])
+def test_ledger_module_imports_alone_in_a_fresh_interpreter(module):
+    """No import cycle (holds ↔ service was one, and daemon.cli ↔ cli): each module imports
+    first, on its own, and importing every ledger module loads nothing from reports (the
+    ``gpuledger`` command loads its optional components when it runs)."""
+    code = ("import sys, importlib\n"
+            f"importlib.import_module({module!r})\n"
+            f"for m in {_ledger_modules()!r}:\n"
+            "    importlib.import_module(m)\n"
+            "bad = sorted(m for m in sys.modules if m == 'reports' or m.startswith('reports.'))\n"
+            "assert not bad, bad\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
