@@ -202,8 +202,14 @@ class Reconciler:
     def _deferred(self, live: list[JobRecord], acct: list[JobRecord], s: Summary,
                   dry_run: bool) -> None:
         """Record deferred runs that had no hold as owed by their account; report them."""
+        first = self.ledger.journal(limit=1)
+        if not first:
+            return
+        born = datetime.fromisoformat(first[0]["time"].replace("Z", "+00:00"))
+        # A run that started before this ledger existed is not its to settle.
         runs = [r for r in merge_runs(live, acct)
-                if r.admin_comment == marks.DEFERRED and r.ran and not r.active]
+                if r.admin_comment == marks.DEFERRED and r.ran and not r.active
+                and r.start is not None and r.start >= born]
         unpaid = sorted({r.job_id for r in runs if not self.ledger.holds(job_id=r.job_id)})
         if not unpaid:
             return

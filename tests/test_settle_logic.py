@@ -4,6 +4,7 @@ on the three databases. The controller hooks talk to the daemon's real handlers.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import pytest
 
@@ -336,6 +337,9 @@ def test_reconciler_records_a_deferred_run_that_had_no_hold_as_owed(world):
     loudly; a deferred job whose hold PrologSlurmctld reserved is settled as usual."""
     ledger, clock, token, _cfg, fake, _ = world
     fake.acct.append(rec("90", "COMPLETED", comment=marks.DEFERRED, elapsed=300, clock=clock))
+    older = rec("89", "COMPLETED", comment=marks.DEFERRED, elapsed=300, clock=clock)
+    older.start -= timedelta(days=2)  # before this ledger existed: another ledger's job
+    fake.acct.append(older)
     fake.live["91"] = rec("91", "CONFIGURING", comment=marks.DEFERRED, clock=clock)
     ctld.prolog_slurmctld(hook(world, "91", token=token), fake, DirectClient(ledger))
     fake.acct.append(rec("91", "COMPLETED", comment=marks.DEFERRED, elapsed=50, clock=clock))
