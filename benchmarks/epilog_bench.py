@@ -4,7 +4,7 @@
 
 For arrays of 10, 100 and 1,000 tasks sharing one hold (SQLite, one file, WAL), each task
 runs what its node and the controller do when it ends: the node epilog (``epilog()``: read
-the prolog record, find the job's hold by job id in the ledger, rates, charge under the
+the prolog record, find the run's hold by job id in the ledger, rates, charge under the
 node key — no ``scontrol``) and the close EpilogSlurmctld asks the daemon for
 (``settle.finish``: two indexed queries; the last task closes the hold). Printed: the mean
 cost per task at each size, side by side, and for the largest array the mean of its last
@@ -64,12 +64,14 @@ def run_array(tasks: int, tmp: Path) -> tuple[list[float], list[float]]:
         jobstate.save(hooks.state_dir, jobstate.NodeRun(
             job_id=job_id, restart=0, node="n1", start=now - 30, gpus=[0],
             gpu_types={"0": "h100"}, array_job_id=array_id, user="alice"))
+        lg.link_job(hold.id, job_id, 0, user="alice")  # PrologSlurmctld's work, not timed
+        # slurmd's Epilog gets the task's own id only (no SLURM_ARRAY_JOB_ID on 22.05).
         env = HookEnv(job_id=job_id, node="n1", restart=0, gpus=[0], token=None, user="alice",
-                      array_job_id=array_id, array_task_id=str(i), nodes=["n1"])
+                      nodes=["n1"])
         t0 = time.perf_counter()
         epilog(Hook(env, cfg, hooks, log, now), lg, now=now)
         t1 = time.perf_counter()
-        state, _ = settle.finish(lg, env.owners, job_id, ["n1"])
+        state, _ = settle.finish(lg, [job_id, array_id], job_id, ["n1"])
         t2 = time.perf_counter()
         epilogs.append(t1 - t0)
         closes.append(t2 - t1)

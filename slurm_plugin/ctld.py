@@ -70,7 +70,7 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
         owner = e.array_job_id or e.job_id
         try:
             bound = client.request("bind", hold=mark.hold_id, job=owner, user=e.user or "",
-                                   account=e.account or "")
+                                   account=e.account or "", task=e.job_id, restart=e.restart)
         except (DaemonUnavailable, DaemonError) as exc:
             if getattr(exc, "reason", "") in ("state", "not_found"):
                 why = f"gpu-token: {exc}; job cancelled"
@@ -119,6 +119,12 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
         h.log.error("%s; cannot reserve (%s: %s): Slurm requeues the job until the ledger "
                     "answers", why, exc.__class__.__name__, exc)
         return REQUEUE
+    try:
+        client.request("bind", hold=resp.get("hold"), job=e.job_id, user=e.user or "",
+                       account=e.account or "", task=e.job_id, restart=e.restart)
+    except LedgerError as exc:  # reserved with job=…: bound already; the link helps the nodes
+        h.log.warning("reserved hold %s but could not link run %d: %s", resp.get("hold"),
+                      e.restart, exc)
     h.log.info("%s; reserved hold %s for job %s", why, resp.get("hold"), e.job_id)
     return 0
 

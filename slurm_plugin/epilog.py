@@ -1,8 +1,8 @@
 """``gpuledger-epilog``: slurmd Epilog, once per job per node, as root.
 
 Computes this node's usage of the run (NVML agent, else held time; ``usage.node_usage``) and
-charges it under ``<hold>:<job>:<restart>:<node>`` to the hold the ledger binds to the job
-(its own id, else its array's; ``settle.job_hold``). It reads only its environment and the
+charges it under ``<hold>:<job>:<restart>:<node>`` to the hold the ledger links to this run
+of the job (``settle.run_hold``; PrologSlurmctld wrote the link). It reads only its environment and the
 prolog's record — no Slurm command, nothing listed per array — so its cost per task is flat.
 Closing the hold is whole-job work: EpilogSlurmctld does it (``slurm_plugin.ctld``), the
 reconciler otherwise. Always exits 0; what fails is settled later by ``gpuledger reconcile``.
@@ -34,7 +34,7 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
     ledger = ledger or Ledger.from_config(h.config)
     owners = list(dict.fromkeys([run.job_id] + ([run.array_job_id] if run.array_job_id
                                                  else []) + e.owners))
-    hold = settle.job_hold(ledger, owners, user=e.user or run.user, settled=True)
+    hold = settle.run_hold(ledger, run.job_id, run.restart, owners, user=e.user or run.user)
     if hold is None:
         other = [x for o in owners for x in ledger.holds(job_id=o)]
         if other:

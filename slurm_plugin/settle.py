@@ -90,6 +90,22 @@ def charge_amount(ledger: Ledger, key: str) -> int | None:
         return conn.execute(select(CH.c.amount).where(CH.c.key == key)).scalar()
 
 
+def run_hold(ledger: Ledger, job_id: str, restart: int, owners: list[str],
+             user: str | None = None) -> HoldView | None:
+    """The hold paying for run ``restart`` of ``job_id``: the ledger's link for that run
+    (PrologSlurmctld wrote it; an array task's nodes know only the task's id), else the hold
+    bound to the job (``job_hold``, settled ones too). Never a hold of another user."""
+    linked = ledger.linked_hold(job_id, restart)
+    if linked is not None:
+        try:
+            hold = ledger.hold(linked)
+        except NotFound:
+            hold = None
+        if hold is not None and (user is None or hold.user in (None, user)):
+            return hold
+    return job_hold(ledger, owners, user=user, settled=True)
+
+
 def job_hold(ledger: Ledger, owners: list[str], user: str | None = None,
              settled: bool = False) -> HoldView | None:
     """The pending hold the ledger binds to this job (its own id first, then its array's).

@@ -245,13 +245,18 @@ class Handlers:
     # -- PrologSlurmctld / EpilogSlurmctld (slurm_plugin.ctld) -----------------------------
 
     def bind(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
-        """Bind a hold to its job (``hold job user account``); the ledger checks the identity."""
+        """Bind a hold to its job (``hold job user account [task restart]``) and link this run
+        of the job (or array task) to it; the ledger checks the identity."""
         self.policy.require_privileged(peer, "bind")
         hold_id, job = _name(fields, "hold"), _name(fields, "job")
         if hold_id is None or job is None:
             raise BadRequest("bind needs hold and job")
-        view = self.ledger.bind(hold_id, job, user=_name(fields, "user"),
-                                account=_name(fields, "account"))
+        user, account = _name(fields, "user"), _name(fields, "account")
+        view = self.ledger.bind(hold_id, job, user=user, account=account)
+        run_of = _name(fields, "task") or job  # an array task's own id: its nodes know only it
+        restart = _int(fields, "restart", required=False) or 0
+        if view.state == "pending":
+            self.ledger.link_job(hold_id, run_of, restart, user=user, account=account)
         token = self.ledger.inspect(view.token_id)
         return {"ok": 1, "hold": view.id, "state": view.state, "token_id": view.token_id,
                 "token_status": token.status, "token_reason": token.status_reason or ""}
