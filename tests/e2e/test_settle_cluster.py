@@ -234,12 +234,14 @@ def test_ledger_unavailable_at_submit_prolog_reserves_or_cancels(s):
         assert field(job, "AdminComment") == "gpuledger:deferred"
         poor, _ = s.mint(hours="0.01")
         job2 = s.sbatch(poor, "--gres=gpu:h100:1", "-t", "5", wrap="sleep 1", hold=True)
-        sh(["scontrol", "release", job, job2])
-        s.wait(job)
-        s.wait(job2)
     finally:
         s.submit_conf("reject")
         s.start_daemon()
+    # The ledger is back when they start: PrologSlurmctld reserves, or cancels the poor one.
+    # (Still down at their start, they are requeued: test_deferred_job_never_runs_unpaid….)
+    sh(["scontrol", "release", job, job2])
+    s.wait(job)
+    s.wait(job2)
     assert field(job, "AdminComment") == "gpuledger:deferred"  # the ledger binds it, not Slurm
     h = s.settled(s.bound_hold(job).id)
     assert h.token_id == tid and h.job_id == job and h.amount == 300 and h.charged > 0
