@@ -83,7 +83,10 @@ def check_head(result: VerifyResult, head: dict, label: str,
     if not signature_ok(head):
         result.fail(f"{label}: the signature does not verify (the head file was altered)")
         return
-    if seq > result.rows:
+    if seq and result.rows and head.get("ledger") not in (None, result.first_hash):
+        result.fail(f"{label}: exported from another ledger (or row 1 was rewritten): its "
+                    "first row differs", 1)
+    elif seq > result.rows:
         result.fail(f"{label}: exported at row {seq} ({head.get('at')}) but the journal now "
                     f"ends at row {result.rows}: rows were deleted from the end and the head "
                     "moved back", result.rows + 1)
@@ -91,8 +94,6 @@ def check_head(result: VerifyResult, head: dict, label: str,
         result.fail(f"{label}: history rewritten: row {seq} now hashes to "
                     f"{result.hashes.get(seq)}, the head exported {head.get('at')} says {want}",
                     seq)
-    elif head.get("ledger") not in (None, result.first_hash) and seq:
-        result.fail(f"{label}: exported from another ledger (its first row differs)", 1)
     kid, public = head.get("kid"), head.get("public_key")
     if local_keys.get(kid, public) != public:
         result.fail(f"{label}: signed with a key {kid} other than this host's {kid}")

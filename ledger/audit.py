@@ -88,6 +88,7 @@ class VerifyResult:
                 "problems": self.problems}
 
 
+_NOT_AFTER_CLOSE = frozenset(("charge", "resize") + CLOSE_KINDS)
 _JOURNAL = ("SELECT seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, account, token_id, "
             "hold_id, reason, data, prev_hash, hash FROM journal ORDER BY seq")
 
@@ -120,49 +121,25 @@ class _Walk:
             if f is not None:
                 fail(f"row {seq}: hold {hold_id} is reserved a second time", seq)
             f = self.holds[hold_id] = HoldFacts(token_id, account)
-            t = self.token(seq, token_id, f"the reserve of hold {hold_id}")
-            if t is not None:
-                if account != t[0]:
-                    fail(f"row {seq}: hold {hold_id} is reserved for account {account} but "
-                         f"token {token_id} was minted to {t[0]}", seq)
-                if amount and debit != t[1]:
-                    fail(f"row {seq}: hold {hold_id} is paid from wallet {debit}, not from "
-                         f"token {token_id}'s wallet", seq)
+            t = self.tokens.get(token_id)
+            if t is None:
+                self.token(seq, token_id, f"the reserve of hold {hold_id}")
+            elif account != t[0] or (amount and debit != t[1]):
+                fail(f"row {seq}: hold {hold_id} is reserved for account {account} from wallet "
+                     f"{debit}, but token {token_id} was minted to {t[0]} with wallet {t[1]}",
+                     seq)
         elif f is None:
             if kind != "bind":
                 fail(f"row {seq}: {kind} of hold {hold_id} before any reserve row", seq)
             return
-        elif f.closed is not None and kind in ("charge", "resize") + CLOSE_KINDS:
+        elif f.closed is not None and kind in _NOT_AFTER_CLOSE:
             fail(f"row {seq}: {kind} of hold {hold_id} after it was closed", seq)
         if amount:
-            escrow_side = {"reserve": credit, "charge": debit, "release": debit,
-                           "void": debit}.get(kind)
-            if kind == "resize":
-                escrow_side = self.escrow if self.escrow in (debit, credit) else None
-            if kind in ("reserve", "charge", "resize") + CLOSE_KINDS and escrow_side != self.escrow:
-                fail(f"row {seq}: {kind} of hold {hold_id} does not go through system:escrow", seq)
-            if kind == "charge" and credit != self.usage:
-                fail(f"row {seq}: charge of hold {hold_id} is not paid into system:usage", seq)
-            if kind == "refund" and debit != self.usage:
-                fail(f"row {seq}: refund of hold {hold_id} is not paid from system:usage", seq)
-            returned = credit if (kind in CLOSE_KINDS + ("refund",) or
-                                  (kind == "resize" and debit == self.escrow)) else None
-            if returned is not None:
-                t = self.tokens.get(f.token_id)
-                allowed = {self.expired}
-                if t is not None:
-                    allowed |= {t[1], self.pools.get(t[0])}
-                if returned not in allowed:
-                    fail(f"row {seq}: {kind} of hold {hold_id} pays wallet {returned}, which is "
-                         f"neither token {f.token_id}, the pool of its account nor "
-                         "system:expired", seq)
+            self.hold_movement(seq, f, kind, debit, credit, hold_id)
         f.add(kind, debit, credit, amount, self.escrow)
-        if f.remaining < 0:
+        if f.held < f.charged + f.released:
             fail(f"row {seq}: hold {hold_id} has paid out {-f.remaining} GPU-s more than it "
                  f"escrowed ({f.held})", seq)
-        if f.refunded > f.charged:
-            fail(f"row {seq}: hold {hold_id} refunds {f.refunded} GPU-s of {f.charged} charged",
-                 seq)
         if kind == "charge":
             key = json.loads(data).get("key")
             if key in self.charges:
@@ -170,6 +147,36 @@ class _Walk:
             self.charges[key] = (hold_id, amount, seq)
         elif kind == "refund":
             self.refunds += amount
+            if f.refunded > f.charged:
+                fail(f"row {seq}: hold {hold_id} refunds {f.refunded} GPU-s of {f.charged} "
+                     "charged", seq)
+
+    def hold_movement(self, seq, f: HoldFacts, kind, debit, credit, hold_id) -> None:
+        """A hold's money runs token → escrow → usage, and back to the token, its minted
+        account's pool or system:expired — nowhere else."""
+        escrow, returned = self.escrow, None
+        if kind == "reserve":
+            ok = credit == escrow
+        elif kind == "charge":
+            ok = debit == escrow and credit == self.usage
+        elif kind in CLOSE_KINDS:
+            ok, returned = debit == escrow, credit
+        elif kind == "resize":
+            ok = escrow in (debit, credit)
+            returned = credit if debit == escrow else None
+        elif kind == "refund":
+            ok, returned = debit == self.usage, credit
+        else:
+            ok = False
+        if not ok:
+            self.r.fail(f"row {seq}: {kind} of hold {hold_id} moves {debit} -> {credit}, not "
+                        "through system:escrow / system:usage", seq)
+        if returned is not None and returned != self.expired:
+            t = self.tokens.get(f.token_id)
+            if t is None or returned not in (t[1], self.pools.get(t[0])):
+                self.r.fail(f"row {seq}: {kind} of hold {hold_id} pays wallet {returned}, which "
+                            f"is neither token {f.token_id}, the pool of its account nor "
+                            "system:expired", seq)
 
     def token_row(self, seq, kind, debit, credit, amount, account, token_id, data):
         fail = self.r.fail
@@ -231,16 +238,17 @@ def _chain(conn: Connection, walk: _Walk, watch, batch: int) -> bool:
     prev, expected, n = GENESIS_HASH, 1, 0
     sums: dict[int, int] = {}
     walk.sums = sums
-    stream = conn.exec_driver_sql(_JOURNAL, execution_options={"yield_per": batch})
+    cur = _streaming_cursor(conn)
+    cur.execute(_JOURNAL)
 
     def broken(seq: int, problem: str) -> bool:
-        stream.close()
+        cur.close()
         r.rows, r.head_seq, r.head_hash, r.chain_intact = n, expected - 1, prev, False
         r.fail(problem, seq)
         return False
 
     for (seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data,
-         prev_hash, stored) in stream:
+         prev_hash, stored) in _batches(cur, batch):
         if seq != expected:
             what = "deleted" if seq > expected else "duplicated"
             return broken(seq, f"row {seq} follows row {expected - 1}: a row was {what} "
@@ -275,8 +283,27 @@ def _chain(conn: Connection, walk: _Walk, watch, batch: int) -> bool:
         if seq in watch:
             r.hashes[seq] = stored
         prev, expected, n = stored, expected + 1, n + 1
+    cur.close()
     r.rows, r.head_seq, r.head_hash = n, n, prev
     return True
+
+
+def _streaming_cursor(conn: Connection):
+    """A driver cursor over this transaction that streams rows from the server (the whole
+    journal never sits in memory): a named cursor on psycopg, SSCursor on PyMySQL."""
+    raw = conn.connection.driver_connection
+    name, driver = conn.dialect.name, conn.dialect.driver
+    if name == "postgresql" and driver == "psycopg":
+        return raw.cursor(name="gpuledger_verify")
+    if driver == "pymysql":
+        import pymysql.cursors
+        return raw.cursor(pymysql.cursors.SSCursor)
+    return raw.cursor()
+
+
+def _batches(cur, size: int):
+    while rows := cur.fetchmany(size):
+        yield from rows
 
 
 def _head(conn: Connection, r: VerifyResult) -> None:

@@ -35,6 +35,7 @@ class DatabaseConfig:
 class DaemonConfig:
     socket: str = "/run/gpuledger/gpuledger.sock"
     socket_group: str | None = None
+    privileged_socket: str | None = None
     slurm_user: str = "slurm"
     max_line: int = 16384
 
@@ -119,6 +120,7 @@ def parse(raw: dict, p: Path) -> Config:
     daemon = DaemonConfig(
         socket=_get(d, "socket", str, DaemonConfig.socket, p, "daemon"),
         socket_group=_get(d, "socket_group", str, None, p, "daemon"),
+        privileged_socket=_get(d, "privileged_socket", str, None, p, "daemon") or None,
         slurm_user=_get(d, "slurm_user", str, "slurm", p, "daemon"),
         max_line=_get(d, "max_line", int, DaemonConfig.max_line, p, "daemon"),
     )
@@ -178,6 +180,9 @@ dir = "keys"
 socket = "/run/gpuledger/gpuledger.sock"
 # Group owning the socket (mode 0660 when set, else 0666 with peer-credential checks).
 # socket_group = "slurm"
+# A second socket only root and the SlurmUser can open (mode 0600, owned by slurm_user).
+# Point job_submit.conf's `socket` at it: no flood of users' connections keeps slurmctld out.
+# privileged_socket = "/run/gpuledger/gpuledger-slurm.sock"
 slurm_user = "slurm"
 
 [submit]

@@ -4,10 +4,16 @@ SQLite runs in WAL mode with ``synchronous=FULL``; write transactions start
 with ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade.
 Server databases run at READ COMMITTED with explicit row locks
 (``SELECT … FOR UPDATE``), taken in a fixed order, the chain head last.
+
+Every driver error — raised through SQLAlchemy or by the hot paths' raw driver
+cursors — is judged here by one rule: conflicts (deadlock, lock wait timeout,
+serialization failure, MariaDB's snapshot-isolation "record has changed") retry
+the whole transaction; anything else becomes a :class:`StorageError`.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,16 +96,44 @@ def is_sqlite(conn_or_engine: Connection | Engine) -> bool:
     return conn_or_engine.dialect.name == "sqlite"
 
 
+# Driver error codes of a transaction that lost a conflict and may simply run again.
+_PG_CONFLICTS = frozenset({
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available (lock_timeout)
+})
+_MARIADB_CONFLICTS = frozenset({
+    1213,  # ER_LOCK_DEADLOCK
+    1205,  # ER_LOCK_WAIT_TIMEOUT
+    1020,  # ER_CHECKREAD: innodb_snapshot_isolation saw a row change since its read view
+})
+
+
 def _retryable(exc: DBAPIError) -> bool:
-    """Deadlocks and serialization failures: the whole transaction may be retried."""
+    """The one retry rule: a conflict the whole transaction may be retried after."""
     orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or ""
-    if code in ("40001", "40P01"):  # PostgreSQL serialization failure / deadlock
+    if getattr(orig, "sqlstate", None) in _PG_CONFLICTS:
         return True
     args = getattr(orig, "args", ())
-    if args and args[0] in (1213, 1205):  # MariaDB deadlock / lock wait timeout
+    if args and args[0] in _MARIADB_CONFLICTS:
         return True
     return "database is locked" in str(orig)
+
+
+def as_dbapi_error(conn: Connection, exc: BaseException) -> DBAPIError | None:
+    """A driver's own exception (from a raw driver cursor) wrapped as SQLAlchemy wraps its
+    own — same classes (OperationalError, IntegrityError, …), same ``orig`` — so that one
+    rule retries and maps both; a lost connection is invalidated like SQLAlchemy does.
+    None for anything that is not a driver error."""
+    if isinstance(exc, DBAPIError):
+        return exc
+    dbapi = conn.dialect.loaded_dbapi
+    if dbapi is None or not isinstance(exc, dbapi.Error):
+        return None
+    if not conn.invalidated and conn.dialect.is_disconnect(
+            exc, conn.connection.dbapi_connection, None):
+        conn.invalidate(exc)
+    return DBAPIError.instance(None, None, exc, dbapi.Error)
 
 
 def storage_error(exc: DBAPIError) -> StorageError:
@@ -115,33 +149,48 @@ def storage_error(exc: DBAPIError) -> StorageError:
 
 
 @contextmanager
-def write(engine: Engine) -> Iterator[Connection]:
-    """One write transaction (BEGIN IMMEDIATE on SQLite); commits on success."""
-    with engine.connect() as conn:
+def _transaction(conn: Connection) -> Iterator[Connection]:
+    """``conn.begin()``; a raw driver error leaves it as SQLAlchemy's (see as_dbapi_error)."""
+    try:
         with conn.begin():
             yield conn
+    except Exception as exc:
+        wrapped = as_dbapi_error(conn, exc)
+        if wrapped is None or wrapped is exc:
+            raise
+        raise wrapped from exc
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
+    """One write transaction (BEGIN IMMEDIATE on SQLite); commits on success."""
+    with engine.connect() as conn, _transaction(conn):
+        yield conn
 
 
 @contextmanager
 def read(engine: Engine) -> Iterator[Connection]:
     """A read-only transaction (deferred BEGIN on SQLite); driver errors become StorageError."""
     try:
-        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
-            with conn.begin():
-                yield conn
+        with (engine.connect().execution_options(sqlite_begin="DEFERRED") as conn,
+              _transaction(conn)):
+            yield conn
     except DBAPIError as exc:
         raise storage_error(exc) from None
 
 
 def run_write(engine: Engine, fn, *, attempts: int = 8):
-    """Run ``fn(conn)`` in a write transaction, retrying deadlocks; map driver errors."""
+    """Run ``fn(conn)`` in a write transaction, retrying conflicts; map driver errors.
+
+    Raw driver errors arrive here wrapped by :func:`write`, so every path — SQLAlchemy
+    statements and driver cursors alike — retries and maps the same way."""
     for attempt in range(attempts):
         try:
             with write(engine) as conn:
                 return fn(conn)
         except DBAPIError as exc:
             if _retryable(exc) and attempt < attempts - 1:
-                time.sleep(0.002 * (2**attempt))
+                time.sleep(0.002 * (2**attempt) * random.uniform(0.5, 1.5))
                 continue
             raise storage_error(exc) from None
     raise AssertionError("unreachable")

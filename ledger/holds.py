@@ -18,7 +18,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from .amounts import check_amount, fmt_hours
 from .charge_record import ChargeRecord
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
-from .facts import hold_facts
+from .facts import HoldFacts, hold_facts
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
 from .models import Charge, Hold, UTCDateTime
@@ -227,19 +227,20 @@ class HoldOps:
         if pending and hold.state != "pending":
             raise StateError(f"hold {hold_id} is already {hold.state}")
         facts = hold_facts(tx, hold_id)
+        if pending and facts.closed is not None:
+            raise StateError(f"hold {hold_id} is already {facts.state}")
         token_row = self._token_row(tx.conn, facts.token_id or hold.token_id, lock=True)
         return hold, facts, token_row
 
-    def _close(self, tx: Tx, hold_id: str, token_row, state: str, kind: str,
-               reason: str | None = None):
-        """Return what the journal says is still escrowed for the hold (not its columns)."""
-        facts = hold_facts(tx, hold_id)
+    def _close(self, tx: Tx, hold_id: str, facts: HoldFacts, token_row, state: str, kind: str,
+               reason: str | None = None) -> None:
+        """Return what the journal says is still escrowed for the hold (not its columns);
+        ``facts`` are the hold's journal facts including this transaction's postings."""
         tx.conn.execute(_HOLD_CLOSE, {"hid": hold_id, "new_state": state, "at": tx.now})
         tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row),
                 facts.remaining, account=facts.account, token_id=facts.token_id,
                 hold_id=hold_id, reason=reason,
                 data={"charged": facts.charged, "held": facts.held})
-        return facts
 
     def post(self, hold_id: str, amount: int, *, usage: ChargeRecord | dict | None = None,
              key: str | None = None, final: bool = True, cap: bool = False,
@@ -268,14 +269,16 @@ class HoldOps:
                 job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
                 created_at=tx.now))
             tx.conn.execute(_HOLD_ADD_CHARGE, {"hid": hold_id, "add": charge})
-            tx.move("charge", tx.wallet_id("system:escrow"), tx.wallet_id("system:usage"),
-                    charge, account=facts.account, token_id=facts.token_id, hold_id=hold_id,
-                    data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id, "node": node,
-                          "restart": restart})
+            escrow, sink = tx.wallet_id("system:escrow"), tx.wallet_id("system:usage")
+            tx.move("charge", escrow, sink, charge, account=facts.account,
+                    token_id=facts.token_id, hold_id=hold_id,
+                    data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id,
+                          "node": node, "restart": restart})
+            facts.add("charge", escrow, sink, charge, escrow)
             after = SimpleNamespace(**{**hold._mapping, "amount": facts.held,
-                                       "charged": facts.charged + charge})
+                                       "charged": facts.charged})
             if final:
-                self._close(tx, hold_id, token_row, "posted", "release")
+                self._close(tx, hold_id, facts, token_row, "posted", "release")
                 after.state, after.resolved_at = "posted", tx.now
             tx.flush()
             return hold_view(after).to_dict()
@@ -288,7 +291,7 @@ class HoldOps:
         def run(tx: Tx) -> dict:
             hold, facts, token_row = self._locked(tx, hold_id)
             state = "posted" if facts.charged else "voided"
-            self._close(tx, hold_id, token_row, state, "void", reason)
+            self._close(tx, hold_id, facts, token_row, state, "void", reason)
             tx.flush()
             return hold_view(SimpleNamespace(**{
                 **hold._mapping, "amount": facts.held, "charged": facts.charged,
@@ -460,38 +463,47 @@ def _usage_row(usage: ChargeRecord | dict | None, uncapped: int | None) -> dict:
 
 
 def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest: str):
-    """One locked read for the common case: (account, wallet id, rate, balance) of a live
+    """The common case in two statements: (account, wallet id, rate, balance) of a live
     token whose stored digest matches and whose GPU type is priced; else None.
 
-    The read fetches the token's liveness fields and the candidate rates; liveness and the
-    rate are decided by the same functions as every other path (ledger.liveness, .pricing).
+    Locks the token row and nothing else (wallets are locked by Tx.flush, in id order, the
+    chain head by Tx.seal): not the account row its siblings share — MariaDB ignores
+    ``FOR UPDATE OF`` and would lock every row of a join — and no read in the locking
+    statement but the token's own, because a locking read mixed with a consistent read
+    fails under MariaDB's ``innodb_snapshot_isolation`` whenever it waited for the lock.
+    The second statement reads the rest after the lock, so it sees the latest balance.
+    Liveness and the rate are decided by the same functions as every other path
+    (ledger.liveness, .pricing).
     """
     conn = tx.conn
-    name = conn.dialect.name
-    lock = " FOR UPDATE OF t" if name == "postgresql" else " FOR UPDATE"
+    sql = raw_sql(conn)
     typed = not is_untyped(gpu_type)
-    sql = raw_sql(conn)(
-        "SELECT a.name, t.wallet_id, w.balance, t.digest, t.status, t.not_before, t.expires, "
-        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default'), "
-        "(SELECT MAX(rate_ppm) FROM rates)" +
-        (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?) " if typed else " ") +
-        "FROM tokens t JOIN accounts a ON a.id = t.account_id "
-        "JOIN wallets w ON w.id = t.wallet_id "
-        "WHERE t.id = ?" + lock)
     cur = conn.connection.driver_connection.cursor()
     try:
-        cur.execute(sql, ((gpu_type,) if typed else ()) + (token_id,))
+        cur.execute(sql("SELECT wallet_id, account_id, digest, status, not_before, expires "
+                        "FROM tokens WHERE id = ?" + FOR_UPDATE), (token_id,))
+        token = cur.fetchone()
+        if token is None or token[2] != token_digest:
+            return None
+        wallet_id, account_id, _, status, not_before, expires = token
+        if liveness(status, _utc(not_before), _utc(expires), tx.now) is not Liveness.ACTIVE:
+            return None
+        cur.execute(sql(
+            "SELECT a.name, w.balance, "
+            "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default'), "
+            "(SELECT MAX(rate_ppm) FROM rates)" +
+            (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?) " if typed else " ") +
+            "FROM accounts a JOIN wallets w ON w.id = ? WHERE a.id = ?"),
+            ((gpu_type,) if typed else ()) + (wallet_id, account_id))
         row = cur.fetchone()
     finally:
         cur.close()
-    if row is None or row[3] != token_digest:
+    if row is None:
         return None
-    if liveness(row[4], _utc(row[5]), _utc(row[6]), tx.now) is not Liveness.ACTIVE:
-        return None
-    rate = hold_rate(gpu_type, RateCandidates(row[9] if typed else None, row[7], row[8]))
+    rate = hold_rate(gpu_type, RateCandidates(row[4] if typed else None, row[2], row[3]))
     if rate is None:
         return None
-    return row[0], row[1], rate, row[2]
+    return row[0], wallet_id, rate, row[1]
 
 
 def _utc(value):

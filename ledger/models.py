@@ -1,6 +1,9 @@
 """The ledger schema: SQLAlchemy 2 typed models under one MetaData naming convention.
 
-Money columns are BigInteger GPU-seconds at the reference rate. ``wallets`` are
+Money columns are BigInteger GPU-seconds at the reference rate. Text compares as
+bytes on every database — identifiers, keys, names: ``Job-Key-1``, ``job-key-1`` and
+``job-key-1 `` are three keys — which on MariaDB takes a NO PAD binary collation
+(PostgreSQL and SQLite compare bytes by default). ``wallets`` are
 the double-entry accounts (system, per Slurm account, per token); ``journal``
 is the append-only, hash-chained list of every movement and state change.
 """
@@ -65,6 +68,11 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+# MariaDB's utf8mb4_bin is PAD SPACE ('a ' = 'a'); the default collations also ignore case.
+BINARY_COLLATION = "utf8mb4_nopad_bin"
+BINARY_TEXT = {"mysql_charset": "utf8mb4", "mysql_collate": BINARY_COLLATION}
+
+
 Amount = BigInteger
 
 
@@ -72,7 +80,10 @@ class Wallet(Base):
     """A double-entry account. Only wallets flagged ``allow_negative`` (issuance) go below 0."""
 
     __tablename__ = "wallets"
-    __table_args__ = (CheckConstraint("allow_negative OR balance >= 0", name="balance_not_negative"),)
+    __table_args__ = (
+        CheckConstraint("allow_negative OR balance >= 0", name="balance_not_negative"),
+        BINARY_TEXT,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     code: Mapped[str] = mapped_column(String(80), unique=True)
@@ -85,6 +96,7 @@ class Account(Base):
     """A Slurm account (project). Its pool wallet receives revoked remainders."""
 
     __tablename__ = "accounts"
+    __table_args__ = BINARY_TEXT
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
@@ -97,6 +109,7 @@ class SigningKey(Base):
     """An Ed25519 public key; its private half stays in the keys directory of the minting host."""
 
     __tablename__ = "signing_keys"
+    __table_args__ = BINARY_TEXT
 
     kid: Mapped[str] = mapped_column(String(64), primary_key=True)
     public_key: Mapped[str] = mapped_column(String(64))  # base64url of the 32 raw bytes
@@ -108,7 +121,7 @@ class Token(Base):
     """Ledger state of a signed token; the token's value lives in its wallet."""
 
     __tablename__ = "tokens"
-    __table_args__ = (Index(None, "account_id"),)
+    __table_args__ = (Index(None, "account_id"), BINARY_TEXT)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     kid: Mapped[str] = mapped_column(ForeignKey("signing_keys.kid"))
@@ -130,6 +143,7 @@ class Rate(Base):
     """Charge rate of a GPU type in parts per million of the reference GPU."""
 
     __tablename__ = "rates"
+    __table_args__ = BINARY_TEXT
 
     gpu_type: Mapped[str] = mapped_column(String(64), primary_key=True)
     rate_ppm: Mapped[int] = mapped_column(BigInteger)
@@ -147,6 +161,7 @@ class Hold(Base):
         Index(None, "account", "created_at"),
         CheckConstraint("charged <= amount", name="charged_within_hold"),
         CheckConstraint("charged >= 0", name="charged_not_negative"),
+        BINARY_TEXT,
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -174,7 +189,7 @@ class Charge(Base):
     """One settlement against a hold (a node, an array task or a run of a requeued job)."""
 
     __tablename__ = "charges"
-    __table_args__ = (Index(None, "hold_id"), Index(None, "created_at"))
+    __table_args__ = (Index(None, "hold_id"), Index(None, "created_at"), BINARY_TEXT)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     hold_id: Mapped[str] = mapped_column(ForeignKey("holds.id"))
@@ -199,6 +214,7 @@ class JournalEntry(Base):
         Index("ix_journal_debit_wallet_id_ts", "debit_wallet_id", "ts"),
         Index("ix_journal_credit_wallet_id_ts", "credit_wallet_id", "ts"),
         CheckConstraint("amount >= 0", name="amount_not_negative"),
+        BINARY_TEXT,
     )
 
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
@@ -220,6 +236,7 @@ class ChainHead(Base):
     """The single row every writer locks last: the journal's tip (seq, hash)."""
 
     __tablename__ = "chain_head"
+    __table_args__ = BINARY_TEXT
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(BigInteger)
@@ -230,6 +247,7 @@ class IdempotencyRecord(Base):
     """First result of an operation under a caller's key; replays return it unchanged."""
 
     __tablename__ = "idempotency"
+    __table_args__ = BINARY_TEXT
 
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     op: Mapped[str] = mapped_column(String(24))

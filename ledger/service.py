@@ -255,28 +255,31 @@ class AdminOps(LedgerBase):
         return public
 
     @staticmethod
-    def _attest_events(conn: Connection) -> tuple[dict[str, dict], set[str]]:
-        """Head-attestation keys recorded in the journal: {kid: event}, retired kids."""
+    def _attest_events(conn: Connection) -> tuple[dict[str, dict], dict[str, int]]:
+        """Head-attestation keys recorded in the journal: {kid: event}, {retired kid: ts}."""
         from .journal import J
-        found, retired = {}, set()
+        found, retired = {}, {}
         for kind, data, ts in conn.execute(select(J.c.kind, J.c.data, J.c.ts).where(
                 J.c.kind.in_([ATTEST_KEY_KIND, ATTEST_RETIRE_KIND])).order_by(J.c.seq)):
             body = json.loads(data)
             if kind == ATTEST_KEY_KIND:
                 found.setdefault(body.get("kid"), {**body, "ts": ts})
             else:
-                retired.add(body.get("kid"))
+                retired.setdefault(body.get("kid"), ts)
         return found, retired
 
     def attest_keys(self) -> list[dict]:
         from datetime import UTC
+
+        def when(ts: int) -> str:
+            return datetime.fromtimestamp(ts / 1e6, UTC).isoformat()
+
         with self._read() as conn:
             found, retired = self._attest_events(conn)
         have = self.keys_dir
         return [{
             "kid": kid, "public_key": e.get("public_key"), "purpose": attest.PURPOSE,
-            "created": datetime.fromtimestamp(e["ts"] / 1e6, UTC).isoformat(),
-            "retired": kid in retired,
+            "created": when(e["ts"]), "retired": when(retired[kid]) if kid in retired else None,
             "private_key_here": bool(have and keys.private_path(have, kid).exists()),
         } for kid, e in found.items()]
 

@@ -22,7 +22,9 @@ A, W, T, K, HO = (m.__table__ for m in (Account, Wallet, Token, SigningKey, Hold
 _TOKEN_ROW = (select(T, A.c.name.label("account"), A.c.wallet_id.label("pool_wallet_id"),
                      W.c.balance).join(A, A.c.id == T.c.account_id)
               .join(W, W.c.id == T.c.wallet_id).where(T.c.id == bindparam("tid")))
-_TOKEN_ROW_LOCKED = _TOKEN_ROW.with_for_update(of=T)
+# The lock takes the token row alone (MariaDB ignores FOR UPDATE OF and would lock the
+# account row every token of the account shares); the row is then read after the lock.
+_TOKEN_LOCK = select(T.c.id).where(T.c.id == bindparam("tid")).with_for_update()
 DEFAULT_VALIDITY = timedelta(days=365)
 
 
@@ -49,7 +51,9 @@ class TokenOps:
         return self.verifier().verify(ref).id
 
     def _token_row(self, conn: Connection, token_id: str, lock: bool = False):
-        row = conn.execute(_TOKEN_ROW_LOCKED if lock else _TOKEN_ROW, {"tid": token_id}).one_or_none()
+        if lock:
+            conn.execute(_TOKEN_LOCK, {"tid": token_id})
+        row = conn.execute(_TOKEN_ROW, {"tid": token_id}).one_or_none()
         if row is None:
             raise NotFound(f"unknown token {token_id}")
         return row

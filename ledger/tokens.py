@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import secrets
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,9 +45,14 @@ def b64e(data: bytes) -> str:
 
 
 def b64d(text: str) -> bytes:
+    """Unpadded base64url, canonical only: one encoding per byte string (no padding, no
+    stray bits in the last character), so a token has exactly one spelling."""
     if not _B64URL.match(text) or len(text) % 4 == 1:
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64e(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,15 @@ class Scopes:
 
     @classmethod
     def from_dict(cls, data: dict) -> Scopes:
+        """From a token's ``scp`` claim (or the ledger's copy); ValueError when invalid."""
+        if not isinstance(data, dict):
+            raise ValueError("scopes must be an object")
+        unknown = sorted(str(k)[:32] for k in data if k not in SCOPE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown scope {unknown[0]!r}")
         values = {}
         for key in SCOPE_KEYS:
-            items = data.get(key) or ()
+            items = data.get(key, ())
             if not isinstance(items, (list, tuple)) or not all(
                 isinstance(i, str) and _NAME.match(i) for i in items
             ):
@@ -154,51 +166,123 @@ def _malformed(message: str) -> TokenInvalid:
     return TokenInvalid(Reason.MALFORMED, f"malformed token: {message}")
 
 
-def _ts(value, name: str) -> datetime:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**40:
-        raise _malformed(f"claim {name} is not a timestamp")
-    return datetime.fromtimestamp(value, UTC)
+# The claims a payload may carry, and nothing else: an unknown claim could be a restriction
+# this version does not know how to enforce, so it is refused rather than ignored.
+REQUIRED_CLAIMS = ("tid", "kid", "acct", "face", "nbf", "exp", "iat")
+OPTIONAL_CLAIMS = ("scp", "par")
+MAX_FACE = 2**53
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second a datetime can hold
+_MAX_INT_DIGITS = 20
 
 
-def _parse_payload(raw: bytes) -> tuple[dict, Claims]:
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _malformed(f"payload repeats the key {dup[:32]!r}")
+    return body
+
+
+def _no_constant(name: str):
+    raise _malformed(f"payload contains {name}")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _malformed("payload contains an over-long number")
+    return int(text)
+
+
+def _json_object(raw: bytes) -> dict:
+    """The payload as a JSON object; every failure is a :class:`TokenInvalid` (malformed)."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        text = raw.decode("ascii")  # canonical payloads are ASCII (non-ASCII is \u-escaped)
+    except UnicodeDecodeError:
+        raise _malformed("payload is not ASCII JSON") from None
+    try:
+        body = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                          parse_int=_bounded_int)
+    except TokenInvalid:
+        raise
+    except (ValueError, RecursionError):
         raise _malformed("payload is not JSON") from None
     if not isinstance(body, dict):
         raise _malformed("payload is not an object")
-    for name, kind in (("tid", str), ("kid", str), ("acct", str), ("face", int)):
-        if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool):
-            raise _malformed(f"claim {name} is missing or has the wrong type")
-    if not is_token_id(body["tid"]):
-        raise _malformed("claim tid is not a token id")
-    if not 0 < body["face"] <= 2**53:
-        raise _malformed("claim face is out of range")
+    return body
+
+
+_JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+               list: "a list", dict: "an object", type(None): "null"}
+
+
+def _claim(body: dict, name: str, kind: type):
+    value = body.get(name)
+    if name not in body:
+        raise _malformed(f"claim {name} is missing")
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _malformed(f"claim {name} is {_JSON_TYPES[type(value)]}, not {_JSON_TYPES[kind]}")
+    return value
+
+
+def _name_claim(body: dict, name: str) -> str:
+    value = _claim(body, name, str)
+    if not _NAME.match(value):
+        raise _malformed(f"claim {name} is not a valid name")
+    return value
+
+
+def _ts(body: dict, name: str) -> datetime:
+    value = _claim(body, name, int)
+    if not 0 <= value <= MAX_TIMESTAMP:
+        raise _malformed(f"claim {name} is not a timestamp between 1970 and 9999")
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _scopes(value) -> Scopes:
+    if not isinstance(value, dict):
+        raise _malformed(f"claim scp is {_JSON_TYPES[type(value)]}, not an object")
     try:
-        scopes = Scopes.from_dict(body.get("scp") or {})
+        return Scopes.from_dict(value)
     except ValueError as exc:
-        raise _malformed(str(exc)) from None
+        raise _malformed(f"claim scp: {exc}") from None
+
+
+def _parse_payload(raw: bytes) -> tuple[dict, Claims]:
+    """Strict and total: the claims, or :class:`TokenInvalid` (malformed) saying what is wrong.
+
+    Validation trusts nothing: types, ranges and the set of claims are checked here, before
+    any of it is used; the signature is checked by :class:`Verifier` right after."""
+    body = _json_object(raw)
+    unknown = sorted(set(body) - set(REQUIRED_CLAIMS) - set(OPTIONAL_CLAIMS))
+    if unknown:
+        raise _malformed(f"unknown claim {unknown[0][:32]!r}")
+    token_id = _claim(body, "tid", str)
+    if not is_token_id(token_id):
+        raise _malformed("claim tid is not a token id")
+    kid = _name_claim(body, "kid")
+    account = _name_claim(body, "acct")
+    face = _claim(body, "face", int)
+    if not 0 < face <= MAX_FACE:
+        raise _malformed("claim face is out of range")
+    not_before, expires, issued = _ts(body, "nbf"), _ts(body, "exp"), _ts(body, "iat")
+    scopes = _scopes(body["scp"]) if "scp" in body else Scopes()
     parent = body.get("par")
-    if parent is not None and not (isinstance(parent, str) and is_token_id(parent)):
+    if "par" in body and not (isinstance(parent, str) and is_token_id(parent)):
         raise _malformed("claim par is not a token id")
-    claims = Claims(
-        id=body["tid"],
-        kid=body["kid"],
-        account=body["acct"],
-        face=body["face"],
-        not_before=_ts(body.get("nbf"), "nbf"),
-        expires=_ts(body.get("exp"), "exp"),
-        issued=_ts(body.get("iat"), "iat"),
-        scopes=scopes,
-        parent=parent,
-    )
+    claims = Claims(id=token_id, kid=kid, account=account, face=face, not_before=not_before,
+                    expires=expires, issued=issued, scopes=scopes, parent=parent)
     return body, claims
 
 
 def decode_unverified(token: str) -> tuple[str, str, bytes, Claims]:
-    """Split and parse without checking the signature: (signing input, kid, sig, claims)."""
+    """Split and parse without checking the signature: (signing input, kid, sig, claims).
+
+    Total: anything that is not a well-formed token raises :class:`TokenInvalid`."""
     if not isinstance(token, str):
         raise _malformed("not a string")
+    if len(token) > MAX_TOKEN_LENGTH + 64:  # before any work on it; surrounding blanks allowed
+        raise _malformed(f"longer than {MAX_TOKEN_LENGTH} characters")
     token = token.strip()
     if not token:
         raise _malformed("empty")
@@ -221,19 +305,23 @@ def decode_unverified(token: str) -> tuple[str, str, bytes, Claims]:
 
 
 class Verifier:
-    """Checks signatures against known public keys; remembers tokens it has verified."""
+    """Checks signatures against known public keys; remembers tokens it has verified.
+
+    Thread-safe: the daemon verifies on many threads at once; only the cache is locked."""
 
     def __init__(self, public_keys: dict[str, Ed25519PublicKey], cache_size: int = 4096):
         self.public_keys = dict(public_keys)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Claims] = OrderedDict()
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> Claims:
         if isinstance(token, str):
-            cached = self._cache.get(token)
-            if cached is not None:
-                self._cache.move_to_end(token)
-                return cached
+            with self._lock:
+                cached = self._cache.get(token)
+                if cached is not None:
+                    self._cache.move_to_end(token)
+                    return cached
         signing_input, kid, sig, claims = decode_unverified(token)
         key = self.public_keys.get(kid)
         if key is None:
@@ -245,7 +333,8 @@ class Verifier:
                 Reason.BAD_SIGNATURE, "token signature does not verify (forged or altered)",
                 token_id=claims.id,
             ) from None
-        self._cache[token] = claims
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[token] = claims
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return claims

@@ -22,6 +22,11 @@ from ledger.service import Ledger
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("GPULEDGER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MARIADB_ADMIN_URL = os.environ.get("GPULEDGER_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
+# Every connection of the tests' MariaDB ledgers runs as MariaDB 11.8 does by default
+# (Debian 13): a locking read of a row changed since the transaction's read view fails
+# with error 1020. 10.6.18+/10.11.8+ have the variable, off by default; it travels in the
+# URL (the driver's init_command), so engines built from a config file get it too.
+MARIADB_SESSION = "SET SESSION innodb_snapshot_isolation = ON"
 
 
 def need(available: bool, what: str) -> None:
@@ -46,7 +51,7 @@ class Clock:
         self.now += timedelta(**kw)
 
 
-def _server_db(admin_url: str, what: str):
+def _server_db(admin_url: str, what: str, init_command: str | None = None):
     """Create a throwaway database on a server; yield its URL; drop it afterwards."""
     name = "gl_" + uuid.uuid4().hex[:12]
     try:
@@ -56,6 +61,8 @@ def _server_db(admin_url: str, what: str):
     except Exception as exc:  # noqa: BLE001 - any failure means "service missing"
         need(False, f"{what} ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
     url = admin.url.set(database=name)
+    if init_command:
+        url = url.update_query_dict({"init_command": init_command})
     try:
         yield url.render_as_string(hide_password=False)
     finally:
@@ -72,7 +79,7 @@ def db_url(request, tmp_path):
     elif request.param == "postgresql":
         yield from _server_db(PG_ADMIN_URL, "PostgreSQL on 127.0.0.1:5432")
     else:
-        yield from _server_db(MARIADB_ADMIN_URL, "MariaDB on 127.0.0.1:3306")
+        yield from _server_db(MARIADB_ADMIN_URL, "MariaDB on 127.0.0.1:3306", MARIADB_SESSION)
 
 
 @pytest.fixture

@@ -21,13 +21,14 @@ from ledger.daemon.server import RequestLog, Server
 class LiveDaemon:
     """A :class:`Server` on a socket in a world-traversable directory, in a thread."""
 
-    def __init__(self, ledger, *, accounts=None, max_line: int = 16384):
+    def __init__(self, ledger, *, accounts=None, max_line: int = 16384, limits=None):
         self.dir = Path(tempfile.mkdtemp(prefix="gl-daemon-"))
         os.chmod(self.dir, 0o755)
         self.path = self.dir / "gpuledger.sock"
         self.ledger = ledger
         self.accounts = accounts or (lambda user: frozenset())
         self.max_line = max_line
+        self.limits = limits
         self.log = StringIO()
         self.server: Server | None = None
         self.thread: threading.Thread | None = None
@@ -35,7 +36,7 @@ class LiveDaemon:
     def start(self) -> LiveDaemon:
         handlers = Handlers(self.ledger, Policy("slurm"), accounts=self.accounts)
         self.server = Server(handlers, self.path, max_line=self.max_line,
-                             log=RequestLog(self.log))
+                             log=RequestLog(self.log), limits=self.limits)
         self.server.bind()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -86,9 +87,12 @@ def cli_as(name: str, args: list[str], env: dict[str, str] | None = None) -> dic
 
     Everything is imported before the fork: the user may not read this interpreter's files.
     """
+    import click
     from click.testing import CliRunner
 
     from ledger.cli import cli
+
+    cli.list_commands(click.Context(cli))  # registers (imports) every command before the fork
 
     def run():
         res = CliRunner().invoke(cli, args, env=env or {}, catch_exceptions=False)

@@ -359,3 +359,49 @@ def truncate_after(ledger, seq: int):
         conn.execute(text("DELETE FROM journal WHERE seq > :s"), {"s": seq})
         conn.execute(text("UPDATE chain_head SET seq = :s, hash = :h WHERE id = 1"),
                      {"s": seq, "h": last})
+
+
+def test_closed_hold_edited_back_to_pending_cannot_be_closed_again(busy):
+    hold = busy.holds()[0]
+    sql(busy, "UPDATE holds SET state = 'pending' WHERE id = :h", h=hold.id)
+    before = rows(busy)[-1].seq
+    from ledger.errors import StateError
+    with pytest.raises(StateError, match=f"hold {hold.id} is already posted"):
+        busy.void(hold.id)
+    assert rows(busy)[-1].seq == before
+
+
+def test_retired_attestation_key_signs_nothing_new(busy, tmp_path):
+    first = exported(busy, "attest1")
+    busy.retire_key("attest1")
+    from ledger.errors import KeyError_
+    with pytest.raises(KeyError_, match="no head-attestation key on this host"):
+        busy.export_head()
+    second = exported(busy, "attest2")
+    assert (first["kid"], second["kid"]) == ("attest1", "attest2")
+    assert busy.verify_journal([("second.json", second)]).ok
+    assert [(k["kid"], bool(k["retired"])) for k in busy.attest_keys()] == [
+        ("attest1", True), ("attest2", False)]
+
+
+def test_head_of_another_ledger_is_named(busy, tmp_path):
+    from conftest import seeded
+    other = seeded(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "other-keys")
+    head = exported(other)
+    result = stranger(busy, tmp_path).verify_journal([("other.json", head)])
+    assert result.problem == ("other.json: exported from another ledger (or row 1 was "
+                              "rewritten): its first row differs")
+    other.engine.dispose()
+
+
+def test_hold_moved_to_another_token_is_named_and_void_returns_to_the_reserving_token(busy):
+    token, view = busy.mint("physics", 10_000)
+    _, thief = busy.mint("physics", 1)
+    hold = busy.reserve(token, HoldRequest(gpus=1, seconds=600, gpu_type="h100"))
+    sql(busy, "UPDATE holds SET token_id = :t WHERE id = :h", t=thief.id, h=hold.id)
+    result = busy.verify_journal()
+    assert f"hold {hold.id}: token is {thief.id} but the journal says {view.id}" \
+        in result.problems
+    busy.void(hold.id)
+    assert wallet(busy, f"token:{view.id}") == 10_000
+    assert wallet(busy, f"token:{thief.id}") == 1

@@ -96,8 +96,7 @@ def keys_generate(app, kid, purpose):
 def keys_list(app, as_json):
     """List keys known to the ledger (token-minting and head-attestation)."""
     keys = [{**k, "purpose": "token"} for k in app.ledger.list_keys()]
-    keys += [{**k, "retired": "yes" if k["retired"] else None}
-             for k in app.ledger.attest_keys()]
+    keys += app.ledger.attest_keys()
     if as_json:
         return echo_json(keys)
     echo_table(["KID", "PURPOSE", "CREATED", "RETIRED", "PRIVATE HERE"],

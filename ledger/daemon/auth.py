@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..errors import LedgerError
 
 _UCRED = struct.Struct("3i")
+NAME_TTL = 300.0
 
 
 class Forbidden(LedgerError):
@@ -58,13 +59,26 @@ class Policy:
 
     def __init__(self, slurm_user: str, privileged_uids: frozenset[int] | None = None):
         uids = {0}
-        slurm_uid = uid_of(slurm_user)
+        self.slurm_uid = slurm_uid = uid_of(slurm_user)
         if slurm_uid is not None:
             uids.add(slurm_uid)
         self.privileged_uids = frozenset(uids | set(privileged_uids or ()))
+        self._names: dict[int, tuple[float, str]] = {}
 
     def peer(self, pid: int, uid: int, gid: int) -> Peer:
-        return Peer(pid, uid, gid, user_name(uid), uid in self.privileged_uids)
+        return Peer(pid, uid, gid, self._name(uid), uid in self.privileged_uids)
+
+    def _name(self, uid: int) -> str:
+        """The user name of ``uid``, cached: the accept loop must not wait on NSS per connection."""
+        now = time.monotonic()
+        hit = self._names.get(uid)
+        if hit is not None and now - hit[0] < NAME_TTL:
+            return hit[1]
+        name = user_name(uid)
+        if len(self._names) >= 4096:
+            self._names.clear()
+        self._names[uid] = (now, name)
+        return name
 
     @staticmethod
     def require_privileged(peer: Peer, op: str) -> None:

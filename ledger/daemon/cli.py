@@ -21,25 +21,60 @@ socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET
 @click.command("serve")
 @click.option("--socket", "socket_path", help="Socket path (default: [daemon] socket).")
 @click.option("--socket-group", help="Group owning the socket (default: [daemon] socket_group).")
+@click.option("--inherited-fd", type=int, hidden=True,
+              help="Internal: serve this already bound socket as the users' process.")
 @pass_app
-def serve(app, socket_path, socket_group):
-    """Run the ledger daemon on its Unix socket (foreground; systemd runs this)."""
+def serve(app, socket_path, socket_group, inherited_fd):
+    """Run the ledger daemon on its Unix socket (foreground; systemd runs this).
+
+    With [daemon] privileged_socket set, this process serves that socket (root and the
+    SlurmUser only) and starts a second, lower-priority process for the main socket."""
     from .auth import Policy, SlurmAccounts
     from .handlers import Handlers
-    from .server import RequestLog, Server
+    from .processes import TwoProcesses, as_users_process
+    from .server import RequestLog, Server, tune_threads
 
     cfg = app.config
     ledger = app.ledger
     ledger.reload_keys()  # fail early on an unreachable database
-    handlers = Handlers(ledger, Policy(cfg.daemon.slurm_user), SlurmAccounts())
-    server = Server(handlers, socket_path or cfg.daemon.socket, max_line=cfg.daemon.max_line,
-                    group=socket_group or cfg.daemon.socket_group, log=RequestLog())
-    server.bind()
-    server.install_signal_handlers()
+    policy = Policy(cfg.daemon.slurm_user)
+    path = socket_path or cfg.daemon.socket
+
+    def server(where, **kw) -> Server:
+        return Server(Handlers(ledger, policy, SlurmAccounts()), where,
+                      max_line=cfg.daemon.max_line, log=RequestLog(), **kw)
+
+    public = server(path, group=socket_group or cfg.daemon.socket_group)
+    if inherited_fd is not None:
+        as_users_process()
+        public.adopt(inherited_fd)
+        runner = public
+    elif cfg.daemon.privileged_socket:
+        runner = TwoProcesses(server(cfg.daemon.privileged_socket, privileged_only=True),
+                              public, app.config_path)
+        runner.bind()
+    else:
+        public.bind()
+        runner = public
+    if inherited_fd is None:  # the users' process just ends on SIGTERM (from its parent)
+        install_signal_handlers(runner, public.log)
+    tune_threads()
     try:
-        server.serve_forever()
+        runner.serve_forever()
     finally:
-        server.stop()
+        runner.stop()
+
+
+def install_signal_handlers(runner, log) -> None:
+    import signal
+    import threading
+
+    def on_signal(signum, _frame):
+        log.event(event="stopping", signal=signal.Signals(signum).name, pid=os.getpid())
+        threading.Thread(target=runner.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
 def _token_arg(value: str | None) -> str | None:

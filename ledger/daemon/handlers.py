@@ -24,7 +24,7 @@ from ..errors import (
     StateError,
     StorageError,
 )
-from ..queries import account_views
+from ..queries import account_views, user_tokens
 from ..views import HoldRequest
 from .auth import Forbidden, Peer, Policy, SlurmAccounts, user_name
 from .protocol import VERSION, ProtocolError, with_json
@@ -90,12 +90,17 @@ def error_response(exc: BaseException) -> dict[str, object]:
 class Handlers:
     """The operations of the socket, bound to one ledger."""
 
-    def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None):
+    def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None,
+                 on_fault: Callable[[Peer, dict[str, str], BaseException], None] | None = None):
         self.ledger = ledger
         self.policy = policy
         self.accounts = accounts or SlurmAccounts()
-        # The ledger's Verifier cache is not thread-safe; SQLite serializes writes anyway.
-        self._lock = threading.Lock()
+        # Called with every unexpected exception (a server fault, answered ``internal``);
+        # the server logs its traceback. Typed errors (bad input, refusals) are not faults.
+        self.on_fault = on_fault
+        # Only the decision to reload public keys is serialized; no request waits on
+        # another's database work (the ledger's verifier is thread-safe).
+        self._reload_lock = threading.Lock()
         self._keys_loaded_at = 0.0
         self.ops: dict[str, Callable[[Peer, dict[str, str]], dict[str, object]]] = {
             "hello": self.hello, "ping": self.ping, "reserve": self.reserve,
@@ -112,24 +117,28 @@ class Handlers:
             if fn is None:
                 raise BadRequest(f"unknown op {op!r}" if op else "missing field op")
             return fn(peer, fields)
+        except LedgerError as exc:
+            return error_response(exc)
         except Exception as exc:  # noqa: BLE001 - a request must never kill the daemon
+            if self.on_fault is not None:
+                self.on_fault(peer, fields, exc)
             return error_response(exc)
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _with_keys(self, fn):
-        """Run ``fn`` under the verifier lock; reload public keys once on an unknown key."""
-        with self._lock:
-            try:
-                return fn()
-            except Refusal as exc:
-                if exc.reason is not Reason.UNKNOWN_KEY:
-                    raise
+        """Run ``fn``; reload public keys once (at most every few seconds) on an unknown key."""
+        try:
+            return fn()
+        except Refusal as exc:
+            if exc.reason is not Reason.UNKNOWN_KEY:
+                raise
+            with self._reload_lock:
                 if time.monotonic() - self._keys_loaded_at < KEY_RELOAD_INTERVAL:
                     raise
                 self._keys_loaded_at = time.monotonic()
-                self.ledger.reload_keys()  # a key added since start
-                return fn()
+            self.ledger.reload_keys()  # a key added since start
+            return fn()
 
     def _request(self, fields: dict[str, str], user: str | None) -> HoldRequest:
         return HoldRequest(
@@ -225,9 +234,7 @@ class Handlers:
         """The user's tokens (scoped to them or to their Slurm accounts) and those accounts."""
         user = self.policy.subject(peer, _name(fields, "user"))
         accounts = self.accounts(user)
-        tokens = [t.to_dict() for t in self.ledger.list_tokens()
-                  if user in (t.scopes.get("users") or ())
-                  or (t.account in accounts and not t.scopes.get("users"))]
+        tokens = [t.to_dict() for t in user_tokens(self.ledger, user, accounts)]
         known = {a.name: a for a in account_views(self.ledger)}
         views = [known[a].to_dict() for a in sorted(accounts) if a in known]
         return with_json({"user": user, "slurm_accounts": sorted(accounts), "accounts": views,

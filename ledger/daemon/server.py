@@ -4,30 +4,44 @@ slurmctld keeps one connection open and asks one question at a time, so a blocki
 thread per connection gives it the shortest path; users' clients connect briefly.
 Lines longer than ``max_line`` get an error and the connection is closed; anything
 else malformed gets an error reply and the connection stays usable.
+
+Any local user can connect, so what users may take is bounded (:mod:`.limits`): root and
+the SlurmUser have connection slots of their own; every other uid has a few connections
+and one request in flight, and each of its requests must arrive whole within a deadline
+counted from the previous reply (not per ``recv``), else the connection is cut.
 """
 
 from __future__ import annotations
 
 import grp
 import os
-import signal
 import socket
 import stat
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TextIO
 
 from ..errors import ConfigError
 from .auth import Peer, Policy, peer_credentials
 from .handlers import Handlers, error_response
+from .limits import Admission, Limits
 from .protocol import ProtocolError, decode, encode, escape
 
-MAX_CONNECTIONS = 256
-USER_IDLE_TIMEOUT = 30.0
+SWITCH_INTERVAL = 0.0005  # s; Python's default is 0.005
+SEND_GRACE = 1.0  # s a user's client has to take its reply, at least
+REFUSAL_LOG_INTERVAL = 10.0  # s between log lines about refused connections
 _LOGGED = ("user", "account", "partition", "gpus", "type", "seconds", "tasks", "hold",
            "token_id", "amount", "delta", "reason")
+
+
+def tune_threads() -> None:
+    """Pass the interpreter lock round every 0.5 ms instead of every 5 ms. A reserve takes
+    the lock back after each database call; behind a user's CPU-bound request it would
+    otherwise wait up to 5 ms each time. (Called by ``gpuledger serve``, not on import.)"""
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 class RequestLog:
@@ -62,24 +76,48 @@ class RequestLog:
             except (OSError, ValueError):
                 pass
 
+    def fault(self, peer: Peer, request: dict[str, str], exc: BaseException) -> None:
+        """A server fault (a bug, not bad input): one event line, then its traceback."""
+        trace = "".join(traceback.format_exception(exc)).rstrip("\n")
+        with self._lock:
+            try:
+                self.stream.write(" ".join(f"{k}={escape(v)}" for k, v in (
+                    ("event", "fault"), ("op", request.get("op", "-")), ("peer", peer.name),
+                    ("pid", peer.pid), ("error", f"{type(exc).__name__}: {exc}"))) + "\n")
+                self.stream.write("".join(f"  {line}\n" for line in trace.splitlines()))
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
 
 class Server:
     def __init__(self, handlers: Handlers, path: str | os.PathLike, *, max_line: int = 16384,
-                 group: str | None = None, log: RequestLog | None = None):
+                 group: str | None = None, log: RequestLog | None = None,
+                 limits: Limits | None = None, privileged_only: bool = False):
         self.handlers = handlers
         self.policy: Policy = handlers.policy
         self.path = Path(path)
+        # The privileged socket ([daemon] privileged_socket): mode 0600, owned by the
+        # SlurmUser, and anyone else who gets in anyway (root's group tricks) is refused.
+        self.privileged_only = privileged_only
         self.max_line = max_line
         self.group = group
         self.log = log or RequestLog()
+        if handlers.on_fault is None:
+            handlers.on_fault = self.log.fault
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits)
         self._listener: socket.socket | None = None
+        self._adopted = False
         self._stopping = threading.Event()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refused = 0
+        self._refused_logged_at = 0.0
 
     # -- socket ---------------------------------------------------------------------------------
 
     def bind(self) -> None:
-        """Create the socket: 0660 with ``group`` when set, else 0666 (peer creds decide)."""
+        """Create the socket: 0660 with ``group`` when set, else 0666 (peer creds decide);
+        a privileged-only socket is 0600 and owned by the SlurmUser."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
@@ -93,30 +131,35 @@ class Server:
                 raise ConfigError(f"another daemon is already listening on {self.path}")
             finally:
                 probe.close()
-        gid = None
-        if self.group:
+        uid = gid = -1
+        if self.privileged_only:
+            mode = 0o600
+            uid = self.policy.slurm_uid if self.policy.slurm_uid is not None else -1
+        elif self.group:
+            mode = 0o660
             try:
                 gid = grp.getgrnam(self.group).gr_gid
             except KeyError:
                 raise ConfigError(f"[daemon] socket_group {self.group!r} does not exist") from None
+        else:
+            mode = 0o666
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             listener.bind(str(self.path))
         finally:
             os.umask(old)
-        if gid is not None:
-            os.chown(self.path, -1, gid)
-            os.chmod(self.path, 0o660)
-        else:
-            os.chmod(self.path, 0o666)
+        if uid != -1 or gid != -1:
+            os.chown(self.path, uid, gid)
+        os.chmod(self.path, mode)
         listener.listen(128)
         self._listener = listener
 
     def serve_forever(self) -> None:
         if self._listener is None:
             self.bind()
-        self.log.event(event="listening", socket=self.path, pid=os.getpid())
+        self.log.event(event="listening", socket=self.path, pid=os.getpid(),
+                       privileged=int(self.privileged_only))
         listener = self._listener
         while not self._stopping.is_set():
             try:
@@ -125,13 +168,26 @@ class Server:
                 if self._stopping.is_set():
                     break
                 continue
-            if not self._slots.acquire(blocking=False):
-                self._refuse_busy(conn)
+            try:
+                peer = self.policy.peer(*peer_credentials(conn))
+            except OSError:
+                conn.close()
                 continue
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+            why = "this socket is for root and the Slurm user" \
+                if self.privileged_only and not peer.privileged else self.admission.connect(peer)
+            if why is not None:
+                self._refuse(conn, peer, why)
+                continue
+            try:
+                threading.Thread(target=self._connection, args=(conn, peer), daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse rather than stop serving
+                self.admission.disconnect(peer)
+                self._refuse(conn, peer, "no thread available")
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._adopted:  # the socket is the parent's: leave it listening, and in place
+            return
         if self._listener is not None:
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)
@@ -144,47 +200,76 @@ class Server:
         except OSError:
             pass
 
-    def install_signal_handlers(self) -> None:
-        def on_signal(signum, _frame):
-            self.log.event(event="stopping", signal=signal.Signals(signum).name)
-            threading.Thread(target=self.stop, daemon=True).start()
+    def fileno(self) -> int:
+        """The listening socket's descriptor (bound), to hand to another process."""
+        if self._listener is None:
+            self.bind()
+        return self._listener.fileno()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    def adopt(self, fd: int) -> None:
+        """Serve a listening socket bound by another process (see :mod:`.processes`)."""
+        self._listener = socket.socket(fileno=fd)
+        self._adopted = True
 
     # -- connections ----------------------------------------------------------------------------
 
     @staticmethod
-    def _refuse_busy(conn: socket.socket) -> None:
+    def _send_now(conn: socket.socket, response: dict[str, object]) -> None:
+        """Best effort, never blocking: for a peer that is being turned away."""
         try:
-            conn.sendall(encode({"ok": 0, "reason": "busy", "message": "too many connections"}))
+            conn.setblocking(False)
+            conn.send(encode(response))
         except OSError:
             pass
-        conn.close()
 
-    def _connection(self, conn: socket.socket) -> None:
+    def _refuse(self, conn: socket.socket, peer: Peer, why: str) -> None:
+        self._send_now(conn, {"ok": 0, "reason": "busy", "message": why})
+        conn.close()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSAL_LOG_INTERVAL:  # a flood is one line per 10 s
+            self._refused_logged_at = now
+            self.log.event(event="refused", peer=peer.name, pid=peer.pid, why=why,
+                           refused=self._refused, **self.admission.counts())
+
+    def _connection(self, conn: socket.socket, peer: Peer) -> None:
         try:
-            peer = self.policy.peer(*peer_credentials(conn))
-            if not peer.privileged:
-                conn.settimeout(USER_IDLE_TIMEOUT)
             self._serve(conn, peer)
         except OSError:
             pass
         finally:
             conn.close()
-            self._slots.release()
+            self.admission.disconnect(peer)
+
+    def _cut(self, conn: socket.socket, peer: Peer, waited: float) -> None:
+        self._send_now(conn, {"ok": 0, "reason": "timeout",
+                              "message": f"request not received whole within {waited:g} s"})
+        self.log.event(event="cut", peer=peer.name, pid=peer.pid, why="deadline",
+                       seconds=f"{waited:g}")
 
     def _serve(self, conn: socket.socket, peer: Peer) -> None:
         buf = b""
         limit = self.max_line
+        allowed = self.limits.request_deadline
         while True:
+            # A user's request must arrive whole within the deadline, however it trickles in;
+            # privileged peers (slurmctld's one persistent connection) may idle as they like.
+            deadline = None if peer.privileged else time.monotonic() + allowed
             nl = buf.find(b"\n")
             while nl < 0:
                 if len(buf) > limit:
                     self._reply(conn, peer, {}, {"ok": 0, "reason": "too_long", "message":
                                                  f"request longer than {limit} bytes"}, 0)
                     return
-                chunk = conn.recv(65536)
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return self._cut(conn, peer, allowed)
+                    conn.settimeout(left)
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    return self._cut(conn, peer, allowed)
                 if not chunk:
                     return
                 buf += chunk
@@ -200,8 +285,20 @@ class Server:
             except ProtocolError as exc:
                 request, response = {}, error_response(exc)
             else:
-                response = self.handlers.handle(peer, request)
+                response = self._answer(peer, request, deadline)
+            if deadline is not None:
+                conn.settimeout(max(deadline - time.monotonic(), SEND_GRACE))
             self._reply(conn, peer, request, response, start)
+
+    def _answer(self, peer: Peer, request: dict[str, str], deadline: float | None
+                ) -> dict[str, object]:
+        if not self.admission.begin(peer, deadline or 0.0):
+            return {"ok": 0, "reason": "busy", "message": "too many requests in flight; "
+                    "try again in a moment"}
+        try:
+            return self.handlers.handle(peer, request)
+        finally:
+            self.admission.end(peer)
 
     def _reply(self, conn: socket.socket, peer: Peer, request: dict[str, str],
                response: dict[str, object], start: int) -> None:
