@@ -42,7 +42,8 @@ CTLD_READER = CommandReader(use_pyslurm=False)
 
 
 def _client(h: Hook) -> Client:
-    return Client(h.config.daemon.socket, timeout=10.0)
+    """The daemon's socket for root and the SlurmUser when there is one, else the main one."""
+    return Client(h.config.daemon.privileged_socket or h.config.daemon.socket, timeout=10.0)
 
 
 def _spec(h: Hook) -> str:
