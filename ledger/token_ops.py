@@ -214,8 +214,12 @@ class TokenOps:
 
         def run(tx: Tx):
             row = self._token_row(tx.conn, token_id, lock=True)
-            if row.status == "revoked":
+            state = token_liveness(row, tx.now)
+            if state is Liveness.REVOKED:
                 raise StateError(f"token {token_id} is already revoked")
+            if state is Liveness.EXPIRED:  # its remainder belongs to system:expired
+                raise StateError(f"token {token_id} expired on {row.expires.date()}; "
+                                 "nothing to revoke")
             tx.conn.execute(update(T).where(T.c.id == token_id).values(
                 status="revoked", status_reason=reason, closed_at=tx.now))
             account = self._minted_account(tx.conn, row)

@@ -157,3 +157,21 @@ def test_ledger_module_imports_alone_in_a_fresh_interpreter(module):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_expired_token_cannot_be_revoked(ledger, clock):
+    """Its remainder belongs to system:expired (found by the model test: revoke after the
+    sweep paid a closed token's holds to the pool, and verify named the row)."""
+    from ledger.errors import StateError
+    tok, view = ledger.mint("physics", 10 * H, expires=clock.now + timedelta(days=1))
+    hold = ledger.reserve(tok, HoldRequest(gpus=1, seconds=H, gpu_type="h100"))
+    clock.advance(days=1)
+    with pytest.raises(StateError):  # expired, not swept yet
+        ledger.revoke(view.id, "too late")
+    ledger.expire()
+    with pytest.raises(StateError):
+        ledger.revoke(view.id, "too late")
+    before = ledger.wallet_balance("system:expired")
+    ledger.void(hold.id)
+    assert ledger.wallet_balance("system:expired") == before + H
+    assert ledger.verify_journal().ok
