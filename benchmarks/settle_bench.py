@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/settle_bench.py [--quick]
 
-* Epilog: 8 processes at once, each running the epilog's settlement (``epilog()`` with a
-  fake Slurm reader: read the prolog record, hold, rates, charge under the node key, close
-  the hold) for its own jobs on one shared ledger — SQLite (one file, WAL) and PostgreSQL
+* Epilog: 8 processes at once, each running the epilog's settlement (``epilog()``: read
+  the prolog record, find the job's hold, rates, charge under the node key) and the close
+  EpilogSlurmctld asks the daemon for (``settle.finish``) for its own jobs on one shared ledger — SQLite (one file, WAL) and PostgreSQL
   (127.0.0.1:5432, a fresh database). Interpreter start and scontrol are not included.
 * Reconcile: 10,000 finished jobs whose epilogs never ran (fake Slurm reader returning
   their sacct records): one ``Reconciler.run()`` that charges and closes them all.
@@ -31,7 +31,7 @@ from ledger import config as config_mod
 from ledger import db, migrate
 from ledger.service import Ledger
 from ledger.views import HoldRequest
-from slurm_plugin import jobstate, marks
+from slurm_plugin import jobstate, marks, settle
 from slurm_plugin.epilog import epilog
 from slurm_plugin.hookconf import HookConfig
 from slurm_plugin.hookenv import Hook, HookEnv
@@ -60,6 +60,9 @@ class Reader:
 
     def cancel(self, job_id, reason):
         raise AssertionError("no cancel in the benchmark")
+
+    def owners(self, job_ids):
+        return {}
 
     def set_admin_comment(self, job_id, text):
         raise AssertionError("no comment in the benchmark")
@@ -102,15 +105,15 @@ def worker(args) -> list[float]:
     logging.getLogger("gpuledger.hook.usage").disabled = True
     times = []
     for job_id, hold_id, token_id in jobs:
-        hold = lg.hold(hold_id)
-        reader = Reader({job_id: record(job_id, hold, "COMPLETING")})
         now = time.time()
         jobstate.save(hooks.state_dir, jobstate.NodeRun(
             job_id=job_id, restart=0, node="n1", start=now - 30, gpus=[0, 1],
             gpu_types={"0": "h100", "1": "h100"}, hold_id=hold_id, token_id=token_id))
-        env = HookEnv(job_id=job_id, node="n1", restart=0, gpus=[0, 1], token=None, comment=None)
+        env = HookEnv(job_id=job_id, node="n1", restart=0, gpus=[0, 1], token=None,
+                      user=None, nodes=["n1"])
         t0 = time.perf_counter()
-        epilog(Hook(env, cfg, hooks, log, now), reader, lg, now=now)
+        epilog(Hook(env, cfg, hooks, log, now), lg, now=now)
+        settle.finish(lg, [job_id], job_id, ["n1"])  # EpilogSlurmctld's work, in the daemon
         times.append(time.perf_counter() - t0)
     lg.engine.dispose()
     return times

@@ -206,6 +206,8 @@ floor = 0.25
 # agent_spool = "/var/spool/gpuledger/agent" # read when the agent is down
 # grace_seconds = 600                        # a pending hold with no Slurm job is voided after
 # lookback_days = 30                         # how far back the reconciler asks sacct
+# gres_conf = "/etc/slurm/gres.conf"         # GPU types by index (prolog)
+# close_wait_seconds = 30                    # EpilogSlurmctld waits for the nodes' charges
 """
 
 

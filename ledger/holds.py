@@ -397,12 +397,21 @@ class HoldOps:
 
         return HoldView.from_dict(self._idempotent("refund", key, fields, run))
 
-    def bind(self, hold_id: str, job_id: str) -> HoldView:
-        """Record the Slurm job id of a hold (the prolog does this); the same id again is a no-op."""
+    def bind(self, hold_id: str, job_id: str, *, user: str | None = None,
+             account: str | None = None) -> HoldView:
+        """Record the Slurm job id of a hold (PrologSlurmctld does this); the same id again is a
+        no-op. ``user``/``account`` are the job's, as Slurm reports them: a hold binds only to
+        a job of the user and account it was reserved for, and only to one job."""
         def run(tx: Tx) -> dict:
             hold = self._hold_row(tx.conn, hold_id, lock=True)
             if hold.job_id not in (None, job_id):
                 raise StateError(f"hold {hold_id} belongs to job {hold.job_id}, not {job_id}")
+            if user is not None and hold.user is not None and hold.user != user:
+                raise StateError(f"hold {hold_id} was reserved for user {hold.user}, "
+                                 f"not {user} (job {job_id})")
+            if account is not None and hold.account != account:
+                raise StateError(f"hold {hold_id} was reserved for account {hold.account}, "
+                                 f"not {account} (job {job_id})")
             if hold.job_id is None:
                 tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(job_id=job_id))
                 tx.event("bind", account=hold.account, token_id=hold.token_id, hold_id=hold_id,

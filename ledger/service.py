@@ -22,7 +22,9 @@ from .config import Config
 from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
                      UniqueViolation)
 from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
+from .debts import DebtOps
 from .holds import HoldOps
+from .joblinks import JobLinkOps
 from .journal import Tx, ensure_head, now_utc
 from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
@@ -392,5 +394,5 @@ class AdminOps(LedgerBase):
 
 
 
-class Ledger(HoldOps, TokenOps, AdminOps):
+class Ledger(HoldOps, TokenOps, DebtOps, JobLinkOps, AdminOps):
     """The whole service API."""

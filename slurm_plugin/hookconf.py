@@ -18,6 +18,8 @@ class HookConfig:
     syslog: bool = True
     grace_s: int = 600  # a pending hold with no Slurm job is voided after this
     lookback_days: int = 30  # how far back the reconciler asks sacct
+    gres_conf: str = "/etc/slurm/gres.conf"  # GPU types by index, for the prolog
+    close_wait_s: float = 30.0  # EpilogSlurmctld waits this long for the nodes' charges
 
 
 def hook_config(config: Config) -> HookConfig:
@@ -33,6 +35,8 @@ def hook_config(config: Config) -> HookConfig:
             syslog=bool(raw.get("syslog", d.syslog)),
             grace_s=int(raw.get("grace_seconds", d.grace_s)),
             lookback_days=int(raw.get("lookback_days", d.lookback_days)),
+            gres_conf=str(raw.get("gres_conf", d.gres_conf)),
+            close_wait_s=float(raw.get("close_wait_seconds", d.close_wait_s)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{config.path}: [hooks] {exc}") from None

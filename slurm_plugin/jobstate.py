@@ -20,9 +20,10 @@ class NodeRun:
     start: float  # epoch seconds, from the prolog
     gpus: list[int] = field(default_factory=list)
     gpu_types: dict[str, str | None] = field(default_factory=dict)  # index (text) → type
-    hold_id: str | None = None
+    hold_id: str | None = None  # unused since the ledger maps jobs to holds; old files
     token_id: str | None = None
     array_job_id: str | None = None
+    user: str | None = None  # SLURM_JOB_USER at the prolog
 
     def to_dict(self) -> dict:
         return asdict(self)

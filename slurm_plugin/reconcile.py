@@ -12,6 +12,14 @@ AdminComment mark for holds job_submit took before the job had an id) in the liv
   formula, ``ledger.charging.charge_gpus``), under the epilog's own keys,
   then close the hold.
 
+A run that ended before its hold was created is another hold's (a requeued job pays each
+run from a hold of its own). Deferred jobs (AdminComment ``gpuledger:deferred``) that ran
+with no hold bound to them — only possible when PrologSlurmctld is missing or broken, as it
+requeues a deferred job it cannot get paid for — are priced from sacct and recorded as
+owed under ``debt:<job>:<run>`` (``Ledger.record_debt``: their token is unknown, so nothing
+can be charged), and reported as an error (exit 1) naming the job, the account and the
+GPU-seconds owed.
+
 It also expires tokens past their date. Every write goes through keys the epilog uses
 too, so it is safe beside running epilogs and beside another reconciler.
 """
@@ -22,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 from ledger.charge_record import ChargeRecord
 from ledger.charging import charge_gpus
@@ -44,6 +53,7 @@ class Summary:
     skipped_active: int = 0
     waiting: int = 0  # no job yet, within the grace period
     expired_tokens: int = 0
+    debts: list[dict] = field(default_factory=list)  # deferred runs that had no hold
     errors: list[str] = field(default_factory=list)
     dry_run: bool = False
 
@@ -51,8 +61,8 @@ class Summary:
         return {"examined": self.examined, "voided": self.voided, "settled": self.settled,
                 "charged_runs": self.charged_runs, "charged": self.charged,
                 "skipped_active": self.skipped_active, "waiting": self.waiting,
-                "expired_tokens": self.expired_tokens, "errors": self.errors,
-                "dry_run": self.dry_run}
+                "expired_tokens": self.expired_tokens, "debts": self.debts,
+                "errors": self.errors, "dry_run": self.dry_run}
 
 
 def index_by_hold(records: Iterable[JobRecord]) -> dict[str, list[JobRecord]]:
@@ -127,13 +137,14 @@ class Reconciler:
         holds = [h for h in self.ledger.holds(state="pending")
                  if not (self.cluster and h.cluster and h.cluster != self.cluster)]
         s.examined = len(holds)
-        if not holds:
-            return s
         now = self.now()
-        since = min(h.created for h in holds) - timedelta(days=1)
+        since = min((h.created for h in holds), default=now) - timedelta(days=1)
         since = max(since, now - self.lookback)
         live = self.reader.live_jobs()
         acct = self.reader.finished_jobs(since)
+        self._deferred(live, acct, s, dry_run)
+        if not holds:
+            return s
         by_hold_live, by_hold_acct = index_by_hold(live), index_by_hold(acct)
         by_job_live, by_job_acct = index_by_job(live), index_by_job(acct)
         rates = self.ledger.rates()
@@ -167,8 +178,9 @@ class Reconciler:
             return
         keys = settle.charged_keys(self.ledger, hold.id)
         for run in runs:
-            if not run.ran:
-                continue
+            if not run.ran or (run.end is not None and run.end < hold.created
+                               and not run.active):
+                continue  # never ran, or ran before this hold existed (another hold's run)
             for node, amount, usage in run_charge(rates, hold, run):
                 key = settle.charge_key(hold.id, run.job_id, run.restarts or 0, node)
                 if key in keys:
@@ -185,6 +197,45 @@ class Reconciler:
         (s.settled if hold.charged or any(r.ran for r in runs) else s.voided).append(hold.id)
         if not dry_run:
             settle.close(self.ledger, hold.id, "settled by the reconciler from Slurm accounting")
+
+
+    def _deferred(self, live: list[JobRecord], acct: list[JobRecord], s: Summary,
+                  dry_run: bool) -> None:
+        """Record deferred runs that had no hold as owed by their account; report them."""
+        first = self.ledger.journal(limit=1)
+        if not first:
+            return
+        born = datetime.fromisoformat(first[0]["time"].replace("Z", "+00:00"))
+        # A run that started before this ledger existed is not its to settle.
+        runs = [r for r in merge_runs(live, acct)
+                if r.admin_comment == marks.DEFERRED and r.ran and not r.active
+                and r.start is not None and r.start >= born]
+        unpaid = sorted({r.job_id for r in runs if not self.ledger.holds(job_id=r.job_id)})
+        if not unpaid:
+            return
+        owners = self.reader.owners(unpaid)
+        rates = self.ledger.rates()
+        top = SimpleNamespace(rate_ppm=max(rates.values(), default=1_000_000))
+        for run in (r for r in runs if r.job_id in unpaid):
+            _user, account = owners.get(run.job_id, (None, None))
+            parts = run_charge(rates, top, run)
+            owed = sum(amount for _n, amount, _u in parts)
+            debt = {"job_id": run.job_id, "restart": run.restarts or 0, "account": account,
+                    "owed": owed, "charged": 0, "unpaid": owed}
+            if account and not dry_run:
+                try:
+                    debt.update(self.ledger.record_debt(
+                        account, owed, key=f"debt:{run.job_id}:{run.restarts or 0}",
+                        job_id=run.job_id, reason="deferred job ran with no hold",
+                        usage={"runs": [u.to_dict() for _n, _a, u in parts]}))
+                except LedgerError as exc:
+                    s.errors.append(f"job {run.job_id}: {exc}")
+            s.debts.append(debt)
+            if debt["unpaid"]:
+                s.errors.append(
+                    f"job {run.job_id} (run {debt['restart']}) was accepted while the ledger "
+                    f"was down and ran with no hold: {debt['unpaid']} GPU-s owed by account "
+                    f"{account or '?'} (journal kind 'debt'); settle it by hand")
 
 
 def _for_job(index: dict[str, list[JobRecord]], hold: HoldView) -> list[JobRecord]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ledger.charge_record import ChargeRecord
 from ledger.errors import IdempotencyConflict, NotFound, StateError
@@ -53,7 +53,7 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
     The result's amount is what the ledger charged under the node's key: less than asked
     when the hold could not take it all (the charge is capped at what is left)."""
     key = charge_key(hold_id, job_id, restart, node)
-    if key in charged_keys(ledger, hold_id):
+    if has_charge(ledger, key):
         return PostResult(False, 0, None, "already charged")
     try:
         view = ledger.post(hold_id, amount, usage=usage, key=key, final=False, cap=True,
@@ -61,12 +61,12 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
     except IdempotencyConflict:
         return PostResult(False, 0, None, "already charged (other figures)")
     except StateError as exc:
-        if key in charged_keys(ledger, hold_id):
+        if has_charge(ledger, key):
             return PostResult(False, 0, None, "already charged")
         # The hold closed before this run reported (e.g. the reconciler settled the job from
         # sacct first): nothing can take this charge any more; say so loudly, don't retry.
         return PostResult(False, 0, None, f"UNCOLLECTED: {amount} GPU-s not charged ({exc})")
-    charged = charged_keys(ledger, hold_id).get(key, 0)
+    charged = charge_amount(ledger, key) or 0
     note = "" if charged == amount else \
         f"capped: {amount} GPU-s asked, {charged} GPU-s left on the hold"
     return PostResult(True, charged, view, note)
@@ -77,6 +77,84 @@ def charged_keys(ledger: Ledger, hold_id: str) -> dict[str, int]:
     with ledger._read() as conn:  # a read of the charges table; rules stay in the ledger
         return dict(conn.execute(select(CH.c.key, CH.c.amount)
                                  .where(CH.c.hold_id == hold_id)).all())
+
+
+def has_charge(ledger: Ledger, key: str) -> bool:
+    """Whether a charge key was taken (one indexed row; an epilog's cost stays flat)."""
+    return charge_amount(ledger, key) is not None
+
+
+def charge_amount(ledger: Ledger, key: str) -> int | None:
+    """What was charged under ``key`` (one indexed row), None when nothing was."""
+    with ledger._read() as conn:
+        return conn.execute(select(CH.c.amount).where(CH.c.key == key)).scalar()
+
+
+def run_hold(ledger: Ledger, job_id: str, restart: int, owners: list[str],
+             user: str | None = None) -> HoldView | None:
+    """The hold paying for run ``restart`` of ``job_id``: the ledger's link for that run
+    (PrologSlurmctld wrote it; an array task's nodes know only the task's id), else the hold
+    bound to the job (``job_hold``, settled ones too). Never a hold of another user."""
+    linked = ledger.linked_hold(job_id, restart)
+    if linked is not None:
+        try:
+            hold = ledger.hold(linked)
+        except NotFound:
+            hold = None
+        if hold is not None and (user is None or hold.user in (None, user)):
+            return hold
+    return job_hold(ledger, owners, user=user, settled=True)
+
+
+def job_hold(ledger: Ledger, owners: list[str], user: str | None = None,
+             settled: bool = False) -> HoldView | None:
+    """The pending hold the ledger binds to this job (its own id first, then its array's).
+
+    The ledger is the authority on which hold belongs to which job: PrologSlurmctld bound
+    it from the AdminComment job_submit wrote. A hold of another user is never returned.
+    ``settled``: with no pending hold, the last one bound (a late epilog then reports its
+    usage as uncollected instead of dropping it silently).
+    """
+    fallback = None
+    for owner in owners:
+        holds = [h for h in ledger.holds(job_id=owner)
+                 if user is None or h.user in (None, user)]
+        pending = [h for h in holds if h.state == "pending"]
+        if pending:
+            return pending[-1]
+        fallback = fallback or (holds[-1] if holds else None)
+    return fallback if settled else None
+
+
+def job_progress(ledger: Ledger, hold_id: str, job_id: str) -> tuple[set[str], int]:
+    """(nodes that charged the hold for ``job_id``, how many jobs charged it): two queries."""
+    with ledger._read() as conn:
+        nodes = set(conn.execute(select(CH.c.node).where(CH.c.hold_id == hold_id,
+                                                         CH.c.job_id == job_id)).scalars())
+        jobs = conn.execute(select(func.count(func.distinct(CH.c.job_id)))
+                            .where(CH.c.hold_id == hold_id)).scalar_one()
+    return {n or "" for n in nodes}, int(jobs)
+
+
+def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
+           reason: str = "job finished") -> tuple[str, HoldView | None]:
+    """A run of ``job_id`` ended (EpilogSlurmctld): close its hold once it is complete.
+
+    ``waiting``: some node of the run has not charged yet (its epilog may still run);
+    ``open``: the run charged but other array tasks have not; ``closed``: the rest returned;
+    ``none``: no pending hold for this job. A requeued run closes its hold too: the next run
+    is paid from a hold of its own (PrologSlurmctld reserves it).
+    """
+    hold = job_hold(ledger, owners)
+    if hold is None:
+        return "none", None
+    charged_nodes, jobs = job_progress(ledger, hold.id, job_id)
+    if not set(nodes) <= charged_nodes:
+        return "waiting", hold
+    if hold.tasks > 1 and jobs < hold.tasks:
+        return "open", hold
+    closed = close(ledger, hold.id, reason)
+    return ("closed", closed) if closed is not None else ("open", hold)
 
 
 def record_done(record: JobRecord, hold_id: str, keys: Collection[str]) -> bool:

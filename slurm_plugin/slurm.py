@@ -299,6 +299,8 @@ class SlurmReader(Protocol):
 
     def cancel(self, job_id: str, reason: str) -> None: ...
 
+    def owners(self, job_ids: list[str]) -> dict[str, tuple[str, str]]: ...
+
     def set_admin_comment(self, job_id: str, text: str) -> None: ...
 
 
@@ -373,6 +375,17 @@ class CommandReader:
         jobs = [j for j in parse_scontrol_jobs(text) if j.job_id == str(job_id)]
         return jobs[0] if jobs else None
 
+    def one(self, spec: str, raw_id: str) -> JobRecord | None:
+        """One job's record: ``spec`` is ``A_T`` for an array task (``A`` lists every task)."""
+        try:
+            text = _run(["scontrol", "show", "job", "-d", "-o", str(spec)])
+        except SlurmError as exc:
+            if "Invalid job id" in str(exc):
+                return None
+            raise
+        jobs = [j for j in parse_scontrol_jobs(text) if j.job_id == str(raw_id)]
+        return jobs[0] if jobs else None
+
     def array_tasks(self, array_job_id: str) -> list[JobRecord]:
         """Every record slurmctld still holds for an array (tasks and pending rest)."""
         try:
@@ -401,6 +414,19 @@ class CommandReader:
         if job_ids:
             cmd += ["-j", ",".join(job_ids)]
         return parse_sacct(_run(cmd, 120))
+
+    def owners(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """Job id → (user, account), from accounting (``sacct -X -P -n``)."""
+        out: dict[str, tuple[str, str]] = {}
+        for i in range(0, len(job_ids), 200):
+            text = _run(["sacct", "-a", "-X", "-P", "-n", "--format=JobIDRaw,User,Account",
+                         "-j", ",".join(job_ids[i:i + 200])], 120)
+            for line in text.splitlines():
+                raw, _, rest = line.partition("|")
+                user, _, account = rest.partition("|")
+                if raw.strip():
+                    out[raw.strip()] = (user.strip(), account.strip())
+        return out
 
     def cancel(self, job_id: str, reason: str) -> None:
         # The reason goes where the user sees it (squeue/scontrol Comment) before the cancel.

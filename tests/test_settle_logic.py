@@ -1,17 +1,24 @@
-"""Prolog, epilog and reconciler rules against a fake Slurm, on the three databases."""
+"""Prolog, epilog, PrologSlurmctld/EpilogSlurmctld and reconciler rules against a fake Slurm,
+on the three databases. The controller hooks talk to the daemon's real handlers."""
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import pytest
 
 from ledger import config as config_mod
+from ledger.daemon.auth import Peer, Policy
+from ledger.daemon.client import DaemonUnavailable, response_error
+from ledger.daemon.handlers import Handlers
+from ledger.errors import StateError
 from ledger.views import HoldRequest
-from slurm_plugin import marks, settle
+from slurm_plugin import ctld, marks, settle
 from slurm_plugin.epilog import epilog
 from slurm_plugin.hookconf import HookConfig
 from slurm_plugin.hookenv import Hook, HookEnv
+from slurm_plugin.hookmain import REQUEUE
 from slurm_plugin.prolog import prolog
 from slurm_plugin.reconcile import Reconciler
 from slurm_plugin.slurm import JobRecord
@@ -22,13 +29,11 @@ class FakeSlurm:
         self.live: dict[str, JobRecord] = {}
         self.acct: list[JobRecord] = []
         self.cancelled: list[tuple[str, str]] = []
-        self.comments: dict[str, str] = {}
+        self.asked: list[str] = []
 
-    def job(self, job_id):
-        return self.live.get(job_id)
-
-    def array_tasks(self, array_job_id):
-        return [r for r in self.live.values() if r.array_job_id == array_job_id]
+    def one(self, spec, raw_id):
+        self.asked.append(spec)
+        return self.live.get(raw_id)
 
     def live_jobs(self):
         return list(self.live.values())
@@ -39,43 +44,92 @@ class FakeSlurm:
     def cancel(self, job_id, reason):
         self.cancelled.append((job_id, reason))
 
-    def set_admin_comment(self, job_id, text):
-        self.comments[job_id] = text
-        self.live[job_id].admin_comment = text
+    def owners(self, job_ids):
+        return {r.job_id: (r.user, r.account) for r in self.acct if r.job_id in job_ids}
+
+
+class DirectClient:
+    """The daemon's handlers without the socket, as SlurmUser (privileged) calls them."""
+
+    def __init__(self, ledger, down: bool = False):
+        self.handlers = Handlers(ledger, Policy("slurm"), accounts=lambda u: frozenset())
+        self.peer = Peer(1, 64030, 64030, "slurm", True)
+        self.down = down
+        self.calls: list[tuple[str, dict]] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def request(self, op, **fields):
+        if self.down:
+            raise DaemonUnavailable("cannot reach the gpuledger daemon")
+        self.calls.append((op, fields))
+        resp = self.handlers.handle(self.peer, {"op": op, **{k: str(v) for k, v in
+                                                             fields.items()}})
+        if resp.get("ok") != 1:
+            raise response_error({k: str(v) for k, v in resp.items() if v is not None})
+        return resp
 
 
 def rec(job_id, state, hold=None, *, nodes=("n1",), restarts=0, gpus=None, elapsed=100,
-        clock=None, array=None, task=None, comment=None):
+        clock=None, array=None, task=None, comment=None, user="alice", account="physics"):
     return JobRecord(job_id=job_id, display_id=job_id, state=state, restarts=restarts,
                      nodes=list(nodes), start=clock.now if (nodes and clock) else None,
                      elapsed_s=elapsed, gpus=gpus or {"h100": 1}, array_job_id=array,
                      array_task=task, gpu_idx={n: {0: "h100"} for n in nodes},
-                     admin_comment=comment or (marks.hold_comment(hold.id, hold.token_id)
-                                               if hold else ""),
-                     time_limit_s=600, user="alice", account="physics")
+                     admin_comment=comment if comment is not None else (
+                         marks.hold_comment(hold.id, hold.token_id) if hold else ""),
+                     time_limit_s=600, user=user, account=account)
 
 
 @pytest.fixture
 def world(ledger, clock, tmp_path):
     token, _ = ledger.mint("physics", 36000)
     cfg = config_mod.parse({"database": {"url": "sqlite://"}}, tmp_path / "gpuledger.toml")
+    gres = tmp_path / "gres.conf"
+    gres.write_text("Name=gpu Type=h100 File=/dev/nvidia[0-1]\nName=gpu Type=a100 "
+                    "File=/dev/nvidia2\n")
     return ledger, clock, token, cfg, FakeSlurm(), tmp_path
 
 
-def hook(world, job_id, node="n1", gpus=(0,), restart=0, token=None, started=0.0):
+def hook(world, job_id, node="n1", gpus=(0,), restart=0, token=None, started=0.0, *,
+         user="alice", account="physics", array=None, task=None, nodes=None):
     _ledger, _clock, _tok, cfg, _fake, tmp = world
     env = HookEnv(job_id=job_id, node=node, restart=restart, gpus=list(gpus),
-                  token=token, comment=None)
+                  token=token, user=user, account=account, array_job_id=array,
+                  array_task_id=task, nodes=list(nodes or [node]))
     return Hook(env, cfg, HookConfig(state_dir=tmp / "state" / node, log_file=None,
                                      agent_socket=str(tmp / "no-agent.sock"),
-                                     agent_spool=str(tmp / "no-agent-spool")),
+                                     agent_spool=str(tmp / "no-agent-spool"),
+                                     gres_conf=str(tmp / "gres.conf"), close_wait_s=0),
                 logging.getLogger("test"), started)
 
 
-def reserve(world, gpus=1, seconds=600, tasks=1):
-    ledger, _clock, token, *_ = world
-    return ledger.reserve(token, HoldRequest(gpus=gpus, seconds=seconds, gpu_type="h100",
-                                             tasks=tasks))
+def reserve(world, gpus=1, seconds=600, tasks=1, token=None, user="alice"):
+    ledger, _clock, tok, *_ = world
+    return ledger.reserve(token or tok, HoldRequest(gpus=gpus, seconds=seconds,
+                                                    gpu_type="h100", tasks=tasks, user=user))
+
+
+def start(world, job_id, **kw):
+    """PrologSlurmctld, then the node prolog on each node."""
+    ledger, _clock, _tok, _cfg, fake, _ = world
+    nodes = kw.pop("nodes", ("n1",))
+    started = kw.pop("started", 0.0)
+    rc = ctld.prolog_slurmctld(hook(world, job_id, nodes[0], nodes=nodes, **kw), fake,
+                               DirectClient(ledger))
+    node_kw = {k: v for k, v in kw.items() if k not in ("array", "task")}  # 22.05: not there
+    for node in nodes:
+        prolog(hook(world, job_id, node, started=started, nodes=nodes, **node_kw))
+    return rc
+
+
+def end(world, job_id, **kw):
+    ledger = world[0]
+    ctld.epilog_slurmctld(hook(world, job_id, kw.pop("node", "n1"), **kw), DirectClient(ledger))
 
 
 def test_multi_node_job_settles_once_when_every_node_reported(world):
@@ -83,22 +137,41 @@ def test_multi_node_job_settles_once_when_every_node_reported(world):
     hold = reserve(world, gpus=2)
     fake.live["7"] = rec("7", "RUNNING", hold, nodes=("n1", "n2"), gpus={"h100": 2},
                          clock=clock)
-    for node in ("n1", "n2"):
-        prolog(hook(world, "7", node, started=1000.0), fake, ledger)
+    assert start(world, "7", nodes=("n1", "n2"), started=1000.0) == 0
     assert ledger.hold(hold.id).job_id == "7"
-    fake.live["7"].state = "COMPLETING"
-    epilog(hook(world, "7", "n1"), fake, ledger, now=1030.0)
+    epilog(hook(world, "7", "n1"), ledger, now=1030.0)
+    end(world, "7", nodes=["n1", "n2"])  # n2 has not charged: the hold stays open
     h = ledger.hold(hold.id)
     assert (h.state, h.charged) == ("pending", 30)
-    epilog(hook(world, "7", "n1"), fake, ledger, now=1090.0)  # a repeat: charges nothing
+    epilog(hook(world, "7", "n1"), ledger, now=1090.0)  # a repeat: charges nothing
     assert ledger.hold(hold.id).charged == 30
-    epilog(hook(world, "7", "n2"), fake, ledger, now=1031.0)
+    epilog(hook(world, "7", "n2"), ledger, now=1031.0)
+    end(world, "7", nodes=["n1", "n2"])
     h = ledger.hold(hold.id)
     assert (h.state, h.charged, h.returned) == ("posted", 61, 1200 - 61)
     usage = {c["node"]: c["usage"] for c in ledger.charges(hold.id)}
     assert usage["n1"]["gpus"][0]["held_ms"] == 30000 and usage["n1"]["source"] == "held"
     assert usage["n2"]["policy"] == "allocated" and usage["n2"]["version"] == 2
     assert [g["measured"] for g in usage["n2"]["gpus"]] == [False]
+    assert fake.asked == ["7"]  # one scontrol call, on the controller, for the job alone
+
+
+def test_node_hooks_call_no_slurm_command(world, monkeypatch):
+    import subprocess
+
+    def no(*a, **kw):
+        raise AssertionError(f"a node hook ran {a}")
+
+    ledger, clock, _token, _cfg, fake, _ = world
+    hold = reserve(world)
+    fake.live["8"] = rec("8", "RUNNING", hold, clock=clock)
+    ctld.prolog_slurmctld(hook(world, "8"), fake, DirectClient(ledger))
+    monkeypatch.setattr(subprocess, "run", no)
+    monkeypatch.setattr(subprocess, "Popen", no)
+    prolog(hook(world, "8", gpus=(2,), started=0.0))
+    epilog(hook(world, "8", gpus=(2,)), ledger, now=10.0)
+    charge = ledger.charges(hold.id)[0]
+    assert charge["usage"]["gpus"][0]["gpu_type"] == "a100"  # from gres.conf, not scontrol
 
 
 def test_array_remainder_returns_after_the_last_task(world):
@@ -106,61 +179,122 @@ def test_array_remainder_returns_after_the_last_task(world):
     hold = reserve(world, tasks=3)
     for i, jid in enumerate(("20", "21", "22")):
         fake.live[jid] = rec(jid, "RUNNING", hold, array="20", task=str(i), clock=clock)
-        prolog(hook(world, jid, started=0.0), fake, ledger)
+        start(world, jid, array="20", task=str(i))
     assert ledger.hold(hold.id).job_id == "20"
+    assert fake.asked == ["20_0", "20_1", "20_2"]  # never the whole array
     for jid, now in (("20", 10.0), ("21", 20.0)):
-        fake.live[jid].state = "COMPLETING"
-        epilog(hook(world, jid), fake, ledger, now=now)
-        fake.live[jid].state = "COMPLETED"
+        epilog(hook(world, jid), ledger, now=now)  # the task's own id only, as on 22.05
+        end(world, jid, array="20")
         assert ledger.hold(hold.id).state == "pending"
-    fake.live["22"].state = "COMPLETING"
-    epilog(hook(world, "22"), fake, ledger, now=30.0)
+    epilog(hook(world, "22"), ledger, now=30.0)
+    end(world, "22", array="20")
     h = ledger.hold(hold.id)
     assert (h.state, h.charged, h.returned) == ("posted", 60, 1800 - 60)
     assert len(ledger.charges(hold.id)) == 3
 
 
-def test_requeued_run_is_charged_and_the_hold_stays_open(world):
-    ledger, clock, _token, _cfg, fake, _ = world
+def test_requeued_run_is_paid_from_a_hold_of_its_own(world):
+    ledger, clock, token, _cfg, fake, _ = world
     hold = reserve(world)
     fake.live["30"] = rec("30", "RUNNING", hold, clock=clock)
-    prolog(hook(world, "30", restart=0, started=0.0), fake, ledger)
-    fake.live["30"].state, fake.live["30"].restarts = "COMPLETING", 1  # slurmd counts it first
-    epilog(hook(world, "30", restart=1), fake, ledger, now=40.0)
-    assert ledger.hold(hold.id).state == "pending"
-    assert [c["restart"] for c in ledger.charges(hold.id)] == [0]
-    fake.live["30"].state = "RUNNING"
-    prolog(hook(world, "30", restart=1, started=100.0), fake, ledger)
-    fake.live["30"].state = "COMPLETING"
-    epilog(hook(world, "30", restart=1), fake, ledger, now=150.0)
-    h = ledger.hold(hold.id)
-    assert (h.state, h.charged) == ("posted", 90)
-    assert sorted(c["key"] for c in ledger.charges(hold.id)) == [
-        f"{hold.id}:30:0:n1", f"{hold.id}:30:1:n1"]
+    start(world, "30", restart=0, started=0.0, token=token)
+    epilog(hook(world, "30", restart=1, token=token), ledger, now=40.0)
+    end(world, "30", restart=1)  # run 0 ends (slurmctld has counted the requeue already)
+    first = ledger.hold(hold.id)
+    assert (first.state, first.charged) == ("posted", 40)
+    assert start(world, "30", restart=1, started=100.0, token=token) == 0
+    second = settle.job_hold(ledger, ["30"])
+    assert second.id != hold.id and (second.amount, second.job_id) == (600, "30")
+    epilog(hook(world, "30", restart=1, token=token), ledger, now=150.0)
+    end(world, "30", restart=1)
+    h = ledger.hold(second.id)
+    assert (h.state, h.charged) == ("posted", 50)
+    assert [c["key"] for c in ledger.charges(second.id)] == [f"{second.id}:30:1:n1"]
 
 
-def test_prolog_cancels_a_job_whose_token_was_revoked(world):
+def test_prolog_slurmctld_cancels_a_job_whose_token_was_revoked(world):
     ledger, clock, token, _cfg, fake, _ = world
     hold = reserve(world)
     ledger.revoke(token, "leaked")
-    fake.live["40"] = rec("40", "RUNNING", hold, clock=clock)
-    prolog(hook(world, "40"), fake, ledger)
+    fake.live["40"] = rec("40", "CONFIGURING", hold, clock=clock)
+    ctld.prolog_slurmctld(hook(world, "40"), fake, DirectClient(ledger))
     assert fake.cancelled and fake.cancelled[0][0] == "40" and "revoked" in fake.cancelled[0][1]
     assert ledger.hold(hold.id).state == "voided"
 
 
-def test_prolog_completes_or_refuses_a_deferred_reservation(world):
+def test_prolog_slurmctld_completes_or_refuses_a_deferred_reservation(world):
     ledger, clock, token, _cfg, fake, _ = world
-    fake.live["50"] = rec("50", "RUNNING", comment=marks.DEFERRED, clock=clock)
-    prolog(hook(world, "50", token=token), fake, ledger)
-    mark = marks.parse(fake.comments["50"])
-    hold = ledger.hold(mark.hold_id)
-    assert (hold.job_id, hold.amount, hold.gpu_type) == ("50", 600, "h100")
+    fake.live["50"] = rec("50", "CONFIGURING", comment=marks.DEFERRED, clock=clock)
+    assert ctld.prolog_slurmctld(hook(world, "50", token=token), fake,
+                                 DirectClient(ledger)) == 0
+    hold = settle.job_hold(ledger, ["50"])
+    assert (hold.job_id, hold.amount, hold.gpu_type, hold.user) == ("50", 600, "h100", "alice")
     poor, _ = ledger.mint("physics", 10)
-    fake.live["51"] = rec("51", "RUNNING", comment=marks.DEFERRED, clock=clock)
-    prolog(hook(world, "51", token=poor), fake, ledger)
+    fake.live["51"] = rec("51", "CONFIGURING", comment=marks.DEFERRED, clock=clock)
+    ctld.prolog_slurmctld(hook(world, "51", token=poor), fake, DirectClient(ledger))
     assert fake.cancelled[-1][0] == "51" and "needs" in fake.cancelled[-1][1]
     assert ledger.holds(job_id="51") == []
+
+
+@pytest.mark.parametrize("failure", ["down", "internal"])
+def test_deferred_job_that_cannot_be_paid_is_requeued_not_run(world, failure, monkeypatch):
+    """Item: a deferred job never runs with no hold — ledger down or any non-refusal error."""
+    ledger, clock, token, _cfg, fake, _ = world
+    fake.live["52"] = rec("52", "CONFIGURING", comment=marks.DEFERRED, clock=clock)
+    client = DirectClient(ledger, down=failure == "down")
+    if failure == "internal":
+        def boom(*a, **kw):
+            raise RuntimeError("database went away")
+        monkeypatch.setattr(ledger, "reserve", boom)
+    rc = ctld.prolog_slurmctld(hook(world, "52", token=token), fake, client)
+    assert rc == REQUEUE and fake.cancelled == []
+    assert ledger.holds(job_id="52") == []
+
+
+def test_a_forged_user_comment_binds_and_charges_nothing(world):
+    """--comment=gpuledger:hold=<bob's hold> on alice's job: bob's hold is untouched."""
+    ledger, clock, _token, _cfg, fake, _ = world
+    bob_token, _ = ledger.mint("physics", 3600)
+    bobs = reserve(world, token=bob_token, user="bob")
+    forged = marks.hold_comment(bobs.id, bobs.token_id)
+    # Slurm hands the user's --comment to every hook as SLURM_JOB_COMMENT; the AdminComment
+    # (job_submit's) is empty for alice's CPU job, so nothing is gpuledger's.
+    fake.live["80"] = rec("80", "RUNNING", comment="", clock=clock, gpus={})
+    env = {"SLURM_JOB_ID": "80", "SLURM_JOB_COMMENT": forged, "SLURM_JOB_USER": "alice",
+           "SLURM_JOB_GPUS": "0", "SLURMD_NODENAME": "n1"}
+    e = HookEnv.from_env(env)
+    assert not hasattr(e, "comment") and e.user == "alice"
+    h = hook(world, "80")
+    ctld.prolog_slurmctld(h, fake, DirectClient(ledger))
+    prolog(h)
+    epilog(hook(world, "80"), ledger, now=50.0)
+    ctld.epilog_slurmctld(hook(world, "80"), DirectClient(ledger))
+    b = ledger.hold(bobs.id)
+    assert (b.state, b.job_id, b.charged) == ("pending", None, 0)
+    # Even bound by mistake, alice's epilog never charges bob's hold ...
+    ledger.bind(bobs.id, "81")
+    fake.live["81"] = rec("81", "RUNNING", comment="", clock=clock)
+    prolog(hook(world, "81"))
+    epilog(hook(world, "81"), ledger, now=50.0)
+    assert ledger.hold(bobs.id).charged == 0
+    # ... and the ledger binds a hold only to its own user's and account's job, once.
+    with pytest.raises(StateError, match="reserved for user bob, not alice"):
+        ledger.bind(bobs.id, "81", user="alice", account="physics")
+    with pytest.raises(StateError, match="belongs to job 81"):
+        ledger.bind(bobs.id, "82", user="bob", account="physics")
+    mine = reserve(world)
+    with pytest.raises(StateError, match="reserved for account physics, not chemistry"):
+        ledger.bind(mine.id, "83", user="alice", account="chemistry")
+
+
+def test_prolog_slurmctld_cancels_a_job_whose_hold_is_not_its_own(world):
+    ledger, clock, _token, _cfg, fake, _ = world
+    bob_token, _ = ledger.mint("physics", 3600)
+    bobs = reserve(world, token=bob_token, user="bob")
+    fake.live["84"] = rec("84", "CONFIGURING", bobs, clock=clock)  # an admin's slip
+    ctld.prolog_slurmctld(hook(world, "84"), fake, DirectClient(ledger))
+    assert fake.cancelled and "reserved for user bob" in fake.cancelled[0][1]
+    assert ledger.hold(bobs.id).job_id is None
 
 
 def test_reconciler_voids_settles_skips_and_is_idempotent(world):
@@ -199,6 +333,31 @@ def test_reconciler_voids_settles_skips_and_is_idempotent(world):
     assert ledger.verify_journal().ok
 
 
+def test_reconciler_records_a_deferred_run_that_had_no_hold_as_owed(world):
+    """A deferred job that ran with no hold (no PrologSlurmctld): recorded as owed and reported
+    loudly; a deferred job whose hold PrologSlurmctld reserved is settled as usual."""
+    ledger, clock, token, _cfg, fake, _ = world
+    fake.acct.append(rec("90", "COMPLETED", comment=marks.DEFERRED, elapsed=300, clock=clock))
+    older = rec("89", "COMPLETED", comment=marks.DEFERRED, elapsed=300, clock=clock)
+    older.start -= timedelta(days=2)  # before this ledger existed: another ledger's job
+    fake.acct.append(older)
+    fake.live["91"] = rec("91", "CONFIGURING", comment=marks.DEFERRED, clock=clock)
+    ctld.prolog_slurmctld(hook(world, "91", token=token), fake, DirectClient(ledger))
+    fake.acct.append(rec("91", "COMPLETED", comment=marks.DEFERRED, elapsed=50, clock=clock))
+    del fake.live["91"]
+    s = Reconciler(ledger, fake, grace_s=600).run()
+    assert s.debts == [{"job_id": "90", "restart": 0, "account": "physics", "owed": 300,
+                        "charged": 0, "unpaid": 300}]
+    assert any("job 90" in e and "300 GPU-s owed by account physics" in e for e in s.errors)
+    assert ledger.hold(settle.job_hold(ledger, ["91"], settled=True).id).charged == 50
+    debts = [j for j in ledger.journal() if j["kind"] == "debt"]
+    assert len(debts) == 1 and debts[0]["data"]["owed"] == 300
+    again = Reconciler(ledger, fake, grace_s=600).run()
+    assert again.debts == s.debts  # reported again, recorded once
+    assert len([j for j in ledger.journal() if j["kind"] == "debt"]) == 1
+    assert ledger.verify_journal().ok
+
+
 def test_reconciler_leaves_other_clusters_alone(world):
     ledger, clock, token, _cfg, fake, _ = world
     hold = ledger.reserve(token, HoldRequest(gpus=1, seconds=60, gpu_type="h100",
@@ -223,11 +382,10 @@ def test_a_run_reported_after_the_hold_closed_is_logged_uncollected(world, caplo
     ledger, clock, _token, _cfg, fake, _ = world
     hold = reserve(world)
     fake.live["41"] = rec("41", "RUNNING", hold, clock=clock)
-    prolog(hook(world, "41", "n1", started=1000.0), fake, ledger)
+    start(world, "41", started=1000.0)
     ledger.void(hold.id, reason="closed by hand")
-    fake.live["41"].state = "COMPLETING"
     with caplog.at_level(logging.INFO):
-        epilog(hook(world, "41", "n1"), fake, ledger, now=1030.0)
+        epilog(hook(world, "41", "n1"), ledger, now=1030.0)
     assert ledger.hold(hold.id).charged == 0 and ledger.charges(hold.id) == []
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("UNCOLLECTED: 30 GPU-s not charged" in m and hold.id in m for m in errors), errors

@@ -105,7 +105,8 @@ class Handlers:
         self.ops: dict[str, Callable[[Peer, dict[str, str]], dict[str, object]]] = {
             "hello": self.hello, "ping": self.ping, "reserve": self.reserve,
             "resize": self.resize, "void": self.void, "quote": self.quote,
-            "balance": self.balance, "jobs": self.jobs,
+            "balance": self.balance, "jobs": self.jobs, "bind": self.bind,
+            "finish": self.finish,
         }
 
     def handle(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
@@ -247,3 +248,41 @@ class Handlers:
             raise BadRequest("state must be pending, posted or voided")
         holds = [h.to_dict() for h in self.ledger.holds(user=user, state=state)]
         return with_json({"user": user, "holds": holds})
+
+    # -- PrologSlurmctld / EpilogSlurmctld (slurm_plugin.ctld) -----------------------------
+
+    def bind(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """Bind a hold to its job (``hold job user account [task restart]``) and link this run
+        of the job (or array task) to it; the ledger checks the identity."""
+        self.policy.require_privileged(peer, "bind")
+        hold_id, job = _name(fields, "hold"), _name(fields, "job")
+        if hold_id is None or job is None:
+            raise BadRequest("bind needs hold and job")
+        user, account = _name(fields, "user"), _name(fields, "account")
+        view = self.ledger.bind(hold_id, job, user=user, account=account)
+        run_of = _name(fields, "task") or job  # an array task's own id: its nodes know only it
+        restart = _int(fields, "restart", required=False) or 0
+        if view.state == "pending":
+            self.ledger.link_job(hold_id, run_of, restart, user=user, account=account)
+        token = self.ledger.inspect(view.token_id)
+        return {"ok": 1, "hold": view.id, "state": view.state, "token_id": view.token_id,
+                "token_status": token.status, "token_reason": token.status_reason or ""}
+
+    def finish(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """A run ended (``job [array_job] nodes``): close its hold once every charge is in."""
+        from slurm_plugin.settle import finish
+
+        self.policy.require_privileged(peer, "finish")
+        job = _name(fields, "job")
+        if job is None:
+            raise BadRequest("finish needs job")
+        owners = [o for o in (job, _name(fields, "array_job")) if o]
+        nodes = [n for n in (fields.get("nodes") or "").split(",") if n]
+        for n in nodes:
+            if not _NAME.match(n):
+                raise BadRequest("field nodes is not a list of node names")
+        state, view = finish(self.ledger, owners, job, nodes)
+        out: dict[str, object] = {"ok": 1, "state": state}
+        if view is not None:
+            out.update(hold=view.id, charged=view.charged, returned=view.returned)
+        return out

@@ -32,7 +32,14 @@ SUBMIT_CONF = Path("/etc/gpuledger/job_submit.conf")
 NODE_CONF = Path("/etc/gpuledger/gpuledger.toml")
 LUA = Path("/etc/slurm/job_submit.lua")
 SOCKET = Path("/run/gpuledger-settle/gl.sock")
-WRAPPERS = {h: Path(f"/usr/local/sbin/gpuledger-{h}") for h in ("prolog", "epilog")}
+HOOKS = ("prolog", "epilog", "prolog-slurmctld", "epilog-slurmctld")
+ENTRY = Path("/usr/local/sbin/gpuledger-hook")  # the sh entry, outside the venv, as the roles do
+WRAPPERS = {h: Path(f"/usr/local/sbin/gpuledger-{h}") for h in HOOKS}
+CONF_KEYS = {"prolog": "Prolog", "epilog": "Epilog", "prolog-slurmctld": "PrologSlurmctld",
+             "epilog-slurmctld": "EpilogSlurmctld"}
+UP_VARS = {"prolog": "GPULEDGER_PROLOG", "epilog": "GPULEDGER_EPILOG",
+           "prolog-slurmctld": "GPULEDGER_PROLOG_SLURMCTLD",
+           "epilog-slurmctld": "GPULEDGER_EPILOG_SLURMCTLD"}
 DONE = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
         "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
@@ -55,22 +62,53 @@ def cluster_ready() -> bool:
 
 
 def ensure_hooks() -> None:
+    entry = (REPO / "slurm_plugin/hooks/gpuledger-hook").read_text()
+    if not ENTRY.exists() or ENTRY.read_text() != entry:
+        tmp = ENTRY.with_suffix(".tmp")
+        tmp.write_text(entry)
+        tmp.chmod(0o755)
+        tmp.replace(ENTRY)
+    ctld_venv = slurm_user_venv()
     for hook, path in WRAPPERS.items():
-        text = f'#!/bin/sh\nexec {BIN}/gpuledger-{hook} "$@"\n'
+        venv = ctld_venv if hook.endswith("slurmctld") else BIN.parent
+        text = f'#!/bin/sh\nGPULEDGER_VENV={venv} exec {ENTRY} {hook}\n'
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
             path.chmod(0o755)
-    cfg = sh(["scontrol", "show", "config"]).stdout
-    if f"Prolog                  = {WRAPPERS['prolog']}" in cfg and \
-            f"Epilog                  = {WRAPPERS['epilog']}" in cfg:
+    if hooks_configured():
         return
     cluster_up()
+    if not hooks_configured():  # slurmctld drops a hook path that did not exist at its start
+        sh(["scontrol", "reconfigure"])
+        time.sleep(2)
+    assert hooks_configured(), sh(["scontrol", "show", "config"]).stdout
+
+
+def slurm_user_venv() -> Path:
+    """A virtualenv SlurmUser can run for the controller hooks: the tests' own if it can,
+    else one on the system Python that finds this checkout through a .pth file (the
+    controller hooks need only the standard library, tests/test_hook_entry.py checks it)."""
+    if sh(["runuser", "-u", "slurm", "--", str(BIN / "python"), "-c", "pass"]).returncode == 0:
+        return BIN.parent
+    venv = Path("/var/lib/gpuledger-test/ctld-venv")
+    if not (venv / "bin" / "python").exists():
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        out = sh(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)])
+        assert out.returncode == 0, out.stderr
+    for site in venv.glob("lib/python3*/site-packages"):
+        (site / "gpuledger-checkout.pth").write_text(f"{REPO}\n")
+    return venv
+
+
+def hooks_configured() -> bool:
+    cfg = sh(["scontrol", "show", "config"]).stdout
+    return all(re.search(rf"^{CONF_KEYS[h]}\s*=\s*{re.escape(str(p))}\s*$", cfg, re.M)
+               for h, p in WRAPPERS.items())
 
 
 def cluster_up() -> None:
-    """tests/cluster/up with the prolog/epilog wrappers in slurm.conf."""
-    env = {**os.environ, "GPULEDGER_PROLOG": str(WRAPPERS["prolog"]),
-           "GPULEDGER_EPILOG": str(WRAPPERS["epilog"])}
+    """tests/cluster/up with the four hook wrappers in slurm.conf."""
+    env = {**os.environ, **{UP_VARS[h]: str(p) for h, p in WRAPPERS.items()}}
     out = sh([str(REPO / "tests/cluster/up")], env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
@@ -101,7 +139,11 @@ class Settle:
         self.ledger = init_ledger(
             self.gl, self.cfg, SOCKET, database=f"sqlite:///{self.root / 'ledger.db'}",
             extra=(f'\n[hooks]\nstate_dir = "{self.root / "jobs"}"\n'
-                   f'log_file = "{self.root / "hooks.log"}"\ngrace_seconds = 0\n'))
+                   f'log_file = "{self.root / "hooks.log"}"\ngrace_seconds = 0\n'
+                   'close_wait_seconds = 15\n'))
+        log = self.root / "hooks.log"  # the controller hooks run as SlurmUser
+        log.touch()
+        log.chmod(0o666)
 
     def start_daemon(self) -> None:
         self.daemon = start_daemon(GL, self.cfg, SOCKET, self.root / "daemon.log")
@@ -119,13 +161,14 @@ class Settle:
         time.sleep(1.1)  # slurmctld reloads the script when its mtime moves (whole seconds)
         os.utime(LUA)
 
-    def mint(self, hours: str = "20") -> tuple[str, str]:
-        token = self.gl("token", "mint", "--account", "physics", "--hours", hours)
+    def mint(self, hours: str = "20", account: str = "physics", *opts: str) -> tuple[str, str]:
+        token = self.gl("token", "mint", "--account", account, "--hours", hours, *opts)
         return token, self.ledger.token_id_of(token)
 
-    def sbatch(self, token: str, *args: str, wrap: str = "sleep 2", hold=False) -> str:
-        cmd = ["runuser", "-u", "alice", "--", "env", f"HOME={self.home}", "sbatch",
-               "-o", "/dev/null", "--chdir=/tmp", f"--gpu-token={token}",
+    def sbatch(self, token: str | None, *args: str, wrap: str = "sleep 2", hold=False,
+               user: str = "alice") -> str:
+        cmd = ["runuser", "-u", user, "--", "env", f"HOME={self.home}", "sbatch",
+               "-o", "/dev/null", "--chdir=/tmp", *([f"--gpu-token={token}"] if token else []),
                *(["--hold"] if hold else []), *args, "--wrap", wrap]
         out = sh(cmd)
         m = re.search(r"Submitted batch job (\d+)", out.stdout)
@@ -144,6 +187,16 @@ class Settle:
                 return "GONE"
             time.sleep(0.3)
         raise AssertionError(f"job {job} not in {states} after {timeout}s: {found}")
+
+    def bound_hold(self, job: str, timeout: float = 30):
+        """The hold the ledger binds to ``job`` (PrologSlurmctld binds it as the job starts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            holds = self.ledger.holds(job_id=job)
+            if holds:
+                return holds[-1]
+            time.sleep(0.3)
+        raise AssertionError(f"no hold bound to job {job}; log:\n{self.log()}")
 
     def hold_of(self, job: str):
         m = re.fullmatch(r"gpuledger:hold=(hold_[0-9a-f]+);token=(tok_[0-9a-f]+)",
@@ -173,6 +226,7 @@ class Settle:
 
     def epilog_by_hand(self, job: str, gpus: str, token: str, restart: int = 0):
         env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": job, "SLURMD_NODENAME": node_name(),
+               "SLURM_JOB_USER": "alice", "SLURM_JOB_ACCOUNT": "physics",
                "SLURM_JOB_GPUS": gpus, "SPANK_GPULEDGER_TOKEN": token,
                "SLURM_JOB_RESTART_COUNT": str(restart), "GPULEDGER_CONFIG": str(NODE_CONF)}
         out = subprocess.run([str(BIN / "gpuledger-epilog")], env=env, capture_output=True, check=False,

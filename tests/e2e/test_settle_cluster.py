@@ -96,7 +96,7 @@ def test_epilog_run_twice_charges_once(s):
     h2 = s.ledger.hold(hold.id)
     assert (h2.charged, h2.returned, h2.state) == (h1.charged, h1.returned, "posted")
     assert len(s.ledger.charges(hold.id)) == 1
-    assert "nothing charged" in out.stderr
+    assert "left for the reconciler" in out.stderr  # the first epilog used the prolog's record
     s.verify()
 
 
@@ -112,14 +112,19 @@ def test_requeue_charges_each_run_once(s):
     time.sleep(1)
     sh(["scontrol", "update", f"jobid={job}", "starttime=now"])
     s.wait(job)
-    h = s.settled(hold.id)
-    charges = s.ledger.charges(hold.id)
-    assert sorted(c["restart"] for c in charges) == [0, 1], charges
+    # Each run is paid from its own hold: the first closes when run 0 ends, PrologSlurmctld
+    # reserves the second with the job's token when run 1 starts.
+    first = s.settled(hold.id)
+    holds = s.ledger.holds(job_id=job)
+    assert len(holds) == 2 and holds[0].id == hold.id, holds
+    second = s.settled(holds[1].id)
     node = node_name()
-    assert {c["key"] for c in charges} == {f"{hold.id}:{job}:0:{node}", f"{hold.id}:{job}:1:{node}"}
-    assert h.charged == sum(c["amount"] for c in charges) and h.state == "posted"
-    assert 7 <= h.charged <= 14  # ~2 s then ~6 s on one h100
-    assert s.ledger.inspect(tid).remaining == before - h.charged
+    assert [c["key"] for c in s.ledger.charges(hold.id)] == [f"{hold.id}:{job}:0:{node}"]
+    assert [c["key"] for c in s.ledger.charges(second.id)] == [f"{second.id}:{job}:1:{node}"]
+    charged = first.charged + second.charged
+    assert first.state == second.state == "posted" and second.amount == 600
+    assert 7 <= charged <= 14  # ~2 s then ~6 s on one h100
+    assert s.ledger.inspect(tid).remaining == before - charged
     s.verify()
 
 
@@ -229,18 +234,75 @@ def test_ledger_unavailable_at_submit_prolog_reserves_or_cancels(s):
         assert field(job, "AdminComment") == "gpuledger:deferred"
         poor, _ = s.mint(hours="0.01")
         job2 = s.sbatch(poor, "--gres=gpu:h100:1", "-t", "5", wrap="sleep 1", hold=True)
-        sh(["scontrol", "release", job, job2])
-        s.wait(job)
-        s.wait(job2)
     finally:
         s.submit_conf("reject")
         s.start_daemon()
-    hold = s.hold_of(job)
-    h = s.settled(hold.id)
+    # The ledger is back when they start: PrologSlurmctld reserves, or cancels the poor one.
+    # (Still down at their start, they are requeued: test_deferred_job_never_runs_unpaid….)
+    sh(["scontrol", "release", job, job2])
+    s.wait(job)
+    s.wait(job2)
+    assert field(job, "AdminComment") == "gpuledger:deferred"  # the ledger binds it, not Slurm
+    h = s.settled(s.bound_hold(job).id)
     assert h.token_id == tid and h.job_id == job and h.amount == 300 and h.charged > 0
     assert field(job2, "JobState") == "CANCELLED"
     assert "needs" in field(job2, "Comment") or "refused" in s.log()
     assert s.ledger.holds(job_id=job2) == []
+    s.verify()
+
+
+def test_deferred_job_never_runs_unpaid_while_the_ledger_is_down(s):
+    """Accepted while the daemon was down, started while it is still down: requeued, not run;
+    once the daemon is back it runs and pays."""
+    s.stop_daemon()
+    s.submit_conf("accept")
+    token, tid = s.mint()
+    try:
+        job = s.sbatch(token, "--gres=gpu:h100:1", "-t", "5", wrap="sleep 1", hold=True)
+        assert field(job, "AdminComment") == "gpuledger:deferred"
+        sh(["scontrol", "release", job])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "requeue" not in sh(
+                ["scontrol", "show", "job", job]).stdout.lower() + s.log().lower():
+            time.sleep(0.5)
+        time.sleep(2)
+        assert s.ledger.holds(job_id=job) == []
+        runs = sh(["sacct", "-n", "-X", "-P", "-D", "-o", "State,ElapsedRaw", "-j", job]).stdout
+        assert "COMPLETED" not in runs and "RUNNING" not in field(job, "JobState"), runs
+        assert "cannot reserve" in s.log(), s.log()
+    finally:
+        s.submit_conf("reject")
+        s.start_daemon()
+    sh(["scontrol", "release", job])  # a requeued job may come back held
+    s.wait(job, timeout=180)
+    h = s.settled(s.bound_hold(job).id)
+    assert (h.token_id, h.job_id, h.state) == (tid, job, "posted") and h.charged > 0
+    s.verify()
+
+
+def test_a_forged_comment_from_another_user_changes_nothing(s):
+    """bob's jobs carry --comment=gpuledger:hold=<alice's hold>: alice's hold stays hers."""
+    token, tid = s.mint()
+    job = s.sbatch(token, "--gres=gpu:h100:1", "-t", "5", wrap="sleep 2", hold=True)
+    hold = s.hold_of(job)
+    forged = f"--comment=gpuledger:hold={hold.id};token={tid}"
+    cpu = s.sbatch(None, forged, "-t", "5", wrap="sleep 1", user="bob", hold=False)
+    bob_token, bob_tid = s.mint("5", "chemistry", "--users", "bob")
+    gpu = s.sbatch(bob_token, forged, "-A", "chemistry", "--gres=gpu:a100:1", "-t", "5",
+                   wrap="sleep 2", user="bob")
+    s.wait(cpu)
+    s.wait(gpu)
+    bobs = s.settled(s.bound_hold(gpu).id)
+    assert (bobs.token_id, bobs.user, bobs.account) == (bob_tid, "bob", "chemistry")
+    assert bobs.charged > 0
+    h = s.ledger.hold(hold.id)
+    assert (h.state, h.job_id, h.charged) == ("pending", None, 0)  # untouched by bob's jobs
+    assert s.ledger.holds(job_id=cpu) == []
+    sh(["scontrol", "release", job])
+    s.wait(job)
+    h = s.settled(hold.id)
+    assert (h.job_id, h.user, h.state) == (job, "alice", "posted") and h.charged > 0
+    assert {c["job_id"] for c in s.ledger.charges(hold.id)} == {job}
     s.verify()
 
 

@@ -1,0 +1,165 @@
+"""PrologSlurmctld and EpilogSlurmctld: the whole-job work, once per job, on the controller.
+
+slurmctld runs them as SlurmUser with the job's identity in the environment
+(``SLURM_JOB_USER``, ``SLURM_JOB_ACCOUNT``, ``SLURM_JOB_NODELIST``, the array ids, the
+SPANK environment with ``SPANK_GPULEDGER_TOKEN``) — but not the AdminComment, and the
+``SLURM_JOB_COMMENT`` they do get is the user's own ``--comment``, never read. They talk to
+the ledger through the daemon's socket and may use Slurm commands (they run beside
+slurmctld, not on the nodes): one ``scontrol show job`` for the job's own record.
+
+PrologSlurmctld (``gpuledger-prolog-slurmctld``):
+
+* AdminComment ``gpuledger:hold=H;token=T`` (only job_submit and admins can write it):
+  bind H to the job — the ledger refuses a hold of another user or account, or one
+  already bound to another job. A revoked or expired token: void the hold, cancel the
+  job. A hold no longer pending (a requeued run after its first run settled): reserve a
+  new hold for this run with the job's token, or cancel the job if it cannot pay.
+* ``gpuledger:deferred`` (accepted while the ledger was down): reserve now with the job's
+  token, bound to the job. A refusal cancels the job; any other failure (ledger still
+  down, an ``internal`` answer) exits non-zero, and Slurm requeues the job instead of
+  running it unpaid (an interactive job is cancelled).
+* No mark: not gpuledger's job, whatever its ``--comment`` says.
+
+EpilogSlurmctld (``gpuledger-epilog-slurmctld``): slurmctld starts it beside the nodes'
+epilogs, so it waits (``close_wait_seconds``) until every node of the run has charged,
+then closes the hold (``settle.finish``) — for an array, once every task has charged.
+What it cannot close, ``gpuledger reconcile`` does.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ledger.daemon.client import Client, DaemonError, DaemonUnavailable
+from ledger.errors import LedgerError, Refusal
+
+from . import marks
+from .hookenv import Hook, run
+from .hookmain import REQUEUE
+from .slurm import CommandReader, JobRecord
+
+CTLD_READER = CommandReader(use_pyslurm=False)
+
+
+def _client(h: Hook) -> Client:
+    """The daemon's socket for root and the SlurmUser when there is one, else the main one."""
+    return Client(h.config.daemon.privileged_socket or h.config.daemon.socket, timeout=10.0)
+
+
+def _spec(h: Hook) -> str:
+    """``scontrol show job`` argument for this job alone (an array's id lists every task)."""
+    e = h.env
+    if e.array_job_id and e.array_task_id:
+        return f"{e.array_job_id}_{e.array_task_id}"
+    return e.job_id
+
+
+def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
+    e = h.env
+    reader = reader or CTLD_READER
+    record = reader.one(_spec(h), e.job_id)
+    if record is None:
+        h.log.error("job %s unknown to scontrol; nothing bound", e.job_id)
+        return 0
+    mark = marks.parse(record.admin_comment)
+    if mark is None:
+        return 0
+    client = client or _client(h)
+    with client:
+        if mark == marks.DEFERRED:
+            return _reserve(h, reader, client, record, why="deferred")
+        owner = e.array_job_id or e.job_id
+        try:
+            bound = client.request("bind", hold=mark.hold_id, job=owner, user=e.user or "",
+                                   account=e.account or "", task=e.job_id, restart=e.restart)
+        except (DaemonUnavailable, DaemonError) as exc:
+            if getattr(exc, "reason", "") in ("state", "not_found"):
+                why = f"gpu-token: {exc}; job cancelled"
+                h.log.error("refused to bind: %s", exc)
+                reader.cancel(e.job_id, why)
+                return 0
+            h.log.error("cannot bind hold %s (%s); paid at submission, left for the "
+                        "reconciler", mark.hold_id, exc)
+            return 0
+        status = bound.get("token_status", "active")
+        if status in ("revoked", "expired"):
+            why = (f"gpu-token: token {mark.token_id} is {status}"
+                   + (f" ({bound['token_reason']})" if bound.get("token_reason") else "")
+                   + "; job cancelled before it ran")
+            h.log.info("cancelling: %s", why)
+            client.request("void", hold=mark.hold_id, reason=why)
+            reader.cancel(e.job_id, why)
+            return 0
+        if bound.get("state") != "pending":
+            return _reserve(h, reader, client, record, why=f"hold {mark.hold_id} is "
+                            f"{bound.get('state')} (run {e.restart})")
+        h.log.info("bound hold %s to job %s (%s/%s)", mark.hold_id, owner, e.user, e.account)
+        return 0
+
+
+def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> int:
+    """Reserve a hold for this run now, bound to the job; cancel if the token can't pay."""
+    e = h.env
+    if not e.token:
+        reader.cancel(e.job_id, "gpu-token: the job carries no token and has no hold; "
+                      "cancelled")
+        return 0
+    gtypes = [t for t in record.gpus if t]
+    fields = dict(token=e.token, gpus=max(1, record.gpu_count),
+                  seconds=max(60, record.time_limit_s or 3600),
+                  type=gtypes[0] if len(gtypes) == 1 else "", tasks=1, user=e.user or "",
+                  account=e.account or "", partition=e.partition or "",
+                  key=f"start:{e.job_id}:{e.restart}", job=e.job_id)
+    try:
+        resp = client.request("reserve", **fields)
+    except Refusal as exc:
+        h.log.info("%s; reservation refused: %s", why, exc.message)
+        reader.cancel(e.job_id, f"gpu-token: {exc.message}; job cancelled")
+        return 0
+    except Exception as exc:  # noqa: BLE001 - unpaid must not run: requeue it
+        h.log.error("%s; cannot reserve (%s: %s): Slurm requeues the job until the ledger "
+                    "answers", why, exc.__class__.__name__, exc)
+        return REQUEUE
+    try:
+        client.request("bind", hold=resp.get("hold"), job=e.job_id, user=e.user or "",
+                       account=e.account or "", task=e.job_id, restart=e.restart)
+    except LedgerError as exc:  # reserved with job=…: bound already; the link helps the nodes
+        h.log.warning("reserved hold %s but could not link run %d: %s", resp.get("hold"),
+                      e.restart, exc)
+    h.log.info("%s; reserved hold %s for job %s", why, resp.get("hold"), e.job_id)
+    return 0
+
+
+def epilog_slurmctld(h: Hook, client: Client | None = None,
+                     sleep=time.sleep, clock=time.monotonic) -> int:
+    e = h.env
+    nodes = e.nodes
+    deadline = clock() + h.hooks.close_wait_s
+    client = client or _client(h)
+    with client:
+        while True:
+            try:
+                resp = client.request("finish", job=e.job_id, array_job=e.array_job_id or "",
+                                      nodes=",".join(nodes))
+            except LedgerError as exc:
+                h.log.error("cannot close the hold (%s); left for the reconciler", exc)
+                return 0
+            state = resp.get("state")
+            if state != "waiting" or clock() >= deadline:
+                break
+            sleep(0.5)
+    if state == "closed":
+        h.log.info("hold %s closed: charged %s GPU-s, returned %s GPU-s", resp.get("hold"),
+                   resp.get("charged"), resp.get("returned"))
+    elif state == "waiting":
+        h.log.warning("hold %s: not every node charged within %.0f s; left for the "
+                      "reconciler", resp.get("hold"), h.hooks.close_wait_s)
+    return 0
+
+
+def prolog_main() -> int:
+    return run("gpuledger-prolog-slurmctld", prolog_slurmctld)
+
+
+def epilog_main() -> int:
+    return run("gpuledger-epilog-slurmctld", epilog_slurmctld)
