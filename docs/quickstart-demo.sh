@@ -68,12 +68,20 @@ cat "$workdir"/slurm-"$job".out 2>/dev/null || true
 case "$state" in COMPLETED) ;; *) echo "quickstart-demo: job $job did not complete" >&2; exit 1 ;; esac
 
 step "Settlement receipt (gpuledger job show $job)"
-# The epilog settles as the job completes; give a slow one a few seconds.
-for i in 1 2 3 4 5 6 7 8 9 10; do
-  if out=$("$gl" job show "$job" 2>&1); then echo "$out"; break; fi
-  [ "$i" = 10 ] && { echo "$out" >&2; exit 1; }
+# The node epilog charges as the job completes and EpilogSlurmctld closes the hold once
+# every node has charged: wait for the hold to be closed, and fail if it never is.
+settled=
+for _ in $(seq 1 60); do
+  if "$gl" job show "$job" --json 2>/dev/null | python3 -c 'import json, sys
+holds = json.load(sys.stdin)["holds"]
+sys.exit(0 if holds and all(h["state"] == "posted" and h["charged"] > 0 for h in holds) else 1)'; then
+    settled=1
+    break
+  fi
   sleep 1
 done
+"$gl" job show "$job"
+[ -n "$settled" ] || { echo "quickstart-demo: job $job was not settled (see /var/log/gpuledger/hooks.log)" >&2; exit 1; }
 
 step "Report for $account, $month"
 "$gl" report render --month "$month" --account "$account" --format text
