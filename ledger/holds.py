@@ -41,6 +41,17 @@ _HOLD_CLOSE = update(HO).where(HO.c.id == bindparam("hid")).values(
 _CHARGE_PUT = insert(CH)
 
 
+def check_job_owner(hold, job_id: str, user: str | None, account: str | None) -> None:
+    """A hold pays only for jobs of the user and account it was reserved for (as Slurm
+    reports the job's: never a user's own --comment)."""
+    if user is not None and hold.user is not None and hold.user != user:
+        raise StateError(f"hold {hold.id} was reserved for user {hold.user}, "
+                         f"not {user} (job {job_id})")
+    if account is not None and hold.account != account:
+        raise StateError(f"hold {hold.id} was reserved for account {hold.account}, "
+                         f"not {account} (job {job_id})")
+
+
 class _Keep:
     """``resize(gpu_type=KEEP)``: the hold's GPU type stays (``None`` means untyped)."""
 
@@ -406,12 +417,7 @@ class HoldOps:
             hold = self._hold_row(tx.conn, hold_id, lock=True)
             if hold.job_id not in (None, job_id):
                 raise StateError(f"hold {hold_id} belongs to job {hold.job_id}, not {job_id}")
-            if user is not None and hold.user is not None and hold.user != user:
-                raise StateError(f"hold {hold_id} was reserved for user {hold.user}, "
-                                 f"not {user} (job {job_id})")
-            if account is not None and hold.account != account:
-                raise StateError(f"hold {hold_id} was reserved for account {hold.account}, "
-                                 f"not {account} (job {job_id})")
+            check_job_owner(hold, job_id, user, account)
             if hold.job_id is None:
                 tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(job_id=job_id))
                 tx.event("bind", account=hold.account, token_id=hold.token_id, hold_id=hold_id,

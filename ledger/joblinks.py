@@ -10,7 +10,7 @@ the same run is refused (``IdempotencyConflict``).
 
 from __future__ import annotations
 
-from .errors import StateError
+from .holds import check_job_owner
 from .journal import Tx
 
 
@@ -25,13 +25,7 @@ class JobLinkOps:
                  account: str | None = None) -> str:
         """Record that run ``restart`` of ``job_id`` is paid from ``hold_id`` (once)."""
         def run(tx: Tx) -> dict:
-            hold = self._hold_row(tx.conn, hold_id)
-            if user is not None and hold.user is not None and hold.user != user:
-                raise StateError(f"hold {hold_id} was reserved for user {hold.user}, "
-                                 f"not {user} (job {job_id})")
-            if account is not None and hold.account != account:
-                raise StateError(f"hold {hold_id} was reserved for account {hold.account}, "
-                                 f"not {account} (job {job_id})")
+            check_job_owner(self._hold_row(tx.conn, hold_id), job_id, user, account)
             return {"hold": hold_id}
 
         return self._idempotent("link", link_key(job_id, restart), {"hold": hold_id},
