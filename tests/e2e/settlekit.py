@@ -33,8 +33,12 @@ NODE_CONF = Path("/etc/gpuledger/gpuledger.toml")
 LUA = Path("/etc/slurm/job_submit.lua")
 SOCKET = Path("/run/gpuledger-settle/gl.sock")
 HOOKS = ("prolog", "epilog", "prolog-slurmctld", "epilog-slurmctld")
-ENTRY = Path("/usr/local/sbin/gpuledger-hook")  # the sh entry, outside the venv, as the roles do
-WRAPPERS = {h: Path(f"/usr/local/sbin/gpuledger-{h}") for h in HOOKS}
+# The sh entry outside the venv, as the roles install it — but in a folder of the tests' own:
+# the quickstart's /usr/local/sbin/gpuledger-* are links to its entry, and writing through
+# them replaced that entry with a wrapper that exec'ed itself (every hook hung).
+HOOK_DIR = Path("/var/lib/gpuledger-test/hooks")
+ENTRY = HOOK_DIR / "gpuledger-hook"
+WRAPPERS = {h: HOOK_DIR / f"gpuledger-{h}" for h in HOOKS}
 CONF_KEYS = {"prolog": "Prolog", "epilog": "Epilog", "prolog-slurmctld": "PrologSlurmctld",
              "epilog-slurmctld": "EpilogSlurmctld"}
 UP_VARS = {"prolog": "GPULEDGER_PROLOG", "epilog": "GPULEDGER_EPILOG",
@@ -61,20 +65,23 @@ def cluster_ready() -> bool:
     return out.returncode == 0 and bool(re.search(r"idle|mix|alloc", out.stdout))
 
 
-def ensure_hooks() -> None:
-    entry = (REPO / "slurm_plugin/hooks/gpuledger-hook").read_text()
-    if not ENTRY.exists() or ENTRY.read_text() != entry:
-        tmp = ENTRY.with_suffix(".tmp")
-        tmp.write_text(entry)
+def _install(path: Path, text: str) -> None:
+    """Write an executable file by replacing it (never writing through a link)."""
+    if path.is_symlink() or not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
         tmp.chmod(0o755)
-        tmp.replace(ENTRY)
+        tmp.replace(path)
+
+
+def ensure_hooks() -> None:
+    HOOK_DIR.mkdir(parents=True, exist_ok=True)
+    HOOK_DIR.chmod(0o755)
+    _install(ENTRY, (REPO / "slurm_plugin/hooks/gpuledger-hook").read_text())
     ctld_venv = slurm_user_venv()
     for hook, path in WRAPPERS.items():
         venv = ctld_venv if hook.endswith("slurmctld") else BIN.parent
-        text = f'#!/bin/sh\nGPULEDGER_VENV={venv} exec {ENTRY} {hook}\n'
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-            path.chmod(0o755)
+        _install(path, f'#!/bin/sh\nGPULEDGER_VENV={venv} exec {ENTRY} {hook}\n')
     if hooks_configured():
         return
     cluster_up()
