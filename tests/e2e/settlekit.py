@@ -139,7 +139,7 @@ class Settle:
     def gl(self, *args: str, check: bool = True) -> str:
         out = sh([GL, "--config", str(self.cfg), *args])
         if check:
-            assert out.returncode == 0, out.stderr
+            assert out.returncode == 0, (out.stderr + out.stdout[-3000:])  # --json errors are on stdout
         return out.stdout.strip()
 
     def setup(self) -> None:
