@@ -1,10 +1,24 @@
 """Reading Slurm: the one adapter over scontrol / squeue / sacct (and pyslurm where it fits).
 
-Parses the machine-readable output of Slurm 22.05 and 24.11 (`scontrol show job -d -o`,
-`squeue -h -o`, `sacct -P -n`): 22.05 prints ``TRES=`` where 23.02+ prints ``ReqTRES=`` and
-``AllocTRES=`` (``AllocTRES=(null)`` until a job has nodes: the request counts then);
-GRES strings are ``gres:gpu`` before 23.11 and ``gres/gpu`` after. Times
-are the controller's local time without zone; they are read as this host's local time.
+Parses the machine-readable output of Slurm 22.05 to 26.05 (`scontrol show job -d -o`,
+`squeue -h -o`, `sacct -P -n`); tests/fixtures/slurm/<release>/ holds each release's output
+(recorded on 22.05 and 24.11, derived from Slurm's source for the others, each README names
+the tag and file). What moves between releases:
+
+* 22.05 prints ``TRES=`` where 23.02+ prints ``ReqTRES=`` and ``AllocTRES=``
+  (``AllocTRES=(null)`` until a job has nodes: the request counts then); 24.05 drops
+  ``Power=``. GRES requests (``TresPerNode=``) are ``gres:gpu`` before 23.11, ``gres/gpu``
+  after; TRES strings say ``gres/gpu`` in every release.
+* The SLUID (Slurm's realm-unique job id, ``s`` + 13 Crockford base-32 characters):
+  24.11 and 25.05 have it only as sacct's ``SLUID`` field, the accounting record's index,
+  and no hook sees it; 25.11 gives it to Prolog/Epilog and PrologSlurmctld/EpilogSlurmctld
+  as ``SLURM_JOB_SLUID`` and prints it in ``scontrol show job -d`` as ``SLUID=`` (the
+  job's SLUID: new on each requeue, kept through a resize), while sacct's ``SLUID`` stays
+  the record's index (the same value unless the job was resized); 26.05 adds sacct's
+  ``OriginalSLUID``, the job's SLUID. ``JobRecord.sluid`` is the job's SLUID — what the hooks
+  see — and is read where a release prints it, never from 24.11/25.05's record index.
+
+Times are the controller's local time without zone; they are read as this host's local time.
 
 pyslurm is used for the live job table only when an importable pyslurm reports the same
 major.minor as ``sinfo -V`` (its API follows the Slurm release it was built for).
@@ -21,6 +35,10 @@ from typing import Protocol
 
 SACCT_FIELDS = ("JobIDRaw", "JobID", "State", "Start", "End", "ElapsedRaw", "NodeList",
                 "AllocTRES", "AdminComment")
+# Fields sacct has only from a release on (an older sacct refuses an unknown field):
+# the job's SLUID (slurm-25-11-7-1 src/sacct/sacct.c "SLUID" prints the record's index, the
+# job's SLUID unless it was resized; slurm-26-05-3-1 adds "OriginalSLUID", the job's own).
+SACCT_SLUID_FIELDS = (((26, 5), "OriginalSLUID"), ((25, 11), "SLUID"))
 SQUEUE_FORMAT = "%A|%i|%F|%K|%T|%r|%N|%D"
 ACTIVE_STATES = frozenset({
     "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
@@ -28,6 +46,7 @@ ACTIVE_STATES = frozenset({
     "RESV_DEL_HOLD", "POWER_UP_NODE", "UPDATE_DB",
 })
 TIMEOUT_S = 30.0
+_SLUID = re.compile(r"^[sS][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{13}$")
 
 
 class SlurmError(Exception):
@@ -35,6 +54,25 @@ class SlurmError(Exception):
 
 
 # -- small parsers ---------------------------------------------------------------------------
+
+
+def sluid(text: str | None) -> str | None:
+    """A SLUID as Slurm prints it (``s`` + 13 Crockford base-32 characters, slurm-25-11-7-1
+    src/common/sluid.c print_sluid), else None: an unset one (``s0000000000000``), a
+    missing field, anything else."""
+    text = (text or "").strip()
+    if not _SLUID.match(text) or not text[1:].strip("0"):
+        return None
+    return text
+
+
+def sacct_fields(version: tuple[int, int] | None) -> tuple[str, ...]:
+    """The ``--format`` fields for this sacct: SACCT_FIELDS, then the job's SLUID where the
+    release prints it (one field: OriginalSLUID from 26.05, SLUID in 25.11)."""
+    for since, name in SACCT_SLUID_FIELDS:
+        if version is not None and version >= since:
+            return SACCT_FIELDS + (name,)
+    return SACCT_FIELDS
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -174,6 +212,7 @@ class JobRecord:
     user: str | None = None
     account: str | None = None
     superseded: bool = False  # sacct -D: a later run of the same job exists
+    sluid: str | None = None  # this run's SLUID (25.11+: SLURM_JOB_SLUID in the hooks)
 
     @property
     def active(self) -> bool:
@@ -227,6 +266,7 @@ def parse_scontrol_job(line: str) -> JobRecord:
         admin_comment=d.get("AdminComment", ""), source="scontrol",
         time_limit_s=parse_duration(d.get("TimeLimit")),
         user=(d.get("UserId") or "").split("(")[0] or None, account=d.get("Account") or None,
+        sluid=sluid(d.get("SLUID")),  # 25.11+, with -d (slurm-25-11-7-1 src/scontrol/info_job.c)
     )
     return record
 
@@ -250,21 +290,30 @@ def parse_squeue(text: str) -> list[JobRecord]:
     return out
 
 
-def parse_sacct(text: str) -> list[JobRecord]:
-    """Lines of ``sacct -X -D -P -n --format=SACCT_FIELDS``; runs of one job in order.
+def parse_sacct(text: str, fields: tuple[str, ...] = SACCT_FIELDS) -> list[JobRecord]:
+    """Lines of ``sacct -X -D -P -n --format=<fields>`` (``sacct_fields``); runs of one job
+    in order.
 
     With ``-D`` a requeued job has one record per run (``REQUEUED`` ones first); the run's
-    restart number is its position among the records of that job id.
+    restart number is its position among the records of that job id. AdminComment, which
+    may hold ``|``, is read last of SACCT_FIELDS: fields after it are split off the right.
     """
+    if fields[:len(SACCT_FIELDS)] != SACCT_FIELDS:
+        raise SlurmError(f"sacct fields must start with {','.join(SACCT_FIELDS)}")
+    extra = fields[len(SACCT_FIELDS):]
     out: list[JobRecord] = []
     seen: dict[str, int] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
-        parts = line.split("|", len(SACCT_FIELDS) - 1)
-        if len(parts) != len(SACCT_FIELDS):
-            raise SlurmError(f"sacct line with {len(parts)} fields: {line[:80]!r}")
+        head, tail = line, []
+        if extra:
+            head, *tail = line.rsplit("|", len(extra))
+        parts = head.split("|", len(SACCT_FIELDS) - 1)
+        if len(parts) != len(SACCT_FIELDS) or len(tail) != len(extra):
+            raise SlurmError(f"sacct line with {len(parts) + len(tail)} fields: {line[:80]!r}")
         raw, shown, state, start, end, elapsed, nodelist, tres, comment = parts
+        more = dict(zip(extra, tail))
         array_job, _, task = shown.partition("_")
         task = task.strip("[]")  # a pending rest: 1234_[1-3%1], scontrol's ArrayTaskId 1-3%1
         nodes = expand_hostlist(nodelist)
@@ -275,7 +324,8 @@ def parse_sacct(text: str) -> list[JobRecord]:
             array_job_id=array_job if task else None, array_task=task or None, restarts=run,
             start=parse_time(start) if nodes else None, end=parse_time(end),
             elapsed_s=int(elapsed) if elapsed.isdigit() else None, nodes=nodes,
-            gpus=gpus_in_tres(tres), admin_comment=comment.strip(), source="sacct"))
+            gpus=gpus_in_tres(tres), admin_comment=comment.strip(), source="sacct",
+            sluid=sluid(more.get("OriginalSLUID") or more.get("SLUID"))))
     last = {r.job_id: i for i, r in enumerate(out)}
     for i, r in enumerate(out):
         r.superseded = last[r.job_id] != i
@@ -362,8 +412,17 @@ def _pyslurm_live_jobs() -> list[JobRecord]:
 class CommandReader:
     """SlurmReader over the commands (and pyslurm for the live table when it matches)."""
 
-    def __init__(self, use_pyslurm: bool | None = None):
-        self._pyslurm = pyslurm_matches(slurm_version()) if use_pyslurm is None else use_pyslurm
+    def __init__(self, use_pyslurm: bool | None = None,
+                 version: tuple[int, int] | None = None):
+        self._version = version
+        self._pyslurm = pyslurm_matches(self.version) if use_pyslurm is None else use_pyslurm
+
+    @property
+    def version(self) -> tuple[int, int] | None:
+        """This Slurm's major.minor (``sinfo -V``), asked once."""
+        if self._version is None:
+            self._version = slurm_version()
+        return self._version
 
     def job(self, job_id: str) -> JobRecord | None:
         try:
@@ -409,11 +468,12 @@ class CommandReader:
 
     def finished_jobs(self, since: datetime, job_ids: list[str] | None = None
                       ) -> list[JobRecord]:
-        cmd = ["sacct", "-a", "-X", "-D", "-P", "-n", "--format=" + ",".join(SACCT_FIELDS),
+        fields = sacct_fields(self.version)
+        cmd = ["sacct", "-a", "-X", "-D", "-P", "-n", "--format=" + ",".join(fields),
                "-S", since.astimezone().strftime("%Y-%m-%dT%H:%M:%S"), "-E", "now"]
         if job_ids:
             cmd += ["-j", ",".join(job_ids)]
-        return parse_sacct(_run(cmd, 120))
+        return parse_sacct(_run(cmd, 120), fields)
 
     def owners(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
         """Job id → (user, account), from accounting (``sacct -X -P -n``)."""
