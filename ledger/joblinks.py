@@ -6,15 +6,25 @@ array task know only the task's own job id (Slurm 22.05 gives slurmd's Prolog/Ep
 its hold. The link is the idempotency record of the ``link`` operation under the key
 ``job:<job id>:<restart>``: written once, one indexed row to read, and a second hold for
 the same run is refused (``IdempotencyConflict``).
+
+Slurm 25.11+ names each run with a SLUID (``SLURM_JOB_SLUID`` in PrologSlurmctld and the node
+hooks; a new one per requeue, unique in the Slurm realm): such a run is linked under
+``run:<sluid>`` instead, which a job id that wrapped, or a controller that lost its state and
+counts from 1 again, cannot repeat. ``job:<job id>:<restart>`` links (every ledger before
+that, every run on an older Slurm) are still read, but where the run has a SLUID only while
+their hold is pending: an old link of a settled hold is a previous job that had the same id.
 """
 
 from __future__ import annotations
 
+from .errors import NotFound
 from .holds import check_job_owner
 from .journal import Tx
 
 
-def link_key(job_id: str, restart: int) -> str:
+def link_key(job_id: str, restart: int, sluid: str | None = None) -> str:
+    if sluid:
+        return f"run:{sluid}"
     return f"job:{job_id}:{restart}"
 
 
@@ -22,19 +32,35 @@ class JobLinkOps:
     """Mixed into :class:`ledger.service.Ledger`."""
 
     def link_job(self, hold_id: str, job_id: str, restart: int, *, user: str | None = None,
-                 account: str | None = None) -> str:
-        """Record that run ``restart`` of ``job_id`` is paid from ``hold_id`` (once)."""
+                 account: str | None = None, sluid: str | None = None) -> str:
+        """Record that run ``restart`` of ``job_id`` (SLUID ``sluid``, where Slurm gives
+        one) is paid from ``hold_id`` (once)."""
         def run(tx: Tx) -> dict:
             check_job_owner(self._hold_row(tx.conn, hold_id), job_id, user, account)
             return {"hold": hold_id}
 
-        return self._idempotent("link", link_key(job_id, restart), {"hold": hold_id},
+        return self._idempotent("link", link_key(job_id, restart, sluid), {"hold": hold_id},
                                 run)["hold"]
 
-    def linked_hold(self, job_id: str, restart: int) -> str | None:
-        """The hold linked to run ``restart`` of ``job_id``, or None."""
+    def linked_hold(self, job_id: str, restart: int, *, sluid: str | None = None
+                    ) -> str | None:
+        """The hold linked to run ``restart`` of ``job_id`` (by its SLUID first), or None."""
         from .service import _IDEM_GET
 
         with self._read() as conn:
-            row = conn.execute(_IDEM_GET, {"k": link_key(job_id, restart)}).one_or_none()
-        return row.result.get("hold") if row is not None and row.op == "link" else None
+            for key in ([link_key(job_id, restart, sluid)] if sluid else []) + [
+                    link_key(job_id, restart)]:
+                row = conn.execute(_IDEM_GET, {"k": key}).one_or_none()
+                if row is None or row.op != "link":
+                    continue
+                hold = row.result.get("hold")
+                if sluid and key.startswith("job:") and not self._pending(conn, hold):
+                    return None  # linked before a job id came round again: not this run's
+                return hold
+        return None
+
+    def _pending(self, conn, hold_id: str | None) -> bool:
+        try:
+            return hold_id is not None and self._hold_row(conn, hold_id).state == "pending"
+        except NotFound:
+            return False

@@ -54,6 +54,11 @@ def _spec(h: Hook) -> str:
     return e.job_id
 
 
+def _sluid(e) -> dict[str, str]:
+    """``sluid=`` for the daemon where Slurm named the run (25.11+: SLURM_JOB_SLUID)."""
+    return {"sluid": e.sluid} if e.sluid else {}
+
+
 def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
     e = h.env
     reader = reader or CTLD_READER
@@ -71,7 +76,8 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
         owner = e.array_job_id or e.job_id
         try:
             bound = client.request("bind", hold=mark.hold_id, job=owner, user=e.user or "",
-                                   account=e.account or "", task=e.job_id, restart=e.restart)
+                                   account=e.account or "", task=e.job_id, restart=e.restart,
+                                   **_sluid(e))
         except (DaemonUnavailable, DaemonError) as exc:
             if getattr(exc, "reason", "") in ("state", "not_found"):
                 why = f"gpu-token: {exc}; job cancelled"
@@ -109,7 +115,8 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
                   seconds=max(60, record.time_limit_s or 3600),
                   type=gtypes[0] if len(gtypes) == 1 else "", tasks=1, user=e.user or "",
                   account=e.account or "", partition=e.partition or "",
-                  key=f"start:{e.job_id}:{e.restart}", job=e.job_id)
+                  key=f"start:{e.sluid}" if e.sluid else f"start:{e.job_id}:{e.restart}",
+                  job=e.job_id)
     try:
         resp = client.request("reserve", **fields)
     except Refusal as exc:
@@ -122,7 +129,7 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
         return REQUEUE
     try:
         client.request("bind", hold=resp.get("hold"), job=e.job_id, user=e.user or "",
-                       account=e.account or "", task=e.job_id, restart=e.restart)
+                       account=e.account or "", task=e.job_id, restart=e.restart, **_sluid(e))
     except LedgerError as exc:  # reserved with job=…: bound already; the link helps the nodes
         h.log.warning("reserved hold %s but could not link run %d: %s", resp.get("hold"),
                       e.restart, exc)

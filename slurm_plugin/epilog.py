@@ -1,7 +1,8 @@
 """``gpuledger-epilog``: slurmd Epilog, once per job per node, as root.
 
 Computes this node's usage of the run (NVML agent, else held time; ``usage.node_usage``) and
-charges it under ``<hold>:<job>:<restart>:<node>`` to the hold the ledger links to this run
+charges it under ``<hold>:<sluid>:<node>`` (Slurm 25.11+, the SLUID the prolog recorded) or
+``<hold>:<job>:<restart>:<node>`` to the hold the ledger links to this run
 of the job (``settle.run_hold``; PrologSlurmctld wrote the link). It reads only its environment and the
 prolog's record — no Slurm command, nothing listed per array — so its cost per task is flat.
 Closing the hold is whole-job work: EpilogSlurmctld does it (``slurm_plugin.ctld``), the
@@ -34,7 +35,8 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
     ledger = ledger or Ledger.from_config(h.config)
     owners = list(dict.fromkeys([run.job_id] + ([run.array_job_id] if run.array_job_id
                                                  else []) + e.owners))
-    hold = settle.run_hold(ledger, run.job_id, run.restart, owners, user=e.user or run.user)
+    hold = settle.run_hold(ledger, run.job_id, run.restart, owners, user=e.user or run.user,
+                           sluid=run.sluid)
     if hold is None:
         other = [x for o in owners for x in ledger.holds(job_id=o)]
         if other:
@@ -55,7 +57,7 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
                           h.config.charge.policy, h.config.charge.floor, source=source,
                           node=run.node, restart=run.restart, start=run.start, end=now)
     result = settle.post_node(ledger, hold.id, run.job_id, run.restart, run.node,
-                              charged.amount, charged)
+                              charged.amount, charged, sluid=run.sluid)
     jobstate.done(h.hooks.state_dir, run)
     if result.charged:
         h.log.info("charged %s GPU-h on hold %s (%d GPU(s), %s, run %d)",

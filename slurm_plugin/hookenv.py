@@ -60,11 +60,12 @@ class HookEnv:
     array_job_id: str | None = None
     array_task_id: str | None = None
     nodes: list[str] = field(default_factory=list)  # SLURM_JOB_NODELIST, expanded
+    sluid: str | None = None  # SLURM_JOB_SLUID (Slurm 25.11+): this run's realm-unique id
     problems: tuple[str, ...] = ()  # unreadable variables, logged by the hook
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> HookEnv:
-        from .slurm import SlurmError, expand_hostlist
+        from .slurm import SlurmError, expand_hostlist, sluid
 
         problems = []
         restart = env.get("SLURM_JOB_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
@@ -90,6 +91,7 @@ class HookEnv:
             array_job_id=array_job,
             array_task_id=_digits(env.get("SLURM_ARRAY_TASK_ID")) if array_job else None,
             nodes=nodes,
+            sluid=sluid(env.get("SLURM_JOB_SLUID")),
             problems=tuple(problems),
         )
 

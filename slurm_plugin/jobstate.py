@@ -24,6 +24,7 @@ class NodeRun:
     token_id: str | None = None
     array_job_id: str | None = None
     user: str | None = None  # SLURM_JOB_USER at the prolog
+    sluid: str | None = None  # SLURM_JOB_SLUID at the prolog (Slurm 25.11+), else None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,8 @@ def prolog(h: Hook) -> None:
     jobstate.save(h.hooks.state_dir, jobstate.NodeRun(
         job_id=e.job_id, restart=e.restart, node=e.node, start=h.started, gpus=e.gpus,
         gpu_types=gpu_types(e.node, e.gpus, h.hooks.gres_conf),
-        array_job_id=e.array_job_id if e.array_job_id != e.job_id else None, user=e.user))
+        array_job_id=e.array_job_id if e.array_job_id != e.job_id else None, user=e.user,
+        sluid=e.sluid))
     _register_agent(h)
     h.log.info("recorded run %d (GPUs %s)", e.restart, ",".join(map(str, e.gpus)) or "none")
 

@@ -9,7 +9,8 @@ AdminComment mark for holds job_submit took before the job had an id) in the liv
 * some record still pending/running/completing → leave it (its epilogs will settle);
 * otherwise charge every run × node that no epilog charged, from sacct (elapsed × the
   run's GPUs of each type, split evenly over its nodes, at each type's rate — the epilog's
-  formula, ``ledger.charging.charge_gpus``), under the epilog's own keys,
+  formula, ``ledger.charging.charge_gpus``), under the epilog's own keys (the run's SLUID
+  where Slurm prints it, else job id and restart; a node counts as charged under either),
   then close the hold.
 
 A run that ended before its hold was created is another hold's (a requeued job pays each
@@ -176,21 +177,21 @@ class Reconciler:
         if any(r.active for r in runs):
             s.skipped_active += 1
             return
-        keys = settle.charged_keys(self.ledger, hold.id)
+        charged = settle.charged_runs(self.ledger, hold.id)
         for run in runs:
             if not run.ran or (run.end is not None and run.end < hold.created
                                and not run.active):
                 continue  # never ran, or ran before this hold existed (another hold's run)
             for node, amount, usage in run_charge(rates, hold, run):
-                key = settle.charge_key(hold.id, run.job_id, run.restarts or 0, node)
-                if key in keys:
-                    continue
+                key = settle.charge_key(hold.id, run.job_id, run.restarts or 0, node, run.sluid)
+                if settle.run_charged(charged, run.job_id, run.restarts or 0, node):
+                    continue  # an epilog charged it (under either form of the key)
                 s.charged_runs += 1
                 if dry_run:
                     s.charged += amount
                     continue
                 result = settle.post_node(self.ledger, hold.id, run.job_id, run.restarts or 0,
-                                          node, amount, usage)
+                                          node, amount, usage, sluid=run.sluid)
                 s.charged += result.amount
                 if result.note.startswith("UNCOLLECTED"):
                     s.errors.append(f"{hold.id}: {key}: {result.note}")

@@ -1,9 +1,13 @@
 """Settlement rules shared by the epilog and the reconciler (the ledger does the money).
 
 Every run of a job charges each of its nodes once, under the key
+``<hold>:<sluid>:<node>`` where Slurm names the run with a SLUID (25.11+: the hooks'
+``SLURM_JOB_SLUID``, scontrol's ``SLUID=``, sacct's SLUID/OriginalSLUID), else
 ``<hold>:<job id>:<restart>:<node>`` (``post(final=False, cap=True)``); whoever charges first
 wins and every later attempt — a second epilog, the reconciler reading sacct — replays or
-conflicts on that key and charges nothing. A hold is closed (the rest returned, ``void``
+conflicts on that key and charges nothing. Whether a node of a run has charged is read from
+the charge's job id, restart and node, so a charge under either form of the key counts (a
+ledger from before the SLUID, an epilog and a reconciler that saw the run differently). A hold is closed (the rest returned, ``void``
 under the key ``close:<hold>``) only when every Slurm record sharing it is finished and
 has charged all its nodes: the last node of a multi-node job, the last task of an array,
 the last run of a requeued job.
@@ -30,8 +34,20 @@ PENDING_LIKE = frozenset({"PENDING", "RUNNING", "CONFIGURING", "SUSPENDED", "REQ
                           "STOPPED", "SPECIAL_EXIT", "RESV_DEL_HOLD", "POWER_UP_NODE"})
 
 
-def charge_key(hold_id: str, job_id: str, restart: int, node: str) -> str:
+def charge_key(hold_id: str, job_id: str, restart: int, node: str,
+               sluid: str | None = None) -> str:
+    """The key one node of one run charges under: the run's SLUID when Slurm gave one (a job
+    id that wrapped or a controller that lost its state cannot repeat it), else job id and
+    restart count."""
+    if sluid:
+        return f"{hold_id}:{sluid}:{node}"
     return f"{hold_id}:{job_id}:{restart}:{node}"
+
+
+def run_charged(charged: Collection[tuple[str, int, str]], job_id: str, restart: int,
+                node: str) -> bool:
+    """Whether ``node`` of run ``restart`` of ``job_id`` charged (``charged_runs``)."""
+    return (job_id, restart, node) in charged
 
 
 def close_key(hold_id: str) -> str:
@@ -47,13 +63,13 @@ class PostResult:
 
 
 def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str, amount: int,
-              usage: ChargeRecord) -> PostResult:
+              usage: ChargeRecord, sluid: str | None = None) -> PostResult:
     """Charge one node of one run, at most once; never raises for a repeat.
 
     The result's amount is what the ledger charged under the node's key: less than asked
     when the hold could not take it all (the charge is capped at what is left)."""
-    key = charge_key(hold_id, job_id, restart, node)
-    if has_charge(ledger, key):
+    key = charge_key(hold_id, job_id, restart, node, sluid)
+    if has_charge(ledger, key):  # one indexed row: the epilog's cost stays flat
         return PostResult(False, 0, None, "already charged")
     try:
         view = ledger.post(hold_id, amount, usage=usage, key=key, final=False, cap=True,
@@ -70,6 +86,17 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
     note = "" if charged == amount else \
         f"capped: {amount} GPU-s asked, {charged} GPU-s left on the hold"
     return PostResult(True, charged, view, note)
+
+
+def charged_runs(ledger: Ledger, hold_id: str, job_id: str | None = None
+                 ) -> set[tuple[str, int, str]]:
+    """(job id, restart, node) of every charge on the hold (of ``job_id`` only, if given):
+    what the reconciler checks before charging, whatever key form a charge was made under."""
+    q = select(CH.c.job_id, CH.c.restart, CH.c.node).where(CH.c.hold_id == hold_id)
+    if job_id is not None:
+        q = q.where(CH.c.job_id == job_id)
+    with ledger._read() as conn:
+        return {(j or "", r or 0, n or "") for j, r, n in conn.execute(q).all()}
 
 
 def charged_keys(ledger: Ledger, hold_id: str) -> dict[str, int]:
@@ -91,11 +118,12 @@ def charge_amount(ledger: Ledger, key: str) -> int | None:
 
 
 def run_hold(ledger: Ledger, job_id: str, restart: int, owners: list[str],
-             user: str | None = None) -> HoldView | None:
+             user: str | None = None, sluid: str | None = None) -> HoldView | None:
     """The hold paying for run ``restart`` of ``job_id``: the ledger's link for that run
-    (PrologSlurmctld wrote it; an array task's nodes know only the task's id), else the hold
-    bound to the job (``job_hold``, settled ones too). Never a hold of another user."""
-    linked = ledger.linked_hold(job_id, restart)
+    (PrologSlurmctld wrote it; an array task's nodes know only the task's id; by the run's
+    SLUID where Slurm gives one), else the hold bound to the job (``job_hold``, settled ones
+    too). Never a hold of another user."""
+    linked = ledger.linked_hold(job_id, restart, sluid=sluid)
     if linked is not None:
         try:
             hold = ledger.hold(linked)
@@ -157,21 +185,22 @@ def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
     return ("closed", closed) if closed is not None else ("open", hold)
 
 
-def record_done(record: JobRecord, hold_id: str, keys: Collection[str]) -> bool:
-    """A Slurm record that will not charge again: never ran, or charged every node."""
+def record_done(record: JobRecord, charged: Collection[tuple[str, int, str]]) -> bool:
+    """A Slurm record that will not charge again: never ran, or charged every node
+    (``charged``: the hold's ``charged_runs``)."""
     if record.state in PENDING_LIKE and not record.superseded:
         return False
     if not record.ran:
         return record.state != "COMPLETING"
     restart = record.restarts or 0
-    return all(charge_key(hold_id, record.job_id, restart, n) in keys for n in record.nodes)
+    return all(run_charged(charged, record.job_id, restart, n) for n in record.nodes)
 
 
 def close_if_done(ledger: Ledger, hold_id: str, records: list[JobRecord],
                   reason: str) -> HoldView | None:
     """Close the hold when every record sharing it is done; None when not (yet)."""
-    keys = charged_keys(ledger, hold_id)
-    if not records or not all(record_done(r, hold_id, keys) for r in records):
+    charged = charged_runs(ledger, hold_id)
+    if not records or not all(record_done(r, charged) for r in records):
         return None
     return close(ledger, hold_id, reason)
 

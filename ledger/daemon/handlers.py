@@ -58,6 +58,18 @@ def _name(fields: dict[str, str], name: str) -> str | None:
     return value
 
 
+def _sluid(fields: dict[str, str]) -> str | None:
+    """The run's SLUID (``sluid=``, Slurm 25.11+), None when absent."""
+    from slurm_plugin.slurm import sluid
+
+    value = fields.get("sluid")
+    if value is None or value == "":
+        return None
+    if sluid(value) is None:
+        raise BadRequest("field sluid is not a SLUID")
+    return value
+
+
 def _names(fields: dict[str, str], name: str) -> str | None:
     """A comma list of names (``partition=a,b``: the job's candidate partitions), in order,
     without repeats; None when absent."""
@@ -252,8 +264,9 @@ class Handlers:
     # -- PrologSlurmctld / EpilogSlurmctld (slurm_plugin.ctld) -----------------------------
 
     def bind(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
-        """Bind a hold to its job (``hold job user account [task restart]``) and link this run
-        of the job (or array task) to it; the ledger checks the identity."""
+        """Bind a hold to its job (``hold job user account [task restart sluid]``) and link
+        this run of the job (or array task) to it — by its SLUID where Slurm gives one
+        (25.11+) — ; the ledger checks the identity."""
         self.policy.require_privileged(peer, "bind")
         hold_id, job = _name(fields, "hold"), _name(fields, "job")
         if hold_id is None or job is None:
@@ -262,8 +275,10 @@ class Handlers:
         view = self.ledger.bind(hold_id, job, user=user, account=account)
         run_of = _name(fields, "task") or job  # an array task's own id: its nodes know only it
         restart = _int(fields, "restart", required=False) or 0
+        sluid = _sluid(fields)
         if view.state == "pending":
-            self.ledger.link_job(hold_id, run_of, restart, user=user, account=account)
+            self.ledger.link_job(hold_id, run_of, restart, user=user, account=account,
+                                 sluid=sluid)
         token = self.ledger.inspect(view.token_id)
         return {"ok": 1, "hold": view.id, "state": view.state, "token_id": view.token_id,
                 "token_status": token.status, "token_reason": token.status_reason or ""}
