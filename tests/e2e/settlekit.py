@@ -58,11 +58,19 @@ def node_name() -> str:
     return out[0] if out else ""
 
 
-def cluster_ready() -> bool:
+def cluster_ready(wait_s: float = 90) -> bool:
+    """Whether the test cluster's node can run jobs, waiting out passing states: a node
+    is ``comp`` for a while after the jobs of a previous test (their epilogs still run)."""
     if not shutil.which("sinfo") or os.geteuid() != 0:
         return False
-    out = sh(["sinfo", "-h", "-o", "%t"])
-    return out.returncode == 0 and bool(re.search(r"idle|mix|alloc", out.stdout))
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = sh(["sinfo", "-h", "-o", "%t"])
+        if out.returncode == 0 and re.search(r"idle|mix|alloc", out.stdout):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1)
 
 
 def _install(path: Path, text: str) -> None:

@@ -344,8 +344,19 @@ def test_hundred_jobs_with_epilogs_and_reconcile_loop_concurrently(s):
         assert s.reconcile()["errors"] == []
     holds = s.ledger.holds(token_id=tid)
     pending = [h.job_id for h in holds if h.state == "pending"]
-    assert len(holds) == 100 and not pending, (pending, [
+    assert not pending, (pending, [
         ln for ln in s.log().splitlines() if any(f"[{j}]" in ln for j in pending)][-40:])
+    # Every job is paid from one hold bound to it. With grace_seconds = 0 the reconciler
+    # may void a hold between job_submit's reserve and the job record's creation (slurmctld
+    # runs job_submit under a read lock and creates the job afterwards); such a hold charged
+    # nothing, and PrologSlurmctld reserved the job a new hold (the run's own).
+    by_job: dict[str, list] = {}
+    for h in holds:
+        by_job.setdefault(h.job_id, []).append(h)
+    assert sorted(by_job) == sorted(jobs), sorted(set(by_job) ^ set(jobs))
+    early = [h for hs in by_job.values() for h in hs[:-1]]
+    assert all(h.state == "voided" and h.charged == 0 for h in early), early
+    assert len(early) <= 5, early
     charged = sum(c["amount"] for h in holds for c in s.ledger.charges(h.id))
     assert charged == sum(h.charged for h in holds)
     assert s.ledger.inspect(tid).remaining == face - charged

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import need
 from daemon_helpers import cli_as
 from ledgerkit import init_ledger, start_daemon
+from settlekit import cluster_ready as node_ready
 
 
 pytestmark = pytest.mark.slurm
@@ -47,10 +48,7 @@ def run(cmd, **kw):
 
 
 def cluster_ready() -> bool:
-    if not shutil.which("sinfo") or os.geteuid() != 0:
-        return False
-    out = run(["sinfo", "-h", "-o", "%t"])
-    if out.returncode != 0 or not re.search(r"idle|mix|alloc", out.stdout):
+    if not node_ready():
         return False
     cfg = run(["scontrol", "show", "config"]).stdout
     return bool(re.search(r"JobSubmitPlugins\s*=\s*(job_submit/)?lua", cfg))
