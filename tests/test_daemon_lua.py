@@ -1,12 +1,15 @@
-"""job_submit.lua under lua5.1 with a stub ``slurm`` table, against a live daemon.
+"""job_submit.lua under lua5.1/5.3/5.4 with a stub ``slurm`` table, against a live daemon.
 
-The stub mimics what slurmctld 22.05 hands the script (fields measured on the test
+The stub mimics what slurmctld hands the script (fields measured on the 22.05 test
 cluster: NO_VAL for unset numbers, ``spank_job_env`` indexed from 0, partitions keyed
-by name with ``default_time``/``max_time``/``flag_default``).
+by name with ``default_time``/``max_time``/``flag_default``), in the shape of one Slurm
+release (fixtures/slurm/<release>/lua.json: the ``slurm`` table's codes, whether log_user
+reaches the user from slurm_job_modify, the GRES prefix; 24.11 unless a test says).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -24,15 +27,28 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm_plugin" / "lua" / "job_submit.lua"
 NUMERIC = {"time_limit", "min_nodes", "max_nodes", "num_tasks", "ntasks_per_node",
            "sockets_per_node", "user_id", "job_id"}
+FIX = REPO / "tests" / "fixtures" / "slurm"
+RELEASES = ["22.05", "23.02", "23.11", "24.05", "24.11", "25.05", "25.11", "26.05"]
+
+
+def release_info(version: str) -> dict:
+    return json.loads((FIX / version / "lua.json").read_text())
 
 DRIVER = r"""
 local NUMERIC = { %s }
 local user_msgs = {}
+local errtab, modify_log_user = arg[2] == "1", arg[3] == "1"
 slurm = { SUCCESS = 0, ERROR = -1, ESLURM_ACCESS_DENIED = 2002, ESLURM_ACCOUNTING_POLICY = 2050,
-  ESLURM_INVALID_ACCOUNT = 2045, ESLURM_INVALID_TIME_LIMIT = 2051, ESLURM_MISSING_TIME_LIMIT = 2116,
+  ESLURM_INVALID_ACCOUNT = 2045, ESLURM_INVALID_TIME_LIMIT = 2051, ESLURM_MISSING_TIME_LIMIT = 8000,
+  ESLURM_INVALID_LICENSES = 2048, ESLURM_INVALID_NODE_COUNT = 2006,
+  ESLURM_JOB_MISSING_SIZE_SPECIFICATION = 2008,
   log_info = function(...) io.stderr:write("INFO ", string.format(...), "\n") end,
   log_error = function(...) io.stderr:write("ERROR ", string.format(...), "\n") end,
   log_user = function(...) user_msgs[#user_msgs + 1] = string.format(...) end }
+if errtab then  -- 23.02+: every ESLURM_* of slurm_errtab (src/lua/slurm_lua.c)
+  slurm.ESLURM_INVALID_JOB_ID = 2017; slurm.ESLURM_INVALID_GRES = 2072
+  slurm.ESLURM_MISSING_TIME_LIMIT = 2116; slurm.ESLURM_INVALID_QOS = 2066
+end
 dofile(arg[1])
 local socket = require("socket")
 local parts = {
@@ -69,6 +85,12 @@ for line in io.lines() do
   if f.call == "modify" then
     d = job("d_", f)
     rc = slurm_job_modify(d, job("r_", f), parts, tonumber(f.uid or "0"))
+    if not modify_log_user and #user_msgs > 0 then  -- 22.05 job_submit_lua.c job_modify
+      for _, m in ipairs(user_msgs) do
+        io.stderr:write("ERROR Use of log.user() in job_modify is not supported. Message discarded: (\"", m, "\")\n")
+      end
+      user_msgs = {}
+    end
   else
     d = job("", f)
     rc = slurm_job_submit(d, parts, d.user_id)
@@ -100,13 +122,16 @@ class Lua:
     """One lua5.1 process = one slurmctld Lua state (persists across calls, like slurmctld)."""
 
     def __init__(self, tmp: Path, script: Path = SCRIPT, interpreter: str = "lua5.1",
-                 **conf: object):
+                 release: str = "24.11", **conf: object):
         self.conf = tmp / "job_submit.conf"
         self.conf.write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         driver = tmp / "driver.lua"
         driver.write_text(DRIVER)
+        info = release_info(release)
+        self.prefix = info["gres_prefix"]
         self.proc = subprocess.Popen(
-            [interpreter, str(driver), str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [interpreter, str(driver), str(script), "1" if info["errtab"] else "0",
+             "1" if info["modify_log_user"] else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={"GPULEDGER_JOB_SUBMIT_CONF": str(self.conf)})
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
@@ -468,3 +493,81 @@ def test_modify_of_a_per_task_gpu_job_is_refused(lua, sqlite_ledger, token):
     assert sqlite_ledger.hold(hold).gpus == 2
     longer = lua.modify(uid=1001, d_time_limit=20, **rec)  # the time alone is fine
     assert longer["rc"] == 0 and sqlite_ledger.hold(hold).seconds == 1200
+
+
+# -- Slurm releases 22.05 .. 26.05 (fixtures/slurm/<release>/lua.json) -----------------------
+
+@pytest.fixture(params=[(r, i) for r in RELEASES for i in INTERPRETERS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def release_lua(request, daemon, tmp_path):
+    release, interpreter = request.param
+    need(lua_available(interpreter), f"{interpreter} with lua-socket "
+         f"(apt install {interpreter} lua-socket)")
+    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts="freebie",
+             interpreter=interpreter, release=release)
+    lu.release = release_info(release)
+    yield lu
+    lu.close()
+
+
+def test_release_request_forms(release_lua, sqlite_ledger, token):
+    """sbatch's request forms as each release writes them (gres: before 23.11, gres/ after),
+    with a QOS list where the release allows one (24.11+): priced alike everywhere."""
+    p = release_lua.prefix
+    qos = "normal,high" if release_lua.release["qos_list"] else "normal"
+    forms = [
+        ({"tres_per_node": f"{p}gpu:h100:2", "time_limit": 60}, 2, "h100", 3600),   # --gres
+        ({"tres_per_job": f"{p}gpu:3", "time_limit": 10}, 3, None, 600),            # --gpus
+        ({"tres_per_node": f"{p}gpu:h100:1,{p}gpu:h100:1", "time_limit": 10}, 2, "h100", 600),
+        ({"tres_per_task": f"{p}gpu:1", "num_tasks": 3, "time_limit": 10}, 3, None, 600),
+        ({"tres_per_socket": f"{p}gpu:1", "sockets_per_node": 2, "time_limit": 10}, 2, None,
+         600),
+    ]
+    for fields, gpus, gtype, seconds in forms:
+        r = release_lua.submit(token=token, qos=qos, **fields)
+        assert r["rc"] == 0, (fields, r)
+        hold = sqlite_ledger.hold(hold_of(r))
+        assert (hold.gpus, hold.gpu_type, hold.seconds) == (gpus, gtype, seconds), fields
+    shard = release_lua.submit(token=token, qos=qos, tres_per_node=f"{p}shard:2", time_limit=5)
+    assert shard["rc"] == CODES["denied"]
+    plain = release_lua.submit(qos=qos, tres_per_node=f"{p}gpunic:1", time_limit=5)
+    assert plain["rc"] == 0 and plain["admin_comment"] == ""
+
+
+def test_release_modify_refusal_reaches_the_user_where_slurm_lets_it(release_lua, sqlite_ledger,
+                                                                      token):
+    """23.02+ hands slurm_job_modify's log_user text to the user; 22.05 drops it with an
+    error per call, so the script writes the reason to slurmctld's log instead."""
+    p = release_lua.prefix
+    r = release_lua.submit(token=token, tres_per_node=f"{p}gpu:h100:2", time_limit=60)
+    hold = hold_of(r)
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 60, "r_job_id": 7,
+           "r_tres_per_node": f"{p}gpu:h100:2", "r_min_nodes": 1, "r_account": "physics",
+           "r_qos": "normal"}
+    # scontrol update gres=gpu:h100:1 writes the release's prefix too
+    fewer = release_lua.modify(uid=1001, d_tres_per_node=f"{p}gpu:h100:1", **rec)
+    assert fewer["rc"] == 0 and sqlite_ledger.hold(hold).gpus == 1
+    rec["r_tres_per_node"] = f"{p}gpu:h100:1"
+    refused = release_lua.modify(uid=1001, d_time_limit=100 * 60, **rec)
+    assert refused["rc"] == CODES["policy"]
+    if release_lua.release["modify_log_user"]:
+        assert refused["user"].startswith("gpu-token: needs "), refused
+    else:
+        assert refused["user"] == ""
+        assert release_lua.logged("change refused (not shown to the user by this Slurm): "
+                                  "gpu-token: needs ")
+    assert not any("Use of log.user() in job_modify is not supported" in line
+                   for line in release_lua.log)
+    qos_only = release_lua.modify(uid=1001, d_qos="normal,high", **rec)  # not a price change
+    assert qos_only["rc"] == 0 and sqlite_ledger.hold(hold).gpus == 1
+
+
+def test_release_modify_log_names_the_sluid(release_lua, sqlite_ledger, token):
+    r = release_lua.submit(token=token, tres_per_node=f"{release_lua.prefix}gpu:1", time_limit=5)
+    rec = {"r_admin_comment": r["admin_comment"], "r_time_limit": 5, "r_job_id": 9}
+    if release_lua.release["job_rec_sluid"]:
+        rec["r_original_sluid"] = "s2MXM88KGAAR00"
+    assert release_lua.modify(uid=1001, d_time_limit=6, **rec)["rc"] == 0
+    want = "job=9 sluid=s2MXM88KGAAR00 hold=" if release_lua.release["job_rec_sluid"] else \
+        "job=9 hold="
+    assert release_lua.logged("result=resize " + want)

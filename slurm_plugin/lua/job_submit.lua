@@ -18,6 +18,19 @@ that pays for its maximum cost; the cost is held in escrow by the gpuledger daem
   with AdminComment "gpuledger:deferred" (the prolog reserves it later).
 * A Lua error anywhere refuses the job (everything runs under pcall).
 
+Slurm releases (22.05 to 26.05; tests/fixtures/slurm/<release>/lua.json, each naming the tag
+and source file it was read from):
+* GPU requests in tres_per_* say "gres:gpu" before 23.11 and "gres/gpu" from 23.11
+  (src/common/slurm_opt.c); both are read, in submit and in scontrol update.
+* slurm.log_user() in slurm_job_modify reaches the user from 23.02 (job_submit_lua.c
+  job_modify(..., err_msg)); 22.05 drops the text and logs an error for each call, so
+  there a refused change is explained in slurmctld's log only. 23.02 is also the release
+  that puts every ESLURM_* of slurm_errtab in the slurm table (src/lua/slurm_lua.c), which
+  is how the script tells the two apart (slurm.ESLURM_INVALID_JOB_ID).
+* job_desc.qos may be a comma list of QOS from 24.11: not read here (QOS does not change
+  the price), so any form passes as it is.
+* job_rec.original_sluid (26.05) is the job's SLUID: named in the modify log line.
+
 Settings: key = value lines in /etc/gpuledger/job_submit.conf (or the file named by
 $GPULEDGER_JOB_SUBMIT_CONF in slurmctld's environment), read when this script loads.
 slurmctld reloads the script when its mtime changes: after editing the conf file,
@@ -44,6 +57,8 @@ local conf = {
 	cluster = nil,
 }
 local conf_path = os.getenv("GPULEDGER_JOB_SUBMIT_CONF") or "/etc/gpuledger/job_submit.conf"
+-- Whether slurm.log_user() in slurm_job_modify reaches the user (23.02+, see above).
+local MODIFY_LOG_USER = slurm.ESLURM_INVALID_JOB_ID ~= nil
 
 -- Numbers from slurmctld are floats on Lua 5.3/5.4 (60.0 .. "" is "60.0"): every number
 -- that becomes text goes through int() first.
@@ -488,6 +503,17 @@ local function submit(d, part_list)
 	refuse("gpu-token: " .. (r.message or r.reason or "refused"), code(REASON_CODES[r.reason] or "ESLURM_ACCESS_DENIED"))
 end
 
+-- " sluid=s…" for a job record that has one (26.05: job_rec.original_sluid), else ""
+local function sluid_text(rec)
+	local ok, v = pcall(function()
+		return rec.original_sluid
+	end)
+	if ok and type(v) == "string" and v:match("^[sS]%w+$") then
+		return " sluid=" .. v
+	end
+	return ""
+end
+
 local function modify(d, rec, part_list, uid)
 	local old = rec.admin_comment
 	local new = d.admin_comment
@@ -570,15 +596,16 @@ local function modify(d, rec, part_list, uid)
 	local resp, err = call(line .. "\n")
 	local r = resp and parse(resp) or { reason = "unavailable", message = err }
 	if r.ok == "1" then
-		slurm.log_info("gpuledger: result=%s job=%s hold=%s amount=%s delta=%s uid=%d",
-			line:match("^op=(%w+)"), id_text(rec.job_id), hold, r.amount or "", r.delta or "", int(uid) or -1)
+		slurm.log_info("gpuledger: result=%s job=%s%s hold=%s amount=%s delta=%s uid=%d",
+			line:match("^op=(%w+)"), id_text(rec.job_id), sluid_text(rec), hold, r.amount or "",
+			r.delta or "", int(uid) or -1)
 		if line:sub(1, 7) == "op=void" then
 			d.admin_comment = ""
 		end
 		return slurm.SUCCESS
 	end
-	slurm.log_info("gpuledger: result=refused op=modify job=%s hold=%s reason=%s", id_text(rec.job_id),
-		hold, esc(r.reason or ""))
+	slurm.log_info("gpuledger: result=refused op=modify job=%s%s hold=%s reason=%s", id_text(rec.job_id),
+		sluid_text(rec), hold, esc(r.reason or ""))
 	if UNAVAILABLE[r.reason or ""] then
 		refuse("gpu-token: the GPU ledger is unavailable (" .. tostring(r.message) .. "); change refused",
 			code("ERROR"))
@@ -586,25 +613,35 @@ local function modify(d, rec, part_list, uid)
 	refuse("gpu-token: " .. (r.message or "change refused"), code(REASON_CODES[r.reason] or "ESLURM_ACCESS_DENIED"))
 end
 
-local function outcome(ok, rc)
+-- The user's copy of a refusal: slurm.log_user, except in a modify where the release
+-- drops it (22.05): the text then goes to slurmctld's log.
+local function tell(text, in_modify)
+	if in_modify and not MODIFY_LOG_USER then
+		slurm.log_info("gpuledger: change refused (not shown to the user by this Slurm): %s", text)
+	else
+		slurm.log_user("%s", text)
+	end
+end
+
+local function outcome(in_modify, ok, rc)
 	if ok then
 		return rc
 	end
 	if type(rc) == "table" and rc.refuse then
-		slurm.log_user("%s", rc.refuse)
+		tell(rc.refuse, in_modify)
 		return rc.code
 	end
 	slurm.log_error("gpuledger: lua error, job refused: %s", tostring(rc))
-	slurm.log_user("gpu-token: internal error in the GPU token check; job refused (tell your admins)")
+	tell("gpu-token: internal error in the GPU token check; job refused (tell your admins)", in_modify)
 	return slurm.ERROR
 end
 
 function slurm_job_submit(job_desc, part_list, submit_uid)
-	return outcome(pcall(submit, job_desc, part_list, submit_uid))
+	return outcome(false, pcall(submit, job_desc, part_list, submit_uid))
 end
 
 function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
-	return outcome(pcall(modify, job_desc, job_rec, part_list, modify_uid))
+	return outcome(true, pcall(modify, job_desc, job_rec, part_list, modify_uid))
 end
 
 slurm.log_info("gpuledger: job_submit.lua loaded (socket=%s timeout=%s on_ledger_unavailable=%s)",
