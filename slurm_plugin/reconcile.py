@@ -214,6 +214,13 @@ class Reconciler:
         unpaid = sorted({r.job_id for r in runs if not self.ledger.holds(job_id=r.job_id)})
         if not unpaid:
             return
+        # Given nodes is not running: a run PrologSlurmctld refused (cancelled) or requeued
+        # had its nodes for a second and started no step. Only a run with a step ran.
+        stepped = self.reader.stepped_runs(unpaid)
+        runs = [r for r in runs if (r.job_id, r.restarts or 0) in stepped]
+        unpaid = sorted({r.job_id for r in runs} & set(unpaid))
+        if not unpaid:
+            return
         owners = self.reader.owners(unpaid)
         rates = self.ledger.rates()
         top = SimpleNamespace(rate_ppm=max(rates.values(), default=1_000_000))

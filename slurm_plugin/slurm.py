@@ -290,6 +290,27 @@ def parse_squeue(text: str) -> list[JobRecord]:
     return out
 
 
+def parse_sacct_steps(text: str) -> set[tuple[str, int]]:
+    """Lines of ``sacct -D -P -n --format=JobIDRaw`` (steps included): the runs
+    ``(job id, restart)`` with at least one step (``batch``, ``extern``, ``interactive`` or
+    a numbered one). A run that PrologSlurmctld cancelled or requeued was given nodes for a
+    moment but never started a step: its script never ran. Each step follows its run."""
+    runs: set[tuple[str, int]] = set()
+    seen: dict[str, int] = {}
+    current: tuple[str, int] | None = None
+    for line in text.splitlines():
+        raw = line.split("|", 1)[0].strip()
+        if not raw:
+            continue
+        job, dot, _step = raw.partition(".")
+        if not dot:
+            current = (job, seen.get(job, 0))
+            seen[job] = current[1] + 1
+        elif current is not None and current[0] == job:
+            runs.add(current)
+    return runs
+
+
 def parse_sacct(text: str, fields: tuple[str, ...] = SACCT_FIELDS) -> list[JobRecord]:
     """Lines of ``sacct -X -D -P -n --format=<fields>`` (``sacct_fields``); runs of one job
     in order.
@@ -346,6 +367,8 @@ class SlurmReader(Protocol):
 
     def finished_jobs(self, since: datetime, job_ids: list[str] | None = None
                       ) -> list[JobRecord]: ...
+
+    def stepped_runs(self, job_ids: list[str]) -> set[tuple[str, int]]: ...
 
     def cancel(self, job_id: str, reason: str) -> None: ...
 
@@ -474,6 +497,15 @@ class CommandReader:
         if job_ids:
             cmd += ["-j", ",".join(job_ids)]
         return parse_sacct(_run(cmd, 120), fields)
+
+    def stepped_runs(self, job_ids: list[str]) -> set[tuple[str, int]]:
+        """The runs ``(job id, restart)`` of these jobs that started a step (``sacct -D``)."""
+        out: set[tuple[str, int]] = set()
+        for i in range(0, len(job_ids), 200):
+            out |= parse_sacct_steps(_run(["sacct", "-a", "-D", "-P", "-n",
+                                           "--format=JobIDRaw", "-j",
+                                           ",".join(job_ids[i:i + 200])], 120))
+        return out
 
     def owners(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
         """Job id → (user, account), from accounting (``sacct -X -P -n``)."""

@@ -30,6 +30,7 @@ class FakeSlurm:
         self.acct: list[JobRecord] = []
         self.cancelled: list[tuple[str, str]] = []
         self.asked: list[str] = []
+        self.stepless: set[tuple[str, int]] = set()
 
     def one(self, spec, raw_id):
         self.asked.append(spec)
@@ -46,6 +47,11 @@ class FakeSlurm:
 
     def owners(self, job_ids):
         return {r.job_id: (r.user, r.account) for r in self.acct if r.job_id in job_ids}
+
+    def stepped_runs(self, job_ids):
+        """Every finished run started a step, except those listed in ``stepless``."""
+        return {(r.job_id, r.restarts or 0) for r in self.acct if r.job_id in job_ids
+                and (r.job_id, r.restarts or 0) not in self.stepless}
 
 
 class DirectClient:
@@ -356,6 +362,24 @@ def test_reconciler_records_a_deferred_run_that_had_no_hold_as_owed(world):
     assert again.debts == s.debts  # reported again, recorded once
     assert len([j for j in ledger.journal() if j["kind"] == "debt"]) == 1
     assert ledger.verify_journal().ok
+
+
+def test_a_deferred_run_refused_or_requeued_by_prolog_slurmctld_owes_nothing(world):
+    """Given nodes for a second, no step started: PrologSlurmctld cancelled the run (its token
+    could not pay) or requeued it (ledger down). The script never ran: no debt, no error."""
+    ledger, clock, _token, _cfg, fake, _ = world
+    fake.acct.append(rec("95", "CANCELLED", comment=marks.DEFERRED, elapsed=1, clock=clock))
+    fake.acct.append(rec("96", "REQUEUED", comment=marks.DEFERRED, elapsed=1, clock=clock))
+    fake.acct[-1].superseded = True
+    fake.acct.append(rec("96", "CANCELLED", comment=marks.DEFERRED, elapsed=1, restarts=1,
+                         clock=clock))
+    fake.stepless |= {("95", 0), ("96", 0), ("96", 1)}
+    s = Reconciler(ledger, fake, grace_s=600).run()
+    assert (s.debts, s.errors) == ([], [])
+    assert not [j for j in ledger.journal() if j["kind"] == "debt"]
+    fake.stepless.discard(("96", 1))  # the second run did start its script: that one is owed
+    s = Reconciler(ledger, fake, grace_s=600).run()
+    assert [(d["job_id"], d["restart"], d["owed"]) for d in s.debts] == [("96", 1, 1)]
 
 
 def test_reconciler_leaves_other_clusters_alone(world):

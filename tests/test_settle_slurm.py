@@ -224,3 +224,10 @@ def test_pyslurm_is_used_only_for_the_same_release(monkeypatch):
     assert not slurm.pyslurm_matches((22, 5))
     assert slurm.pyslurm_matches((25, 11))
     assert not slurm.pyslurm_matches(None)
+
+
+def test_sacct_steps_name_the_runs_that_started_a_step():
+    """Recorded on the 22.05 test cluster (``sacct -D -P -n --format=JobIDRaw``): 547 was
+    cancelled in PrologSlurmctld, 548's first run requeued by it; 548's second run ran."""
+    text = "547\n548\n548\n548.batch\n560\n560.extern\n560.0\n561\n"
+    assert slurm.parse_sacct_steps(text) == {("548", 1), ("560", 0)}
