@@ -53,8 +53,8 @@ class LiveDaemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def as_user(name: str, fn: Callable[[], object]) -> object:
-    """Run ``fn`` in a forked child with ``name``'s uid/gid; return its JSON-able result."""
+def start_as(name: str, fn: Callable[[], object]) -> tuple[int, int, str]:
+    """Fork a child that drops to ``name``'s uid/gid and runs ``fn``; :func:`join` it."""
     pw = pwd.getpwnam(name)
     r, w = os.pipe()
     pid = os.fork()
@@ -73,6 +73,12 @@ def as_user(name: str, fn: Callable[[], object]) -> object:
             json.dump(out, fh, default=str)
         os._exit(0)
     os.close(w)
+    return pid, r, name
+
+
+def join(child: tuple[int, int, str]) -> object:
+    """The JSON-able result of a :func:`start_as` child; its traceback as a failure."""
+    pid, r, name = child
     with os.fdopen(r) as fh:
         data = fh.read()
     os.waitpid(pid, 0)
@@ -80,6 +86,11 @@ def as_user(name: str, fn: Callable[[], object]) -> object:
     if "error" in out:
         raise AssertionError(f"child as {name} failed:\n{out['error']}")
     return out["result"]
+
+
+def as_user(name: str, fn: Callable[[], object]) -> object:
+    """Run ``fn`` in a forked child with ``name``'s uid/gid; return its JSON-able result."""
+    return join(start_as(name, fn))
 
 
 def cli_as(name: str, args: list[str], env: dict[str, str] | None = None) -> dict:

@@ -20,12 +20,11 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 from conftest import need
-from daemon_helpers import LiveDaemon
+from daemon_helpers import LiveDaemon, join, start_as
 from sqlalchemy import event
 
 from ledger.daemon.auth import Peer, Policy
@@ -48,38 +47,6 @@ SMALL = Limits(privileged_connections=4, user_connections=6, connections_per_uid
 def reserve_fields(token, key):
     return {"token": token, "gpus": 1, "type": "h100", "seconds": 60, "user": "alice",
             "account": "physics", "key": key}
-
-
-def start_as(name: str, fn) -> tuple[int, int]:
-    """Fork; the child drops to ``name``'s uid and runs ``fn``; (pid, pipe) for :func:`join`."""
-    pw = pwd.getpwnam(name)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(r)
-        try:
-            os.setgroups([])
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
-            out = {"result": fn()}
-        except BaseException:  # noqa: BLE001 - report everything to the parent
-            out = {"error": traceback.format_exc()}
-        with os.fdopen(w, "w") as fh:
-            json.dump(out, fh)
-        os._exit(0)
-    os.close(w)
-    return pid, r
-
-
-def join(child: tuple[int, int]) -> object:
-    pid, r = child
-    with os.fdopen(r) as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    out = json.loads(data)
-    if "error" in out:
-        raise AssertionError(f"flooding child failed:\n{out['error']}")
-    return out["result"]
 
 
 def slow_loris(path: str, conns: int, seconds: float, every: float) -> dict:
