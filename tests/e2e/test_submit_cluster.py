@@ -344,6 +344,46 @@ def test_scontrol_update_timelimit_resizes_the_hold(fresh):
     assert fresh.ledger.hold(hold.id).gpus == 2 and fresh.ledger.hold(hold.id).amount == 3600
 
 
+def slurm_release() -> tuple[int, int]:
+    m = re.search(r"(\d+)\.(\d+)", run(["sinfo", "-V"]).stdout)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def ctld_log_tail(since: int) -> str:
+    cfg = run(["scontrol", "show", "config"]).stdout
+    m = re.search(r"SlurmctldLogFile\s*=\s*(\S+)", cfg)
+    with open(m.group(1), "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace")
+
+
+def ctld_log_size() -> int:
+    cfg = run(["scontrol", "show", "config"]).stdout
+    m = re.search(r"SlurmctldLogFile\s*=\s*(\S+)", cfg)
+    return os.path.getsize(m.group(1))
+
+
+def test_a_refused_update_is_explained_where_this_slurm_lets_it(fresh):
+    """22.05 drops slurm.log_user() text from slurm_job_modify (and logs an error for each
+    call): the reason goes to slurmctld's log. 23.02+ shows it to the user."""
+    token, _ = fresh.mint(hours="3")
+    rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", "--gres=gpu:h100:1",
+                                   "-t", "1:00:00")
+    assert rc == 0, err
+    since = ctld_log_size()
+    too_long = run(["runuser", "-u", "alice", "--", "scontrol", "update", f"jobid={job}",
+                    "timelimit=5:00:00"])
+    assert too_long.returncode != 0
+    time.sleep(0.5)
+    log = ctld_log_tail(since)
+    assert "Use of log.user() in job_modify is not supported" not in log
+    if slurm_release() < (23, 2):
+        assert "gpu-token: needs" not in too_long.stderr
+        assert "change refused (not shown to the user by this Slurm): gpu-token: needs " in log
+    else:
+        assert "gpu-token: needs " in too_long.stderr, too_long.stderr
+
+
 def test_scontrol_update_to_a_dearer_gpu_type_reprices_the_hold(fresh):
     """a100 → h100 on a pending job: held again at the h100 rate, not capped at the old hold."""
     token, _ = fresh.mint(hours="3")
