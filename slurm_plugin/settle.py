@@ -7,10 +7,10 @@ Every run of a job charges each of its nodes once, under the key
 wins and every later attempt — a second epilog, the reconciler reading sacct — replays or
 conflicts on that key and charges nothing. Whether a node of a run has charged is read from
 the charge's job id, restart and node, so a charge under either form of the key counts (a
-ledger from before the SLUID, an epilog and a reconciler that saw the run differently). A hold is closed (the rest returned, ``void``
-under the key ``close:<hold>``) only when every Slurm record sharing it is finished and
-has charged all its nodes: the last node of a multi-node job, the last task of an array,
-the last run of a requeued job.
+ledger from before the SLUID, an epilog and a reconciler that saw the run differently).
+A hold is closed (the rest returned, ``void`` under the key ``close:<hold>``) only when
+every Slurm record sharing it is finished and has charged all its nodes: the last node of
+a multi-node job, the last task of an array, the last run of a requeued job.
 """
 
 from __future__ import annotations
@@ -97,13 +97,6 @@ def charged_runs(ledger: Ledger, hold_id: str, job_id: str | None = None
         q = q.where(CH.c.job_id == job_id)
     with ledger._read() as conn:
         return {(j or "", r or 0, n or "") for j, r, n in conn.execute(q).all()}
-
-
-def charged_keys(ledger: Ledger, hold_id: str) -> dict[str, int]:
-    """The hold's charges so far: key -> amount charged."""
-    with ledger._read() as conn:  # a read of the charges table; rules stay in the ledger
-        return dict(conn.execute(select(CH.c.key, CH.c.amount)
-                                 .where(CH.c.hold_id == hold_id)).all())
 
 
 def has_charge(ledger: Ledger, key: str) -> bool:

@@ -87,7 +87,8 @@ for line in io.lines() do
     rc = slurm_job_modify(d, job("r_", f), parts, tonumber(f.uid or "0"))
     if not modify_log_user and #user_msgs > 0 then  -- 22.05 job_submit_lua.c job_modify
       for _, m in ipairs(user_msgs) do
-        io.stderr:write("ERROR Use of log.user() in job_modify is not supported. Message discarded: (\"", m, "\")\n")
+        io.stderr:write("ERROR Use of log.user() in job_modify is not supported. ",
+          "Message discarded: (\"", m, "\")\n")
       end
       user_msgs = {}
     end
@@ -131,8 +132,9 @@ class Lua:
         self.prefix = info["gres_prefix"]
         self.proc = subprocess.Popen(
             [interpreter, str(driver), str(script), "1" if info["errtab"] else "0",
-             "1" if info["modify_log_user"] else "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={"GPULEDGER_JOB_SUBMIT_CONF": str(self.conf)})
+             "1" if info["modify_log_user"] else "0"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"GPULEDGER_JOB_SUBMIT_CONF": str(self.conf)})
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
 

@@ -272,10 +272,10 @@ class Handlers:
         if hold_id is None or job is None:
             raise BadRequest("bind needs hold and job")
         user, account = _name(fields, "user"), _name(fields, "account")
-        view = self.ledger.bind(hold_id, job, user=user, account=account)
         run_of = _name(fields, "task") or job  # an array task's own id: its nodes know only it
         restart = _int(fields, "restart", required=False) or 0
         sluid = _sluid(fields)
+        view = self.ledger.bind(hold_id, job, user=user, account=account)
         if view.state == "pending":
             self.ledger.link_job(hold_id, run_of, restart, user=user, account=account,
                                  sluid=sluid)
