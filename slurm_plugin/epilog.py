@@ -49,7 +49,8 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
         return
     held_ms = round((now - run.start) * 1000)
     gpu_usage, source = usage.node_usage(run.job_id, run.restart, run.gpus, held_ms,
-                                         h.hooks.agent_socket, h.hooks.agent_spool)
+                                         h.hooks.agent_socket, h.hooks.agent_spool,
+                                         sluid=run.sluid)
     types = {int(i): t for i, t in run.gpu_types.items() if t}
     if not types and hold.gpu_type:
         types = {u.index: hold.gpu_type for u in gpu_usage}

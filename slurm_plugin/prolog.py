@@ -53,7 +53,7 @@ def _register_agent(h: Hook) -> None:
         return
     try:
         bindings = client.register(int(h.env.job_id), h.env.restart, h.env.gpus,
-                                   socket_path=h.hooks.agent_socket)
+                                   socket_path=h.hooks.agent_socket, sluid=h.env.sluid)
     except Exception as exc:  # noqa: BLE001 - settlement falls back to held time
         h.log.warning("agent registration failed: %s", exc)
         return

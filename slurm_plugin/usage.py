@@ -22,7 +22,8 @@ def held_only(gpus: list[int], held_ms: int, reason: str) -> list[GpuUsage]:
 
 def node_usage(job_id: str, restart: int, gpus: list[int], held_ms: int,
                agent_socket: str | None = None,
-               agent_spool: str | None = None) -> tuple[list[GpuUsage], str]:
+               agent_spool: str | None = None,
+               sluid: str | None = None) -> tuple[list[GpuUsage], str]:
     """Per-GPU usage and where it came from: ``agent``, ``spool`` or ``held``."""
     try:
         from slurm_plugin.agent import client
@@ -30,7 +31,7 @@ def node_usage(job_id: str, restart: int, gpus: list[int], held_ms: int,
         return held_only(gpus, held_ms, f"no agent module ({exc.__class__.__name__})"), "held"
     try:
         summary = client.summary(int(job_id), restart, socket_path=agent_socket,
-                                 spool_dir=agent_spool)
+                                 spool_dir=agent_spool, sluid=sluid)
     except Exception as exc:  # noqa: BLE001 - the agent never fails the epilog
         log.warning("agent summary failed: %s", exc)
         summary = None

@@ -225,3 +225,30 @@ def test_cli_rejects_bad_interval(short_dir):
 
     r = CliRunner().invoke(agent, ["--interval", "0", "--spool", str(short_dir)])
     assert r.exit_code != 0 and "interval must be between" in r.output
+
+
+def test_protocol_carries_the_sluid_and_refuses_a_malformed_one():
+    from slurm_plugin.agent.protocol import dispatch
+
+    seen = []
+
+    class Stub:
+        def register(self, job_id, restart, gpus, sluid=None):
+            seen.append(("register", sluid))
+            return []
+
+        def summary(self, job_id, restart, finish=True, sluid=None):
+            seen.append(("summary", sluid))
+            return None
+
+    s = "s2MXM88KGAAR00"
+    assert dispatch(Stub(), {"op": "register", "job_id": 1, "restart": 0, "gpus": [0],
+                             "sluid": s})["ok"]
+    assert dispatch(Stub(), {"op": "register", "job_id": 1, "restart": 0, "gpus": [0]})["ok"]
+    dispatch(Stub(), {"op": "summary", "job_id": 1, "restart": 0, "sluid": s})
+    assert seen == [("register", s), ("register", None), ("summary", s)]
+    from slurm_plugin.agent.protocol import BadRequest
+    for bad in ("x", 7, "s0000000000000"):
+        with pytest.raises(BadRequest):
+            dispatch(Stub(), {"op": "register", "job_id": 1, "restart": 0, "gpus": [0],
+                              "sluid": bad})

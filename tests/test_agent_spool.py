@@ -155,3 +155,47 @@ def test_agent_skips_broken_state_on_start(tmp_path, caplog):
         assert a.jobs == {}
         a.stop()
     assert "bad spool state" in caplog.text
+
+
+S_OLD, S_NEW = "s2MXM88KGAAR00", "s2MXM88KGG6800"  # two runs' SLUIDs (Slurm 25.11+)
+
+
+def test_an_earlier_job_with_the_same_id_is_not_reused(tmp_path):
+    """A controller that lost its state counts job ids from 1 again: the node still holds
+    job 1 run 0's finished state. With SLUIDs the new job 1 is measured afresh, and its
+    epilog never reads the earlier job's figures; without one, job id + restart decide."""
+    clock = FakeClock()
+    with install(FakeNvmlLib(two_h100(), clock)):
+        a = new_agent(tmp_path, clock)
+        a.register(1, 0, [0, 1], sluid=S_OLD)
+        run_until(a, clock, 10_000)
+        old = a.summary(1, 0, sluid=S_OLD)
+        assert old.gpus[0].held_ms == 10_000
+        run_until(a, clock, 50_000)
+        assert a.summary(1, 0, sluid=S_NEW) is None  # not this run's state
+        assert client.read_spool(1, 0, str(tmp_path), sluid=S_NEW) is None
+        assert client.read_spool(1, 0, str(tmp_path), sluid=S_OLD) == \
+            client.read_spool(1, 0, str(tmp_path))
+        b = a.register(1, 0, [1], sluid=S_NEW)  # the new job 1
+        assert [x.index for x in b] == [1]
+        run_until(a, clock, 55_000)
+        new = a.summary(1, 0, sluid=S_NEW)
+        a.stop()
+    assert [g.index for g in new.gpus] == [1] and new.gpus[0].held_ms == 5_000
+    stored = json.loads((tmp_path / "job-1.0.json").read_text())
+    assert stored["sluid"] == S_NEW and stored["finished"]
+
+
+def test_the_same_run_registers_once_with_or_without_a_sluid(tmp_path):
+    clock = FakeClock()
+    with install(FakeNvmlLib(two_h100(), clock)):
+        a = new_agent(tmp_path, clock)
+        first = a.register(2, 0, [0], sluid=S_OLD)
+        run_until(a, clock, 5_000)
+        assert a.register(2, 0, [0], sluid=S_OLD) == first  # idempotent
+        assert a.register(2, 0, [0]) == first  # a caller without one: job id + restart
+        a.register(3, 0, [1])  # no SLUID (before 25.11): as before
+        run_until(a, clock, 8_000)
+        assert a.summary(3, 0, sluid=S_NEW).gpus[0].held_ms == 3_000  # registered at 5 s
+        a.stop()
+    assert "sluid" not in json.loads((tmp_path / "job-3.0.json").read_text())

@@ -130,3 +130,24 @@ def test_daemon_bind_refuses_a_malformed_sluid(world):
     assert ledger.hold(hold.id).job_id is None  # refused before anything was bound
     client.request("bind", hold=hold.id, job="7", user="alice", account="physics", sluid=S1)
     assert ledger.linked_hold("7", 0, sluid=S1) == hold.id
+
+
+def test_epilog_does_not_take_an_earlier_jobs_measurements(world):
+    """The node's spool still holds a finished job 7 run 0 of an earlier job 7 (another
+    SLUID): the new job 7's epilog settles on held time, not on those figures."""
+    from slurm_plugin.agent.accounting import GpuState, JobState
+    from slurm_plugin.agent.spool import Spool
+
+    ledger, clock, _token, _cfg, fake, tmp = world
+    spool = Spool(tmp / "no-agent-spool")
+    spool.ensure()
+    earlier = JobState(7, 0, 0, 3_600_000,
+                       [GpuState(0, "GPU-x", True, None, busy_bp_ms=3_600_000 * 10_000,
+                                 util_seen=True)], finished=True, sluid=S2)
+    spool.write(7, 0, earlier.to_dict())
+    hold = reserve(world, seconds=7200)
+    fake.live["7"] = rec("7", "RUNNING", hold, clock=clock)
+    start(world, "7", S1, started=1000.0)
+    epilog(shook(world, "7", S1), ledger, now=1030.0)
+    (charge,) = ledger.charges(hold.id)
+    assert charge["amount"] == 30 and charge["usage"]["source"] == "held"

@@ -46,14 +46,23 @@ class JobState:
     gpus: list[GpuState] = field(default_factory=list)
     finished: bool = False
     resumed: bool = False  # next interval follows an agent outage: count it as a gap
+    sluid: str | None = None  # the run's SLUID (Slurm 25.11+), when the prolog had one
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.job_id, self.restart)
 
+    def other_run(self, sluid: str | None) -> bool:
+        """Whether this state is another job's that had the same id and restart count (a
+        wrapped id counter, a controller that lost its state): both name a SLUID and they
+        differ. Without a SLUID on either side, job id and restart are all there is."""
+        return bool(sluid and self.sluid and sluid != self.sluid)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("resumed")
+        if d["sluid"] is None:
+            d.pop("sluid")  # files as before for runs without one
         d["version"] = STATE_VERSION
         return d
 
@@ -64,7 +73,7 @@ class JobState:
         gpus = [GpuState(**g) for g in d["gpus"]]
         return cls(
             int(d["job_id"]), int(d["restart"]), int(d["start_ms"]), int(d["last_ms"]),
-            gpus, bool(d["finished"]),
+            gpus, bool(d["finished"]), sluid=str(d["sluid"]) if d.get("sluid") else None,
         )
 
 

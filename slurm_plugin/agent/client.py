@@ -55,11 +55,14 @@ def request(req: dict[str, Any], socket_path: str | None = None, timeout: float 
 
 
 def register(
-    job_id: int, restart: int, gpu_indices: list[int], *, socket_path: str | None = None
+    job_id: int, restart: int, gpu_indices: list[int], *, socket_path: str | None = None,
+    sluid: str | None = None,
 ) -> list[GpuBinding]:
     """Register a job with the agent. Never raises for agent trouble: the GPUs
     then come back unmeasured, with the reason."""
     req = {"op": "register", "job_id": job_id, "restart": restart, "gpus": list(gpu_indices)}
+    if sluid:
+        req["sluid"] = sluid
     try:
         reply = request(req, socket_path)
         if not reply.get("ok"):
@@ -77,9 +80,12 @@ def summary(
     socket_path: str | None = None,
     spool_dir: str | None = None,
     finish: bool = True,
+    sluid: str | None = None,
 ) -> JobUsage | None:
     """The job's usage from the agent, else from its spool; None when neither knows it."""
     req = {"op": "summary", "job_id": job_id, "restart": restart, "finish": finish}
+    if sluid:
+        req["sluid"] = sluid
     try:
         reply = request(req, socket_path)
         if reply.get("ok"):
@@ -88,11 +94,12 @@ def summary(
             log.error("gpuledger-agent: summary of job %d refused: %s", job_id, reply.get("error"))
     except (AgentUnreachable, KeyError, TypeError, ValueError) as exc:
         log.warning("gpuledger-agent: agent unreachable for job %d (%s); reading spool", job_id, exc)
-    return read_spool(job_id, restart, spool_dir or DEFAULT_SPOOL, finish=finish)
+    return read_spool(job_id, restart, spool_dir or DEFAULT_SPOOL, finish=finish, sluid=sluid)
 
 
 def read_spool(
-    job_id: int, restart: int, spool_dir: str, *, finish: bool = True, now_ms: int | None = None
+    job_id: int, restart: int, spool_dir: str, *, finish: bool = True, now_ms: int | None = None,
+    sluid: str | None = None,
 ) -> JobUsage | None:
     """Usage from the spool alone; the time since the agent's last round is a gap.
 
@@ -106,6 +113,8 @@ def read_spool(
     except (OSError, KeyError, TypeError, ValueError) as exc:
         log.error("gpuledger-agent: spool state of job %d unusable: %s", job_id, exc)
         return None
+    if job.other_run(sluid):
+        return None  # an earlier job's, with the same id
     if job.finished:
         return accounting.usage(job, source="spool")
     if finish:

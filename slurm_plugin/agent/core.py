@@ -141,15 +141,22 @@ class Agent:
             log.error("gpuledger-agent: spool write for job %d failed: %s", job.job_id, exc)
 
     # -- requests -------------------------------------------------------
-    def register(self, job_id: int, restart: int, indices: Sequence[int]) -> list[GpuBinding]:
-        """Bind a job's Slurm GPU indices; idempotent for the same job and restart."""
+    def register(self, job_id: int, restart: int, indices: Sequence[int],
+                 sluid: str | None = None) -> list[GpuBinding]:
+        """Bind a job's Slurm GPU indices; idempotent for the same job and restart (and
+        SLUID: a state left by another job with the same id is replaced, not reused)."""
         key = (job_id, restart)
-        if key in self.jobs:
+        if key in self.jobs and not self.jobs[key].other_run(sluid):
             return [g.binding() for g in self.jobs[key].gpus]
         old = self.spool.read(job_id, restart)
         if old is not None:  # already finished (or unreadable state): do not reopen
             try:
-                return [g.binding() for g in JobState.from_dict(old).gpus]
+                state = JobState.from_dict(old)
+                if not state.other_run(sluid):
+                    return [g.binding() for g in state.gpus]
+                log.warning("gpuledger-agent: job %d.%d: state of an earlier job with this "
+                            "id (SLUID %s, now %s) replaced", job_id, restart, state.sluid,
+                            sluid)
             except (KeyError, TypeError, ValueError):
                 pass
         self._try_open()
@@ -161,7 +168,7 @@ class Agent:
                 b = self.gpumap.bind(i)
             gpus.append(GpuState(b.index, b.uuid, b.measured, b.reason))
         now = self.clock()
-        job = JobState(job_id, restart, now, now, gpus)
+        job = JobState(job_id, restart, now, now, gpus, sluid=sluid)
         uuids = [g.uuid for g in gpus if g.uuid]
         accounting.baseline(job, self.sample(uuids, util=False))
         self.jobs[key] = job
@@ -169,15 +176,20 @@ class Agent:
         log.info("gpuledger-agent: job %d.%d registered on %s", job_id, restart, list(indices))
         return [g.binding() for g in gpus]
 
-    def summary(self, job_id: int, restart: int, *, finish: bool = True) -> JobUsage | None:
-        """Usage so far; with finish, take a last reading and stop accounting the job."""
+    def summary(self, job_id: int, restart: int, *, finish: bool = True,
+                sluid: str | None = None) -> JobUsage | None:
+        """Usage so far; with finish, take a last reading and stop accounting the job.
+        None for a job the agent does not know (or knows as another job's SLUID)."""
         key = (job_id, restart)
         job = self.jobs.get(key)
         if job is None:
             stored = self.spool.read(job_id, restart)
             if stored is None:
                 return None
-            return accounting.usage(JobState.from_dict(stored))
+            state = JobState.from_dict(stored)
+            return None if state.other_run(sluid) else accounting.usage(state)
+        if job.other_run(sluid):
+            return None
         if not finish:
             return accounting.usage(job)
         samples = self.sample([g.uuid for g in job.gpus if g.uuid])

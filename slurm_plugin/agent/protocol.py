@@ -3,6 +3,7 @@
 Requests:  {"op": "ping"}
            {"op": "register", "job_id": 12, "restart": 0, "gpus": [0, 1]}
            {"op": "summary", "job_id": 12, "restart": 0, "finish": true}
+           (register and summary take "sluid": "s…", the run's SLUID, where Slurm gives one)
            {"op": "status"}
 Replies:   {"ok": true, ...} or {"ok": false, "error": "..."}
 """
@@ -51,6 +52,17 @@ def _uint(req: dict[str, Any], name: str) -> int:
     return v
 
 
+def _sluid(req: dict[str, Any]) -> str | None:
+    from slurm_plugin.slurm import sluid
+
+    v = req.get("sluid")
+    if v is None:
+        return None
+    if not isinstance(v, str) or sluid(v) is None:
+        raise BadRequest("sluid must be a SLUID")
+    return v
+
+
 def _gpus(req: dict[str, Any]) -> list[int]:
     v = req.get("gpus")
     if not isinstance(v, list) or len(v) > MAX_GPUS:
@@ -69,13 +81,15 @@ def dispatch(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
     if op == "status":
         return {"ok": True, **agent.status()}
     if op == "register":
-        b = agent.register(_uint(req, "job_id"), _uint(req, "restart"), _gpus(req))
+        b = agent.register(_uint(req, "job_id"), _uint(req, "restart"), _gpus(req),
+                           sluid=_sluid(req))
         return {"ok": True, "gpus": [x.to_dict() for x in b]}
     if op == "summary":
         finish = req.get("finish", True)
         if not isinstance(finish, bool):
             raise BadRequest("finish must be a boolean")
-        u = agent.summary(_uint(req, "job_id"), _uint(req, "restart"), finish=finish)
+        u = agent.summary(_uint(req, "job_id"), _uint(req, "restart"), finish=finish,
+                          sluid=_sluid(req))
         if u is None:
             return {"ok": False, "error": "unknown job"}
         return {"ok": True, "usage": u.to_dict()}
