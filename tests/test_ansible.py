@@ -31,6 +31,8 @@ SHORT = {"gpuledger_controller": "controller", "gpuledger_node": "node", "gpuled
 BUILTIN = {
     "item", "omit", "ansible_check_mode", "ansible_service_mgr", "ansible_managed",
     "ansible_hostname", "playbook_dir", "inventory_hostname", "lookup", "query", "dict",
+    "ansible_os_family", "ansible_distribution_major_version", "ansible_pkg_mgr", "role_path",
+    "group_names",
     "range", "true", "false", "none", "True", "False", "None",
 }
 # Task keys whose strings are Jinja expressions without {{ }}.
@@ -263,3 +265,183 @@ def test_ansible_lint_production_profile():
                        timeout=600, env={**os.environ, "ANSIBLE_LOCAL_TEMP": "/tmp"})
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
     assert "Profile 'production' was required, and it passed" in r.stderr + r.stdout
+
+
+# -- operating systems, drop-ins, nodes without secrets ------------------------------------
+
+FIXTURES = REPO / "tests" / "fixtures" / "ansible"
+FAMILY_ROLES = ("gpuledger_controller", "gpuledger_node", "slurm_single_node")
+CONTROLLER_SECRET = "controller-db-secret"  # render.yml's gpuledger_database_password
+
+
+@pytest.mark.parametrize("role", FAMILY_ROLES)
+def test_roles_load_vars_per_os_family_and_install_with_package(role):
+    """vars/Debian.yml and vars/RedHat.yml define the same names; tasks/variables.yml loads
+    them with first_found; packages are installed with ansible.builtin.package (apt only
+    refreshes its cache)."""
+    _ansible_playbook()
+    base = ANSIBLE / "roles" / role
+    debian, redhat = (load_yaml(base / "vars" / f"{f}.yml") for f in ("Debian", "RedHat"))
+    assert set(debian) == set(redhat) and debian, (sorted(debian), sorted(redhat))
+    loader = load_yaml(base / "tasks" / "variables.yml")
+    inc = [t["ansible.builtin.include_vars"] for t in loader if "ansible.builtin.include_vars" in t]
+    assert inc and "first_found" in inc[0] and "ansible_os_family" in json.dumps(loader)
+    main = load_yaml(base / "tasks" / "main.yml")
+    assert main[0].get("ansible.builtin.include_tasks") == "variables.yml", main[0]
+    for path in sorted((base / "tasks").glob("*.yml")):
+        for task in load_yaml(path) or []:
+            apt = task.get("ansible.builtin.apt")
+            assert apt is None or "name" not in apt, f"{path.name}: {task['name']} installs with apt"
+
+
+def _play(playbook: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**_env(), "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"), "ANSIBLE_LOCAL_TEMP": "/tmp"}
+    return subprocess.run([_ansible_playbook(), "-i", "localhost,", "-c", "local", str(playbook),
+                           "-e", f"render_root={root}", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _recap(out: str) -> dict[str, int]:
+    m = re.search(r"^localhost\s+:\s+(.*)$", out, re.M)
+    assert m, out[-3000:]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+
+
+def _slurm_conf(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _keys(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
+def _render_fixture(root: Path) -> None:
+    """A configless controller whose slurm.conf has an earlier gpuledger's hook paths, and
+    a node that runs jobstats' prolog.d (and holds the db.password an earlier version copied)."""
+    _slurm_conf(root / "controller/slurm/slurm.conf",
+                "ClusterName=hpc1\nSlurmctldParameters=enable_configless,idle_on_node_suspend\n"
+                "Prolog=/usr/local/sbin/gpuledger-prolog\nepilog = /usr/local/sbin/gpuledger-epilog\n"
+                "PrologFlags=Alloc\n")
+    _slurm_conf(root / "node/slurm/slurm.conf",
+                f"ClusterName=hpc1\nProlog={root}/node/slurm/prolog.d/*\nPrologFlags=Alloc\n")
+    jobstats = root / "node/slurm/prolog.d/gpustats_helper.sh"
+    jobstats.parent.mkdir()
+    jobstats.write_text("#!/bin/sh\nexit 0\n")
+    (root / "node/etc").mkdir(parents=True)
+    (root / "node/etc/db.password").write_text(CONTROLLER_SECRET + "\n")
+
+
+@pytest.mark.parametrize("family", ["Debian", "RedHat"])
+def test_roles_render_per_os_family_and_a_dry_run_changes_nothing(family, tmp_path):
+    """render.yml plays the configuration tasks of the roles with this family's variables
+    (RedHat forced on this Debian host), then again with --check: nothing left to change."""
+    root = tmp_path / "r"
+    _render_fixture(root)
+    forced = ["-e", f"ansible_os_family={family}"]
+    r = _play(FIXTURES / "render.yml", root, *forced)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    dry = _play(FIXTURES / "render.yml", root, "--check", "--diff", *forced)
+    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-2000:]
+    assert _recap(dry.stdout)["changed"] == 0, dry.stdout[-4000:]
+
+    values = json.loads((root / "vars.json").read_text())
+    if family == "RedHat":
+        assert values["gpuledger_node_build_packages"] == ["make", "gcc", "slurm-devel"]
+        assert values["gpuledger_node_slurm_plugin_dir"] == "/usr/lib64/slurm"
+        assert values["gpuledger_python_packages"] == ["python3.12"]
+        assert values["gpuledger_controller_lua_packages"] == ["lua-socket"]
+        assert {"slurm-slurmctld", "slurm-slurmd", "slurm-slurmdbd", "munge", "lua-socket"} \
+            <= set(values["slurm_single_node_packages"])
+        assert values["slurm_single_node_lua"] == "lua"
+    else:
+        assert "libslurm-dev" in values["gpuledger_node_build_packages"]
+        assert values["gpuledger_packages"] == ["python3-venv"]
+        assert values["gpuledger_controller_lua_packages"] == ["lua-socket"]
+        assert values["slurm_single_node_lua"] == "lua5.1"
+
+
+def test_prolog_and_epilog_are_drop_ins_that_chain_with_the_sites(tmp_path):
+    root = tmp_path / "r"
+    _render_fixture(root)
+    r = _play(FIXTURES / "render.yml", root)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    for side in ("controller", "node"):
+        slurm, sbin = root / side / "slurm", root / side / "sbin"
+        for hook in ("prolog", "epilog"):
+            link = slurm / f"{hook}.d" / f"gpuledger-{hook}"
+            assert link.is_symlink() and link.resolve() == (sbin / "gpuledger-hook").resolve()
+            assert os.access(link, os.X_OK)
+        conf = _keys(slurm / "slurm.conf")
+        conf = {k.strip().lower(): v.strip() for k, v in conf.items()}
+        assert conf["prolog"] == f"{slurm}/prolog.d/*", conf
+        assert conf["epilog"] == f"{slurm}/epilog.d/*", conf
+        assert conf["prologslurmctld"] == f"{sbin}/gpuledger-prolog-slurmctld"
+        assert conf["epilogslurmctld"] == f"{sbin}/gpuledger-epilog-slurmctld"
+        assert conf["jobsubmitplugins"] == "lua" and conf["prologflags"] == "Alloc"
+        text = (slurm / "slurm.conf").read_text()
+        assert len(re.findall(r"(?im)^\s*prolog\s*=", text)) == 1, text
+        assert len(re.findall(r"(?im)^\s*epilog\s*=", text)) == 1, text
+    # jobstats' script is still there, next to gpuledger's drop-in
+    assert (root / "node/slurm/prolog.d/gpustats_helper.sh").read_text().startswith("#!/bin/sh")
+    # configless: the controller's plugstack.conf (which the nodes fetch) lists the plugin
+    assert (root / "controller/slurm/plugstack.conf").read_text().splitlines() == ["required gpuledger.so"]
+
+
+def test_a_foreign_prolog_stops_the_play_and_is_kept(tmp_path):
+    root = tmp_path / "r"
+    _render_fixture(root)
+    site = "ClusterName=hpc1\nProlog=/etc/slurm/site-prolog.sh\nPrologSlurmctld=/opt/site/ctld.sh\n"
+    _slurm_conf(root / "node/slurm/slurm.conf", site)
+    r = _play(FIXTURES / "render.yml", root)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "Prolog=/etc/slurm/site-prolog.sh" in out and "PrologSlurmctld=/opt/site/ctld.sh" in out
+    assert "gpuledger does not replace them" in out
+    assert (root / "node/slurm/slurm.conf").read_text() == site
+
+
+def test_a_configless_node_gets_no_slurm_conf(tmp_path):
+    root = tmp_path / "r"
+    _render_fixture(root)
+    (root / "node/slurm/slurm.conf").unlink()
+    r = _play(FIXTURES / "render.yml", root)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert not (root / "node/slurm/slurm.conf").exists()
+    assert (root / "node/slurm/prolog.d/gpuledger-prolog").is_symlink()
+
+
+def test_no_node_file_holds_the_database_password(tmp_path):
+    """The node's gpuledger.toml has what the hooks need and nothing of the controller's
+    secrets; the db.password an earlier version copied there is gone."""
+    root = tmp_path / "r"
+    _render_fixture(root)
+    r = _play(FIXTURES / "render.yml", root)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert CONTROLLER_SECRET in (root / "controller/etc/db.password").read_text()  # the probe works
+    leaks = [p for p in (root / "node").rglob("*")
+             if p.is_file() and CONTROLLER_SECRET in p.read_text(errors="replace")]
+    assert not leaks, leaks
+    assert not (root / "node/etc/db.password").exists()
+    code = "import json, sys, tomllib; print(json.dumps(tomllib.load(open(sys.argv[1], 'rb'))))"
+    node = json.loads(subprocess.run([sys.executable, "-c", code, str(root / "node/etc/gpuledger.toml")],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert set(node) == {"cluster", "database", "daemon", "charge"}, node
+    assert node["database"] == {"url": "postgresql+psycopg://gpuledger@db.example.org/gpuledger"}
+    assert node["charge"]["policy"] == "allocated" and node["cluster"] == "hpc1"
+    ctl = (root / "controller/etc/gpuledger.toml").read_text()
+    assert "[smtp]" in ctl and "password_file" in ctl and "[keys]" in ctl
+
+
+def test_python_of_at_least_3_11_is_found_or_the_play_says_what_to_install(tmp_path):
+    r = _play(FIXTURES / "python.yml", tmp_path, "-e", '{"gpuledger_python_packages": []}')
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    exe = (tmp_path / "python.txt").read_text().strip()
+    out = subprocess.run([exe, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True", exe
+    r = _play(FIXTURES / "python.yml", tmp_path, "-e",
+              '{"gpuledger_python_packages": [], "gpuledger_python_candidates": ["python3-none", "sh"]}')
+    assert r.returncode != 0
+    assert "gpuledger needs Python 3.11 or newer" in r.stdout and "python3-none, sh" in r.stdout
