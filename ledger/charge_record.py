@@ -44,6 +44,7 @@ class GpuCharge:
     measured_amount: int | None = None  # amount under `measured`
     charge: int | None = None  # the amount the policy picked
     reason: str | None = None  # why the GPU was not measured
+    share: str | None = None  # "s/S": the job had s of the GPU's S shares (None: all of it)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], force_unmeasured: bool = False) -> GpuCharge | None:
@@ -63,6 +64,7 @@ class GpuCharge:
             rate_ppm=_int(d.get("rate_ppm")), billed_ms=_int(d.get("billed_ms")),
             allocated=_int(d.get("allocated")), measured_amount=_int(d.get("measured_amount")),
             charge=_int(d.get("charge")), reason=_str(d.get("reason")),
+            share=_str(d.get("share")),
         )
 
 
@@ -120,7 +122,8 @@ class ChargeRecord:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "gpus" and v is not None}
-        d["gpus"] = [asdict(g) for g in self.gpus]
+        d["gpus"] = [{k: v for k, v in asdict(g).items() if k != "share" or v is not None}
+                     for g in self.gpus]
         return d
 
     @classmethod

@@ -9,6 +9,11 @@ Amounts are integer GPU-seconds at the reference rate. Per GPU:
   measured  = ceil(min(held_ms, max(busy_ms + gaps_ms, ceil(floor * held_ms))) * rate_ppm / 10^9)
 Time the agent could not observe (gaps_ms) counts as busy, and a GPU that was not
 measured at all pays its held time: missing data never lowers a charge.
+
+A share of a GPU (s of its S shards, ``ledger.shares``) pays s/S of that:
+  allocated = ceil(held_ms * rate_ppm * s / (S * 10^9))
+The GPU's busy time is the whole GPU's (other jobs share it), so a share is settled on its
+held time under either policy, its line marked unmeasured with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from fractions import Fraction
 from typing import Any, Protocol
 
 from .charge_record import ChargeRecord, GpuCharge
-from .pricing import gpu_rate
+from .pricing import gpu_rate, share_cost
 
 POLICIES = ("allocated", "measured")
 DEFAULT_FLOOR = Fraction(1, 4)
@@ -102,19 +107,23 @@ def _nonneg(value: Any, name: str) -> int:
     return value
 
 
+SHARED_REASON = "a share of the GPU: its busy time is the whole GPU's"
+
+
 def charge_line(u: GpuUsageLike | Mapping[str, Any], rate_ppm: int, policy: str,
-                floor: Fraction) -> ChargeLine:
+                floor: Fraction, share: tuple[int, int] = (1, 1)) -> ChargeLine:
+    """One GPU's charge; ``share`` = (s, S): the job had s of the GPU's S shares."""
     held = _nonneg(_get(u, "held_ms"), "held_ms")
     busy = min(held, _nonneg(_get(u, "busy_ms", 0), "busy_ms"))
     gaps = min(held - busy, _nonneg(_get(u, "gaps_ms", 0) or 0, "gaps_ms"))
-    measured = bool(_get(u, "measured", False))
+    measured = bool(_get(u, "measured", False)) and share[1] == 1
     if measured:
         floor_ms = _ceil_div(held * floor.numerator, floor.denominator)
         metered = min(held, max(busy + gaps, floor_ms))
     else:
         metered = held
-    allocated = _ceil_div(held * rate_ppm, _MS_PPM)
-    measured_amount = _ceil_div(metered * rate_ppm, _MS_PPM)
+    allocated = share_cost(share[0], share[1], held, rate_ppm, _MS_PPM)
+    measured_amount = share_cost(share[0], share[1], metered, rate_ppm, _MS_PPM)
     return ChargeLine(
         index=int(_get(u, "index")),
         uuid=_get(u, "uuid"),
@@ -128,7 +137,8 @@ def charge_line(u: GpuUsageLike | Mapping[str, Any], rate_ppm: int, policy: str,
         allocated=allocated,
         measured_amount=measured_amount,
         charge=allocated if policy == "allocated" else measured_amount,
-        reason=None if measured else _get(u, "reason"),
+        reason=None if measured else (SHARED_REASON if share[1] != 1 and _get(u, "measured")
+                                      else _get(u, "reason")),
     )
 
 
@@ -158,11 +168,13 @@ def charge_for(
 def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
                 types: Mapping[int, str | None], rates: Mapping[str, int], hold_rate_ppm: int,
                 policy: str, floor: float | str | Decimal | Fraction = DEFAULT_FLOOR,
+                shares: Mapping[int, tuple[int, int]] | None = None,
                 **context: Any) -> ChargeRecord:
     """A settlement's record: each GPU charged at its allocated type's rate under ``policy``.
 
     ``types`` maps a GPU index to its type (missing: unknown, charged at the hold's rate);
-    ``context`` fills the record's source/node/restart/start/end/elapsed_s/state.
+    ``shares`` maps a GPU index to (s, S) when the job had s of its S shares (missing: the
+    whole GPU); ``context`` fills the record's source/node/restart/start/end/elapsed_s/state.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -171,14 +183,18 @@ def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
     for u in usage:
         gpu_type = types.get(int(_get(u, "index")))
         rate = gpu_rate(gpu_type, rates, hold_rate_ppm)
-        line = charge_line(u, _nonneg(rate, "rate_ppm"), policy, f)
+        share = (shares or {}).get(int(_get(u, "index")), (1, 1))
+        if not 0 < share[0] <= share[1]:
+            raise ValueError(f"a share must be s of S with 0 < s <= S, got {share}")
+        line = charge_line(u, _nonneg(rate, "rate_ppm"), policy, f, share)
         entries.append(GpuCharge(
             index=line.index, held_ms=line.held_ms, measured=line.measured,
             busy_ms=line.busy_ms if line.measured else 0, gaps_ms=line.gaps_ms,
             energy_mj=line.energy_mj, peak_mem_bytes=line.peak_mem_bytes, uuid=line.uuid,
             gpu_type=gpu_type, rate_ppm=rate, billed_ms=line.billed_ms,
             allocated=line.allocated, measured_amount=line.measured_amount,
-            charge=line.charge, reason=line.reason))
+            charge=line.charge, reason=line.reason,
+            share=f"{share[0]}/{share[1]}" if share[1] != 1 else None))
     entries.sort(key=lambda g: g.index)
     return ChargeRecord(
         gpus=tuple(entries), policy=policy, floor=str(f),

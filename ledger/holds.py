@@ -25,6 +25,7 @@ from .models import Charge, Hold, UTCDateTime
 from .names import check_account_name
 from .pricing import (RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates,
                       unpriced)
+from .shares import GPU
 from .tokens import Claims, Scopes, digest
 from .views import HoldRequest, HoldView
 
@@ -72,7 +73,8 @@ def hold_view(row) -> HoldView:
         gpu_type=row.gpu_type, gpus=row.gpus, seconds=row.seconds, tasks=row.tasks,
         rate_ppm=row.rate_ppm, amount=row.amount, charged=row.charged, refunded=row.refunded,
         state=row.state, job_id=row.job_id, created=row.created_at, resolved=row.resolved_at,
-        partition=row.partition, cluster=row.cluster,
+        partition=row.partition, cluster=row.cluster, gres=row.gres, per_node=row.per_node,
+        share=row.share,
     )
 
 
@@ -114,13 +116,26 @@ class HoldOps:
         """The rate a hold is priced at (``ledger.pricing.hold_rate``), from the rates table."""
         return hold_rate(gpu_type, rate_candidates(conn, gpu_type))
 
+    def hold_share(self, request: HoldRequest) -> int:
+        """Shares per GPU the request is held at (``ledger.shares``; 1 for whole GPUs):
+        decided from gres.conf in memory, no database round trip."""
+        if request.gres == GPU:
+            return 1
+        return self.gres.inventory().hold_share(request.gres, request.gpu_type,
+                                                request.per_node or request.gpus)
+
     def price(self, request: HoldRequest) -> tuple[int, int]:
         """(amount, rate_ppm) a request would hold; Refusal for an unpriced GPU type."""
+        return self.price_share(request)[:2]
+
+    def price_share(self, request: HoldRequest) -> tuple[int, int, int]:
+        """(amount, rate_ppm, share) a request would hold."""
+        share = self.hold_share(request)
         with self._read() as conn:
             rate = self._rate(conn, request.gpu_type)
         if rate is None:
             raise unpriced(request.gpu_type)
-        return hold_cost(request.gpus, request.seconds, request.tasks, rate), rate
+        return hold_cost(request.gpus, request.seconds, request.tasks, rate, share), rate, share
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -145,21 +160,22 @@ class HoldOps:
         if request.account is not None:
             check_account_name(request.account)
         fields = {"token": claims.id, "request": request.to_dict(), "job_id": job_id}
+        share = self.hold_share(request)
 
         def run(tx: Tx) -> dict:
             fast = _fast_reserve_row(tx, claims.id, request.gpu_type, digest(token.strip()))
             if fast is not None:
                 account, wallet_id, rate, available = fast
-                amount = hold_cost(request.gpus, request.seconds, request.tasks, rate)
+                amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share)
                 if amount <= available:
                     return self._reserve_insert(tx, claims, request, job_id, account, wallet_id,
-                                                rate, amount)
-            return self._reserve_checked(tx, claims, token, request, job_id)
+                                                rate, amount, share)
+            return self._reserve_checked(tx, claims, token, request, job_id, share)
 
         return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
 
     def _reserve_checked(self, tx: Tx, claims: Claims, token: str, request: HoldRequest,
-                         job_id: str | None) -> dict:
+                         job_id: str | None, share: int) -> dict:
         """The full checks, each with its own refusal (the fast path declined)."""
         try:
             row = self._token_row(tx.conn, claims.id, lock=True)
@@ -175,7 +191,7 @@ class HoldOps:
         rate = self._rate(tx.conn, request.gpu_type)
         if rate is None:
             raise unpriced(request.gpu_type, claims.id)
-        amount = hold_cost(request.gpus, request.seconds, request.tasks, rate)
+        amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share)
         available = row.balance
         if amount > available:
             held = self._held(tx.conn, claims.id)
@@ -187,10 +203,10 @@ class HoldOps:
                           f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
                           available=available)
         return self._reserve_insert(tx, claims, request, job_id, row.account, row.wallet_id,
-                                    rate, amount)
+                                    rate, amount, share)
 
     def _reserve_insert(self, tx: Tx, claims: Claims, request: HoldRequest, job_id, account: str,
-                        wallet_id: int, rate: int, amount: int) -> dict:
+                        wallet_id: int, rate: int, amount: int, share: int) -> dict:
         hold_id = new_hold_id()
         tx.conn.execute(_HOLD_PUT, dict(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
@@ -198,10 +214,14 @@ class HoldOps:
             gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
             tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
             state="pending", job_id=job_id, created_at=tx.now, request=request.to_dict(),
+            # whole GPUs leave gres/per_node/share to the columns' defaults (gpu, -, 1)
+            **({"gres": request.gres, "per_node": request.per_node, "share": share}
+               if request.gres != GPU else {}),
         ))
         tx.move("reserve", wallet_id, tx.wallet_id("system:escrow"), amount,
                 account=account, token_id=claims.id, hold_id=hold_id,
-                data={"request": request.to_dict(), "rate_ppm": rate, "job_id": job_id})
+                data={"request": request.to_dict(), "rate_ppm": rate, "job_id": job_id,
+                      **({"share": share} if request.gres != GPU else {})})
         tx.flush()
         return HoldView(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
@@ -209,6 +229,7 @@ class HoldOps:
             tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
             state="pending", job_id=job_id, created=tx.now, resolved=None,
             partition=request.partition, cluster=request.cluster or self.cluster,
+            gres=request.gres, per_node=request.per_node, share=share,
         ).to_dict()
 
     # -- settle ---------------------------------------------------------------------------------
@@ -323,27 +344,34 @@ class HoldOps:
     def resize(self, hold_id: str, *, seconds: int | None = None, gpus: int | None = None,
                tasks: int | None = None, gpu_type: str | None | _Keep = KEEP,
                partition: str | None = None, account: str | None = None,
-               key: str | None = None) -> HoldView:
+               key: str | None = None, gres: str | None = None,
+               per_node: int | None = None) -> HoldView:
         """Re-price a pending hold for what the job now asks for (``scontrol update``).
 
         A new time limit, GPU count or task count keeps the hold's rate; a new GPU type
-        (``None``: untyped, held at the highest rate) is priced at that type's rate. The
+        (``None``: untyped, held at the highest rate) is priced at that type's rate. A new
+        count of shares (``gres``/``per_node``: shard or mps) is priced at the shares per GPU
+        of the candidate GPUs again (``ledger.shares``). The
         token's scopes are checked again against the job as changed (GPU type, every
         candidate partition, account), so an update cannot move a job where its token is
         not valid."""
         fields = {"hold": hold_id, "seconds": seconds, "gpus": gpus, "tasks": tasks,
                   **({} if gpu_type is KEEP else {"gpu_type": gpu_type}),
                   **({"partition": partition} if partition else {}),
-                  **({"account": account} if account else {})}
+                  **({"account": account} if account else {}),
+                  **({"gres": gres, "per_node": per_node} if gres else {})}
 
         def run(tx: Tx) -> dict:
             hold, facts, token_row = self._locked(tx, hold_id)
             new_type = hold.gpu_type if gpu_type is KEEP else gpu_type
+            new_gres = gres or hold.gres
+            new_per = (per_node if gres else None) or (
+                hold.per_node if new_gres == hold.gres and not gpus else None)
             req = HoldRequest(gpus=gpus or hold.gpus, seconds=seconds or hold.seconds,
                               tasks=tasks or hold.tasks, gpu_type=new_type,
                               partition=partition or hold.partition,
                               account=account or hold.account, user=hold.user,
-                              cluster=hold.cluster)
+                              cluster=hold.cluster, gres=new_gres, per_node=new_per)
             refusal = _scope_refusal(hold.token_id, token_row.account,
                                      Scopes.from_dict(token_row.scopes or {}), req, self.cluster)
             if refusal:
@@ -353,7 +381,11 @@ class HoldOps:
                 rate = self._rate(tx.conn, new_type)
                 if rate is None:
                     raise unpriced(new_type, hold.token_id)
-            new_amount = hold_cost(req.gpus, req.seconds, req.tasks, rate)
+            share = hold.share
+            if (req.gres, req.per_node, req.gpu_type) != (hold.gres, hold.per_node,
+                                                          hold.gpu_type):
+                share = self.hold_share(req)
+            new_amount = hold_cost(req.gpus, req.seconds, req.tasks, rate, share)
             if new_amount < facts.charged:
                 raise InvalidInput(f"hold {hold_id} has already charged "
                                    f"{fmt_hours(facts.charged)} GPU-h")
@@ -378,7 +410,8 @@ class HoldOps:
                          hold_id=hold_id, data=fields)
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
                 amount=HO.c.amount + delta, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
-                gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition))
+                gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition, gres=req.gres,
+                per_node=req.per_node, share=share))
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 

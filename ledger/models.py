@@ -183,6 +183,11 @@ class Hold(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     request: Mapped[dict] = mapped_column(JSON)
+    # what the hold pays for: whole GPUs (gres "gpu", share 1) or shares of GPUs
+    # (shard/mps: per_node shares on each node, priced at `share` shares per GPU)
+    gres: Mapped[str] = mapped_column(String(8), server_default="gpu")
+    per_node: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    share: Mapped[int] = mapped_column(Integer, server_default="1")
 
 
 class Charge(Base):

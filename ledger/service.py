@@ -25,6 +25,7 @@ from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, Verify
 from .debts import DebtOps
 from .holds import HoldOps
 from .joblinks import JobLinkOps
+from .shares import DEFAULT_GRES_CONF, GresFile
 from .journal import Tx, ensure_head, now_utc
 from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
@@ -53,8 +54,10 @@ class LedgerBase:
     """Engine, clock, key directory and the transaction/idempotency machinery."""
 
     def __init__(self, engine: Engine, *, keys_dir: Path | None = None,
-                 clock: Callable[[], datetime] = now_utc, cluster: str | None = None):
+                 clock: Callable[[], datetime] = now_utc, cluster: str | None = None,
+                 gres_conf: str | Path | None = None):
         self.engine = engine
+        self.gres = GresFile(gres_conf)  # the GPUs' shard counts (``ledger.shares``)
         self.keys_dir = keys_dir
         self.clock = clock
         self.cluster = cluster
@@ -64,6 +67,7 @@ class LedgerBase:
     @classmethod
     def from_config(cls, config: Config, **kw):
         engine = db.make_engine(db.resolve_url(config))
+        kw.setdefault("gres_conf", config.section("hooks").get("gres_conf", DEFAULT_GRES_CONF))
         return cls(engine, keys_dir=config.keys_dir, cluster=config.cluster, **kw)
 
     # -- transactions -------------------------------------------------------------------------

@@ -15,7 +15,11 @@ def iso(dt: datetime | None) -> str | None:
 
 @dataclass(frozen=True)
 class HoldRequest:
-    """What a job asks for: ``gpus`` per task instance × ``seconds`` × ``tasks`` (array size)."""
+    """What a job asks for: ``gpus`` per task instance × ``seconds`` × ``tasks`` (array size).
+
+    ``gres`` is ``gpu`` (whole GPUs), ``shard`` or ``mps`` (``ledger.shares``): then ``gpus``
+    counts the shares over all nodes and ``per_node`` those one node takes (one GPU's).
+    """
 
     gpus: int
     seconds: int
@@ -25,12 +29,26 @@ class HoldRequest:
     user: str | None = None
     partition: str | None = None
     cluster: str | None = None
+    gres: str = "gpu"
+    per_node: int | None = None
 
     def __post_init__(self):
+        from .shares import GPU, check_kind
+
         for name in ("gpus", "seconds", "tasks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
+        check_kind(self.gres)
+        if self.gres == GPU:
+            object.__setattr__(self, "per_node", None)
+        else:
+            per = self.gpus if self.per_node is None else self.per_node
+            if isinstance(per, bool) or not isinstance(per, int) or not 0 < per <= self.gpus \
+                    or self.gpus % per:
+                raise InvalidInput(f"{self.gres} per node must divide the {self.gpus} "
+                                   f"asked for, got {per!r}")
+            object.__setattr__(self, "per_node", per)
         if self.gpus > 100_000 or self.tasks > 10_000_000 or self.seconds > 10 * 366 * 86400:
             raise InvalidInput("request is implausibly large")
         check_amount(self.gpus * self.seconds * self.tasks, what="requested GPU-seconds")
@@ -42,6 +60,8 @@ class HoldRequest:
 
     def describe(self) -> str:
         gpu = self.gpu_type or "gpu"
+        if self.gres != "gpu":
+            gpu = f"{self.gres}" + (f":{self.gpu_type}" if self.gpu_type else "")
         text = f"{self.gpus} x {gpu} x {fmt_duration(self.seconds)}"
         return f"{self.tasks} tasks x {text}" if self.tasks > 1 else text
 
@@ -96,6 +116,9 @@ class HoldView:
     resolved: datetime | None
     partition: str | None = None
     cluster: str | None = None
+    gres: str = "gpu"
+    per_node: int | None = None  # shares one node takes (shard/mps holds)
+    share: int = 1  # the shares per GPU the hold was priced at (1: whole GPUs)
 
     @property
     def returned(self) -> int:
@@ -106,7 +129,8 @@ class HoldView:
             "id": self.id, "token_id": self.token_id, "account": self.account, "user": self.user,
             "gpu_type": self.gpu_type, "gpus": self.gpus, "seconds": self.seconds,
             "tasks": self.tasks, "rate_ppm": self.rate_ppm, "partition": self.partition,
-            "cluster": self.cluster, "state": self.state, "job_id": self.job_id,
+            "cluster": self.cluster, "gres": self.gres, "per_node": self.per_node,
+            "share": self.share, "state": self.state, "job_id": self.job_id,
             "amount": self.amount, "charged": self.charged, "refunded": self.refunded,
             "returned": self.returned, "held_hours": hours(self.amount),
             "charged_hours": hours(self.charged), "returned_hours": hours(self.returned),
@@ -128,6 +152,7 @@ class HoldView:
             refunded=d["refunded"], state=d["state"], job_id=d["job_id"],
             created=parse(d["created"]), resolved=parse(d["resolved"]),
             partition=d.get("partition"), cluster=d.get("cluster"),
+            gres=d.get("gres") or "gpu", per_node=d.get("per_node"), share=d.get("share") or 1,
         )
 
 

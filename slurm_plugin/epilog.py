@@ -54,8 +54,12 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
     types = {int(i): t for i, t in run.gpu_types.items() if t}
     if not types and hold.gpu_type:
         types = {u.index: hold.gpu_type for u in gpu_usage}
+    shares = usage.node_shares(hold, run.gpus, {int(i): n for i, n in run.gpu_shards.items()})
+    if shares:  # a share of one GPU: only that GPU's line is charged
+        gpu_usage = [u for u in gpu_usage if u.index in shares]
     charged = charge_gpus(gpu_usage, types, ledger.rates(), hold.rate_ppm,
-                          h.config.charge.policy, h.config.charge.floor, source=source,
+                          h.config.charge.policy, h.config.charge.floor, shares=shares,
+                          source=source,
                           node=run.node, restart=run.restart, start=run.start, end=now)
     result = settle.post_node(ledger, hold.id, run.job_id, run.restart, run.node,
                               charged.amount, charged, sluid=run.sluid)

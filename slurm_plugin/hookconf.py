@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ledger.config import Config
 from ledger.errors import ConfigError
+from ledger.shares import DEFAULT_GRES_CONF
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class HookConfig:
     syslog: bool = True
     grace_s: int = 600  # a pending hold with no Slurm job is voided after this
     lookback_days: int = 30  # how far back the reconciler asks sacct
-    gres_conf: str = "/etc/slurm/gres.conf"  # GPU types by index, for the prolog
+    gres_conf: str = DEFAULT_GRES_CONF  # GPU types and shard counts by index (prolog, daemon)
     close_wait_s: float = 30.0  # EpilogSlurmctld waits this long for the nodes' charges
 
 

@@ -20,6 +20,7 @@ class NodeRun:
     start: float  # epoch seconds, from the prolog
     gpus: list[int] = field(default_factory=list)
     gpu_types: dict[str, str | None] = field(default_factory=dict)  # index (text) → type
+    gpu_shards: dict[str, int] = field(default_factory=dict)  # index (text) → its shard count
     hold_id: str | None = None  # unused since the ledger maps jobs to holds; old files
     token_id: str | None = None
     array_job_id: str | None = None

@@ -18,6 +18,7 @@ def prolog(h: Hook) -> None:
     jobstate.save(h.hooks.state_dir, jobstate.NodeRun(
         job_id=e.job_id, restart=e.restart, node=e.node, start=h.started, gpus=e.gpus,
         gpu_types=gpu_types(e.node, e.gpus, h.hooks.gres_conf),
+        gpu_shards=gpu_shards(e.node, e.gpus, h.hooks.gres_conf),
         array_job_id=e.array_job_id if e.array_job_id != e.job_id else None, user=e.user,
         sluid=e.sluid))
     _register_agent(h)
@@ -44,6 +45,22 @@ def gpu_types(node: str, gpus: list[int], gres_conf: str) -> dict[str, str | Non
             count = int(f["count"])
         types.extend([f.get("type")] * count)
     return {str(i): types[i] for i in gpus if i < len(types)}
+
+
+def gpu_shards(node: str, gpus: list[int], gres_conf: str) -> dict[str, int]:
+    """Slurm GPU index → the shards gres.conf cuts it into (GPUs without shards left out).
+    A shard job's prolog sees its GPU in SLURM_JOB_GPUS like a whole-GPU job's; the ledger's
+    hold says it took shares of it."""
+    from ledger.shares import parse_gres_conf
+
+    from .agent.gresconf import read_text
+
+    text = read_text(gres_conf)
+    if text is None:
+        return {}
+    inventory = parse_gres_conf(text)
+    found = {str(i): inventory.shards_of(node, i) for i in gpus}
+    return {i: n for i, n in found.items() if n}
 
 
 def _register_agent(h: Hook) -> None:

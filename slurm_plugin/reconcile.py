@@ -37,6 +37,7 @@ from ledger.charge_record import ChargeRecord
 from ledger.charging import charge_gpus
 from ledger.errors import LedgerError
 from ledger.service import Ledger
+from ledger.shares import GPU
 from ledger.views import HoldView
 
 from . import marks, settle
@@ -102,6 +103,17 @@ def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord
     elapsed = max(0, run.elapsed_s or 0)
     nodes = run.nodes or []
     out = []
+    if getattr(hold, "gres", GPU) != GPU:
+        # Shares of a GPU: Slurm's accounting does not say which GPU, so each node pays the
+        # hold's own price (its type, or the highest rate; its share count).
+        share = (hold.per_node or hold.gpus, hold.share)
+        for node in nodes:
+            gpus = held_only([0], elapsed * 1000, "settled from Slurm accounting")
+            record = charge_gpus(gpus, {0: hold.gpu_type}, ledger_rates, hold.rate_ppm,
+                                 "allocated", shares={0: share}, source="sacct", node=node,
+                                 restart=run.restarts or 0, elapsed_s=elapsed, state=run.state)
+            out.append((node, record.amount, record))
+        return out
     for node in nodes:
         types: dict[int, str | None] = {}
         for gtype, count in sorted(run.gpus.items(), key=lambda kv: kv[0] or ""):

@@ -376,23 +376,81 @@ def test_submit_latency_through_lua_is_small(lua, token):
 
 # -- shares of a GPU, candidate partitions, updates that move a job (trust issue items 4, 5) --
 
-@pytest.mark.parametrize("fields", [
-    {"tres_per_node": "gres:shard:2"},
-    {"tres_per_node": "gres/shard:2"},
-    {"tres_per_node": "gres:mps:50"},
-    {"tres_per_task": "gres/mps:25", "num_tasks": 2},
-    {"tres_per_node": "gres:gpu:1,gres:shard:1"},
-    {"tres_per_job": "gres:shard:h100:4"},
+GRES_CONF = """AutoDetect=off
+NodeName=vm Name=gpu Type=h100 File=/dev/nvidia0
+NodeName=vm Name=gpu Type=h100 File=/dev/nvidia1
+NodeName=vm Name=gpu Type=a100 File=/dev/nvidia2
+NodeName=vm Name=shard Count=4 File=/dev/nvidia0
+NodeName=vm Name=shard Count=8 File=/dev/nvidia1
+NodeName=vm Name=shard Count=4 File=/dev/nvidia2
+"""
+
+
+@pytest.fixture
+def shards(sqlite_ledger, tmp_path):
+    """The daemon's ledger reads this gres.conf: h100s cut into 4 and 8 shards, an a100 into 4."""
+    from ledger.shares import GresFile
+    path = tmp_path / "gres.conf"
+    path.write_text(GRES_CONF)
+    sqlite_ledger.gres = GresFile(path)
+    return path
+
+
+@pytest.mark.parametrize("fields,gres,gtype,gpus,per_node,share,amount", [
+    # untyped: the highest rate (h100 1.0) over the fewest shards of a GPU that fits (4)
+    ({"tres_per_node": "gres:shard:2"}, "shard", None, 2, 2, 4, 1800),
+    ({"tres_per_node": "gres/shard:2"}, "shard", None, 2, 2, 4, 1800),
+    # 6 shards fit only the h100 cut into 8
+    ({"tres_per_node": "gres:shard:h100:6"}, "shard", "h100", 6, 6, 8, 2700),
+    # MPS: a percentage of one GPU (a100 0.6 x 50/100 x 1 h)
+    ({"tres_per_node": "gres:mps:a100:50"}, "mps", "a100", 50, 50, 100, 1080),
+    # two nodes, two shards each: 4 x 1/4 x 1.0 x 1 h
+    ({"tres_per_node": "gres:shard:2", "min_nodes": 2, "max_nodes": 2}, "shard", None, 4, 2,
+     4, 3600),
 ])
-def test_shared_gpu_requests_are_gpu_requests(lua, daemon, token, fields):
-    """shard/mps hand out GPUs: without a token, or with one (not priced yet), refused."""
-    bare = lua.submit(time_limit=5, **fields)
-    assert bare["rc"] == CODES["denied"] and bare["admin_comment"] == "", bare
-    paid = lua.submit(token=token, time_limit=5, **fields)
-    assert paid["rc"] == CODES["denied"] and "shared-GPU requests" in paid["user"], paid
-    free = lua.submit(time_limit=5, account="freebie", **fields)
+def test_shares_of_a_gpu_are_held_as_shares(lua, daemon, sqlite_ledger, shards, token, fields,
+                                            gres, gtype, gpus, per_node, share, amount):
+    """shard/mps are priced as s/S of a GPU: the worst case over the candidate GPUs."""
+    bare = lua.submit(time_limit=60, **fields)
+    assert bare["rc"] == CODES["denied"] and "carries no GPU token" in bare["user"], bare
+    r = lua.submit(token=token, time_limit=60, **fields)
+    assert r["rc"] == 0, r
+    hold = sqlite_ledger.hold(hold_of(r))
+    assert (hold.gres, hold.gpu_type, hold.gpus, hold.per_node, hold.share, hold.amount) == \
+        (gres, gtype, gpus, per_node, share, amount)
+    free = lua.submit(time_limit=60, account="freebie", **fields)
     assert free["rc"] == 0 and free["admin_comment"] == ""
-    assert "op=reserve" not in daemon.log.getvalue()
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"tres_per_node": "gres:shard:9"}, "more shards than any GPU has (at most 8 per GPU"),
+    ({"tres_per_node": "gres:shard:a100:5"}, "more shards than any a100 GPU has (at most 4"),
+    ({"tres_per_node": "gres:mps:150"}, "an MPS share is 1 to 100"),
+    ({"tres_per_task": "gres/mps:25", "num_tasks": 2}, "asked per node, with --gres=mps:N"),
+    ({"tres_per_job": "gres:shard:h100:4"}, "asked per node, with --gres=shard:N"),
+    ({"tres_per_node": "gres:gpu:1,gres:shard:1"}, "not both"),
+])
+def test_shares_that_cannot_run_are_refused_with_the_reason(lua, daemon, shards, token, fields,
+                                                           message):
+    r = lua.submit(token=token, time_limit=5, **fields)
+    assert r["rc"] != 0 and message in r["user"], r
+    assert r["admin_comment"] == ""
+
+
+def test_a_held_share_job_resizes_at_its_share(lua, daemon, sqlite_ledger, shards, token):
+    r = lua.submit(token=token, tres_per_node="gres:shard:h100:2", time_limit=60)
+    hold = hold_of(r)
+    assert sqlite_ledger.hold(hold).amount == 1800  # 2/4 x 1.0 x 3600
+    comment = r["admin_comment"]
+    longer = lua.modify(uid=0, d_time_limit=120, r_admin_comment=comment,
+                        r_tres_per_node="gres:shard:h100:2")
+    assert longer["rc"] == 0, longer
+    assert sqlite_ledger.hold(hold).amount == 3600
+    more = lua.modify(uid=0, d_tres_per_node="gres:shard:h100:6", r_admin_comment=comment,
+                      r_time_limit=120)
+    assert more["rc"] == 0, more
+    after = sqlite_ledger.hold(hold)
+    assert (after.per_node, after.share, after.amount) == (6, 8, 6 * 7200 // 8)
 
 
 def test_other_gres_named_like_gpu_is_not_a_gpu(lua, daemon):
@@ -402,7 +460,7 @@ def test_other_gres_named_like_gpu_is_not_a_gpu(lua, daemon):
 
 def test_modify_adding_shards_to_a_plain_job_is_refused(lua):
     r = lua.modify(uid=1001, d_tres_per_node="gres:shard:2", r_time_limit=5)
-    assert r["rc"] == CODES["denied"] and "shared-GPU" in r["user"]
+    assert r["rc"] == CODES["denied"] and "cannot be added" in r["user"]
 
 
 @pytest.fixture

@@ -73,8 +73,12 @@ def test_resize_cannot_move_a_job_out_of_its_tokens_scopes(ledger):
     assert (unrated.rate_ppm, unrated.amount) == (500_000, 300)
 
 
-def test_quote_refuses_shared_gpu_gres():
-    assert parse_gres("gpu:h100:2,nic:1") == (2, "h100")
-    for spec in ("shard:2", "gres:mps:50", "gres/shard:1", "gpu:1,shard:1"):
-        with pytest.raises(InvalidInput, match="shared-GPU"):
-            parse_gres(spec)
+def test_quote_reads_whole_gpus_and_shares_and_refuses_bad_gres():
+    assert parse_gres("gpu:h100:2,nic:1", known=("nic",)) == (2, "h100", "gpu")
+    assert parse_gres("shard:2") == (2, None, "shard")
+    assert parse_gres("gres:mps:a100:50") == (50, "a100", "mps")
+    assert parse_gres("gres/shard:h100:1") == (1, "h100", "shard")
+    with pytest.raises(InvalidInput, match="not both"):
+        parse_gres("gpu:1,shard:1")
+    with pytest.raises(InvalidInput, match="unknown GRES 'shrad'"):
+        parse_gres("shrad:2")

@@ -44,7 +44,7 @@ def test_rates_apply_to_new_holds_and_round_up(ledger):
     assert a.amount == 360 and a.rate_ppm == 600_000
     ledger.set_rate("a100", 700_000)
     assert ledger.hold(a.id).rate_ppm == 600_000
-    b = ledger.reserve(token, HoldRequest(gpus=1, seconds=7, gpu_type="1g.10gb"))
+    b = ledger.reserve(token, HoldRequest(gpus=1, seconds=7, gpu_type="l40s"))
     assert b.amount == 4 and b.rate_ppm == 500_000  # default rate, ceil(3.5)
     j = [r for r in ledger.journal() if r["kind"] == "rate_set"]
     assert j[-1]["data"] == {"gpu_type": "a100", "rate_ppm": 700_000, "previous_ppm": 600_000}

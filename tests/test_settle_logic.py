@@ -413,3 +413,51 @@ def test_a_run_reported_after_the_hold_closed_is_logged_uncollected(world, caplo
     assert ledger.hold(hold.id).charged == 0 and ledger.charges(hold.id) == []
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("UNCOLLECTED: 30 GPU-s not charged" in m and hold.id in m for m in errors), errors
+
+
+# -- shares of a GPU (shard, mps) --------------------------------------------------------------
+
+SHARD_GRES = ("Name=gpu Type=h100 File=/dev/nvidia[0-1]\nName=gpu Type=a100 File=/dev/nvidia2\n"
+              "Name=shard Count=4 File=/dev/nvidia0\nName=shard Count=8 File=/dev/nvidia1\n"
+              "Name=shard Count=4 File=/dev/nvidia2\n")
+
+
+def shares_world(world):
+    from ledger.shares import GresFile
+    ledger, *_rest, tmp = world
+    (tmp / "gres.conf").write_text(SHARD_GRES)
+    ledger.gres = GresFile(tmp / "gres.conf")
+
+
+@pytest.mark.parametrize("gpu,charge", [
+    (1, 38),  # ran on the h100 cut into 8: 3/8 x 1.0 x 100 s = 37.5, rounded up
+    (2, 45),  # ran on the a100 cut into 4: 3/4 x 0.6 x 100 s (held at 3/4 of h100's 1.0)
+])
+def test_a_shard_job_is_charged_its_share_of_the_gpu_it_ran_on(world, gpu, charge):
+    """The prolog sees the GPU (SLURM_JOB_GPUS) and gres.conf's shard count of it; the hold
+    says how many shards per node: s_g / S_g x rate(type_g) x held seconds, rounded up."""
+    ledger, clock, tok, _cfg, fake, _ = world
+    shares_world(world)
+    hold = ledger.reserve(tok, HoldRequest(gpus=3, seconds=600, gres="shard", user="alice"))
+    assert (hold.share, hold.rate_ppm, hold.amount) == (4, 1_000_000, 3 * 600 // 4)
+    fake.live["90"] = rec("90", "RUNNING", hold, clock=clock)
+    start(world, "90", gpus=(gpu,), started=1000.0)
+    epilog(hook(world, "90", gpus=(gpu,)), ledger, now=1100.0)
+    [c] = ledger.charges(hold.id)
+    [line] = c["usage"]["gpus"]
+    assert c["amount"] == charge and line["index"] == gpu
+    assert line["share"] == ("3/8" if gpu == 1 else "3/4") and line["measured"] is False
+
+
+def test_an_mps_job_pays_its_percentage_and_the_reconciler_the_holds_price(world):
+    ledger, clock, tok, *_ = world
+    shares_world(world)
+    from slurm_plugin.reconcile import run_charge
+    hold = ledger.reserve(tok, HoldRequest(gpus=25, seconds=600, gres="mps", gpu_type="a100",
+                                           user="alice"))
+    assert (hold.share, hold.amount) == (100, 25 * 600 * 6 // 1000)
+    # sacct says nothing of shares (no gres/shard, gres/mps TRES): each node pays the hold's
+    # own price for the elapsed time
+    r = rec("91", "COMPLETED", hold, nodes=("a",), gpus={}, elapsed=40, clock=clock)
+    [(node, amount, record)] = run_charge(ledger.rates(), hold, r)
+    assert (node, amount, record.gpus[0].share) == ("a", 25 * 40 * 6 // 1000, "25/100")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..amounts import fmt_duration, fmt_hours, parse_duration
+from ..amounts import fmt_duration, fmt_hours, fmt_rate, parse_duration
 from ..cli.context import echo_fields, echo_json, echo_table, pass_app, read_token_arg
 from ..errors import InvalidInput
 from .client import connect, response_error
@@ -115,7 +115,8 @@ def balance(app, socket_path, user, as_json):
 
 @click.command("quote")
 @socket_option
-@click.option("--gres", help="As sbatch: gpu[:TYPE][:COUNT] (per node).")
+@click.option("--gres", help="As sbatch, per node: gpu[:TYPE][:COUNT], shard[:TYPE]:COUNT "
+              "or mps[:TYPE]:PERCENT.")
 @click.option("--gpus", "-G", "gpus", help="As sbatch: [TYPE:]COUNT for the whole job.")
 @click.option("--gpus-per-node", help="[TYPE:]COUNT per node.")
 @click.option("--nodes", "-N", type=int, default=1, show_default=True)
@@ -129,9 +130,10 @@ def balance(app, socket_path, user, as_json):
 def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array, account,
           partition, token, as_json):
     """What a job would hold, and whether the token covers it."""
-    count, gpu_type = 0, None
+    count, gpu_type, kind, per_node = 0, None, "gpu", None
     if gres:
-        count, gpu_type = parse_gres(gres)
+        count, gpu_type, kind = parse_gres(gres)
+        per_node = count if kind != "gpu" else None
         count *= nodes
     elif gpus_per_node:
         per, gpu_type = parse_gpus(gpus_per_node)
@@ -144,12 +146,16 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
     tasks = array_size(array) if array else 1
     with connect(socket_path, app.config_path) as client:
         resp = client.call("quote", gpus=count, seconds=seconds, type=gpu_type, tasks=tasks,
-                           account=account, partition=partition, token=_token_arg(token))
+                           account=account, partition=partition, token=_token_arg(token),
+                           **({"gres": kind, "per_node": per_node} if kind != "gpu" else {}))
     if as_json:
         return echo_json(resp)
     if "amount" not in resp:
         raise response_error(resp)
     pairs = [("request", resp["desc"]), ("would hold", f"{resp['hours']} GPU-h")]
+    if kind != "gpu":
+        pairs.append(("priced as", f"{per_node} of {resp['share']} {kind}s of a GPU "
+                                   f"at rate {fmt_rate(int(resp['rate']))}"))
     if resp.get("ok") != "1":
         pairs.append(("token", resp.get("token_id") or "-"))
         pairs.append(("covers", f"no: {resp.get('message')}"))

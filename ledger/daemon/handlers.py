@@ -157,7 +157,8 @@ class Handlers:
             gpus=_int(fields, "gpus"), seconds=_int(fields, "seconds"),
             gpu_type=_name(fields, "type"), tasks=_int(fields, "tasks", required=False) or 1,
             account=_name(fields, "account"), user=user, partition=_names(fields, "partition"),
-            cluster=_name(fields, "cluster"),
+            cluster=_name(fields, "cluster"), gres=_name(fields, "gres") or "gpu",
+            per_node=_int(fields, "per_node", required=False) or None,
         )
 
     @staticmethod
@@ -203,6 +204,9 @@ class Handlers:
         if not (seconds or gpus or tasks or retype or partition or account):
             raise BadRequest("resize needs seconds, gpus, tasks, type, partition or account")
         extra = {"gpu_type": _name(fields, "type")} if retype else {}
+        if _name(fields, "gres"):
+            extra.update(gres=_name(fields, "gres"),
+                         per_node=_int(fields, "per_node", required=False) or None)
         before = self.ledger.hold(hold_id).amount
         view = self.ledger.resize(hold_id, seconds=seconds or None, gpus=gpus or None,
                                   tasks=tasks or None, partition=partition, account=account,
@@ -223,8 +227,10 @@ class Handlers:
         user = self.policy.subject(peer, self._job_user(fields))
         request = self._request(fields, user)
         amount, rate = self.ledger.price(request)
+        share = self.ledger.hold_share(request)
         out: dict[str, object] = {"ok": 1, "amount": amount, "hours": fmt_hours(amount),
-                                  "rate": rate, "desc": request.describe(), "user": user}
+                                  "rate": rate, "share": share, "desc": request.describe(),
+                                  "user": user}
         token = fields.get("token")
         if not token:
             return out

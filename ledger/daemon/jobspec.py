@@ -7,32 +7,37 @@ import re
 from ..errors import InvalidInput
 
 SHARED_GRES = ("shard", "mps")  # GPU-backed GRES that hand out a share of a GPU
-_GRES_GPU = re.compile(r"^(?:gres[:/])?gpu(?::([A-Za-z][A-Za-z0-9_.+-]*))?(?::(\d+))?$")
+_GRES_GPU = re.compile(r"^(?:gres[:/])?(gpu|shard|mps)(?::([A-Za-z][A-Za-z0-9_.+-]*))?(?::(\d+))?$")
 _GPUS = re.compile(r"^(?:([A-Za-z][A-Za-z0-9_.+-]*):)?(\d+)$")
 
 
-def parse_gres(text: str) -> tuple[int, str | None]:
-    """``gpu:h100:4`` → (4, "h100"); ``gpu:2`` → (2, None); ``gpu`` → (1, None).
+def parse_gres(text: str, known: tuple[str, ...] = ()) -> tuple[int, str | None, str]:
+    """``gpu:h100:4`` → (4, "h100", "gpu"); ``gpu:2`` → (2, None, "gpu"); ``shard:3`` →
+    (3, None, "shard"): a count per node, its GPU type, and which GRES (gpu, shard, mps).
 
-    Other GRES in a comma list are ignored; two GPU entries of different types are refused,
-    and so are shares of a GPU (``shard``, ``mps``), which tokens cannot pay for yet.
+    Other GRES in ``known`` (a site's NIC, say) are ignored, any other name is refused as
+    unknown; two GPU entries of different types, or whole GPUs with shares, are refused.
     """
-    count, gpu_type = 0, None
+    count, gpu_type, kind = 0, None, None
     for item in (i.strip() for i in text.split(",")):
         name = re.split(r"[:=]", re.sub(r"^gres[:/]", "", item), maxsplit=1)[0]
-        if name in SHARED_GRES:
-            raise InvalidInput(f"shared-GPU requests ({item}) cannot be paid with a GPU token "
-                               "yet; ask for whole GPUs (gpu:N)")
-        if name != "gpu":
-            continue
+        if name not in ("gpu", *SHARED_GRES):
+            if name in known:
+                continue
+            raise InvalidInput(f"unknown GRES {name!r} in {item!r}: GPU tokens pay for gpu, "
+                               "shard and mps")
         m = _GRES_GPU.match(item)
         if not m:
             raise InvalidInput(f"cannot read the GPU request {item!r}")
-        if m.group(1) and gpu_type and m.group(1) != gpu_type:
+        if kind and m.group(1) != kind:
+            raise InvalidInput("a job asks for whole GPUs or for shares of one (shard, mps), "
+                               "not both")
+        kind = m.group(1)
+        if m.group(2) and gpu_type and m.group(2) != gpu_type:
             raise InvalidInput("one GPU type per job")
-        gpu_type = m.group(1) or gpu_type
-        count += int(m.group(2) or 1)
-    return count, gpu_type
+        gpu_type = m.group(2) or gpu_type
+        count += int(m.group(3) or 1)
+    return count, gpu_type, kind or "gpu"
 
 
 def parse_gpus(text: str) -> tuple[int, str | None]:

@@ -3,8 +3,9 @@ gpuledger job_submit.lua (Slurm 22.05+, Lua 5.1): every GPU job must carry a tok
 that pays for its maximum cost; the cost is held in escrow by the gpuledger daemon.
 
 * Jobs asking for no GPU-backed GRES (gpu, shard, mps) pass untouched; nothing is contacted.
-* Shares of a GPU (--gres=shard:N / mps:N) are refused unless the account is free-listed
-  (tokens cannot pay for fractions yet); they never pass unchecked.
+* Shares of a GPU (--gres=shard:N / mps:N, per node) are priced by the ledger as shares:
+  the request says gres=shard|mps, per_node=N and gpus=N x nodes. Only --gres (per node)
+  may ask for shares, and a job asks for whole GPUs or for shares, not both.
 * GPU jobs: count GPUs (--gres, --gpus, --gpus-per-node/-task/-socket; "gres:gpu" and
   "gres/gpu"), x nodes/tasks/sockets, x array tasks, x time limit (unset: the
   partitions' DefaultTime, else MaxTime, the longest over -p a,b, else refuse and ask for
@@ -245,7 +246,7 @@ local function num(v, none)
 end
 
 -- GRES that hand out a GPU or a share of one. Every one of them is a GPU request: shard
--- and mps (fractions of a GPU) are refused until they are priced, never let through.
+-- and mps (shares of a GPU) are priced as shares, never let through unpaid.
 local GPU_BACKED = { gpu = true, shard = true, mps = true }
 local SHARED = { shard = true, mps = true }
 
@@ -256,17 +257,26 @@ local function gres_name(item)
 	return name, body:sub(#(name or "") + 1)
 end
 
--- "gres:gpu:h100:2,gres:nic:1" -> 2, "h100", nil; a shard/mps entry -> its name as third value
+-- "gres:gpu:h100:2,gres:nic:1" -> 2, "h100", nil; "gres:shard:h100:3" -> 3, "h100", "shard"
+-- (a count of shares, the shared GRES as third value). Whole GPUs and shares do not mix.
 local function gpus_in(spec)
 	if not spec or spec == "" then
 		return 0, nil, nil
 	end
-	local count, gtype, shared = 0, nil, nil
+	local count, gtype, shared, whole = 0, nil, nil, false
 	for item in spec:gmatch("[^,]+") do
 		local name, rest = gres_name(item)
-		if name and SHARED[name] then
-			shared = name
-		elseif name == "gpu" then
+		if name and (SHARED[name] or name == "gpu") then
+			if (SHARED[name] and whole) or (name == "gpu" and shared)
+				or (SHARED[name] and shared and shared ~= name) then
+				refuse("gpu-token: a job asks for whole GPUs or for shares of one (shard, mps), not both",
+					code("ERROR"))
+			end
+			if SHARED[name] then
+				shared = name
+			else
+				whole = true
+			end
 			local t, n = rest:match("^[:=]([%a][%w_.+-]*)[:=](%d+)$")
 			if not t then
 				n = rest:match("^[:=](%d+)$")
@@ -319,11 +329,20 @@ local function gpu_request(d, rec)
 		tasks = (num(field("ntasks_per_node"), NO_VAL16) or 1) * nodes
 	end
 	local sockets = num(field("sockets_per_node"), NO_VAL16) or 1
-	local best, gtype, shared = 0, nil, nil
+	local best, gtype, shared, per_node = 0, nil, nil, nil
 	for _, f in ipairs({ { "tres_per_node", nodes }, { "tres_per_job", 1 },
 		{ "tres_per_task", tasks }, { "tres_per_socket", sockets * nodes } }) do
 		local n, t, sh = gpus_in(field(f[1]))
-		shared = shared or sh
+		if sh then
+			if f[1] ~= "tres_per_node" then
+				refuse("gpu-token: shares of a GPU are asked per node, with --gres=" .. sh .. ":N",
+					code("ERROR"))
+			end
+			shared, per_node = sh, n
+		elseif n > 0 and shared then
+			refuse("gpu-token: a job asks for whole GPUs or for shares of one (shard, mps), not both",
+				code("ERROR"))
+		end
 		if t and gtype and t ~= gtype then
 			refuse("gpu-token: one GPU type per job, not " .. gtype .. " and " .. t, code("ERROR"))
 		end
@@ -332,12 +351,19 @@ local function gpu_request(d, rec)
 			best = n * f[2]
 		end
 	end
-	return best, gtype, shared
+	if shared and best ~= per_node * nodes then
+		refuse("gpu-token: a job asks for whole GPUs or for shares of one (shard, mps), not both",
+			code("ERROR"))
+	end
+	return best, gtype, shared, per_node
 end
 
-local function refuse_shared(shared)
-	refuse("gpu-token: shared-GPU requests (--gres=" .. shared .. ") cannot be paid with a GPU token "
-		.. "yet; ask for whole GPUs (--gres=gpu:N) or ask your admins", code("ESLURM_ACCESS_DENIED"))
+-- the request's GRES fields for the daemon: whole GPUs say nothing; shares say which and how many per node
+local function share_fields(shared, per_node)
+	if not shared then
+		return ""
+	end
+	return " gres=" .. shared .. " per_node=" .. id_text(per_node)
 end
 
 -- Minutes the job may run (its own limit, else the partitions' DefaultTime, else MaxTime:
@@ -452,17 +478,12 @@ local function submit(d, part_list)
 	end
 	-- gpuledger:test-hook (tests replace this line to force a Lua error)
 	local t0 = now()
-	local gpus, gtype, shared = gpu_request(d)
+	local gpus, gtype, shared, per_node = gpu_request(d)
 	local account = d.account or d.default_account
 	local user = d.user_name or id_text(d.user_id)
 	if account and conf.free_accounts[account] then
 		slurm.log_info("gpuledger: result=free user=%s account=%s gpus=%d", esc(user), esc(account), gpus)
 		return slurm.SUCCESS
-	end
-	if shared then
-		slurm.log_info("gpuledger: result=refused reason=shared_gpu gres=%s user=%s account=%s",
-			shared, esc(user), esc(account or ""))
-		refuse_shared(shared)
 	end
 	if gpus <= 0 then
 		return slurm.SUCCESS
@@ -480,6 +501,7 @@ local function submit(d, part_list)
 	key_counter = key_counter + 1
 	local fields = string.format("user=%s account=%s partition=%s gpus=%d type=%s seconds=%d tasks=%d",
 		esc(user), esc(account or ""), esc(partition or ""), gpus, esc(gtype or ""), minutes * 60, tasks)
+		.. share_fields(shared, per_node)
 	local line = "op=reserve token=" .. esc(token) .. " " .. fields .. " uid=" .. id_text(d.user_id)
 		.. " key=" .. key_prefix .. key_counter
 		.. (conf.cluster and (" cluster=" .. esc(conf.cluster)) or "") .. "\n"
@@ -545,10 +567,7 @@ local function modify(d, rec, part_list, uid)
 	local free = account and conf.free_accounts[account]
 	if not hold then
 		if new_gpus and (old == nil or old:sub(1, #HOLD_MARK) ~= HOLD_MARK) and asks_gpu(d) and not free then
-			local gpus, _, shared = gpu_request(d, rec)
-			if shared then
-				refuse_shared(shared)
-			end
+			local gpus = gpu_request(d, rec)
 			if gpus > 0 then
 				refuse("gpu-token: GPUs cannot be added to a job submitted without them; cancel it and "
 					.. "submit again with --gpu-token", code("ESLURM_ACCESS_DENIED"))
@@ -575,14 +594,12 @@ local function modify(d, rec, part_list, uid)
 					.. "its GPUs, nodes or tasks; cancel it and submit it again", code("ESLURM_ACCESS_DENIED"))
 			end
 		end
-		local gpus, gtype, shared = gpu_request(d, rec)
-		if shared then
-			refuse_shared(shared)
-		end
+		local gpus, gtype, shared, per_node = gpu_request(d, rec)
 		if gpus <= 0 then
 			line = "op=void hold=" .. hold .. " reason=job%20modified%20to%20use%20no%20GPU"
 		else
 			line = line .. " gpus=" .. id_text(gpus) .. " type=" .. esc(gtype or "")
+				.. (shared and share_fields(shared, per_node) or " gres=gpu")
 		end
 	end
 	if line:sub(1, 9) == "op=resize" then

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -53,6 +54,38 @@ def test_job_that_ends_early_pays_what_it_ran(s):
     assert [j["kind"] for j in r["journal"]] == ["reserve", "bind", "charge", "void"]
     assert {g["index"] for g in r["charges"][0]["gpus"]} == {0, 1}
     assert "GPU" in s.gl("job", "show", job)
+
+
+@pytest.mark.parametrize("gres,rate,shares", [("shard:h100:3", 1_000_000, 3),
+                                               ("shard:a100:2", 600_000, 2)])
+def test_shard_job_pays_its_share_of_the_gpu_it_ran_on(s, gres, rate, shares):
+    """Held at s/S of the GPU's rate for the time limit; charged s/S x rate x the held time
+    of the GPU Slurm gave it (scontrol's GRES=shard:N(IDX:i) = the prolog's SLURM_JOB_GPUS),
+    rounded up to a whole GPU-second."""
+    token, tid = s.mint()
+    before = s.ledger.inspect(tid).remaining
+    job = s.sbatch(token, f"--gres={gres}", "-t", "10", wrap="sleep 4")
+    hold = s.hold_of(job)
+    assert (hold.gres, hold.per_node, hold.share, hold.rate_ppm) == ("shard", shares, 4, rate)
+    assert hold.amount == -(-shares * 600 * rate // (4 * 1_000_000))
+    s.wait(job, ("RUNNING", "COMPLETING", "COMPLETED"))
+    detail = sh(["scontrol", "show", "job", "-d", job]).stdout
+    idx = re.search(r"GRES=shard:(?:\w+:)?(\d+)\(IDX:(\d+)\)", detail)
+    s.wait(job)
+    h = s.settled(hold.id)
+    [charge] = s.ledger.charges(hold.id)
+    [gpu] = charge["usage"]["gpus"]
+    if idx:  # seen while it ran: Slurm gave `shares` shards of GPU `idx`
+        assert (int(idx.group(1)), int(idx.group(2))) == (shares, gpu["index"])
+    assert (gpu["share"], gpu["gpu_type"], gpu["rate_ppm"]) == (f"{shares}/4", gres.split(":")[1],
+                                                                rate)
+    assert gpu["measured"] is False  # a share's busy time would be the whole GPU's
+    assert charge["amount"] == gpu["charge"] == \
+        -(-gpu["held_ms"] * rate * shares // (4 * 10**9))
+    assert abs(gpu["held_ms"] / 1000 - s.elapsed(job)) <= 1.5
+    assert (h.charged, h.returned) == (charge["amount"], hold.amount - charge["amount"])
+    assert s.ledger.inspect(tid).remaining == before - h.charged
+    s.verify()
 
 
 def test_scancel_while_running_charges_what_ran(s):

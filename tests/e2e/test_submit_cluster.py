@@ -416,14 +416,28 @@ def test_every_candidate_partition_is_checked_on_submit_and_update(fresh):
     assert fresh.ledger.hold(hold.id) == hold
 
 
-@pytest.mark.parametrize("gres", ["shard:1", "shard:h100:2"])  # mps: not configured here
-def test_shared_gpu_gres_never_passes_unchecked(fresh, gres):
-    """A shard is a share of a GPU: refused with or without a token until shares are priced."""
+@pytest.mark.parametrize("gres,amount", [
+    ("shard:1", 75),  # untyped: h100's 1.0 x 1/4 (4 shards per GPU here) x 300 s
+    ("shard:h100:2", 150),  # 1.0 x 2/4 x 300 s
+    ("shard:a100:3", 135),  # 0.6 x 3/4 x 300 s
+])  # mps: not configured here
+def test_shares_of_a_gpu_are_held_at_their_share(fresh, gres, amount):
+    """A shard is a share of a GPU: never without a token, held at s/S of the GPU's rate."""
     rc, err, job, _ = fresh.sbatch("alice", f"--gres={gres}", "-t", "5")
-    assert rc != 0 and job is None and "shared-GPU requests" in refusal(err)
+    assert rc != 0 and job is None and "carries no GPU token" in refusal(err)
     token, _ = fresh.mint()
     rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", f"--gres={gres}", "-t", "5")
-    assert rc != 0 and job is None and "shared-GPU requests" in refusal(err)
+    assert rc == 0, err
+    hold = fresh.hold_of(job)
+    assert (hold.gres, hold.share, hold.amount) == ("shard", 4, amount)
+
+
+def test_more_shards_than_a_gpu_has_is_refused_at_submit(fresh):
+    """Slurm 22.05 takes a job's shards from one GPU per node: shard:5 would pend forever."""
+    token, _ = fresh.mint()
+    rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", "--gres=shard:5", "-t", "5")
+    assert rc != 0 and job is None
+    assert "more shards than any GPU has (at most 4 per GPU" in refusal(err)
 
 
 def test_users_cannot_rewrite_the_hold_field(fresh):
