@@ -3,8 +3,9 @@
 * ``gpu``: whole GPUs (a MIG slice is a ``gpu`` of its profile's type, priced per profile
   by ``ledger.pricing``).
 * ``shard``: ``--gres=shard:N`` takes N of the S_g shards gres.conf gives GPU g; S_g may
-  differ per GPU (``Name=shard Count=S File=/dev/nvidiaX``, or a node-wide
-  ``Name=shard Count=C`` that Slurm spreads evenly over the node's GPUs).
+  differ per GPU (``Name=shard Count=S File=/dev/nvidiaX``; a ``Count=`` naming several
+  files, or none — every GPU of the node —, is spread evenly over them, the remainder to
+  the first).
 * ``mps``: ``--gres=mps:N`` takes N percent of one GPU (S_g = 100 on every GPU).
 
 Slurm 22.05 gives a job its shards (and its MPS share) from ONE GPU per node: a job asking
@@ -115,14 +116,14 @@ def parse_gres_conf(text: str) -> Inventory:
         for snode, count, files in shard_lines:
             if snode != node:
                 continue
-            if files:
-                for i, (_, gfiles) in enumerate(per):
-                    if set(files) & set(gfiles):
-                        shards[i] += count
-            elif per:  # node-wide: spread evenly, the remainder to the first GPUs
-                q, r = divmod(count, len(per))
-                for i in range(len(per)):
-                    shards[i] += q + (1 if i < r else 0)
+            # the GPUs the line names (none named: all of the node's), the count spread
+            # evenly over them, the remainder to the first
+            targets = [i for i, (_, gfiles) in enumerate(per)
+                       if not files or set(files) & set(gfiles)]
+            if targets:
+                q, r = divmod(count, len(targets))
+                for k, i in enumerate(targets):
+                    shards[i] += q + (1 if k < r else 0)
         out.extend(SharedGpu(node, i, t, shards[i]) for i, (t, _) in enumerate(per))
     return Inventory(tuple(out))
 

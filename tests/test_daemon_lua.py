@@ -217,6 +217,8 @@ def test_non_gpu_job_passes_without_contact(lua, daemon):
     ({"tres_per_task": "gres/gpu:h100:1", "ntasks_per_node": 2, "min_nodes": 2,
       "max_nodes": 2, "time_limit": 10}, 4, "h100", 600),
     ({"tres_per_socket": "gres:gpu:1", "sockets_per_node": 2, "time_limit": 10}, 2, None, 600),
+    ({"tres_per_node": "gres:gpu:3g.40gb:2", "time_limit": 60}, 2, "3g.40gb", 3600),  # MIG
+    ({"tres_per_node": "gres/gpu:1g.10gb", "time_limit": 60}, 1, "1g.10gb", 3600),
     ({"tres_per_node": "gres:gpu:h100", "partition": "short"}, 1, "h100", 4 * 3600),  # max
     ({"tres_per_node": "gres:gpu:h100", "partition": "short", "time_limit": 600}, 1, "h100",
      4 * 3600),                                                     # clamped to MaxTime

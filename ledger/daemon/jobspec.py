@@ -7,8 +7,10 @@ import re
 from ..errors import InvalidInput
 
 SHARED_GRES = ("shard", "mps")  # GPU-backed GRES that hand out a share of a GPU
-_GRES_GPU = re.compile(r"^(?:gres[:/])?(gpu|shard|mps)(?::([A-Za-z][A-Za-z0-9_.+-]*))?(?::(\d+))?$")
-_GPUS = re.compile(r"^(?:([A-Za-z][A-Za-z0-9_.+-]*):)?(\d+)$")
+# A GPU type is any name but a bare number (MIG profiles start with one: 3g.40gb).
+_TYPE = r"(?!\d+(?::|$))[A-Za-z0-9][A-Za-z0-9_.+-]*"
+_GRES_GPU = re.compile(rf"^(?:gres[:/])?(gpu|shard|mps)(?::({_TYPE}))?(?::(\d+))?$")
+_GPUS = re.compile(rf"^(?:({_TYPE}):)?(\d+)$")
 
 
 def parse_gres(text: str, known: tuple[str, ...] = ()) -> tuple[int, str | None, str]:

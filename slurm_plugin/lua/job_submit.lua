@@ -277,10 +277,14 @@ local function gpus_in(spec)
 			else
 				whole = true
 			end
-			local t, n = rest:match("^[:=]([%a][%w_.+-]*)[:=](%d+)$")
+			-- a type is any name but a bare number (MIG profiles start with one: 3g.40gb)
+			local t, n = rest:match("^[:=]([%w][%w_.+-]*)[:=](%d+)$")
+			if t and t:match("^%d+$") then
+				t, n = nil, nil
+			end
 			if not t then
 				n = rest:match("^[:=](%d+)$")
-				t = (not n) and rest:match("^:([%a][%w_.+-]*)$") or nil
+				t = (not n) and rest:match("^:([%w][%w_.+-]*)$") or nil
 			end
 			if rest ~= "" and not t and not n then
 				refuse("gpu-token: cannot read the GPU request " .. item, code("ERROR"))
