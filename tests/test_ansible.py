@@ -445,3 +445,29 @@ def test_python_of_at_least_3_11_is_found_or_the_play_says_what_to_install(tmp_p
               '{"gpuledger_python_packages": [], "gpuledger_python_candidates": ["python3-none", "sh"]}')
     assert r.returncode != 0
     assert "gpuledger needs Python 3.11 or newer" in r.stdout and "python3-none, sh" in r.stdout
+
+
+@pytest.mark.parametrize("slurmd_v, lines", [
+    ("slurm-wlm 24.11.5", ["CgroupPlugin=disabled"]),  # Debian 13
+    ("slurm 24.05.2", ["CgroupPlugin=disabled"]),
+    ("slurm-wlm 22.05.8", []),  # Debian 12: no cgroup.conf, as before
+    ("", []),  # slurmd not installed yet (--check on a fresh host)
+])
+def test_single_node_cgroup_conf_default_follows_the_slurm_version(tmp_path, slurmd_v, lines):
+    """slurmd from 24.05 on loads a cgroup plugin even with proctrack/linuxproc and does not
+    start on a host without a clean cgroup v2; the one-node cluster uses no cgroup, so the
+    role's default is CgroupPlugin=disabled there, and no file before 24.05 ("disabled" is
+    not a value 22.05 knows)."""
+    exe = _ansible_playbook()
+    defaults = ANSIBLE / "roles" / "slurm_single_node" / "defaults" / "main.yml"
+    out = tmp_path / "lines.json"
+    play = [{"hosts": "localhost", "gather_facts": False, "tasks": [
+        {"name": "Read the defaults.", "ansible.builtin.include_vars": str(defaults)},
+        {"name": "Write the cgroup.conf lines.", "ansible.builtin.copy": {
+            "dest": str(out), "content": "{{ slurm_single_node_cgroup_conf_lines | to_json }}"}}]}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    extra = json.dumps({"slurm_single_node_slurmd_version": {"stdout": slurmd_v, "rc": 0}})
+    r = subprocess.run([exe, "-i", "localhost,", "-c", "local", str(tmp_path / "play.yml"),
+                        "-e", extra], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(out.read_text()) == lines
