@@ -116,8 +116,10 @@ def slurm_user_venv() -> Path:
 
 
 def hooks_configured() -> bool:
+    """Whether slurm.conf names the four wrappers. Slurm 24.11 allows several Prolog/Epilog
+    programs and prints them as ``Prolog[0] = …``; 22.05 prints ``Prolog = …``."""
     cfg = sh(["scontrol", "show", "config"]).stdout
-    return all(re.search(rf"^{CONF_KEYS[h]}\s*=\s*{re.escape(str(p))}\s*$", cfg, re.M)
+    return all(re.search(rf"^{CONF_KEYS[h]}(?:\[\d+\])?\s*=\s*{re.escape(str(p))}\s*$", cfg, re.M)
                for h, p in WRAPPERS.items())
 
 
