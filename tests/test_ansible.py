@@ -292,6 +292,9 @@ def test_roles_load_vars_per_os_family_and_install_with_package(role):
         for task in load_yaml(path) or []:
             apt = task.get("ansible.builtin.apt")
             assert apt is None or "name" not in apt, f"{path.name}: {task['name']} installs with apt"
+            if "ansible.builtin.package" in task:  # on Debian still without recommends
+                defaults = task.get("module_defaults", {}).get("ansible.builtin.apt", {})
+                assert defaults.get("install_recommends") is False, f"{path.name}: {task['name']}"
 
 
 def _play(playbook: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -441,6 +444,16 @@ def test_python_of_at_least_3_11_is_found_or_the_play_says_what_to_install(tmp_p
     out = subprocess.run([exe, "-c", "import sys; print(sys.version_info >= (3, 11))"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True", exe
+    # One only root can reach (root's pyenv, a 0700 directory) is skipped: the SlurmUser
+    # runs the controller hooks with the virtualenv's interpreter.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "python3").write_text("#!/bin/sh\nexec /usr/bin/python3 \"$@\"\n")
+    (private / "python3").chmod(0o755)
+    r = _play(FIXTURES / "python.yml", tmp_path, "-e", json.dumps(
+        {"gpuledger_python_packages": [], "gpuledger_python_candidates": [str(private / "python3"), "python3"]}))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert (tmp_path / "python.txt").read_text().strip() in ("/usr/local/bin/python3", "/usr/bin/python3")
     r = _play(FIXTURES / "python.yml", tmp_path, "-e",
               '{"gpuledger_python_packages": [], "gpuledger_python_candidates": ["python3-none", "sh"]}')
     assert r.returncode != 0
