@@ -56,32 +56,35 @@ def test_job_that_ends_early_pays_what_it_ran(s):
     assert "GPU" in s.gl("job", "show", job)
 
 
-@pytest.mark.parametrize("gres,rate,shares", [("shard:h100:3", 1_000_000, 3),
-                                               ("shard:a100:2", 600_000, 2)])
-def test_shard_job_pays_its_share_of_the_gpu_it_ran_on(s, gres, rate, shares):
+@pytest.mark.parametrize("gres,rate,shares,per_gpu", [("shard:h100:3", 1_000_000, 3, 4),
+                                                       ("shard:a100:2", 600_000, 2, 4),
+                                                       ("mps:a100:25", 600_000, 25, 100)])
+def test_share_job_pays_its_share_of_the_gpu_it_ran_on(s, gres, rate, shares, per_gpu):
     """Held at s/S of the GPU's rate for the time limit; charged s/S x rate x the held time
     of the GPU Slurm gave it (scontrol's GRES=shard:N(IDX:i) = the prolog's SLURM_JOB_GPUS),
-    rounded up to a whole GPU-second."""
+    rounded up to a whole GPU-second. The test cluster cuts each GPU into 4 shards and 100
+    MPS shares."""
+    kind = gres.split(":")[0]
     token, tid = s.mint()
     before = s.ledger.inspect(tid).remaining
     job = s.sbatch(token, f"--gres={gres}", "-t", "10", wrap="sleep 4")
     hold = s.hold_of(job)
-    assert (hold.gres, hold.per_node, hold.share, hold.rate_ppm) == ("shard", shares, 4, rate)
-    assert hold.amount == -(-shares * 600 * rate // (4 * 1_000_000))
+    assert (hold.gres, hold.per_node, hold.share, hold.rate_ppm) == (kind, shares, per_gpu, rate)
+    assert hold.amount == -(-shares * 600 * rate // (per_gpu * 1_000_000))
     s.wait(job, ("RUNNING", "COMPLETING", "COMPLETED"))
     detail = sh(["scontrol", "show", "job", "-d", job]).stdout
-    idx = re.search(r"GRES=shard:(?:\w+:)?(\d+)\(IDX:(\d+)\)", detail)
+    idx = re.search(rf"GRES={kind}:(?:\w+:)?(\d+)\(IDX:(\d+)\)", detail)
     s.wait(job)
     h = s.settled(hold.id)
     [charge] = s.ledger.charges(hold.id)
     [gpu] = charge["usage"]["gpus"]
-    if idx:  # seen while it ran: Slurm gave `shares` shards of GPU `idx`
+    if idx:  # seen while it ran: Slurm gave `shares` of GPU `idx`
         assert (int(idx.group(1)), int(idx.group(2))) == (shares, gpu["index"])
-    assert (gpu["share"], gpu["gpu_type"], gpu["rate_ppm"]) == (f"{shares}/4", gres.split(":")[1],
-                                                                rate)
+    assert (gpu["share"], gpu["gpu_type"], gpu["rate_ppm"]) == (f"{shares}/{per_gpu}",
+                                                                gres.split(":")[1], rate)
     assert gpu["measured"] is False  # a share's busy time would be the whole GPU's
     assert charge["amount"] == gpu["charge"] == \
-        -(-gpu["held_ms"] * rate * shares // (4 * 10**9))
+        -(-gpu["held_ms"] * rate * shares // (per_gpu * 10**9))
     assert abs(gpu["held_ms"] / 1000 - s.elapsed(job)) <= 1.5
     assert (h.charged, h.returned) == (charge["amount"], hold.amount - charge["amount"])
     assert s.ledger.inspect(tid).remaining == before - h.charged

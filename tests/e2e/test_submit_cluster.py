@@ -416,20 +416,23 @@ def test_every_candidate_partition_is_checked_on_submit_and_update(fresh):
     assert fresh.ledger.hold(hold.id) == hold
 
 
-@pytest.mark.parametrize("gres,amount", [
-    ("shard:1", 75),  # untyped: h100's 1.0 x 1/4 (4 shards per GPU here) x 300 s
-    ("shard:h100:2", 150),  # 1.0 x 2/4 x 300 s
-    ("shard:a100:3", 135),  # 0.6 x 3/4 x 300 s
-])  # mps: not configured here
-def test_shares_of_a_gpu_are_held_at_their_share(fresh, gres, amount):
-    """A shard is a share of a GPU: never without a token, held at s/S of the GPU's rate."""
+@pytest.mark.parametrize("gres,amount,per_gpu", [
+    ("shard:1", 75, 4),  # untyped: h100's 1.0 x 1/4 (4 shards per GPU here) x 300 s
+    ("shard:h100:2", 150, 4),  # 1.0 x 2/4 x 300 s
+    ("shard:a100:3", 135, 4),  # 0.6 x 3/4 x 300 s
+    ("mps:30", 90, 100),  # untyped: 1.0 x 30/100 x 300 s
+    ("mps:a100:45", 81, 100),  # 0.6 x 45/100 x 300 s
+])
+def test_shares_of_a_gpu_are_held_at_their_share(fresh, gres, amount, per_gpu):
+    """A shard or an MPS share is a share of a GPU: never without a token, held at s/S of
+    the GPU's rate."""
     rc, err, job, _ = fresh.sbatch("alice", f"--gres={gres}", "-t", "5")
     assert rc != 0 and job is None and "carries no GPU token" in refusal(err)
     token, _ = fresh.mint()
     rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", f"--gres={gres}", "-t", "5")
     assert rc == 0, err
     hold = fresh.hold_of(job)
-    assert (hold.gres, hold.share, hold.amount) == ("shard", 4, amount)
+    assert (hold.gres, hold.share, hold.amount) == (gres.split(":")[0], per_gpu, amount)
 
 
 def test_more_shards_than_a_gpu_has_is_refused_at_submit(fresh):
@@ -438,6 +441,8 @@ def test_more_shards_than_a_gpu_has_is_refused_at_submit(fresh):
     rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", "--gres=shard:5", "-t", "5")
     assert rc != 0 and job is None
     assert "more shards than any GPU has (at most 4 per GPU" in refusal(err)
+    rc, err, job, _ = fresh.sbatch("alice", f"--gpu-token={token}", "--gres=mps:101", "-t", "5")
+    assert rc != 0 and job is None
 
 
 def test_users_cannot_rewrite_the_hold_field(fresh):
