@@ -45,6 +45,7 @@ class GpuCharge:
     charge: int | None = None  # the amount the policy picked
     reason: str | None = None  # why the GPU was not measured
     share: str | None = None  # "s/S": the job had s of the GPU's S shares (None: all of it)
+    tiers: list | None = None  # [{tier, multiplier_ppm, ms, amount}] when a tier applied
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], force_unmeasured: bool = False) -> GpuCharge | None:
@@ -65,6 +66,7 @@ class GpuCharge:
             allocated=_int(d.get("allocated")), measured_amount=_int(d.get("measured_amount")),
             charge=_int(d.get("charge")), reason=_str(d.get("reason")),
             share=_str(d.get("share")),
+            tiers=d.get("tiers") if isinstance(d.get("tiers"), list) else None,
         )
 
 
@@ -122,8 +124,8 @@ class ChargeRecord:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "gpus" and v is not None}
-        d["gpus"] = [{k: v for k, v in asdict(g).items() if k != "share" or v is not None}
-                     for g in self.gpus]
+        d["gpus"] = [{k: v for k, v in asdict(g).items()
+                      if k not in ("share", "tiers") or v is not None} for g in self.gpus]
         return d
 
     @classmethod

@@ -18,14 +18,16 @@ held time under either policy, its line marked unmeasured with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Protocol
 
 from .charge_record import ChargeRecord, GpuCharge
+from .amounts import PPM
 from .pricing import gpu_rate, share_cost
+from .tiers import combine
 
 POLICIES = ("allocated", "measured")
 DEFAULT_FLOOR = Fraction(1, 4)
@@ -61,6 +63,7 @@ class ChargeLine:
     measured_amount: int
     charge: int
     reason: str | None = None  # why the GPU was not measured, when it was not
+    tiers: tuple[dict, ...] = ()  # what each tier cost (empty: every second at 1.0)
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,39 @@ def _nonneg(value: Any, name: str) -> int:
 SHARED_REASON = "a share of the GPU: its busy time is the whole GPU's"
 
 
+Split = Callable[[int], list[tuple[str | None, int, int]]]
+
+
+def _scaled(parts: list[tuple[str | None, int, int]], ms: int, held: int
+            ) -> list[tuple[str | None, int, int]]:
+    """The held time's split by time of use, applied to ``ms`` ≤ held (measured time)."""
+    if ms == held or not held:
+        return parts
+    out = [(label, part * ms // held, ppm) for label, part, ppm in parts]
+    rest = ms - sum(p for _, p, _ in out)
+    label, part, ppm = out[0]
+    out[0] = (label, part + rest, ppm)
+    return out
+
+
+def tiered_cost(share: tuple[int, int], ms: int, rate_ppm: int, run_ppm: int,
+                parts: list[tuple[str | None, int, int]]) -> tuple[int, list[dict]]:
+    """``ms`` of a GPU (or s/S of one) at ``rate_ppm`` × ``run_ppm`` (partition × QOS) ×
+    each part's time-of-use multiplier: the amount, rounded up once per part, and the parts
+    as the record shows them (tier, multiplier, ms, amount)."""
+    out = []
+    for label, part_ms, time_ppm in parts:
+        mult = combine(run_ppm, time_ppm)
+        out.append({"tier": label or "standard", "multiplier_ppm": mult, "ms": part_ms,
+                    "amount": share_cost(share[0], share[1], part_ms, rate_ppm, _MS_PPM, mult)})
+    return sum(p["amount"] for p in out), out
+
+
 def charge_line(u: GpuUsageLike | Mapping[str, Any], rate_ppm: int, policy: str,
-                floor: Fraction, share: tuple[int, int] = (1, 1)) -> ChargeLine:
-    """One GPU's charge; ``share`` = (s, S): the job had s of the GPU's S shares."""
+                floor: Fraction, share: tuple[int, int] = (1, 1), run_ppm: int = PPM,
+                split: Split | None = None) -> ChargeLine:
+    """One GPU's charge; ``share`` = (s, S): the job had s of the GPU's S shares;
+    ``run_ppm`` the partition × QOS multiplier; ``split`` cuts held time by time of use."""
     held = _nonneg(_get(u, "held_ms"), "held_ms")
     busy = min(held, _nonneg(_get(u, "busy_ms", 0), "busy_ms"))
     gaps = min(held - busy, _nonneg(_get(u, "gaps_ms", 0) or 0, "gaps_ms"))
@@ -122,8 +155,11 @@ def charge_line(u: GpuUsageLike | Mapping[str, Any], rate_ppm: int, policy: str,
         metered = min(held, max(busy + gaps, floor_ms))
     else:
         metered = held
-    allocated = share_cost(share[0], share[1], held, rate_ppm, _MS_PPM)
-    measured_amount = share_cost(share[0], share[1], metered, rate_ppm, _MS_PPM)
+    parts = split(held) if split else [(None, held, PPM)]
+    allocated, alloc_tiers = tiered_cost(share, held, rate_ppm, run_ppm, parts)
+    measured_amount, measured_tiers = tiered_cost(share, metered, rate_ppm, run_ppm,
+                                                  _scaled(parts, metered, held))
+    tiers = alloc_tiers if policy == "allocated" else measured_tiers
     return ChargeLine(
         index=int(_get(u, "index")),
         uuid=_get(u, "uuid"),
@@ -139,6 +175,7 @@ def charge_line(u: GpuUsageLike | Mapping[str, Any], rate_ppm: int, policy: str,
         charge=allocated if policy == "allocated" else measured_amount,
         reason=None if measured else (SHARED_REASON if share[1] != 1 and _get(u, "measured")
                                       else _get(u, "reason")),
+        tiers=tuple(tiers) if any(t["multiplier_ppm"] != PPM for t in tiers) else (),
     )
 
 
@@ -169,12 +206,15 @@ def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
                 types: Mapping[int, str | None], rates: Mapping[str, int], hold_rate_ppm: int,
                 policy: str, floor: float | str | Decimal | Fraction = DEFAULT_FLOOR,
                 shares: Mapping[int, tuple[int, int]] | None = None,
+                run_ppm: int = PPM, split: Split | None = None,
                 **context: Any) -> ChargeRecord:
     """A settlement's record: each GPU charged at its allocated type's rate under ``policy``.
 
     ``types`` maps a GPU index to its type (missing: unknown, charged at the hold's rate);
     ``shares`` maps a GPU index to (s, S) when the job had s of its S shares (missing: the
-    whole GPU); ``context`` fills the record's source/node/restart/start/end/elapsed_s/state.
+    whole GPU); ``run_ppm`` is the run's partition × QOS multiplier and ``split`` cuts a
+    GPU's held time by time of use (``ledger.tiers``); ``context`` fills the record's
+    source/node/restart/start/end/elapsed_s/state.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -186,7 +226,7 @@ def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
         share = (shares or {}).get(int(_get(u, "index")), (1, 1))
         if not 0 < share[0] <= share[1]:
             raise ValueError(f"a share must be s of S with 0 < s <= S, got {share}")
-        line = charge_line(u, _nonneg(rate, "rate_ppm"), policy, f, share)
+        line = charge_line(u, _nonneg(rate, "rate_ppm"), policy, f, share, run_ppm, split)
         entries.append(GpuCharge(
             index=line.index, held_ms=line.held_ms, measured=line.measured,
             busy_ms=line.busy_ms if line.measured else 0, gaps_ms=line.gaps_ms,
@@ -194,7 +234,8 @@ def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
             gpu_type=gpu_type, rate_ppm=rate, billed_ms=line.billed_ms,
             allocated=line.allocated, measured_amount=line.measured_amount,
             charge=line.charge, reason=line.reason,
-            share=f"{share[0]}/{share[1]}" if share[1] != 1 else None))
+            share=f"{share[0]}/{share[1]}" if share[1] != 1 else None,
+            tiers=[dict(t) for t in line.tiers] or None))
     entries.sort(key=lambda g: g.index)
     return ChargeRecord(
         gpus=tuple(entries), policy=policy, floor=str(f),

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
-from .amounts import check_amount, fmt_hours
+from .amounts import PPM, check_amount, fmt_hours
 from .charge_record import ChargeRecord
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
 from .facts import HoldFacts, hold_facts
@@ -26,6 +26,7 @@ from .names import check_account_name
 from .pricing import (RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates,
                       unpriced)
 from .shares import GPU
+from .tiers import Tiers
 from .tokens import Claims, Scopes, digest
 from .views import HoldRequest, HoldView
 
@@ -74,7 +75,7 @@ def hold_view(row) -> HoldView:
         rate_ppm=row.rate_ppm, amount=row.amount, charged=row.charged, refunded=row.refunded,
         state=row.state, job_id=row.job_id, created=row.created_at, resolved=row.resolved_at,
         partition=row.partition, cluster=row.cluster, gres=row.gres, per_node=row.per_node,
-        share=row.share,
+        share=row.share, qos=row.qos, multiplier_ppm=row.multiplier_ppm,
     )
 
 
@@ -130,12 +131,19 @@ class HoldOps:
 
     def price_share(self, request: HoldRequest) -> tuple[int, int, int]:
         """(amount, rate_ppm, share) a request would hold."""
+        amount, rate, share, _ = self.price_tiered(request)
+        return amount, rate, share
+
+    def price_tiered(self, request: HoldRequest) -> tuple[int, int, int, int]:
+        """(amount, rate_ppm, share, multiplier_ppm) a request would hold."""
         share = self.hold_share(request)
         with self._read() as conn:
             rate = self._rate(conn, request.gpu_type)
+            multiplier = self.tiers(conn).hold_ppm(request.partitions, request.qos)
         if rate is None:
             raise unpriced(request.gpu_type)
-        return hold_cost(request.gpus, request.seconds, request.tasks, rate, share), rate, share
+        return (hold_cost(request.gpus, request.seconds, request.tasks, rate, share, multiplier),
+                rate, share, multiplier)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -163,13 +171,14 @@ class HoldOps:
         share = self.hold_share(request)
 
         def run(tx: Tx) -> dict:
-            fast = _fast_reserve_row(tx, claims.id, request.gpu_type, digest(token.strip()))
+            fast = _fast_reserve_row(tx, claims.id, request, digest(token.strip()))
             if fast is not None:
-                account, wallet_id, rate, available = fast
-                amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share)
+                account, wallet_id, rate, available, multiplier = fast
+                amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share,
+                                   multiplier)
                 if amount <= available:
                     return self._reserve_insert(tx, claims, request, job_id, account, wallet_id,
-                                                rate, amount, share)
+                                                rate, amount, share, multiplier)
             return self._reserve_checked(tx, claims, token, request, job_id, share)
 
         return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
@@ -191,7 +200,8 @@ class HoldOps:
         rate = self._rate(tx.conn, request.gpu_type)
         if rate is None:
             raise unpriced(request.gpu_type, claims.id)
-        amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share)
+        multiplier = self.tiers(tx.conn).hold_ppm(request.partitions, request.qos)
+        amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share, multiplier)
         available = row.balance
         if amount > available:
             held = self._held(tx.conn, claims.id)
@@ -203,10 +213,11 @@ class HoldOps:
                           f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
                           available=available)
         return self._reserve_insert(tx, claims, request, job_id, row.account, row.wallet_id,
-                                    rate, amount, share)
+                                    rate, amount, share, multiplier)
 
     def _reserve_insert(self, tx: Tx, claims: Claims, request: HoldRequest, job_id, account: str,
-                        wallet_id: int, rate: int, amount: int, share: int) -> dict:
+                        wallet_id: int, rate: int, amount: int, share: int,
+                        multiplier: int) -> dict:
         hold_id = new_hold_id()
         tx.conn.execute(_HOLD_PUT, dict(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
@@ -217,11 +228,14 @@ class HoldOps:
             # whole GPUs leave gres/per_node/share to the columns' defaults (gpu, -, 1)
             **({"gres": request.gres, "per_node": request.per_node, "share": share}
                if request.gres != GPU else {}),
+            **({"qos": request.qos} if request.qos else {}),
+            **({"multiplier_ppm": multiplier} if multiplier != PPM else {}),
         ))
         tx.move("reserve", wallet_id, tx.wallet_id("system:escrow"), amount,
                 account=account, token_id=claims.id, hold_id=hold_id,
                 data={"request": request.to_dict(), "rate_ppm": rate, "job_id": job_id,
-                      **({"share": share} if request.gres != GPU else {})})
+                      **({"share": share} if request.gres != GPU else {}),
+                      **({"multiplier_ppm": multiplier} if multiplier != PPM else {})})
         tx.flush()
         return HoldView(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
@@ -229,7 +243,8 @@ class HoldOps:
             tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
             state="pending", job_id=job_id, created=tx.now, resolved=None,
             partition=request.partition, cluster=request.cluster or self.cluster,
-            gres=request.gres, per_node=request.per_node, share=share,
+            gres=request.gres, per_node=request.per_node, share=share, qos=request.qos,
+            multiplier_ppm=multiplier,
         ).to_dict()
 
     # -- settle ---------------------------------------------------------------------------------
@@ -371,7 +386,8 @@ class HoldOps:
                               tasks=tasks or hold.tasks, gpu_type=new_type,
                               partition=partition or hold.partition,
                               account=account or hold.account, user=hold.user,
-                              cluster=hold.cluster, gres=new_gres, per_node=new_per)
+                              cluster=hold.cluster, gres=new_gres, per_node=new_per,
+                              qos=hold.qos)
             refusal = _scope_refusal(hold.token_id, token_row.account,
                                      Scopes.from_dict(token_row.scopes or {}), req, self.cluster)
             if refusal:
@@ -385,7 +401,10 @@ class HoldOps:
             if (req.gres, req.per_node, req.gpu_type) != (hold.gres, hold.per_node,
                                                           hold.gpu_type):
                 share = self.hold_share(req)
-            new_amount = hold_cost(req.gpus, req.seconds, req.tasks, rate, share)
+            multiplier = hold.multiplier_ppm
+            if req.partition != hold.partition:
+                multiplier = self.tiers(tx.conn).hold_ppm(req.partitions, hold.qos)
+            new_amount = hold_cost(req.gpus, req.seconds, req.tasks, rate, share, multiplier)
             if new_amount < facts.charged:
                 raise InvalidInput(f"hold {hold_id} has already charged "
                                    f"{fmt_hours(facts.charged)} GPU-h")
@@ -411,7 +430,7 @@ class HoldOps:
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
                 amount=HO.c.amount + delta, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
                 gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition, gres=req.gres,
-                per_node=req.per_node, share=share))
+                per_node=req.per_node, share=share, multiplier_ppm=multiplier))
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
@@ -501,9 +520,11 @@ def _usage_row(usage: ChargeRecord | dict | None, uncapped: int | None) -> dict:
     return record
 
 
-def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest: str):
-    """The common case in two statements: (account, wallet id, rate, balance) of a live
-    token whose stored digest matches and whose GPU type is priced; else None.
+def _fast_reserve_row(tx: Tx, token_id: str, request: HoldRequest, token_digest: str):
+    """The common case in two statements: (account, wallet id, rate, balance, multiplier) of
+    a live token whose stored digest matches and whose GPU type is priced; else None. The
+    tier multipliers the request can pay (its candidate partitions', its QOS's, the largest
+    off-peak one) come in the second statement, decided by ``ledger.tiers``.
 
     Locks the token row and nothing else (wallets are locked by Tx.flush, in id order, the
     chain head by Tx.seal): not the account row its siblings share — MariaDB ignores
@@ -516,7 +537,14 @@ def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest:
     """
     conn = tx.conn
     sql = raw_sql(conn)
+    gpu_type, partitions = request.gpu_type, request.partitions
+    qoses = tuple(q for q in (request.qos or "").split(",") if q)
     typed = not is_untyped(gpu_type)
+    tier_sql = ", (SELECT MAX(multiplier_ppm) FROM multipliers WHERE kind = 'offpeak')" + \
+        ", (SELECT multiplier_ppm FROM multipliers WHERE kind = 'qos' AND name = ?)" * \
+        len(qoses) + \
+        ", (SELECT multiplier_ppm FROM multipliers WHERE kind = 'partition' AND name = ?)" * \
+        len(partitions)
     cur = conn.connection.driver_connection.cursor()
     try:
         cur.execute(sql("SELECT wallet_id, account_id, digest, status, not_before, expires "
@@ -531,9 +559,10 @@ def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest:
             "SELECT a.name, w.balance, "
             "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default'), "
             "(SELECT MAX(rate_ppm) FROM rates)" +
-            (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?) " if typed else " ") +
-            "FROM accounts a JOIN wallets w ON w.id = ? WHERE a.id = ?"),
-            ((gpu_type,) if typed else ()) + (wallet_id, account_id))
+            (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?)" if typed else "") + tier_sql +
+            " FROM accounts a JOIN wallets w ON w.id = ? WHERE a.id = ?"),
+            ((gpu_type,) if typed else ()) + qoses + tuple(partitions) +
+            (wallet_id, account_id))
         row = cur.fetchone()
     finally:
         cur.close()
@@ -542,7 +571,13 @@ def _fast_reserve_row(tx: Tx, token_id: str, gpu_type: str | None, token_digest:
     rate = hold_rate(gpu_type, RateCandidates(row[4] if typed else None, row[2], row[3]))
     if rate is None:
         return None
-    return row[0], wallet_id, rate, row[1]
+    at = 5 if typed else 4
+    offpeak, rest = row[at], list(row[at + 1:])
+    found_qos, found_part = rest[:len(qoses)], rest[len(qoses):]
+    tiers = Tiers(partition={p: v for p, v in zip(partitions, found_part) if v is not None},
+                  qos={q: v for q, v in zip(qoses, found_qos) if v is not None},
+                  offpeak=(("*", offpeak),) if offpeak is not None else ())
+    return row[0], wallet_id, rate, row[1], tiers.hold_ppm(partitions, request.qos)
 
 
 def _utc(value):

@@ -150,6 +150,19 @@ class Rate(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class Multiplier(Base):
+    """A tier: a rate multiplier (ppm) by partition, by QOS or for an off-peak window."""
+
+    __tablename__ = "multipliers"
+    __table_args__ = BINARY_TEXT
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # partition|qos|offpeak
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)  # or HH:MM-HH:MM
+    multiplier_ppm: Mapped[int] = mapped_column(BigInteger)
+    zone: Mapped[str | None] = mapped_column(String(64), nullable=True)  # off-peak windows
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Hold(Base):
     """Escrow for one job (or one job array): pending → posted | voided, exactly once."""
 
@@ -188,6 +201,9 @@ class Hold(Base):
     gres: Mapped[str] = mapped_column(String(8), server_default="gpu")
     per_node: Mapped[int | None] = mapped_column(Integer, nullable=True)
     share: Mapped[int] = mapped_column(Integer, server_default="1")
+    # the job's QOS and the tier multiplier the hold was priced at (ledger.tiers)
+    qos: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    multiplier_ppm: Mapped[int] = mapped_column(BigInteger, server_default="1000000")
 
 
 class Charge(Base):

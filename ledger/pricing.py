@@ -85,17 +85,20 @@ def hold_rate(gpu_type: str | None, rates: RateCandidates) -> int | None:
     return rates.own if rates.own is not None else fallback_rate(gpu_type, rates.default)
 
 
-def share_cost(units: int, share: int, time_units: int, rate_ppm: int, per: int = PPM) -> int:
-    """ceil(units × time × rate / (share × per)): ``units`` of a GPU cut into ``share``
-    (1: whole GPUs) for ``time_units`` (seconds with ``per`` = 10⁶, milliseconds with
-    10⁹) at ``rate_ppm``, in reference GPU-seconds."""
-    return -((-units * time_units * rate_ppm) // (share * per))
+def share_cost(units: int, share: int, time_units: int, rate_ppm: int, per: int = PPM,
+               multiplier_ppm: int = PPM) -> int:
+    """ceil(units × time × rate × multiplier / (share × per)): ``units`` of a GPU cut into
+    ``share`` (1: whole GPUs) for ``time_units`` (seconds with ``per`` = 10⁶, milliseconds
+    with 10⁹) at ``rate_ppm`` times a tier's ``multiplier_ppm`` (``ledger.tiers``), in
+    reference GPU-seconds."""
+    return -((-units * time_units * rate_ppm * multiplier_ppm) // (share * per * PPM))
 
 
-def hold_cost(gpus: int, seconds: int, tasks: int, rate_ppm: int, share: int = 1) -> int:
-    """What a hold of ``tasks`` × ``gpus`` × ``seconds`` at ``rate_ppm`` escrows; ``gpus``
-    counts shares of GPUs cut into ``share`` when it is above 1."""
-    return tasks * share_cost(gpus, share, seconds, rate_ppm)
+def hold_cost(gpus: int, seconds: int, tasks: int, rate_ppm: int, share: int = 1,
+              multiplier_ppm: int = PPM) -> int:
+    """What a hold of ``tasks`` × ``gpus`` × ``seconds`` at ``rate_ppm`` × ``multiplier_ppm``
+    escrows; ``gpus`` counts shares of GPUs cut into ``share`` when it is above 1."""
+    return tasks * share_cost(gpus, share, seconds, rate_ppm, PPM, multiplier_ppm)
 
 
 def gpu_rate(gpu_type: str | None, rates: Mapping[str, int], hold_rate_ppm: int) -> int:

@@ -26,6 +26,7 @@ from .debts import DebtOps
 from .holds import HoldOps
 from .joblinks import JobLinkOps
 from .shares import DEFAULT_GRES_CONF, GresFile
+from .tiers import TierOps
 from .journal import Tx, ensure_head, now_utc
 from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
@@ -398,5 +399,5 @@ class AdminOps(LedgerBase):
 
 
 
-class Ledger(HoldOps, TokenOps, DebtOps, JobLinkOps, AdminOps):
+class Ledger(HoldOps, TokenOps, DebtOps, JobLinkOps, TierOps, AdminOps):
     """The whole service API."""

@@ -31,6 +31,7 @@ class HoldRequest:
     cluster: str | None = None
     gres: str = "gpu"
     per_node: int | None = None
+    qos: str | None = None
 
     def __post_init__(self):
         from .shares import GPU, check_kind
@@ -119,6 +120,8 @@ class HoldView:
     gres: str = "gpu"
     per_node: int | None = None  # shares one node takes (shard/mps holds)
     share: int = 1  # the shares per GPU the hold was priced at (1: whole GPUs)
+    qos: str | None = None
+    multiplier_ppm: int = 1_000_000  # the tier multiplier the hold was priced at
 
     @property
     def returned(self) -> int:
@@ -130,7 +133,8 @@ class HoldView:
             "gpu_type": self.gpu_type, "gpus": self.gpus, "seconds": self.seconds,
             "tasks": self.tasks, "rate_ppm": self.rate_ppm, "partition": self.partition,
             "cluster": self.cluster, "gres": self.gres, "per_node": self.per_node,
-            "share": self.share, "state": self.state, "job_id": self.job_id,
+            "share": self.share, "qos": self.qos, "multiplier_ppm": self.multiplier_ppm,
+            "state": self.state, "job_id": self.job_id,
             "amount": self.amount, "charged": self.charged, "refunded": self.refunded,
             "returned": self.returned, "held_hours": hours(self.amount),
             "charged_hours": hours(self.charged), "returned_hours": hours(self.returned),
@@ -153,6 +157,7 @@ class HoldView:
             created=parse(d["created"]), resolved=parse(d["resolved"]),
             partition=d.get("partition"), cluster=d.get("cluster"),
             gres=d.get("gres") or "gpu", per_node=d.get("per_node"), share=d.get("share") or 1,
+            qos=d.get("qos"), multiplier_ppm=d.get("multiplier_ppm") or 1_000_000,
         )
 
 

@@ -85,7 +85,10 @@ def show(app, job_id, as_json):
                       else "not measured"),
                      ("energy", f"{h['energy_mj'] / 3.6e9:.3f} kWh" if h["energy_mj"]
                       else "not measured"),
-                     ("journal", " ".join(f"#{j['seq']}:{j['kind']}" for j in h["journal"]))])
+                     ("journal", " ".join(f"#{j['seq']}:{j['kind']}" for j in h["journal"]))]
+                    + [("tier", f"{t['tier']} x{fmt_rate(t['multiplier_ppm'])}: "
+                                f"{t['ms'] / 1000:.1f} GPU-s held, {fmt_hours(t['amount'])} GPU-h")
+                       for t in h.get("tiers") or []])
         rows = []
         for c in h["charges"]:
             for g in c["gpus"] or [{}]:

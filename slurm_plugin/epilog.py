@@ -57,9 +57,13 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
     shares = usage.node_shares(hold, run.gpus, {int(i): n for i, n in run.gpu_shards.items()})
     if shares:  # a share of one GPU: only that GPU's line is charged
         gpu_usage = [u for u in gpu_usage if u.index in shares]
+    # tiers: the partition it ran in (Slurm says; else the hold's candidates, the largest),
+    # the QOS it was held for, each second of the run by time of use
+    run_ppm, split = ledger.tiers().terms(e.partition or hold.partition, hold.qos, run.start,
+                                          now)
     charged = charge_gpus(gpu_usage, types, ledger.rates(), hold.rate_ppm,
                           h.config.charge.policy, h.config.charge.floor, shares=shares,
-                          source=source,
+                          run_ppm=run_ppm, split=split, source=source,
                           node=run.node, restart=run.restart, start=run.start, end=now)
     result = settle.post_node(ledger, hold.id, run.job_id, run.restart, run.node,
                               charged.amount, charged, sluid=run.sluid)

@@ -76,8 +76,18 @@ def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> d
                 "created": c["created"],
             })
         policies = sorted({n["policy"] for n in nodes if n["policy"]})
+        tiers: dict[str, dict] = {}  # what each tier cost, over every GPU of every charge
+        for n in nodes:
+            for g in n["gpus"]:
+                for t in g.get("tiers") or []:
+                    key = f"{t['tier']} x{t['multiplier_ppm']}"
+                    acc = tiers.setdefault(key, {"tier": t["tier"],
+                                                 "multiplier_ppm": t["multiplier_ppm"],
+                                                 "ms": 0, "amount": 0})
+                    acc["ms"] += t["ms"]
+                    acc["amount"] += t["amount"]
         out.append({**hold.to_dict(), "charges": nodes,
-                    "policy": ",".join(policies) or None,
+                    "policy": ",".join(policies) or None, "tiers": list(tiers.values()),
                     "busy_ms": measure.busy_ms, "measured_held_ms": measure.held_ms,
                     "efficiency": measure.efficiency,
                     "energy_mj": sum(n["energy_mj"] or 0 for n in nodes),

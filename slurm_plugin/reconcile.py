@@ -38,6 +38,7 @@ from ledger.charging import charge_gpus
 from ledger.errors import LedgerError
 from ledger.service import Ledger
 from ledger.shares import GPU
+from ledger.tiers import Tiers
 from ledger.views import HoldView
 
 from . import marks, settle
@@ -95,14 +96,21 @@ def merge_runs(live: list[JobRecord], acct: list[JobRecord]) -> list[JobRecord]:
     return list(runs.values())
 
 
-def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord
-               ) -> list[tuple[str, int, ChargeRecord]]:
+def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord,
+               tiers: Tiers | None = None) -> list[tuple[str, int, ChargeRecord]]:
     """(node, amount, charge record) for one finished run, from Slurm's elapsed time: each
     node's share of the run's GPUs, held for the elapsed time and unmeasured, charged by the
     one charge formula (``ledger.charging.charge_gpus``, policy ``allocated``)."""
     elapsed = max(0, run.elapsed_s or 0)
     nodes = run.nodes or []
     out = []
+    # tiers: sacct's record here has no partition: the hold's candidates (the largest); the
+    # run's time by time of use from its start
+    start = run.start.timestamp() if run.start else None
+    run_ppm, split = (tiers or Tiers()).terms(
+        getattr(hold, "partition", None), getattr(hold, "qos", None), start,
+        start + elapsed if start is not None else None)
+    tiered = {"run_ppm": run_ppm, "split": split}
     if getattr(hold, "gres", GPU) != GPU:
         # Shares of a GPU: Slurm's accounting does not say which GPU, so each node pays the
         # hold's own price (its type, or the highest rate; its share count).
@@ -110,7 +118,8 @@ def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord
         for node in nodes:
             gpus = held_only([0], elapsed * 1000, "settled from Slurm accounting")
             record = charge_gpus(gpus, {0: hold.gpu_type}, ledger_rates, hold.rate_ppm,
-                                 "allocated", shares={0: share}, source="sacct", node=node,
+                                 "allocated", shares={0: share}, **tiered, source="sacct",
+                                 node=node,
                                  restart=run.restarts or 0, elapsed_s=elapsed, state=run.state)
             out.append((node, record.amount, record))
         return out
@@ -121,7 +130,7 @@ def run_charge(ledger_rates: dict[str, int], hold: HoldView, run: JobRecord
             for _ in range(per_node):
                 types[len(types)] = gtype
         gpus = held_only(list(types), elapsed * 1000, "settled from Slurm accounting")
-        record = charge_gpus(gpus, types, ledger_rates, hold.rate_ppm, "allocated",
+        record = charge_gpus(gpus, types, ledger_rates, hold.rate_ppm, "allocated", **tiered,
                              source="sacct", node=node, restart=run.restarts or 0,
                              elapsed_s=elapsed, state=run.state)
         out.append((node, record.amount, record))
@@ -138,6 +147,7 @@ class Reconciler:
         self.grace = timedelta(seconds=grace_s)
         self.lookback = timedelta(days=lookback_days)
         self.now = now or ledger.clock
+        self._tiers: Tiers | None = None
 
     def run(self, *, dry_run: bool = False,
             progress: Callable[[Iterable], Iterable] | None = None) -> Summary:
@@ -161,6 +171,7 @@ class Reconciler:
         by_hold_live, by_hold_acct = index_by_hold(live), index_by_hold(acct)
         by_job_live, by_job_acct = index_by_job(live), index_by_job(acct)
         rates = self.ledger.rates()
+        self._tiers = self.ledger.tiers()
         for hold in (progress(holds) if progress else holds):
             try:
                 self._one(hold, now, rates, s, dry_run,
@@ -194,7 +205,7 @@ class Reconciler:
             if not run.ran or (run.end is not None and run.end < hold.created
                                and not run.active):
                 continue  # never ran, or ran before this hold existed (another hold's run)
-            for node, amount, usage in run_charge(rates, hold, run):
+            for node, amount, usage in run_charge(rates, hold, run, self._tiers):
                 key = settle.charge_key(hold.id, run.job_id, run.restarts or 0, node, run.sluid)
                 if settle.run_charged(charged, run.job_id, run.restarts or 0, node):
                     continue  # an epilog charged it (under either form of the key)

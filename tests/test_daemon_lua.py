@@ -633,3 +633,20 @@ def test_release_modify_log_names_the_sluid(release_lua, sqlite_ledger, token):
     want = "job=9 sluid=s2MXM88KGAAR00 hold=" if release_lua.release["job_rec_sluid"] else \
         "job=9 hold="
     assert release_lua.logged("result=resize " + want)
+
+
+def test_the_jobs_qos_and_partitions_price_its_tier(lua, sqlite_ledger, token):
+    """--qos reaches the ledger; the hold takes the worst tier among its candidates."""
+    sqlite_ledger.set_multiplier("qos", "premium", 2_000_000)
+    sqlite_ledger.set_multiplier("partition", "short", 500_000)
+    r = lua.submit(token=token, tres_per_node="gres:gpu:h100:1", time_limit=10, qos="premium",
+                   partition="short")
+    assert r["rc"] == 0, r
+    hold = sqlite_ledger.hold(hold_of(r))
+    assert (hold.qos, hold.multiplier_ppm, hold.amount) == ("premium", 1_000_000, 600)
+    plain = sqlite_ledger.hold(hold_of(lua.submit(token=token, tres_per_node="gres:gpu:h100:1",
+                                                  time_limit=10, partition="gpu,short")))
+    assert (plain.qos, plain.multiplier_ppm, plain.amount) == (None, 1_000_000, 600)
+    cheap = sqlite_ledger.hold(hold_of(lua.submit(token=token, tres_per_node="gres:gpu:h100:1",
+                                                  time_limit=10, partition="short")))
+    assert (cheap.multiplier_ppm, cheap.amount) == (500_000, 300)

@@ -82,3 +82,43 @@ def test_the_refusal_example(site):
     assert m
     with pytest.raises(Exception, match=re.escape(re.sub(r"\s+", " ", m.group(1)))):
         site.price(HoldRequest(gpus=9, seconds=60, gres="shard"))
+
+
+def tier_rows() -> list[list[str]]:
+    table = re.search(r"\| partition \| qos \|.*?\n\|[-|]+\|\n((?:\|.*\|\n)+)", TEXT)
+    assert table, "docs/pricing.md has no tier table"
+    return [[c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+            for line in table.group(1).splitlines()]
+
+
+@pytest.fixture
+def tiered_site(site):
+    for line in re.search(r"```sh\n(gpuledger tiers set.*?)```", TEXT, re.S).group(1) \
+            .splitlines():
+        args = line.split("#")[0].split()
+        if args[:3] != ["gpuledger", "tiers", "set"]:
+            continue
+        zone = args[args.index("--zone") + 1] if "--zone" in args else None
+        site.set_multiplier(args[3], args[4], int(float(args[5]) * 1_000_000), zone=zone)
+    return site
+
+
+@pytest.mark.parametrize("row", tier_rows(), ids=lambda r: "-".join(r[:3]))
+def test_tier_example(tiered_site, row):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    partition, qos, run, charged = row
+    zone = ZoneInfo(tiered_site.tiers().zone)
+    first, _, last = run.partition(" → ")
+    start_text = first.strip()
+    end_text = last.strip() if " " in last.strip() else f"{start_text[:10]} {last.strip()}"
+    start = datetime.fromisoformat(start_text).replace(tzinfo=zone).timestamp()
+    end = datetime.fromisoformat(end_text).replace(tzinfo=zone).timestamp()
+    held_ms = round((end - start) * 1000)
+    run_ppm, split = tiered_site.tiers().terms(partition, None if qos == "-" else qos,
+                                               start, end)
+    record = charge_gpus([{"index": 0, "held_ms": held_ms, "measured": False}], {0: "h100"},
+                         tiered_site.rates(), 1_000_000, "allocated", run_ppm=run_ppm,
+                         split=split)
+    assert record.amount == int(charged), f"{row}: charged {record.amount}"

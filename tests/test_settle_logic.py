@@ -102,11 +102,11 @@ def world(ledger, clock, tmp_path):
 
 
 def hook(world, job_id, node="n1", gpus=(0,), restart=0, token=None, started=0.0, *,
-         user="alice", account="physics", array=None, task=None, nodes=None):
+         user="alice", account="physics", array=None, task=None, nodes=None, partition=None):
     _ledger, _clock, _tok, cfg, _fake, tmp = world
     env = HookEnv(job_id=job_id, node=node, restart=restart, gpus=list(gpus),
                   token=token, user=user, account=account, array_job_id=array,
-                  array_task_id=task, nodes=list(nodes or [node]))
+                  array_task_id=task, nodes=list(nodes or [node]), partition=partition)
     return Hook(env, cfg, HookConfig(state_dir=tmp / "state" / node, log_file=None,
                                      agent_socket=str(tmp / "no-agent.sock"),
                                      agent_spool=str(tmp / "no-agent-spool"),
@@ -461,3 +461,28 @@ def test_an_mps_job_pays_its_percentage_and_the_reconciler_the_holds_price(world
     r = rec("91", "COMPLETED", hold, nodes=("a",), gpus={}, elapsed=40, clock=clock)
     [(node, amount, record)] = run_charge(ledger.rates(), hold, r)
     assert (node, amount, record.gpus[0].share) == ("a", 25 * 40 * 6 // 1000, "25/100")
+
+
+# -- tiers (partition, QOS, time of use) -----------------------------------------------------
+
+def test_a_run_pays_the_tiers_of_the_partition_it_ran_in_and_its_qos(world):
+    """Held at the worst candidate (gpu: 1.0, x2 premium); it ran in scavenger (0.25):
+    100 s x 1.0 x 0.25 x 2 = 50; the reconciler, with no partition from sacct, charges the
+    candidates' worst case."""
+    ledger, clock, tok, _cfg, fake, _ = world
+    ledger.set_multiplier("partition", "scavenger", 250_000)
+    ledger.set_multiplier("qos", "premium", 2_000_000)
+    hold = ledger.reserve(tok, HoldRequest(gpus=1, seconds=600, gpu_type="h100", user="alice",
+                                           partition="gpu,scavenger", qos="premium"))
+    assert (hold.amount, hold.multiplier_ppm) == (1200, 2_000_000)
+    fake.live["95"] = rec("95", "RUNNING", hold, clock=clock)
+    start(world, "95", started=1000.0)
+    epilog(hook(world, "95", partition="scavenger"), ledger, now=1100.0)
+    [c] = ledger.charges(hold.id)
+    assert c["amount"] == 50
+    assert c["usage"]["gpus"][0]["tiers"] == [
+        {"tier": "standard", "multiplier_ppm": 500_000, "ms": 100_000, "amount": 50}]
+    from slurm_plugin.reconcile import run_charge
+    r = rec("95", "COMPLETED", hold, elapsed=100, clock=clock)
+    [(_node, amount, _r)] = run_charge(ledger.rates(), hold, r, ledger.tiers())
+    assert amount == 200

@@ -1,4 +1,4 @@
-"""Admin commands: init, db, keys, account, rates, journal, verify."""
+"""Admin commands: init, db, keys, account, rates, tiers, journal, verify."""
 
 from __future__ import annotations
 
@@ -202,6 +202,52 @@ def rates_list(app, as_json):
     echo_table(["GPU TYPE", "RATE"], [[k, fmt_rate(v)] for k, v in rates.items()])
 
 
+@click.group("tiers")
+def tiers_group():
+    """Rate multipliers by partition, by QOS and by time of use (off-peak windows)."""
+
+
+@tiers_group.command("set")
+@click.argument("kind", type=click.Choice(["partition", "qos", "offpeak"]))
+@click.argument("name")
+@click.argument("multiplier")
+@click.option("--zone", help="offpeak: the site's time zone (default UTC), e.g. Europe/Berlin.")
+@pass_app
+def tiers_set(app, kind, name, multiplier, zone):
+    """Set a multiplier: `partition scavenger 0.25`, `qos premium 2`, `offpeak 22:00-06:00 0.5`.
+
+    Applies to new holds and to settlements from now on; journaled like a rate. Off-peak
+    windows are in the site's time zone and may not overlap."""
+    ppm = parse_rate(multiplier)
+    app.ledger.set_multiplier(kind, name, ppm, zone=zone)
+    click.echo(f"{kind} {name} pays x{fmt_rate(ppm)}" + (f" ({zone or 'UTC'})"
+                                                           if kind == "offpeak" else ""))
+
+
+@tiers_group.command("unset")
+@click.argument("kind", type=click.Choice(["partition", "qos", "offpeak"]))
+@click.argument("name")
+@pass_app
+def tiers_unset(app, kind, name):
+    """Remove a multiplier (that tier pays x1 again)."""
+    app.ledger.unset_multiplier(kind, name)
+    click.echo(f"{kind} {name} pays x1")
+
+
+@tiers_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def tiers_list(app, as_json):
+    """List multipliers."""
+    t = app.ledger.tiers()
+    rows = [["partition", k, fmt_rate(v), ""] for k, v in sorted(t.partition.items())] + \
+        [["qos", k, fmt_rate(v), ""] for k, v in sorted(t.qos.items())] + \
+        [["offpeak", w, fmt_rate(v), t.zone or ""] for w, v in t.offpeak]
+    if as_json:
+        return echo_json([dict(zip(["kind", "name", "multiplier", "zone"], r)) for r in rows])
+    echo_table(["KIND", "NAME", "MULTIPLIER", "ZONE"], rows)
+
+
 @click.command("journal")
 @click.option("--since", help="ISO date or time.")
 @click.option("--limit", type=int)
@@ -255,4 +301,5 @@ def verify(app, as_json, export_head, against):
         raise SystemExit(1)
 
 
-COMMANDS = [init, db_group, keys_group, account_group, rates_group, journal, verify]
+COMMANDS = [init, db_group, keys_group, account_group, rates_group, tiers_group, journal,
+            verify]

@@ -124,11 +124,12 @@ def balance(app, socket_path, user, as_json):
 @click.option("--array", "array", help="Array spec, e.g. 0-9.")
 @click.option("--account", "-A")
 @click.option("--partition", "-p")
+@click.option("--qos", "-q", help="The job's QOS (tier multipliers by QOS).")
 @click.option("--token", help="TOKEN or @FILE (default: $GPU_TOKEN, ~/.config/gpuledger/token).")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_app
 def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array, account,
-          partition, token, as_json):
+          partition, qos, token, as_json):
     """What a job would hold, and whether the token covers it."""
     count, gpu_type, kind, per_node = 0, None, "gpu", None
     if gres:
@@ -146,7 +147,8 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
     tasks = array_size(array) if array else 1
     with connect(socket_path, app.config_path) as client:
         resp = client.call("quote", gpus=count, seconds=seconds, type=gpu_type, tasks=tasks,
-                           account=account, partition=partition, token=_token_arg(token),
+                           account=account, partition=partition, qos=qos,
+                           token=_token_arg(token),
                            **({"gres": kind, "per_node": per_node} if kind != "gpu" else {}))
     if as_json:
         return echo_json(resp)
@@ -156,6 +158,12 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
     if kind != "gpu":
         pairs.append(("priced as", f"{per_node} of {resp['share']} {kind}s of a GPU "
                                    f"at rate {fmt_rate(int(resp['rate']))}"))
+    if "multiplier" in resp:
+        pairs.append(("tier multiplier", fmt_rate(int(resp["multiplier"]))))
+    if resp.get("cheapest"):
+        pairs.append(("cheapest tier", f"{resp['cheapest']} "
+                      f"(x{fmt_rate(int(resp['cheapest_multiplier_ppm']))}): "
+                      f"{fmt_hours(int(resp['cheapest_amount']))} GPU-h"))
     if resp.get("ok") != "1":
         pairs.append(("token", resp.get("token_id") or "-"))
         pairs.append(("covers", f"no: {resp.get('message')}"))

@@ -159,6 +159,7 @@ class Handlers:
             account=_name(fields, "account"), user=user, partition=_names(fields, "partition"),
             cluster=_name(fields, "cluster"), gres=_name(fields, "gres") or "gpu",
             per_node=_int(fields, "per_node", required=False) or None,
+            qos=_names(fields, "qos"),
         )
 
     @staticmethod
@@ -228,9 +229,11 @@ class Handlers:
         request = self._request(fields, user)
         amount, rate = self.ledger.price(request)
         share = self.ledger.hold_share(request)
+        quote = self.ledger.tier_quote(request)
         out: dict[str, object] = {"ok": 1, "amount": amount, "hours": fmt_hours(amount),
                                   "rate": rate, "share": share, "desc": request.describe(),
-                                  "user": user}
+                                  "user": user, "multiplier": quote["multiplier_ppm"],
+                                  **{k: v for k, v in quote.items() if k.startswith("cheapest")}}
         token = fields.get("token")
         if not token:
             return out

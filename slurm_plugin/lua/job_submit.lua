@@ -28,8 +28,9 @@ and source file it was read from):
   there a refused change is explained in slurmctld's log only. 23.02 is also the release
   that puts every ESLURM_* of slurm_errtab in the slurm table (src/lua/slurm_lua.c), which
   is how the script tells the two apart (slurm.ESLURM_INVALID_JOB_ID).
-* job_desc.qos may be a comma list of QOS from 24.11: not read here (QOS does not change
-  the price), so any form passes as it is.
+* job_desc.qos (--qos) is sent as it is (a comma list of QOS from 24.11): the ledger
+  prices the hold at the largest QOS multiplier among them. A job without --qos runs in
+  its association's default QOS, which this script cannot see: it is priced at 1.
 * job_rec.original_sluid (26.05) is the job's SLUID: named in the modify log line.
 
 Settings: key = value lines in /etc/gpuledger/job_submit.conf (or the file named by
@@ -505,7 +506,7 @@ local function submit(d, part_list)
 	key_counter = key_counter + 1
 	local fields = string.format("user=%s account=%s partition=%s gpus=%d type=%s seconds=%d tasks=%d",
 		esc(user), esc(account or ""), esc(partition or ""), gpus, esc(gtype or ""), minutes * 60, tasks)
-		.. share_fields(shared, per_node)
+		.. share_fields(shared, per_node) .. (d.qos and d.qos ~= "" and (" qos=" .. esc(d.qos)) or "")
 	local line = "op=reserve token=" .. esc(token) .. " " .. fields .. " uid=" .. id_text(d.user_id)
 		.. " key=" .. key_prefix .. key_counter
 		.. (conf.cluster and (" cluster=" .. esc(conf.cluster)) or "") .. "\n"
