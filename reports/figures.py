@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ledger.amounts import SECONDS_PER_HOUR
+from ledger.amounts import SECONDS_PER_HOUR, fmt_rate
 from ledger.charge_record import ChargeRecord
 from ledger.token_ops import token_status
 
@@ -191,6 +191,12 @@ class AccountReport:
     previous_charged: int
     previous_settlements: int
     had_activity: bool
+    by_tier: list[UsageLine] = field(default_factory=list)  # what each tier cost
+
+    @property
+    def tiered(self) -> bool:
+        """Whether any charge paid a tier other than the standard rate."""
+        return any(u.key != STANDARD_TIER for u in self.by_tier)
 
     @property
     def returned(self) -> int:
@@ -246,6 +252,7 @@ class _Acc:
         self.day_net: dict[int, int] = defaultdict(int)
         self.users: dict[str, UsageLine] = {}
         self.types: dict[str, UsageLine] = {}
+        self.tiers: dict[str, UsageLine] = {}
         self.measure = Measure()
         self.worst: list[JobLine] = []  # min-heap on idle_ms, size TOP_N
         self.jobs = 0
@@ -340,6 +347,26 @@ def _fold_month(flows: list[q.Flow], d: q.Directory, accs: dict[str, _Acc]) -> N
                     a.act.transfer_out.add(f.amount, f.rows)
 
 
+STANDARD_TIER = "standard x1"
+
+
+def tier_costs(usage: Any, amount: int) -> dict[str, int]:
+    """What each tier of one charge cost (``tier xMULTIPLIER`` → GPU-s), summing to the
+    amount charged (a capped charge takes the cut from its largest tier)."""
+
+    record = ChargeRecord.from_dict(usage)
+    out: dict[str, int] = defaultdict(int)
+    for g in (record.gpus if record else ()):
+        for t in g.tiers or []:
+            out[f"{t['tier']} x{fmt_rate(t['multiplier_ppm'])}"] += t["amount"]
+    if not out:
+        return {STANDARD_TIER: amount}
+    rest = amount - sum(out.values())
+    if rest:
+        out[max(out, key=out.get)] += rest
+    return dict(out)
+
+
 def _fold_charges(conn: Connection, d: q.Directory, month: Month, accs: dict[str, _Acc],
                   top_n: int) -> None:
     multi = q.multi_charge_holds(conn, d, month.start, month.end)
@@ -355,6 +382,10 @@ def _fold_charges(conn: Connection, d: q.Directory, month: Month, accs: dict[str
         m = Measure.of_usage(c.usage)
         for target in (user.measure, typ.measure, a.measure):
             target.add(m)
+        for key, amount in tier_costs(c.usage, c.amount).items():
+            tier = a.line(a.tiers, key)
+            tier.charged += amount
+            tier.jobs += 1
         if c.hold_id not in multi or c.hold_id not in seen:
             if c.hold_id in multi:
                 seen.add(c.hold_id)
@@ -438,6 +469,7 @@ def build(conn: Connection, month: Month, now: datetime, account: str | None = N
             jobs=a.jobs, settlements=a.settlements,
             previous_charged=pc - prev_refunds.get(name, 0), previous_settlements=pn,
             had_activity=a.rows > 0 or a.jobs > 0,
+            by_tier=sorted(a.tiers.values(), key=lambda u: (-u.charged, u.key)),
         ))
     return _site(month, as_of, reports, d, bal_end, top_n)
 

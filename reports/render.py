@@ -187,6 +187,7 @@ def account_json(r: AccountReport) -> dict:
                     "expires_soon": t.expires_soon} for t in r.tokens],
         "by_user": [_usage(u) for u in r.by_user],
         "by_gpu_type": [_usage(u) for u in r.by_gpu_type],
+        "by_tier": [_usage(u) for u in r.by_tier],
         "efficiency": {"busy_ms": r.measure.busy_ms, "measured_held_ms": r.measure.held_ms,
                        "held_ms": r.measure.held_all_ms,
                        "unmeasured_charges": r.measure.unmeasured_charges,

@@ -245,3 +245,35 @@ def test_png_pixels_decode():
     raw = zlib.decompress(idat)
     assert len(raw) == 260 * (640 + 1)
     assert raw.count(bytes([LINE])) > 100  # the balance line is drawn
+
+
+def test_the_report_shows_what_each_tier_cost(ledger, clock):
+    """A charge settled across an off-peak boundary in a cheap partition: the account report
+    lists each tier's GPU-hours, summing to what was charged."""
+    from ledger.charging import charge_gpus
+    from ledger.tiers import Tiers
+    from ledger.views import HoldRequest
+
+    clock.now = at(11, 3)
+    token, _ = ledger.mint("physics", 10 * H)
+    hold = ledger.reserve(token, HoldRequest(gpus=1, seconds=2 * H, gpu_type="h100",
+                                             user="alice", partition="scavenger"))
+    tiers = Tiers(partition={"scavenger": 250_000}, offpeak=(("22:00-06:00", 500_000),),
+                  zone="UTC")
+    start = clock.now.replace(hour=21, minute=0).timestamp()
+    run_ppm, split = tiers.terms("scavenger", None, start, start + 2 * 3600)
+    record = charge_gpus([{"index": 0, "held_ms": 2 * HMS, "measured": False}], {0: "h100"},
+                         ledger.rates(), hold.rate_ppm, "allocated", run_ppm=run_ppm,
+                         split=split)
+    assert record.amount == 900 + 450
+    ledger.post(hold.id, record.amount, usage=record)
+    with db.read(ledger.engine) as conn:
+        report = build(conn, NOV, at(11, 20), account="physics").account("physics")
+    assert report.tiered
+    assert {u.key: u.charged for u in report.by_tier} == {"standard x0.25": 900,
+                                                          "22:00-06:00 x0.125": 450}
+    rendered = render_account(report)
+    assert "USAGE BY TIER" in rendered.text and "22:00-06:00 x0.125" in rendered.text
+    assert 'data-figure="tiers"' in rendered.html
+    assert {t["key"] for t in rendered.json["by_tier"]} == {"standard x0.25",
+                                                           "22:00-06:00 x0.125"}
