@@ -91,6 +91,30 @@ def test_share_job_pays_its_share_of_the_gpu_it_ran_on(s, gres, rate, shares, pe
     s.verify()
 
 
+def test_a_partition_tier_prices_the_hold_and_the_charge(s):
+    """partition short at 0.5: held 0.5 x 600 s, charged 0.5 x the held ms of the partition
+    the job ran in (SLURM_JOB_PARTITION); the receipt shows the tier's cost."""
+    s.gl("tiers", "set", "partition", "short", "0.5")
+    try:
+        token, _ = s.mint()
+        job = s.sbatch(token, "-p", "short", "--gres=gpu:h100:1", "-t", "10", wrap="sleep 3")
+        hold = s.hold_of(job)
+        assert (hold.amount, hold.multiplier_ppm) == (300, 500_000)
+        s.wait(job)
+        h = s.settled(hold.id)
+        [charge] = s.ledger.charges(hold.id)
+        [gpu] = charge["usage"]["gpus"]
+        assert gpu["tiers"] == [{"tier": "standard", "multiplier_ppm": 500_000,
+                                 "ms": gpu["held_ms"], "amount": charge["amount"]}]
+        assert charge["amount"] == -(-gpu["held_ms"] * 500_000 // 10**9) == h.charged
+        receipt = json.loads(s.gl("job", "show", job, "--json"))
+        assert receipt["holds"][0]["tiers"] == [{"tier": "standard", "multiplier_ppm": 500_000,
+                                                 "ms": gpu["held_ms"], "amount": h.charged}]
+        assert "tier" in s.gl("job", "show", job)
+    finally:
+        s.gl("tiers", "unset", "partition", "short")
+
+
 def test_scancel_while_running_charges_what_ran(s):
     token, _ = s.mint()
     job = s.sbatch(token, "--gres=gpu:a100:1", "-t", "30", wrap="sleep 120")
