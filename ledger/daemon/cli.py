@@ -158,7 +158,7 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
     if kind != "gpu":
         pairs.append(("priced as", f"{per_node} of {resp['share']} {kind}s of a GPU "
                                    f"at rate {fmt_rate(int(resp['rate']))}"))
-    if "multiplier" in resp:
+    if resp.get("multiplier") not in (None, "1000000") or resp.get("cheapest"):
         pairs.append(("tier multiplier", fmt_rate(int(resp["multiplier"]))))
     if resp.get("cheapest"):
         pairs.append(("cheapest tier", f"{resp['cheapest']} "
