@@ -134,6 +134,11 @@ class Measure:
         return self.busy_ms / self.held_ms if self.held_ms else None
 
     @property
+    def idle_ms(self) -> int:
+        """Measured GPU time held but not busy (idle GPU time)."""
+        return self.held_ms - self.busy_ms
+
+    @property
     def coverage(self) -> float | None:
         return self.held_ms / self.held_all_ms if self.held_all_ms else None
 

@@ -166,7 +166,7 @@ def _usage(u: UsageLine) -> dict:
     return {"key": u.key, "jobs": u.jobs,
             **_amounts(charged=u.charged, returned=u.returned, refunded=u.refunded),
             "busy_ms": u.measure.busy_ms, "measured_held_ms": u.measure.held_ms,
-            "efficiency": _ratio(u.measure.efficiency)}
+            "idle_ms": u.measure.idle_ms, "efficiency": _ratio(u.measure.efficiency)}
 
 
 def _ratio(x: float | None) -> float | None:

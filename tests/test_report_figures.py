@@ -124,6 +124,19 @@ def test_efficiency_and_least_efficient_jobs(month_site):
     assert site.account("chemistry").measure.efficiency == pytest.approx(8.2 / 10)
 
 
+def test_idle_gpu_hours_per_user(month_site):
+    """Idle = held − busy of the measured GPUs: alice's a1 (6 h held, 0.6 busy) and m1
+    (5 h, 0.5), bob's boundary (5 h, 4) and b1 (5 h, 4.5); carol's GPUs were not measured."""
+    _, site = month_site
+    p = site.account("physics")
+    idle = {u.key: u.measure.idle_ms for u in p.by_user}
+    assert idle == {"alice": int(9.9 * HMS), "bob": int(1.5 * HMS), "carol": 0}
+    assert sum(idle.values()) == p.measure.held_ms - p.measure.busy_ms
+    rendered = render_account(p)
+    assert "idle GPU-h" in rendered.text and "Idle GPU-h" in rendered.html
+    assert {u["key"]: u["idle_ms"] for u in rendered.json["by_user"]} == idle
+
+
 def test_burn_down_projection_and_month_over_month(month_site):
     _, site = month_site
     p = site.account("physics")

@@ -144,3 +144,34 @@ def test_time_of_use_follows_the_site_zone_across_midnight_and_dst():
 def test_combined_multipliers_round_up_to_a_ppm():
     assert combine(333_333, 1_500_000) == 500_000  # 499999.5 -> 500000
     assert combine(250_000, 2_000_000, 500_000) == 250_000
+
+
+def test_tiers_add_no_statement_to_the_reserve_fast_path(ledger, db_url):
+    """The multipliers come as subqueries of the fast path's second statement: a reserve
+    with every kind of tier set runs as many statements as one with none."""
+    from sqlalchemy import event
+
+    rich, _ = ledger.mint("physics", 100 * H)
+    req = HoldRequest(gpus=1, seconds=H, gpu_type="h100", partition="gpu,scavenger",
+                      qos="premium")
+    counted: list[str] = []
+    listen = ("before_cursor_execute", lambda *a: counted.append(a[2]))
+    event.listen(ledger.engine, *listen)
+    try:
+        if db_url.startswith("sqlite"):  # the fast path's raw cursor: count it too
+            ledger.engine.dispose()
+            event.listen(ledger.engine, "connect",
+                         lambda dbapi, _r: dbapi.set_trace_callback(counted.append))
+        runs = []
+        for setup in (lambda: None, lambda: (
+                ledger.set_multiplier("partition", "scavenger", 250_000),
+                ledger.set_multiplier("qos", "premium", 2_000_000),
+                ledger.set_multiplier("offpeak", "22:00-06:00", 500_000))):
+            setup()
+            ledger.reserve(rich, req)
+            counted.clear()
+            hold = ledger.reserve(rich, req)
+            runs.append(len(counted))
+    finally:
+        event.remove(ledger.engine, *listen)
+    assert runs[0] == runs[1] > 0 and hold.multiplier_ppm == 2_000_000
