@@ -111,12 +111,17 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
                       "cancelled")
         return 0
     gtypes = [t for t in record.gpus if t]
+    shares = _shares(record)
     fields = dict(token=e.token, gpus=max(1, record.gpu_count),
                   seconds=max(60, record.time_limit_s or 3600),
                   type=gtypes[0] if len(gtypes) == 1 else "", tasks=1, user=e.user or "",
                   account=e.account or "", partition=e.partition or "",
                   key=f"start:{e.sluid}" if e.sluid else f"start:{e.job_id}:{e.restart}",
                   job=e.job_id)
+    if shares:  # shard/mps: Slurm counts no gres/gpu for them; the request says the share
+        kind, per_node, gtype = shares
+        fields.update(gres=kind, per_node=per_node, gpus=per_node * max(1, len(record.nodes)),
+                      type=gtype or "")
     try:
         resp = client.request("reserve", **fields)
     except Refusal as exc:
@@ -170,3 +175,21 @@ def prolog_main() -> int:
 
 def epilog_main() -> int:
     return run("gpuledger-epilog-slurmctld", epilog_slurmctld)
+
+
+def _shares(record: JobRecord) -> tuple[str, int, str | None] | None:
+    """(shard|mps, shares per node, GPU type) of a job asking for a share of a GPU (its
+    TresPerNode, ``gres:shard:3``), else None."""
+    from ledger.daemon.jobspec import SHARED_GRES, parse_gres
+    from ledger.errors import InvalidInput
+
+    items = [i for i in (record.tres_per_node or "").split(",")
+             if i.replace("gres/", "gres:").removeprefix("gres:").split(":")[0] in SHARED_GRES]
+    if not items:
+        return None
+    try:
+        count, gtype, kind = parse_gres(",".join(items))
+    except InvalidInput:
+        return None
+    return kind, count, gtype
+

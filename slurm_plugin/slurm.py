@@ -212,6 +212,7 @@ class JobRecord:
     user: str | None = None
     account: str | None = None
     superseded: bool = False  # sacct -D: a later run of the same job exists
+    tres_per_node: str | None = None  # scontrol's TresPerNode (--gres), e.g. gres:shard:3
     sluid: str | None = None  # this run's SLUID (25.11+: SLURM_JOB_SLUID in the hooks)
 
     @property
@@ -267,6 +268,7 @@ def parse_scontrol_job(line: str) -> JobRecord:
         time_limit_s=parse_duration(d.get("TimeLimit")),
         user=(d.get("UserId") or "").split("(")[0] or None, account=d.get("Account") or None,
         sluid=sluid(d.get("SLUID")),  # 25.11+, with -d (slurm-25-11-7-1 src/scontrol/info_job.c)
+        tres_per_node=d.get("TresPerNode") or None,
     )
     return record
 

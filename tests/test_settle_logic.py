@@ -486,3 +486,18 @@ def test_a_run_pays_the_tiers_of_the_partition_it_ran_in_and_its_qos(world):
     r = rec("95", "COMPLETED", hold, elapsed=100, clock=clock)
     [(_node, amount, _r)] = run_charge(ledger.rates(), hold, r, ledger.tiers())
     assert amount == 200
+
+
+def test_a_deferred_shard_job_is_reserved_as_its_share(world):
+    """A job accepted while the ledger was down asks for shards: PrologSlurmctld reserves
+    the share its TresPerNode names (Slurm's TRES count no gres/gpu for it), not a GPU."""
+    ledger, clock, token, _cfg, fake, _ = world
+    shares_world(world)
+    r = rec("52", "CONFIGURING", comment=marks.DEFERRED, clock=clock, gpus={None: 0})
+    r.gpus, r.tres_per_node = {}, "gres:shard:h100:3"
+    fake.live["52"] = r
+    assert ctld.prolog_slurmctld(hook(world, "52", token=token), fake,
+                                 DirectClient(ledger)) == 0
+    hold = settle.job_hold(ledger, ["52"])
+    assert (hold.gres, hold.per_node, hold.gpus, hold.share, hold.gpu_type, hold.amount) == \
+        ("shard", 3, 3, 4, "h100", 3 * 600 // 4)

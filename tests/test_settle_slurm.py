@@ -231,3 +231,14 @@ def test_sacct_steps_name_the_runs_that_started_a_step():
     cancelled in PrologSlurmctld, 548's first run requeued by it; 548's second run ran."""
     text = "547\n548\n548\n548.batch\n560\n560.extern\n560.0\n561\n"
     assert slurm.parse_sacct_steps(text) == {("548", 1), ("560", 0)}
+
+
+def test_scontrol_tres_per_node_of_a_shard_job():
+    """As Slurm 22.05 prints a running shard job (scontrol show job -d -o, test cluster)."""
+    from slurm_plugin.slurm import parse_scontrol_job
+    line = ("JobId=400 JobName=wrap UserId=root(0) Account=physics JobState=RUNNING "
+            "Restarts=0 RunTime=00:00:04 TimeLimit=00:02:00 StartTime=2026-12-01T06:05:01 "
+            "NodeList=vm NumNodes=1 TRES=cpu=1,node=1,billing=1 JOB_GRES=shard:3 Nodes=vm "
+            "CPU_IDs=0 Mem=0 GRES=shard:3(IDX:0) TresPerNode=gres:shard:3")
+    job = parse_scontrol_job(line)
+    assert job.tres_per_node == "gres:shard:3" and job.gpus == {} and job.gpu_idx == {"vm": {}}
