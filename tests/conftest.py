@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 
 import reports  # noqa: F401  (registers the reports' migration branch: ledgers get its tables)
 from ledger import db, migrate
@@ -36,6 +38,23 @@ def need(available: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true but is not available")
     pytest.skip(f"{what} not available")
+
+
+@contextmanager
+def counted_statements(engine, db_url: str) -> Iterator[list[str]]:
+    """The SQL statements run on ``engine`` inside the block; on SQLite those of raw driver
+    cursors (the reserve fast path) too. Clear the list to count from a point on."""
+    counted: list[str] = []
+    listen = ("before_cursor_execute", lambda *a: counted.append(a[2]))
+    event.listen(engine, *listen)
+    try:
+        if db_url.startswith("sqlite"):
+            engine.dispose()
+            event.listen(engine, "connect",
+                         lambda dbapi, _r: dbapi.set_trace_callback(counted.append))
+        yield counted
+    finally:
+        event.remove(engine, *listen)
 
 
 class Clock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from sqlalchemy import event
+from conftest import counted_statements
 
 from ledger.errors import InvalidInput, Reason, Refusal
 from ledger.pricing import fallback_rate, mig_share
@@ -118,14 +118,7 @@ def test_a_share_reserve_takes_no_more_statements_than_a_whole_gpu(sharded, tmp_
     same statements for a shard as for a whole GPU."""
     ledger = sharded
     rich, _ = ledger.mint("physics", 100 * H)
-    counted: list[str] = []
-    listen = ("before_cursor_execute", lambda *a: counted.append(a[2]))
-    event.listen(ledger.engine, *listen)
-    try:
-        if db_url.startswith("sqlite"):  # the fast path's raw cursor: count it too
-            ledger.engine.dispose()
-            event.listen(ledger.engine, "connect",
-                         lambda dbapi, _r: dbapi.set_trace_callback(counted.append))
+    with counted_statements(ledger.engine, db_url) as counted:
         runs = []
         for req in (HoldRequest(gpus=1, seconds=H, gpu_type="h100"),
                     HoldRequest(gpus=2, seconds=H, gpu_type="h100", gres="shard")):
@@ -133,6 +126,4 @@ def test_a_share_reserve_takes_no_more_statements_than_a_whole_gpu(sharded, tmp_
             counted.clear()
             ledger.reserve(rich, req)
             runs.append(len(counted))
-    finally:
-        event.remove(ledger.engine, *listen)
     assert runs[0] == runs[1] and runs[0] > 0

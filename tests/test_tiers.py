@@ -7,6 +7,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from conftest import counted_statements
 
 from ledger.charging import charge_gpus
 from ledger.errors import InvalidInput, Reason, Refusal
@@ -149,19 +150,10 @@ def test_combined_multipliers_round_up_to_a_ppm():
 def test_tiers_add_no_statement_to_the_reserve_fast_path(ledger, db_url):
     """The multipliers come as subqueries of the fast path's second statement: a reserve
     with every kind of tier set runs as many statements as one with none."""
-    from sqlalchemy import event
-
     rich, _ = ledger.mint("physics", 100 * H)
     req = HoldRequest(gpus=1, seconds=H, gpu_type="h100", partition="gpu,scavenger",
                       qos="premium")
-    counted: list[str] = []
-    listen = ("before_cursor_execute", lambda *a: counted.append(a[2]))
-    event.listen(ledger.engine, *listen)
-    try:
-        if db_url.startswith("sqlite"):  # the fast path's raw cursor: count it too
-            ledger.engine.dispose()
-            event.listen(ledger.engine, "connect",
-                         lambda dbapi, _r: dbapi.set_trace_callback(counted.append))
+    with counted_statements(ledger.engine, db_url) as counted:
         runs = []
         for setup in (lambda: None, lambda: (
                 ledger.set_multiplier("partition", "scavenger", 250_000),
@@ -172,6 +164,4 @@ def test_tiers_add_no_statement_to_the_reserve_fast_path(ledger, db_url):
             counted.clear()
             hold = ledger.reserve(rich, req)
             runs.append(len(counted))
-    finally:
-        event.remove(ledger.engine, *listen)
     assert runs[0] == runs[1] > 0 and hold.multiplier_ppm == 2_000_000
