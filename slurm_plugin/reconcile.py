@@ -234,20 +234,21 @@ class Reconciler:
         runs = [r for r in merge_runs(live, acct)
                 if r.admin_comment == marks.DEFERRED and r.ran and not r.active
                 and r.start is not None and r.start >= born]
-        unpaid = sorted({r.job_id for r in runs if not self.ledger.holds(job_id=r.job_id)})
-        if not unpaid:
+        holdless = sorted(j for j in {r.job_id for r in runs}
+                          if not self.ledger.holds(job_id=j))  # one query a job, not a run
+        if not holdless:
             return
         # Given nodes is not running: a run PrologSlurmctld refused (cancelled) or requeued
         # had its nodes for a second and started no step. Only a run with a step ran.
-        stepped = self.reader.stepped_runs(unpaid)
+        stepped = self.reader.stepped_runs(holdless)
         runs = [r for r in runs if (r.job_id, r.restarts or 0) in stepped]
-        unpaid = sorted({r.job_id for r in runs} & set(unpaid))
+        unpaid = sorted({r.job_id for r in runs})
         if not unpaid:
             return
         owners = self.reader.owners(unpaid)
         rates = self.ledger.rates()
         top = SimpleNamespace(rate_ppm=max(rates.values(), default=1_000_000))
-        for run in (r for r in runs if r.job_id in unpaid):
+        for run in runs:
             _user, account = owners.get(run.job_id, (None, None))
             parts = run_charge(rates, top, run)
             owed = sum(amount for _n, amount, _u in parts)
