@@ -334,6 +334,20 @@ def test_lua_error_refuses_the_job(daemon, tmp_path, token):
         lua.close()
 
 
+def test_a_refusal_without_a_code_still_refuses(daemon, tmp_path, token):
+    """Slurm reads a nil return code as SUCCESS: refuse() without a code must not accept."""
+    broken = tmp_path / "job_submit.lua"
+    text = SCRIPT.read_text()
+    hook = "-- gpuledger:test-hook (tests replace this line to force a Lua error)"
+    broken.write_text(text.replace(hook, 'refuse("gpu-token: no code given")'))
+    lua = Lua(tmp_path, script=broken, socket=daemon.path)
+    try:
+        r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5)
+        assert r["rc"] == CODES["error"] and "no code given" in r["user"]
+    finally:
+        lua.close()
+
+
 def test_modify_resizes_or_refuses(lua, sqlite_ledger, token):
     r = lua.submit(token=token, tres_per_node="gres:gpu:h100:2", time_limit=60)
     hold = hold_of(r)

@@ -132,7 +132,8 @@ local key_counter = 0
 
 -- Refusals travel as error tables through pcall; anything else is a Lua error.
 local function refuse(message, code)
-	error({ refuse = message, code = code }, 0)
+	-- Slurm reads a nil return code as 0 (SUCCESS): a refusal always carries an error code.
+	error({ refuse = message, code = code or slurm.ERROR }, 0)
 end
 
 local function code(name)
