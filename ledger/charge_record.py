@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-VERSION = 2
+VERSION = 3  # 3: idle_ms / idle_max_ms per measured GPU (ledger.idle)
 _NESTED = ("usage", "measurement", "charge", "result")
 _LISTS = ("gpus", "lines")
+_OPTIONAL = ("share", "tiers", "idle_ms", "idle_max_ms")  # stored only when set
 _CONTEXT = ("source", "node", "restart", "start", "end", "elapsed_s", "state")
 
 
@@ -46,6 +47,8 @@ class GpuCharge:
     reason: str | None = None  # why the GPU was not measured
     share: str | None = None  # "s/S": the job had s of the GPU's S shares (None: all of it)
     tiers: list | None = None  # [{tier, multiplier_ppm, ms, amount}] when a tier applied
+    idle_ms: int | None = None  # time below the idle threshold (None: not counted)
+    idle_max_ms: int | None = None  # its longest unbroken stretch
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], force_unmeasured: bool = False) -> GpuCharge | None:
@@ -67,6 +70,8 @@ class GpuCharge:
             charge=_int(d.get("charge")), reason=_str(d.get("reason")),
             share=_str(d.get("share")),
             tiers=d.get("tiers") if isinstance(d.get("tiers"), list) else None,
+            idle_ms=_idle(d.get("idle_ms"), held, measured),
+            idle_max_ms=_idle(d.get("idle_max_ms"), held, measured),
         )
 
 
@@ -125,7 +130,7 @@ class ChargeRecord:
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "gpus" and v is not None}
         d["gpus"] = [{k: v for k, v in asdict(g).items()
-                      if k not in ("share", "tiers") or v is not None} for g in self.gpus]
+                      if k not in _OPTIONAL or v is not None} for g in self.gpus]
         return d
 
     @classmethod
@@ -210,6 +215,12 @@ def _int(value: Any) -> int | None:
     if isinstance(value, float) and value >= 0:
         return int(value)
     return None
+
+
+def _idle(value: Any, held: int, measured: bool) -> int | None:
+    """An idle figure of a measured GPU, at most its held time."""
+    v = _int(value)
+    return min(v, held) if measured and v is not None else None
 
 
 def _str(value: Any) -> str | None:

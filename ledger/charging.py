@@ -24,8 +24,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Protocol
 
-from .charge_record import ChargeRecord, GpuCharge
 from .amounts import PPM
+from .charge_record import ChargeRecord, GpuCharge
 from .pricing import gpu_rate, share_cost
 from .tiers import combine
 
@@ -202,6 +202,15 @@ def charge_for(
     )
 
 
+def _idle_figure(u: GpuUsageLike | Mapping[str, Any], name: str, line: ChargeLine
+                 ) -> int | None:
+    """The agent's idle count of a measured GPU (``ledger.idle``), None when it has none."""
+    v = _get(u, name)
+    if not line.measured or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        return None
+    return min(v, line.held_ms)
+
+
 def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
                 types: Mapping[int, str | None], rates: Mapping[str, int], hold_rate_ppm: int,
                 policy: str, floor: float | str | Decimal | Fraction = DEFAULT_FLOOR,
@@ -235,7 +244,9 @@ def charge_gpus(usage: Iterable[GpuUsageLike | Mapping[str, Any]],
             allocated=line.allocated, measured_amount=line.measured_amount,
             charge=line.charge, reason=line.reason,
             share=f"{share[0]}/{share[1]}" if share[1] != 1 else None,
-            tiers=[dict(t) for t in line.tiers] or None))
+            tiers=[dict(t) for t in line.tiers] or None,
+            idle_ms=_idle_figure(u, "idle_ms", line), idle_max_ms=_idle_figure(
+                u, "idle_max_ms", line)))
     entries.sort(key=lambda g: g.index)
     return ChargeRecord(
         gpus=tuple(entries), policy=policy, floor=str(f),

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .idle import IdlePolicy
+from .idle import parse as parse_idle
 
 DEFAULT_PATH = Path("/etc/gpuledger/gpuledger.toml")
 ENV_VAR = "GPULEDGER_CONFIG"
@@ -64,6 +66,7 @@ class Config:
     submit: SubmitConfig
     charge: ChargeConfig
     raw: dict[str, Any]
+    idle: IdlePolicy = field(default_factory=IdlePolicy)
 
     def section(self, name: str) -> dict[str, Any]:
         """A raw section for components that own their settings (agent, smtp, reports)."""
@@ -145,6 +148,7 @@ def parse(raw: dict, p: Path) -> Config:
     if charge.policy not in POLICIES:
         raise ConfigError(f"{p}: [charge] policy must be one of {', '.join(POLICIES)}")
     cluster = _get(raw, "cluster", str, None, p, "top level") or None
+    idle = parse_idle(_table(raw, "idle", p), f"{p}: [idle]")
     return Config(
         path=p,
         database=DatabaseConfig(url=url, password_file=pw_file),
@@ -154,6 +158,7 @@ def parse(raw: dict, p: Path) -> Config:
         submit=submit,
         charge=charge,
         raw=raw,
+        idle=idle,
     )
 
 
@@ -198,6 +203,13 @@ free_accounts = []
 # "allocated" = held GPU time x rate; "measured" = per GPU max(busy, floor x held) x rate.
 policy = "allocated"
 floor = 0.25
+
+# [idle]  (idle GPUs, ledger.idle; the values shown are the defaults)
+# threshold_pct = 5        # a GPU below this utilization is idle
+# flag_after_s = 3600      # one idle stretch this long flags the job (0: never)
+# refund_share = 0         # share of a flagged job's idle cost refunded (0..1)
+# cancel_after_s = 0       # the agent cancels a wholly idle job this long after the flag
+# user_mail = "{{user}}@example.org"  # digest recipient (else the account's report_to)
 
 # [hooks]  (prolog, epilog and `gpuledger reconcile`; the values shown are the defaults)
 # state_dir = "/var/lib/gpuledger/jobs"      # per-node prolog records

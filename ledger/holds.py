@@ -10,12 +10,13 @@ if the token was revoked meanwhile, or to ``system:expired`` if it expired.
 from __future__ import annotations
 
 import secrets
-from types import SimpleNamespace
+from collections.abc import Callable
 from datetime import datetime
+from types import SimpleNamespace
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
-from .amounts import PPM, check_amount, fmt_hours
+from .amounts import PPM, check_amount, fmt_hours, fmt_rate
 from .charge_record import ChargeRecord
 from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
 from .facts import HoldFacts, hold_facts
@@ -23,8 +24,7 @@ from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
 from .models import Charge, Hold, UTCDateTime
 from .names import check_account_name
-from .pricing import (RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates,
-                      unpriced)
+from .pricing import RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates, unpriced
 from .shares import GPU
 from .tiers import Tiers
 from .tokens import Claims, Scopes, digest
@@ -436,35 +436,51 @@ class HoldOps:
 
         return HoldView.from_dict(self._idempotent("resize", key, fields, run))
 
-    def refund(self, hold_id: str, amount: int, reason: str, *, key: str | None = None
+    def refund(self, hold_id: str, amount: int, reason: str, *, key: str | None = None,
+               cap: bool = False, also: Callable[[Connection, int], None] | None = None
                ) -> HoldView:
-        """Give back part of what a hold charged (an adjustment; always has a reason)."""
+        """Give back part of what a hold charged (an adjustment; always has a reason).
+
+        With ``cap``, more than the hold has refundable refunds what it has (possibly
+        nothing) instead of failing. ``also(conn, refunded)`` runs in the same transaction,
+        so a caller's own record of the refund commits with it or not at all."""
         check_amount(amount, what="refund")
         if not (reason or "").strip():
             raise InvalidInput("a refund needs a reason")
         fields = {"hold": hold_id, "amount": amount, "reason": reason}
+        if cap:  # keys of refunds from before the option keep their fingerprint
+            fields["cap"] = True
 
         def run(tx: Tx) -> dict:
             hold, facts, token_row = self._locked(tx, hold_id, pending=False)
             refundable = facts.charged - facts.refunded
-            if amount > refundable:
+            given = min(amount, refundable) if cap else amount
+            if given > refundable:
                 raise InvalidInput(f"hold {hold_id} has {fmt_hours(refundable)} GPU-h "
                                    f"refundable, cannot refund {fmt_hours(amount)}")
-            tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-                refunded=HO.c.refunded + amount))
-            tx.move("refund", tx.wallet_id("system:usage"), self._return_to(tx, token_row),
-                    amount, account=facts.account, token_id=facts.token_id, hold_id=hold_id,
-                    reason=reason)
+            if given > 0:
+                tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
+                    refunded=HO.c.refunded + given))
+                tx.move("refund", tx.wallet_id("system:usage"),
+                        self._return_to(tx, token_row), given, account=facts.account,
+                        token_id=facts.token_id, hold_id=hold_id, reason=reason)
+            if also is not None:
+                also(tx.conn, given)
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
         return HoldView.from_dict(self._idempotent("refund", key, fields, run))
 
     def bind(self, hold_id: str, job_id: str, *, user: str | None = None,
-             account: str | None = None) -> HoldView:
+             account: str | None = None, qos: str | None = None) -> HoldView:
         """Record the Slurm job id of a hold (PrologSlurmctld does this); the same id again is a
         no-op. ``user``/``account`` are the job's, as Slurm reports them: a hold binds only to
-        a job of the user and account it was reserved for, and only to one job."""
+        a job of the user and account it was reserved for, and only to one job.
+
+        ``qos`` is the QOS Slurm runs the job in — its association's default when the job
+        named none (job_submit cannot see it), or one ``scontrol update`` set since: a
+        pending hold held for another QOS is re-priced to it in the same transaction (see
+        :meth:`_requalify`); a token that cannot pay the difference refuses the bind."""
         def run(tx: Tx) -> dict:
             hold = self._hold_row(tx.conn, hold_id, lock=True)
             if hold.job_id not in (None, job_id):
@@ -475,9 +491,49 @@ class HoldOps:
                 tx.event("bind", account=hold.account, token_id=hold.token_id, hold_id=hold_id,
                          data={"job_id": job_id})
                 tx.flush()
+            if qos and qos != (hold.qos or "") and hold.state == "pending":
+                partitions = [p for p in (hold.partition or "").split(",") if p]
+                multiplier = self.tiers(tx.conn).hold_ppm(partitions, qos)
+                if multiplier == hold.multiplier_ppm:  # the same price: say which QOS
+                    tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(qos=qos))
+                else:
+                    self._requalify(tx, hold_id, qos, multiplier)
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
         return HoldView.from_dict(self._write(run))
+
+    def _requalify(self, tx: Tx, hold_id: str, qos: str, multiplier: int) -> None:
+        """Re-price a pending hold for the QOS its job runs in: the same request at that
+        QOS's ``multiplier`` (partition candidates and time of use as before). The
+        difference is escrowed from the token (refused when it cannot pay) or returned to
+        it; never below what the hold has charged already."""
+        hold, facts, token_row = self._locked(tx, hold_id)
+        data = {"qos": qos, "was_qos": hold.qos, "multiplier_ppm": multiplier,
+                "was_multiplier_ppm": hold.multiplier_ppm}
+        amount = hold_cost(hold.gpus, hold.seconds, hold.tasks, hold.rate_ppm,
+                           hold.share or 1, multiplier)
+        delta = max(amount, facts.charged) - facts.held
+        escrow = tx.wallet_id("system:escrow")
+        if delta > 0:
+            refuse_unless_live(token_row, tx.now)
+            available = self._balance(tx.conn, token_row.wallet_id)
+            if delta > available:
+                raise Refusal(Reason.INSUFFICIENT,
+                              f"the job runs in QOS {qos} ({fmt_rate(multiplier)}x): needs "
+                              f"{fmt_hours(delta)} GPU-h more, token {hold.token_id} has "
+                              f"{fmt_hours(available)} GPU-h left",
+                              token_id=hold.token_id, needed=delta, available=available)
+            tx.move("resize", token_row.wallet_id, escrow, delta, account=facts.account,
+                    token_id=facts.token_id, hold_id=hold_id, data=data)
+        elif delta < 0:
+            tx.move("resize", escrow, self._return_to(tx, token_row), -delta,
+                    account=facts.account, token_id=facts.token_id, hold_id=hold_id, data=data)
+        else:
+            tx.event("resize", account=facts.account, token_id=facts.token_id, hold_id=hold_id,
+                     data=data)
+        tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
+            amount=HO.c.amount + delta, qos=qos, multiplier_ppm=multiplier))
+        tx.flush()
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""``gpuledger report render|send|log`` and ``gpuledger alerts send|list``."""
+"""``gpuledger report render|send|log``, ``gpuledger alerts send|list`` and
+``gpuledger idle send|list``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ledger.amounts import fmt_hours
 from ledger.cli.context import echo_json, echo_table, pass_app
 from ledger.errors import ConfigError
 
@@ -194,4 +196,63 @@ def alerts_list(app, account, as_json):
                 for r in rows])
 
 
-COMMANDS = [report_group, alerts_group]
+@click.group("idle")
+def idle_group():
+    """Idle GPUs: flag jobs, refund the site's share, mail each owner one digest."""
+
+
+@idle_group.command("send")
+@click.option("--days", type=click.IntRange(1, 366), default=7, show_default=True,
+              help="Look at settlements of the last DAYS days.")
+@click.option("--dry-run", is_flag=True, help="Write .eml files; refund and record nothing.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Directory for --dry-run .eml files (default ./gpuledger-idle).")
+@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@pass_app
+def idle_send(app, days, dry_run, out, as_json):
+    """Flag idle settlements ([idle] in the config), refund, and mail the digests."""
+    from . import idle as idle_mod
+
+    settings = None if dry_run and not app.config.section("smtp") else _settings(app)
+    summary = idle_mod.send_idle(app.ledger, app.config.idle, settings=settings, days=days,
+                                 dry_run=dry_run,
+                                 out=Path(out or "gpuledger-idle") if dry_run else None)
+    d = summary.to_dict()
+    if not as_json:
+        click.echo(f"{d['flagged']} newly flagged, {fmt_hours(d['refunded'])} GPU-h refunded")
+    _report_summary(d, as_json, dry_run)
+    if summary.failures:
+        sys.exit(1)
+
+
+@idle_group.command("list")
+@click.option("--days", type=click.IntRange(1, 3660), default=30, show_default=True,
+              help="Settlements of the last DAYS days.")
+@click.option("--account", help="Only this account.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def idle_list(app, days, account, as_json):
+    """Settlements flagged for idle GPUs: idle time, what it cost, refund, who was told."""
+    from datetime import timedelta
+
+    from ledger import db
+
+    from . import idle as idle_mod
+
+    ledger = app.ledger
+    with db.read(ledger.engine) as conn:
+        rows = idle_mod.notices(conn, ledger.clock() - timedelta(days=days), account)
+    if as_json:
+        return echo_json([{"charge": n.charge_id, "account": n.account, "user": n.user,
+                           "job": n.job_id, "node": n.node, "held_ms": n.held_ms,
+                           "idle_ms": n.idle_ms, "idle_max_ms": n.idle_max_ms,
+                           "idle_cost": n.idle_cost, "refund": n.refund,
+                           "charged_at": n.charged_at.isoformat(), "mailed_to": n.mailed_to}
+                          for n in rows])
+    echo_table(["JOB", "ACCOUNT", "USER", "IDLE_GPU_H", "COST_GPU_H", "REFUND_GPU_H", "MAILED"],
+               [[n.job_id or "-", n.account, n.user or "-", fmt_hours(n.idle_ms // 1000),
+                 fmt_hours(n.idle_cost), fmt_hours(n.refund), ", ".join(n.mailed_to) or "-"]
+                for n in rows])
+
+
+COMMANDS = [report_group, alerts_group, idle_group]

@@ -22,6 +22,7 @@ from sqlalchemy import Connection
 
 from ledger.amounts import SECONDS_PER_HOUR, fmt_rate
 from ledger.charge_record import ChargeRecord
+from ledger.idle import record_idle
 from ledger.token_ops import token_status
 
 from . import queries as q
@@ -107,6 +108,8 @@ class Measure:
     held_ms: int = 0
     held_all_ms: int = 0
     unmeasured_charges: int = 0  # charges with no usage figures at all
+    idle_ms: int = 0  # GPU time below the site's idle threshold (ledger.idle)
+    idle_cost: int = 0  # what that idle time cost (GPU-s)
 
     @classmethod
     def of_usage(cls, usage: Any) -> Measure:
@@ -121,6 +124,7 @@ class Measure:
             if g.measured:
                 m.held_ms += g.held_ms
                 m.busy_ms += g.busy_ms
+        m.idle_ms, m.idle_cost = record_idle(record)
         return m
 
     def add(self, other: Measure) -> None:
@@ -128,15 +132,12 @@ class Measure:
         self.held_ms += other.held_ms
         self.held_all_ms += other.held_all_ms
         self.unmeasured_charges += other.unmeasured_charges
+        self.idle_ms += other.idle_ms
+        self.idle_cost += other.idle_cost
 
     @property
     def efficiency(self) -> float | None:
         return self.busy_ms / self.held_ms if self.held_ms else None
-
-    @property
-    def idle_ms(self) -> int:
-        """Measured GPU time held but not busy (idle GPU time)."""
-        return self.held_ms - self.busy_ms
 
     @property
     def coverage(self) -> float | None:

@@ -1,4 +1,4 @@
-"""Tables owned by reports: the send log, alerts and their deliveries.
+"""Tables owned by reports: the send log, alerts and their deliveries, idle notices.
 
 They live on their own metadata (:class:`ReportBase`) with their own migration branch
 (``reports/migrations``, see ``reports.schema``); the ledger's schema knows nothing of them.
@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import JSON, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ledger.models import NAMING_CONVENTION, UTCDateTime
+from ledger.models import BINARY_TEXT, NAMING_CONVENTION, Amount, UTCDateTime
 
 
 class ReportBase(DeclarativeBase):
@@ -74,3 +74,29 @@ class AlertDelivery(ReportBase):
     recipient: Mapped[str] = mapped_column(String(254))
     message_id: Mapped[str | None] = mapped_column(String(254), nullable=True)
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class IdleNotice(ReportBase):
+    """A settlement flagged for idle GPUs (``ledger.idle``): what idle cost, the refund it
+    got (journaled on its hold under ``idle:charge:<id>``) and the digest that told the
+    owner. One row per charge, so a re-run refunds and mails nothing twice."""
+
+    __tablename__ = "idle_notices"
+    __table_args__ = (Index(None, "owner", "mailed_at"), BINARY_TEXT)
+
+    charge_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    hold_id: Mapped[str] = mapped_column(String(64))
+    account: Mapped[str] = mapped_column(String(64))
+    user: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    node: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    owner: Mapped[str] = mapped_column(String(80))  # "user:<name>" or "account:<name>"
+    held_ms: Mapped[int] = mapped_column(Amount)
+    idle_ms: Mapped[int] = mapped_column(Amount)
+    idle_max_ms: Mapped[int] = mapped_column(Amount)
+    idle_cost: Mapped[int] = mapped_column(Amount)
+    refund: Mapped[int] = mapped_column(Amount)
+    charged_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    mailed_to: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    mailed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

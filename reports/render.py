@@ -164,7 +164,8 @@ def _statement(st: Statement) -> dict:
 
 def _usage(u: UsageLine) -> dict:
     return {"key": u.key, "jobs": u.jobs,
-            **_amounts(charged=u.charged, returned=u.returned, refunded=u.refunded),
+            **_amounts(charged=u.charged, returned=u.returned, refunded=u.refunded,
+                       idle_cost=u.measure.idle_cost),
             "busy_ms": u.measure.busy_ms, "measured_held_ms": u.measure.held_ms,
             "idle_ms": u.measure.idle_ms, "efficiency": _ratio(u.measure.efficiency)}
 

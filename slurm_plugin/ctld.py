@@ -77,7 +77,16 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
         try:
             bound = client.request("bind", hold=mark.hold_id, job=owner, user=e.user or "",
                                    account=e.account or "", task=e.job_id, restart=e.restart,
-                                   **_sluid(e))
+                                   qos=record.qos or "", **_sluid(e))
+        except Refusal as exc:  # its QOS costs more than the hold, and the token lacks it
+            why = f"gpu-token: {exc.message}; job cancelled before it ran"
+            h.log.info("cancelling: %s", why)
+            try:
+                client.request("void", hold=mark.hold_id, reason=why)
+            except LedgerError as void_exc:  # the reconciler voids it after the grace
+                h.log.error("could not void hold %s: %s", mark.hold_id, void_exc)
+            reader.cancel(e.job_id, why)
+            return 0
         except (DaemonUnavailable, DaemonError) as exc:
             if getattr(exc, "reason", "") in ("state", "not_found"):
                 why = f"gpu-token: {exc}; job cancelled"
@@ -117,7 +126,7 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
                   type=gtypes[0] if len(gtypes) == 1 else "", tasks=1, user=e.user or "",
                   account=e.account or "", partition=e.partition or "",
                   key=f"start:{e.sluid}" if e.sluid else f"start:{e.job_id}:{e.restart}",
-                  job=e.job_id)
+                  job=e.job_id, qos=record.qos or "")
     if shares:  # shard/mps: Slurm counts no gres/gpu for them; the request says the share
         kind, per_node, gtype = shares
         fields.update(gres=kind, per_node=per_node, gpus=per_node * max(1, len(record.nodes)),

@@ -214,6 +214,7 @@ class JobRecord:
     superseded: bool = False  # sacct -D: a later run of the same job exists
     tres_per_node: str | None = None  # scontrol's TresPerNode (--gres), e.g. gres:shard:3
     sluid: str | None = None  # this run's SLUID (25.11+: SLURM_JOB_SLUID in the hooks)
+    qos: str | None = None  # the QOS it runs in (scontrol's QOS=)
 
     @property
     def active(self) -> bool:
@@ -269,6 +270,7 @@ def parse_scontrol_job(line: str) -> JobRecord:
         user=(d.get("UserId") or "").split("(")[0] or None, account=d.get("Account") or None,
         sluid=sluid(d.get("SLUID")),  # 25.11+, with -d (slurm-25-11-7-1 src/scontrol/info_job.c)
         tres_per_node=d.get("TresPerNode") or None,
+        qos=d.get("QOS") if d.get("QOS") not in (None, "", "(null)", "N/A") else None,
     )
     return record
 

@@ -435,6 +435,13 @@ def test_no_node_file_holds_the_database_password(tmp_path):
     assert node["charge"]["policy"] == "allocated" and node["cluster"] == "hpc1"
     ctl = (root / "controller/etc/gpuledger.toml").read_text()
     assert "[smtp]" in ctl and "password_file" in ctl and "[keys]" in ctl
+    # the controller (idle digests) and the nodes' agent (idle counting, cancel) read one
+    # [idle] table from the same role variables, through the same parser
+    from ledger.idle import IdlePolicy
+    from slurm_plugin.agent.config import AgentConfig
+
+    agent = AgentConfig.load(str(root / "node/etc/agent.toml"))
+    assert agent.idle == IdlePolicy() and "[idle]" in ctl
 
 
 def test_python_of_at_least_3_11_is_found_or_the_play_says_what_to_install(tmp_path):

@@ -157,7 +157,7 @@ def test_multi_node_job_settles_once_when_every_node_reported(world):
     assert (h.state, h.charged, h.returned) == ("posted", 61, 1200 - 61)
     usage = {c["node"]: c["usage"] for c in ledger.charges(hold.id)}
     assert usage["n1"]["gpus"][0]["held_ms"] == 30000 and usage["n1"]["source"] == "held"
-    assert usage["n2"]["policy"] == "allocated" and usage["n2"]["version"] == 2
+    assert usage["n2"]["policy"] == "allocated" and usage["n2"]["version"] == 3
     assert [g["measured"] for g in usage["n2"]["gpus"]] == [False]
     assert fake.asked == ["7"]  # one scontrol call, on the controller, for the job alone
 
@@ -226,6 +226,30 @@ def test_prolog_slurmctld_cancels_a_job_whose_token_was_revoked(world):
     ctld.prolog_slurmctld(hook(world, "40"), fake, DirectClient(ledger))
     assert fake.cancelled and fake.cancelled[0][0] == "40" and "revoked" in fake.cancelled[0][1]
     assert ledger.hold(hold.id).state == "voided"
+
+
+def test_prolog_slurmctld_reprices_for_the_qos_slurm_runs_the_job_in(world):
+    """job_submit held it at 1 (no --qos); the association's default QOS is premium (2x):
+    the bind re-prices the hold; a token that cannot pay it gets the job cancelled."""
+    ledger, clock, _token, _cfg, fake, _ = world
+    ledger.set_multiplier("qos", "premium", 2_000_000)
+    hold = reserve(world)
+    fake.live["60"] = rec("60", "CONFIGURING", hold, clock=clock)
+    fake.live["60"].qos = "premium"
+    client = DirectClient(ledger)
+    assert ctld.prolog_slurmctld(hook(world, "60"), fake, client) == 0
+    assert client.calls[0][1]["qos"] == "premium" and fake.cancelled == []
+    h = ledger.hold(hold.id)
+    assert (h.amount, h.qos, h.job_id) == (1200, "premium", "60")
+    poor, _ = ledger.mint("physics", 700)
+    thin = reserve(world, token=poor)
+    fake.live["61"] = rec("61", "CONFIGURING", thin, clock=clock)
+    fake.live["61"].qos = "premium"
+    assert ctld.prolog_slurmctld(hook(world, "61"), fake, DirectClient(ledger)) == 0
+    assert fake.cancelled == [("61", "gpu-token: the job runs in QOS premium (2x): needs "
+                                     "0.167 GPU-h more, token " + thin.token_id + " has 0.028 "
+                                     "GPU-h left; job cancelled before it ran")]
+    assert ledger.hold(thin.id).state == "voided" and ledger.verify_journal().ok
 
 
 def test_prolog_slurmctld_completes_or_refuses_a_deferred_reservation(world):

@@ -104,6 +104,40 @@ def test_resize_to_another_partition_reprices_the_multiplier(tiered):
     assert tiered.inspect(hold.token_id).held == H // 4
 
 
+def test_bind_reprices_the_hold_for_the_qos_the_job_runs_in(tiered):
+    """A job without --qos runs in its association's default QOS (job_submit cannot see it)
+    or one `scontrol update` set: PrologSlurmctld binds with it and the hold follows."""
+    rich, _ = tiered.mint("physics", 100 * H)
+    hold = tiered.reserve(rich, HoldRequest(gpus=1, seconds=H, gpu_type="h100",
+                                            partition="gpu"))
+    rows = len(tiered.journal())
+    same = tiered.bind(hold.id, "77", qos="normal")  # no multiplier: the same price
+    assert (same.amount, same.qos, same.job_id) == (H, "normal", "77")
+    assert len(tiered.journal()) == rows + 1  # the bind; no resize row
+    up = tiered.bind(hold.id, "77", qos="premium")
+    assert (up.amount, up.qos, up.multiplier_ppm) == (2 * H, "premium", 2_000_000)
+    assert tiered.inspect(hold.token_id).held == 2 * H
+    last = tiered.journal()[-1]
+    assert (last["kind"], last["amount"]) == ("resize", H)
+    assert tiered.bind(hold.id, "77", qos="premium").amount == 2 * H  # again: nothing
+    down = tiered.bind(hold.id, "77", qos="normal")
+    assert (down.amount, down.multiplier_ppm) == (H, 1_000_000)
+    assert tiered.verify_journal().ok
+
+
+def test_a_token_that_cannot_pay_the_qos_refuses_the_bind_and_nothing_moves(tiered):
+    poor, _ = tiered.mint("physics", H + H // 2)
+    hold = tiered.reserve(poor, HoldRequest(gpus=1, seconds=H, gpu_type="h100"))
+    with pytest.raises(Refusal) as exc:
+        tiered.bind(hold.id, "78", qos="premium")
+    assert exc.value.reason == Reason.INSUFFICIENT
+    assert exc.value.message == (f"the job runs in QOS premium (2x): needs 1.000 GPU-h more, "
+                                 f"token {hold.token_id} has 0.500 GPU-h left")
+    h = tiered.hold(hold.id)
+    assert (h.amount, h.job_id, h.qos, h.state) == (H, None, None, "pending")
+    assert tiered.verify_journal().ok
+
+
 def test_quote_names_the_multiplier_and_the_cheapest_tier(tiered):
     q = tiered.tier_quote(HoldRequest(gpus=1, seconds=H, gpu_type="h100", partition="gpu"))
     assert q == {"multiplier_ppm": 1_000_000, "cheapest": "partition scavenger",

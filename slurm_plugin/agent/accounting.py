@@ -1,4 +1,5 @@
-"""Per-job, per-GPU running sums: held, busy, energy, peak memory, gaps."""
+"""Per-job, per-GPU running sums: held, busy, energy, peak memory, gaps, idle (below the
+site's idle threshold, ``ledger.idle``: total, the current stretch and the longest)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class GpuState:
     peak_mem_bytes: int = 0
     gaps_ms: int = 0
     util_seen: bool = False
+    idle_ms: int = 0
+    idle_run_ms: int = 0  # the idle stretch going on now (0: busy, or not observed)
+    idle_max_ms: int = 0
 
     def binding(self) -> GpuBinding:
         return GpuBinding(self.index, self.uuid, self.measured, self.reason)
@@ -47,6 +51,7 @@ class JobState:
     finished: bool = False
     resumed: bool = False  # next interval follows an agent outage: count it as a gap
     sluid: str | None = None  # the run's SLUID (Slurm 25.11+), when the prolog had one
+    cancel_sent: bool = False  # the agent asked Slurm to cancel it for idleness
 
     @property
     def key(self) -> tuple[int, int]:
@@ -63,6 +68,8 @@ class JobState:
         d.pop("resumed")
         if d["sluid"] is None:
             d.pop("sluid")  # files as before for runs without one
+        if not d["cancel_sent"]:
+            d.pop("cancel_sent")
         d["version"] = STATE_VERSION
         return d
 
@@ -74,6 +81,7 @@ class JobState:
         return cls(
             int(d["job_id"]), int(d["restart"]), int(d["start_ms"]), int(d["last_ms"]),
             gpus, bool(d["finished"]), sluid=str(d["sluid"]) if d.get("sluid") else None,
+            cancel_sent=bool(d.get("cancel_sent", False)),
         )
 
 
@@ -94,8 +102,10 @@ def baseline(job: JobState, samples: Mapping[str, Sample | None]) -> None:
             g.peak_mem_bytes = max(g.peak_mem_bytes, s.mem_used_bytes)
 
 
-def advance(job: JobState, now_ms: int, samples: Mapping[str, Sample | None]) -> None:
-    """Account the interval (job.last_ms, now_ms] with samples taken at now_ms."""
+def advance(job: JobState, now_ms: int, samples: Mapping[str, Sample | None],
+            idle_below_bp: int = 0) -> None:
+    """Account the interval (job.last_ms, now_ms] with samples taken at now_ms; a sample
+    below ``idle_below_bp`` makes the interval idle (a gap ends an idle stretch)."""
     dt = now_ms - job.last_ms
     if dt < 0:
         log.warning("gpuledger-agent: clock went back %d ms for job %d", -dt, job.job_id)
@@ -109,9 +119,17 @@ def advance(job: JobState, now_ms: int, samples: Mapping[str, Sample | None]) ->
             continue
         if s is None or s.util_pct is None or job.resumed:
             g.gaps_ms += dt
+            g.idle_run_ms = 0
         else:
-            g.busy_bp_ms += dt * util_bp(s.util_pct)
+            bp = util_bp(s.util_pct)
+            g.busy_bp_ms += dt * bp
             g.util_seen = True
+            if bp < idle_below_bp:
+                g.idle_ms += dt
+                g.idle_run_ms += dt
+                g.idle_max_ms = max(g.idle_max_ms, g.idle_run_ms)
+            else:
+                g.idle_run_ms = 0
         if s is None:
             continue
         if s.energy_mj is not None:
@@ -135,6 +153,7 @@ def close_unobserved(job: JobState, now_ms: int) -> None:
     for g in job.gpus:
         if g.measured:
             g.gaps_ms += dt
+            g.idle_run_ms = 0
     job.last_ms = max(job.last_ms, now_ms)
     job.finished = True
 
@@ -159,6 +178,15 @@ def usage(job: JobState, source: str = "agent") -> JobUsage:
                 measured=measured,
                 gaps_ms=min(held, g.gaps_ms) if measured else 0,
                 reason=reason,
+                idle_ms=min(held, g.idle_ms) if measured else 0,
+                idle_max_ms=min(held, g.idle_max_ms) if measured else 0,
             )
         )
     return JobUsage(job.job_id, job.restart, gpus, job.finished, source)
+
+
+def idle_for_ms(job: JobState) -> int | None:
+    """How long every measured GPU of a running job has been idle without a break (the
+    shortest current stretch); None when the job has no measured GPU."""
+    runs = [g.idle_run_ms for g in job.gpus if g.measured and g.util_seen]
+    return min(runs) if runs else None

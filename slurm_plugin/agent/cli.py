@@ -26,6 +26,7 @@ async def run_agent(cfg: AgentConfig) -> None:
         specs,
         mig_minors=cfg.mig_minor_map(),
         keep_finished_s=cfg.keep_finished_days * 86400,
+        idle=cfg.idle,
     )
     agent.start()
     server = AgentServer(agent, cfg.socket, float(cfg.interval), allowed_uids=cfg.allowed_uids)

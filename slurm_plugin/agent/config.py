@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ledger.errors import ConfigError
+from ledger.idle import IdlePolicy
+from ledger.idle import parse as parse_idle
 from slurm_plugin.agent.gresconf import (
     DEFAULT_GRES_CONF,
     DEFAULT_MIG_MINORS,
@@ -34,22 +37,29 @@ class AgentConfig:
     mig_minors: str = DEFAULT_MIG_MINORS
     allowed_uids: list[int] | None = None
     keep_finished_days: float = 7.0
+    idle: IdlePolicy = field(default_factory=IdlePolicy)  # the file's [idle] table
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> AgentConfig:
         data: dict[str, Any] = {}
+        idle = IdlePolicy()
         if path:
             raw = tomllib.loads(Path(path).read_text())
+            if isinstance(raw.get("idle"), dict):
+                try:
+                    idle = parse_idle(raw["idle"], f"{path}: [idle]")
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
             if "agent" in raw:
                 data = dict(raw["agent"])
             else:  # a flat file, or a shared file without an [agent] table
                 data = {k: v for k, v in raw.items() if not isinstance(v, dict)}
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"idle"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown agent settings: {', '.join(sorted(unknown))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls(**data)
+        cfg = cls(**data, idle=idle)
         if not 0.05 <= float(cfg.interval) <= 3600:
             raise ValueError("interval must be between 0.05 and 3600 seconds")
         return cfg

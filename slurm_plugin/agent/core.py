@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from ledger.idle import IdlePolicy
 from slurm_plugin.agent import accounting
 from slurm_plugin.agent.accounting import GpuState, JobState
 from slurm_plugin.agent.gpumap import GpuMap
@@ -16,6 +17,19 @@ from slurm_plugin.nvml import DeviceInfo, Nvml, NvmlError, Sample
 log = logging.getLogger("gpuledger.agent")
 
 Clock = Callable[[], int]
+Canceller = Callable[[int, str], None]
+
+
+def scancel(job_id: int, reason: str) -> None:
+    """Ask Slurm to cancel a job (the agent runs as root on the node). It runs in the
+    sampling loop, so a controller that does not answer costs one round at most 5 s (and a
+    retry after ``retry_ms``), never a stalled agent."""
+    import subprocess
+
+    out = subprocess.run(["scancel", str(job_id)], capture_output=True, text=True, timeout=5,
+                         check=False)
+    if out.returncode:
+        raise OSError(f"scancel {job_id}: {(out.stderr or out.stdout).strip()}")
 
 
 def wall_ms() -> int:
@@ -35,6 +49,8 @@ class Agent:
         mig_minors: dict[int, tuple[int, int]] | None = None,
         retry_ms: int = 60_000,
         keep_finished_s: float = 7 * 86400,
+        idle: IdlePolicy | None = None,
+        canceller: Canceller = scancel,
     ) -> None:
         self.spool = spool
         self.specs = list(specs)
@@ -43,6 +59,8 @@ class Agent:
         self.mig_minors = mig_minors or {}
         self.retry_ms = retry_ms
         self.keep_finished_s = keep_finished_s
+        self.idle = idle or IdlePolicy()
+        self.canceller = canceller
         self.jobs: dict[tuple[int, int], JobState] = {}
         self.devices: list[DeviceInfo] = []
         self.gpumap = GpuMap([], self.specs)
@@ -50,6 +68,7 @@ class Agent:
         self._next_open_ms = 0
         self._next_prune_ms = 0
         self._lost: set[str] = set()
+        self._cancel_next: dict[tuple[int, int], int] = {}
 
     # -- lifetime -------------------------------------------------------
     def start(self) -> None:
@@ -125,7 +144,8 @@ class Agent:
         samples = self.sample(self.all_uuids())
         now = self.clock()
         for job in self.jobs.values():
-            accounting.advance(job, now, samples)
+            accounting.advance(job, now, samples, self.idle.threshold_bp)
+            self._cancel_if_idle(job)
             self._persist(job)
         if now >= self._next_prune_ms:
             self._next_prune_ms = now + 3_600_000
@@ -133,6 +153,27 @@ class Agent:
                 self.spool.prune(self.keep_finished_s, now / 1000)
             except OSError as exc:
                 log.error("gpuledger-agent: spool prune failed: %s", exc)
+
+    def _cancel_if_idle(self, job: JobState) -> None:
+        """Cancel a job whose every measured GPU stayed idle past the flag and the grace
+        (``ledger.idle``; off unless the site sets cancel_after_s). Asked once per run."""
+        limit = self.idle.cancel_at_ms
+        if limit is None or job.cancel_sent or self.clock() < self._cancel_next.get(job.key, 0):
+            return
+        idle_for = accounting.idle_for_ms(job)
+        if idle_for is None or idle_for < limit:
+            return
+        why = (f"every GPU below {self.idle.threshold_pct} % for {idle_for // 1000} s "
+               f"(idle cancel after {limit // 1000} s)")
+        job.cancel_sent = True
+        try:
+            self.canceller(job.job_id, why)
+        except Exception as exc:  # noqa: BLE001 - the agent goes on; try again next round
+            job.cancel_sent = False
+            self._cancel_next[job.key] = self.clock() + self.retry_ms
+            log.error("gpuledger-agent[%d]: cannot cancel the idle job: %s", job.job_id, exc)
+            return
+        log.warning("gpuledger-agent[%d]: cancelled: %s", job.job_id, why)
 
     def _persist(self, job: JobState) -> None:
         try:
@@ -193,7 +234,7 @@ class Agent:
         if not finish:
             return accounting.usage(job)
         samples = self.sample([g.uuid for g in job.gpus if g.uuid])
-        accounting.advance(job, self.clock(), samples)
+        accounting.advance(job, self.clock(), samples, self.idle.threshold_bp)
         job.finished = True
         self._persist(job)
         del self.jobs[key]

@@ -36,6 +36,8 @@ class GpuUsage:
     measured: bool
     gaps_ms: int = 0
     reason: str | None = None
+    idle_ms: int = 0  # below the site's idle threshold (ledger.idle)
+    idle_max_ms: int = 0  # the longest unbroken idle stretch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +54,8 @@ class GpuUsage:
             measured=bool(d["measured"]),
             gaps_ms=int(d.get("gaps_ms", 0)),
             reason=d.get("reason"),
+            idle_ms=int(d.get("idle_ms", 0)),
+            idle_max_ms=int(d.get("idle_max_ms", 0)),
         )
 
 

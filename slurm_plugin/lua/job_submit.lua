@@ -30,7 +30,8 @@ and source file it was read from):
   is how the script tells the two apart (slurm.ESLURM_INVALID_JOB_ID).
 * job_desc.qos (--qos) is sent as it is (a comma list of QOS from 24.11): the ledger
   prices the hold at the largest QOS multiplier among them. A job without --qos runs in
-  its association's default QOS, which this script cannot see: it is priced at 1.
+  its association's default QOS, which this script cannot see: it is held at 1, and
+  PrologSlurmctld re-prices the hold to the QOS the job starts in.
 * job_rec.original_sluid (26.05) is the job's SLUID: named in the modify log line.
 
 Settings: key = value lines in /etc/gpuledger/job_submit.conf (or the file named by

@@ -48,11 +48,11 @@ class FakeAgent:
         self.log = root / "agent.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
         cmd = [sys.executable, str(REPO / "tests/fakenvml/live.py"), "--control", str(CONTROL),
                "--epoch-ms", str(EPOCH_MS), "--gpus", "h100:0,h100:1,a100:2,a100:3", "--",
                "--socket", str(AGENT_SOCKET), "--spool", str(self.spool),
-               "--interval", str(INTERVAL)]
+               "--interval", str(INTERVAL), *extra]
         with open(self.log, "a") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         from slurm_plugin.agent import client
@@ -141,7 +141,7 @@ def test_measured_charge_follows_the_gpu_trace(s, agent):
     charges = s.ledger.charges(hold.id)
     assert len(charges) == 1, charges
     record = charges[0]["usage"]
-    assert record["policy"] == "measured" and record["version"] == 2, record
+    assert record["policy"] == "measured" and record["version"] == 3, record
     assert [g["measured"] for g in record["gpus"]] == [True, True], record
     gpus = {u.index: u for u in usage_of(charges[0])}
     assert set(gpus) == {0, 1}
@@ -204,6 +204,51 @@ def test_idle_gpu_pays_the_floor(s, agent):
     (u,) = usage_of(s.ledger.charges(hold.id)[0])
     assert u.measured and u.busy_ms == 0 and u.gaps_ms == 0, u
     assert h.charged == math.ceil(math.ceil(u.held_ms / 4) / 1000)  # floor 0.25 x held
+    # below the default idle threshold (5 %) all along: idle in one stretch, to an interval
+    assert u.held_ms - 2 * INTERVAL * 1000 <= u.idle_max_ms == u.idle_ms <= u.held_ms, u
+
+
+def test_a_wholly_idle_job_is_cancelled_after_the_grace_then_flagged_and_refunded(s, agent):
+    """[idle] flag_after_s = 2, cancel_after_s = 2 in the agent's file: the agent cancels
+    (real scancel) a job whose GPU has been idle 4 s in one stretch — the busy phase before
+    restarts the count — the epilog settles what it held, and the controller's `idle send`
+    flags the settlement and refunds half of what its idle time cost, once."""
+    import re
+
+    from ledger import db
+    from ledger.idle import parse
+    from reports.idle import record, scan
+
+    conf = agent.root / "agent-idle.toml"
+    conf.write_text("[idle]\nthreshold_pct = 5\nflag_after_s = 2\ncancel_after_s = 2\n")
+    agent.kill()
+    agent.start("--config", str(conf))
+    try:
+        token, _ = s.mint()
+        job = s.sbatch(token, "--gres=gpu:h100:1", "-t", "10", wrap=job_script(
+            "sleep 1", ctl("g0", 100, 700, GIB), "sleep 3", ctl("g0", 0, 70, 0),
+            "sleep 300"))
+        hold = s.hold_of(job)
+        state = s.wait(job, timeout=90)
+    finally:
+        agent.kill()
+        agent.start()
+    log = agent.log.read_text()
+    assert state == "CANCELLED", (state, log)
+    assert re.search(rf"gpuledger-agent\[{job}\]: cancelled: every GPU below 5 % for \d+ s "
+                     r"\(idle cancel after 4 s\)", log), log
+    h = s.settled(hold.id)
+    (charge,) = s.ledger.charges(hold.id)
+    (u,) = usage_of(charge)
+    assert 4000 <= u.idle_max_ms <= u.idle_ms < u.held_ms < 60_000, u  # not the 300 s sleep
+    assert u.busy_ms >= 2500, u
+    policy = parse({"flag_after_s": 2, "refund_share": 0.5})
+    with db.read(s.ledger.engine) as conn:
+        mine = [f for f in scan(conn, policy, h.created) if f.job_id == job]
+    assert len(mine) == 1 and mine[0].idle_ms == u.idle_ms and mine[0].refund > 0, mine
+    assert record(s.ledger, policy, mine) == 1 and record(s.ledger, policy, mine) == 0
+    assert s.ledger.hold(hold.id).refunded == mine[0].refund
+    s.verify()
 
 
 def test_agent_killed_mid_job_counts_the_gap_as_busy(s, agent):

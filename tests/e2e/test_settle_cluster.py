@@ -115,6 +115,30 @@ def test_a_partition_tier_prices_the_hold_and_the_charge(s):
         s.gl("tiers", "unset", "partition", "short")
 
 
+def test_the_qos_slurm_runs_the_job_in_reprices_the_hold(s):
+    """No --qos: job_submit holds at 1, and Slurm runs the job in its association's default
+    QOS, which costs 2x here: PrologSlurmctld's bind re-prices the hold to it (a journaled
+    resize) and the epilog charges 2x the held time."""
+    token, _ = s.mint()
+    job = s.sbatch(token, "--gres=gpu:h100:1", "-t", "10", wrap="sleep 3", hold=True)
+    qos = field(job, "QOS")
+    assert qos and qos != "(null)", qos
+    s.gl("tiers", "set", "qos", qos, "2")
+    try:
+        hold = s.hold_of(job)
+        assert (hold.amount, hold.multiplier_ppm) == (600, 1_000_000)
+        sh(["scontrol", "release", job])
+        s.wait(job)
+        h = s.settled(hold.id)
+        assert (h.qos, h.multiplier_ppm, h.amount) == (qos, 2_000_000, 1200)
+        [charge] = s.ledger.charges(hold.id)
+        [gpu] = charge["usage"]["gpus"]
+        assert charge["amount"] == -(-gpu["held_ms"] * 2_000_000 // 10**9) == h.charged
+    finally:
+        s.gl("tiers", "unset", "qos", qos)
+    s.verify()
+
+
 def test_scancel_while_running_charges_what_ran(s):
     token, _ = s.mint()
     job = s.sbatch(token, "--gres=gpu:a100:1", "-t", "30", wrap="sleep 120")
