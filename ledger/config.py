@@ -40,6 +40,8 @@ class DaemonConfig:
     privileged_socket: str | None = None
     slurm_user: str = "slurm"
     max_line: int = 16384
+    fast_reserve: bool = False
+    fast_reserve_fresh_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,12 @@ def parse(raw: dict, p: Path) -> Config:
         privileged_socket=_get(d, "privileged_socket", str, None, p, "daemon") or None,
         slurm_user=_get(d, "slurm_user", str, "slurm", p, "daemon"),
         max_line=_get(d, "max_line", int, DaemonConfig.max_line, p, "daemon"),
+        fast_reserve=_get(d, "fast_reserve", bool, False, p, "daemon"),
+        fast_reserve_fresh_s=float(_get(d, "fast_reserve_fresh_s", (int, float), 2.0, p,
+                                        "daemon")),
     )
+    if not 0.1 <= daemon.fast_reserve_fresh_s <= 60:
+        raise ConfigError(f"{p}: [daemon] fast_reserve_fresh_s must be between 0.1 and 60")
     s = _table(raw, "submit", p)
     submit = SubmitConfig(
         timeout=float(_get(s, "timeout", (int, float), 1.0, p, "submit")),
@@ -189,6 +196,12 @@ socket = "/run/gpuledger/gpuledger.sock"
 # Point job_submit.conf's `socket` at it: no flood of users' connections keeps slurmctld out.
 # privileged_socket = "/run/gpuledger/gpuledger-slurm.sock"
 slurm_user = "slurm"
+# Answer slurmctld's reserves from memory and write them in batches a few ms later
+# (ledger/daemon/fastpath.py): the submit path stops waiting for a commit. A hold the
+# daemon answered but could not write (it died, the token was spent meanwhile) is
+# reserved again, or its job cancelled, when the job starts.
+# fast_reserve = false
+# fast_reserve_fresh_s = 2.0   # how old a token's balance may be to answer from it
 
 [submit]
 # Seconds job_submit.lua waits for the daemon before giving up.

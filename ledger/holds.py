@@ -10,7 +10,8 @@ if the token was revoked meanwhile, or to ``system:expired`` if it expired.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
 
@@ -18,7 +19,8 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from .amounts import PPM, check_amount, fmt_hours, fmt_rate
 from .charge_record import ChargeRecord
-from .errors import IdempotencyConflict, InvalidInput, NotFound, Reason, Refusal, StateError
+from .errors import (IdempotencyConflict, InvalidInput, LedgerError, NotFound, Reason, Refusal,
+                     StateError)
 from .facts import HoldFacts, hold_facts
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
@@ -66,6 +68,17 @@ KEEP = _Keep()
 
 def new_hold_id() -> str:
     return "hold_" + secrets.token_hex(10)
+
+
+@dataclass(frozen=True)
+class ReserveItem:
+    """One reserve of :meth:`HoldOps.reserve_many`."""
+
+    hold_id: str
+    token: str
+    request: HoldRequest
+    key: str | None = None
+    job_id: str | None = None
 
 
 def hold_view(row) -> HoldView:
@@ -162,8 +175,17 @@ class HoldOps:
     # -- reserve --------------------------------------------------------------------------------
 
     def reserve(self, token: str, request: HoldRequest, key: str | None = None,
-                *, job_id: str | None = None) -> HoldView:
-        """Hold the request's maximum cost, or raise a Refusal saying why not (with numbers)."""
+                *, job_id: str | None = None, hold_id: str | None = None) -> HoldView:
+        """Hold the request's maximum cost, or raise a Refusal saying why not (with numbers).
+        ``hold_id``: the id to give the hold (one the daemon already answered), else a new
+        one."""
+        claims, fields, run = self._reserve_fn(token, request, job_id, hold_id)
+        return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
+
+    def _reserve_fn(self, token: str, request: HoldRequest, job_id: str | None,
+                    hold_id: str | None):
+        """(claims, idempotency fields, the transaction body) of one reserve. Everything
+        that can refuse it does so before the body writes anything."""
         claims = self.check(token, request)
         if request.account is not None:
             check_account_name(request.account)
@@ -178,13 +200,34 @@ class HoldOps:
                                    multiplier)
                 if amount <= available:
                     return self._reserve_insert(tx, claims, request, job_id, account, wallet_id,
-                                                rate, amount, share, multiplier)
-            return self._reserve_checked(tx, claims, token, request, job_id, share)
+                                                rate, amount, share, multiplier, hold_id)
+            return self._reserve_checked(tx, claims, token, request, job_id, share, hold_id)
 
-        return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
+        return claims, fields, run
+
+    def reserve_many(self, items: Sequence[ReserveItem]) -> list[HoldView | LedgerError]:
+        """Several reserves in one transaction — the daemon writes the holds it answered
+        from memory this way (``ledger.daemon.fastpath``) — each as :meth:`reserve` with
+        its own hold id and key. An item that cannot be reserved now (its token spent,
+        revoked or expired since the answer) gets its error in the list and the others go
+        in: every check that refuses an item does so before it writes anything."""
+        def run(tx: Tx) -> list:
+            out: list = []
+            for item in items:
+                try:
+                    _claims, fields, body = self._reserve_fn(item.token, item.request,
+                                                             item.job_id, item.hold_id)
+                    result = (self._once(tx, "reserve", item.key, fields, body) if item.key
+                              else body(tx))
+                    out.append(HoldView.from_dict(result))
+                except LedgerError as exc:
+                    out.append(exc)
+            return out
+
+        return self._write(run)
 
     def _reserve_checked(self, tx: Tx, claims: Claims, token: str, request: HoldRequest,
-                         job_id: str | None, share: int) -> dict:
+                         job_id: str | None, share: int, hold_id: str | None = None) -> dict:
         """The full checks, each with its own refusal (the fast path declined)."""
         try:
             row = self._token_row(tx.conn, claims.id, lock=True)
@@ -213,12 +256,12 @@ class HoldOps:
                           f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
                           available=available)
         return self._reserve_insert(tx, claims, request, job_id, row.account, row.wallet_id,
-                                    rate, amount, share, multiplier)
+                                    rate, amount, share, multiplier, hold_id)
 
     def _reserve_insert(self, tx: Tx, claims: Claims, request: HoldRequest, job_id, account: str,
                         wallet_id: int, rate: int, amount: int, share: int,
-                        multiplier: int) -> dict:
-        hold_id = new_hold_id()
+                        multiplier: int, hold_id: str | None = None) -> dict:
+        hold_id = hold_id or new_hold_id()
         tx.conn.execute(_HOLD_PUT, dict(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
             partition=request.partition, cluster=request.cluster or self.cluster,

@@ -87,28 +87,12 @@ class LedgerBase:
         """Run ``fn`` once per ``key``; replays get the stored result back."""
         if key is None:
             return self._write(fn)
-        if not isinstance(key, str) or not 0 < len(key) <= 200:
-            raise InvalidInput("idempotency key must be 1 to 200 characters")
-        fp = fingerprint({"op": op, **fields})
 
         def stored(conn: Connection) -> dict | None:
-            row = conn.execute(_IDEM_GET, {"k": key}).one_or_none()
-            if row is None:
-                return None
-            if row.op != op or row.fingerprint != fp:
-                raise IdempotencyConflict(
-                    f"idempotency key {key!r} was already used for a different {row.op} request"
-                )
-            return row.result
+            return self._stored(conn, op, key, fields)
 
         def run(tx: Tx) -> dict:
-            previous = stored(tx.conn)
-            if previous is not None:
-                return previous
-            result = fn(tx)
-            tx.conn.execute(_IDEM_PUT, {"key": key, "op": op, "fingerprint": fp,
-                                        "result": result, "created_at": tx.now})
-            return result
+            return self._once(tx, op, key, fields, fn)
 
         for _attempt in range(3):
             try:
@@ -125,6 +109,31 @@ class LedgerBase:
                     raise
                 return previous
         return self._write(run)
+
+    @staticmethod
+    def _stored(conn: Connection, op: str, key: str, fields: dict) -> dict | None:
+        """The stored result of ``key``, None when it is new; IdempotencyConflict when it
+        was used for another request."""
+        if not isinstance(key, str) or not 0 < len(key) <= 200:
+            raise InvalidInput("idempotency key must be 1 to 200 characters")
+        row = conn.execute(_IDEM_GET, {"k": key}).one_or_none()
+        if row is None:
+            return None
+        if row.op != op or row.fingerprint != fingerprint({"op": op, **fields}):
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} was already used for a different {row.op} request")
+        return row.result
+
+    def _once(self, tx: Tx, op: str, key: str, fields: dict, fn: Callable[[Tx], dict]) -> dict:
+        """Inside a transaction: the stored result of ``key``, else ``fn``'s, stored."""
+        previous = self._stored(tx.conn, op, key, fields)
+        if previous is not None:
+            return previous
+        result = fn(tx)
+        tx.conn.execute(_IDEM_PUT, {"key": key, "op": op,
+                                    "fingerprint": fingerprint({"op": op, **fields}),
+                                    "result": result, "created_at": tx.now})
+        return result
 
     def _read(self):
         return db.read(self.engine)

@@ -88,7 +88,12 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
             reader.cancel(e.job_id, why)
             return 0
         except (DaemonUnavailable, DaemonError) as exc:
-            if getattr(exc, "reason", "") in ("state", "not_found"):
+            if getattr(exc, "reason", "") == "not_found":
+                # answered from memory but never written (the daemon stopped first, or the
+                # token was spent before the write; ledger.daemon.fastpath): reserve now
+                return _reserve(h, reader, client, record,
+                                why=f"hold {mark.hold_id} was never written")
+            if getattr(exc, "reason", "") == "state":
                 why = f"gpu-token: {exc}; job cancelled"
                 h.log.error("refused to bind: %s", exc)
                 reader.cancel(e.job_id, why)

@@ -252,6 +252,25 @@ def test_prolog_slurmctld_reprices_for_the_qos_slurm_runs_the_job_in(world):
     assert ledger.hold(thin.id).state == "voided" and ledger.verify_journal().ok
 
 
+def test_a_hold_answered_but_never_written_is_reserved_at_start_or_the_job_cancelled(world):
+    """The daemon answered hold X from memory and died before writing it (fast_reserve):
+    the job names a hold the ledger does not know; it pays now from its token, or is
+    cancelled — it never runs unpaid."""
+    ledger, clock, token, _cfg, fake, _ = world
+    ghost = marks.hold_comment("hold_" + "0" * 20, ledger.token_id_of(token))
+    fake.live["70"] = rec("70", "CONFIGURING", comment=ghost, clock=clock)
+    assert ctld.prolog_slurmctld(hook(world, "70", token=token), fake, DirectClient(ledger)) == 0
+    hold = settle.job_hold(ledger, ["70"])
+    assert (hold.job_id, hold.amount, hold.state) == ("70", 600, "pending")
+    assert fake.cancelled == []
+    poor, _ = ledger.mint("physics", 10)
+    fake.live["71"] = rec("71", "CONFIGURING", comment=marks.hold_comment(
+        "hold_" + "1" * 20, ledger.token_id_of(poor)), clock=clock)
+    ctld.prolog_slurmctld(hook(world, "71", token=poor), fake, DirectClient(ledger))
+    assert fake.cancelled[-1][0] == "71" and "needs" in fake.cancelled[-1][1]
+    assert ledger.holds(job_id="71") == [] and ledger.verify_journal().ok
+
+
 def test_prolog_slurmctld_completes_or_refuses_a_deferred_reservation(world):
     ledger, clock, token, _cfg, fake, _ = world
     fake.live["50"] = rec("50", "CONFIGURING", comment=marks.DEFERRED, clock=clock)

@@ -40,8 +40,15 @@ def serve(app, socket_path, socket_group, inherited_fd):
     policy = Policy(cfg.daemon.slurm_user)
     path = socket_path or cfg.daemon.socket
 
+    fast = None
+    if cfg.daemon.fast_reserve and inherited_fd is None:  # the process slurmctld talks to
+        from .fastpath import FastReserve
+
+        fast = FastReserve(ledger, fresh_s=cfg.daemon.fast_reserve_fresh_s)
+        fast.start()
+
     def server(where, **kw) -> Server:
-        return Server(Handlers(ledger, policy, SlurmAccounts()), where,
+        return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast), where,
                       max_line=cfg.daemon.max_line, log=RequestLog(), **kw)
 
     public = server(path, group=socket_group or cfg.daemon.socket_group)
@@ -63,6 +70,8 @@ def serve(app, socket_path, socket_group, inherited_fd):
         runner.serve_forever()
     finally:
         runner.stop()
+        if fast is not None:
+            fast.stop()  # write what was answered before exiting
 
 
 def install_signal_handlers(runner, log) -> None:

@@ -99,12 +99,19 @@ def error_response(exc: BaseException) -> dict[str, object]:
     return {"ok": 0, "reason": "internal", "message": f"internal error ({type(exc).__name__})"}
 
 
+_UNQUEUED = frozenset({"reserve", "ping", "hello"})  # ops that need not wait for the writer
+
+
 class Handlers:
     """The operations of the socket, bound to one ledger."""
 
     def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None,
-                 on_fault: Callable[[Peer, dict[str, str], BaseException], None] | None = None):
+                 on_fault: Callable[[Peer, dict[str, str], BaseException], None] | None = None,
+                 fast=None):
         self.ledger = ledger
+        # reserves answered from memory and written in batches (ledger.daemon.fastpath);
+        # every other operation waits for them to be written first
+        self.fast = fast
         self.policy = policy
         self.accounts = accounts or SlurmAccounts()
         # Called with every unexpected exception (a server fault, answered ``internal``);
@@ -128,6 +135,8 @@ class Handlers:
             fn = self.ops.get(op or "")
             if fn is None:
                 raise BadRequest(f"unknown op {op!r}" if op else "missing field op")
+            if self.fast is not None and op not in _UNQUEUED:
+                self.fast.flush()
             return fn(peer, fields)
         except LedgerError as exc:
             return error_response(exc)
@@ -184,7 +193,16 @@ class Handlers:
         request = self._request(fields, self._job_user(fields))
         key = fields.get("key") or None
         job_id = _name(fields, "job")
+        if self.fast is not None and job_id is None:
+            answer = self._with_keys(lambda: self.fast.answer(token, request, key))
+            if answer is not None:
+                return {"ok": 1, "hold": answer["hold"], "token_id": answer["token_id"],
+                        "amount": answer["amount"], "hours": fmt_hours(answer["amount"]),
+                        "rate": answer["rate"], "desc": request.describe()}
+            self.fast.flush()  # the database decides, after every answer before it
         view = self._with_keys(lambda: self.ledger.reserve(token, request, key, job_id=job_id))
+        if self.fast is not None:
+            self.fast.learn(view.token_id)
         return {"ok": 1, "hold": view.id, "token_id": view.token_id, "amount": view.amount,
                 "hours": fmt_hours(view.amount), "rate": view.rate_ppm,
                 "desc": request.describe()}
