@@ -1,12 +1,15 @@
 """Submit-path cost on the one-node test cluster (run as root after tests/cluster/up).
 
-1. sbatch throughput, 4 concurrent submitters, GPU jobs kept pending (--hold), on the
-   same slurmctld: A = a job_submit.lua that returns at once (the "without" case: the
-   cluster keeps JobSubmitPlugins=lua, switching plugins needs a slurmctld restart),
-   B = gpuledger's job_submit.lua reserving every job through the daemon. Runs are
-   interleaved A B A B …; the queue is emptied between runs; the median B/A is reported.
-2. Daemon round trip at the socket (persistent connection, like slurmctld's): p50/p99
-   of ``ping`` and of ``reserve`` (a real hold: verify from cache + one DB transaction).
+1. sbatch throughput, 4 concurrent submitters, jobs kept pending (--hold), on the same
+   slurmctld, in interleaved rounds of: ``none`` = no job_submit plugin at all (slurm.conf
+   without JobSubmitPlugins, slurmctld restarted), ``noop`` = a job_submit.lua that
+   returns at once, ``durable`` = gpuledger's job_submit.lua with the daemon committing
+   each reserve before it answers, ``fast`` = the same with ``[daemon] fast_reserve``
+   (answered from memory, written in batches: ledger/daemon/fastpath.py); GPU jobs in
+   each, and CPU jobs under ``none`` and ``fast``. The queue is emptied between runs; the
+   medians of the per-round ratios are reported.
+2. Daemon round trip at the socket (persistent connection, like slurmctld's): p50/p99 of
+   ``ping`` and ``reserve`` on both daemons (a real hold each time).
 
     .venv/bin/python benchmarks/submit_bench.py [--rounds 5] [--jobs 50]
 """
@@ -68,13 +71,14 @@ def empty_queue() -> None:
         time.sleep(0.1)
 
 
-def submit_run(token: str, submitters: int, jobs: int) -> float:
+def submit_run(token: str, submitters: int, jobs: int, gpu: bool = True) -> float:
     errors: list[str] = []
+    what = [f"--gpu-token={token}", "--gres=gpu:h100:1"] if gpu else []
 
     def loop():
         for _ in range(jobs):
-            out = subprocess.run(["sbatch", "--hold", "-o", "/dev/null", f"--gpu-token={token}",
-                                  "--gres=gpu:h100:1", "-t", "1", "--wrap", "true"],
+            out = subprocess.run(["sbatch", "--hold", "-o", "/dev/null", *what,
+                                  "-t", "1", "--wrap", "true"],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 errors.append(out.stderr.strip())
@@ -96,9 +100,12 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def socket_latency(token: str, n: int) -> dict[str, tuple[float, float]]:
+def socket_latency(socket_path: Path, token: str, n: int) -> dict[str, tuple[float, float]]:
     out = {}
-    with Client(SOCKET) as c:
+    with Client(socket_path) as c:
+        c.call("reserve", token=token, gpus=1, type="h100", seconds=60, user="root",
+               account="physics", key=f"warm-{os.getpid()}")  # the fast path learns the token
+        time.sleep(0.2)
         for op, fields in (("ping", {}), ("reserve", None)):
             times = []
             for i in range(n):
@@ -113,6 +120,61 @@ def socket_latency(token: str, n: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+SLURM_CONF = Path("/etc/slurm/slurm.conf")
+PLUGIN_LINE = re.compile(r"(?m)^#?\s*JobSubmitPlugins=.*$")
+
+
+def set_job_submit(enabled: bool) -> None:
+    """JobSubmitPlugins=lua, or no job_submit plugin at all; slurmctld restarted."""
+    text = SLURM_CONF.read_text()
+    line = "JobSubmitPlugins=lua" if enabled else "#JobSubmitPlugins=lua"
+    new = PLUGIN_LINE.sub(line, text) if PLUGIN_LINE.search(text) else text + line + "\n"
+    if new == text:
+        return
+    SLURM_CONF.write_text(new)
+    restart_slurmctld()
+
+
+def restart_slurmctld() -> None:
+    if subprocess.run(["systemctl", "is-active", "--quiet", "slurmctld"],
+                      capture_output=True).returncode == 0:
+        sh("systemctl", "restart", "slurmctld")
+    else:
+        pidfile = Path("/run/slurmctld.pid")
+        if pidfile.exists():
+            pid = int(pidfile.read_text().strip() or 0)
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pid = 0
+            while pid and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+        sh("/usr/sbin/slurmctld")
+    for _ in range(300):
+        if subprocess.run(["scontrol", "ping"], capture_output=True, text=True
+                          ).stdout.count("UP"):
+            subprocess.run(["sbatch", "--hold", "-o", "/dev/null", "-t", "1", "--wrap", "true"],
+                           capture_output=True)  # the first submission warms it up
+            return
+        time.sleep(0.2)
+    raise SystemExit("slurmctld did not come back")
+
+
+def new_ledger(root: Path, socket_path: Path, fast: bool) -> tuple[Path, str]:
+    cfg = root / "gpuledger.toml"
+    sh(GL, "--config", str(cfg), "init", "--cluster", "gpuledger")
+    cfg.write_text(cfg.read_text().replace('socket = "/run/gpuledger/gpuledger.sock"',
+                                           f'socket = "{socket_path}"')
+                   .replace('slurm_user = "slurm"', 'slurm_user = "slurm"\n'
+                            f'fast_reserve = {"true" if fast else "false"}'))
+    sh(GL, "--config", str(cfg), "keys", "generate", "--kid", "bench")
+    sh(GL, "--config", str(cfg), "account", "create", "physics")
+    sh(GL, "--config", str(cfg), "rates", "set", "h100", "1.0")
+    token = sh(GL, "--config", str(cfg), "token", "mint", "--account", "physics",
+               "--hours", "1000000")
+    return cfg, token
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -124,68 +186,94 @@ def main() -> None:
         raise SystemExit("run as root on the test cluster (tests/cluster/up)")
 
     root = Path(tempfile.mkdtemp(prefix="gl-bench-"))
-    cfg = root / "gpuledger.toml"
     old_conf = CONF.read_text() if CONF.exists() else None
     old_lua = INSTALLED.read_text() if INSTALLED.exists() else None
-    daemon = None
+    old_slurm = SLURM_CONF.read_text()
+    daemons: list[subprocess.Popen] = []
     try:
-        sh(GL, "--config", str(cfg), "init", "--cluster", "gpuledger")
-        cfg.write_text(cfg.read_text().replace('socket = "/run/gpuledger/gpuledger.sock"',
-                                               f'socket = "{SOCKET}"'))
-        sh(GL, "--config", str(cfg), "keys", "generate", "--kid", "bench")
-        sh(GL, "--config", str(cfg), "account", "create", "physics")
-        sh(GL, "--config", str(cfg), "rates", "set", "h100", "1.0")
-        token = sh(GL, "--config", str(cfg), "token", "mint", "--account", "physics",
-                   "--hours", "1000000")
         SOCKET.parent.mkdir(mode=0o755, exist_ok=True)
-        daemon = subprocess.Popen([GL, "--config", str(cfg), "serve"],
-                                  stderr=open(root / "daemon.log", "w"))
-        for _ in range(100):
-            if SOCKET.exists():
-                break
-            time.sleep(0.05)
-        CONF.parent.mkdir(parents=True, exist_ok=True)
-        CONF.write_text(f"socket = {SOCKET}\ntimeout = 1.0\non_ledger_unavailable = reject\n")
+        ledgers = {}
+        for name, fast in (("durable", False), ("fast", True)):
+            (root / name).mkdir()
+            sock = SOCKET.with_name(f"{name}.sock")
+            cfg, token = new_ledger(root / name, sock, fast)
+            daemons.append(subprocess.Popen([GL, "--config", str(cfg), "serve"],
+                                            stderr=open(root / f"{name}.log", "w")))
+            for _ in range(100):
+                if sock.exists():
+                    break
+                time.sleep(0.05)
+            ledgers[name] = (cfg, token, sock)
         hook = SCRIPT.read_text()
+        CONF.parent.mkdir(parents=True, exist_ok=True)
 
-        rates: dict[str, list[float]] = {"A": [], "B": []}
-        ratios = []
-        print(f"sbatch throughput: {args.submitters} submitters x {args.jobs} GPU jobs "
-              f"(--hold), {args.rounds} interleaved rounds")
+        def use(name: str) -> None:
+            if name == "none":
+                set_job_submit(False)
+                return
+            set_job_submit(True)
+            if name == "noop":
+                install(NOOP)
+                return
+            CONF.write_text(f"socket = {ledgers[name][2]}\ntimeout = 1.0\n"
+                            "on_ledger_unavailable = reject\n")
+            install(hook)
+
+        runs = [("none", "gpu"), ("none", "cpu"), ("noop", "gpu"), ("durable", "gpu"),
+                ("fast", "gpu"), ("fast", "cpu")]
+        rates: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
+        print(f"sbatch throughput: {args.submitters} submitters x {args.jobs} jobs (--hold), "
+              f"{args.rounds} interleaved rounds")
         for r in range(args.rounds):
-            for name, text in (("A", NOOP), ("B", hook)):
+            for name, kind in (runs if r % 2 == 0 else list(reversed(runs))):
+                use(name)
                 empty_queue()
-                install(text)
-                empty_queue()
-                rates[name].append(submit_run(token, args.submitters, args.jobs))
-            ratios.append(rates["B"][-1] / rates["A"][-1])
-            print(f"  round {r + 1}: no-op lua {rates['A'][-1]:7.1f} jobs/s   gpuledger "
-                  f"{rates['B'][-1]:7.1f} jobs/s   ratio {ratios[-1]:.3f}")
+                token = ledgers.get(name, (None, ledgers["fast"][1]))[1]
+                rates[(name, kind)].append(submit_run(token, args.submitters, args.jobs,
+                                                      gpu=kind == "gpu"))
+            print(f"  round {r + 1}: " + "  ".join(
+                f"{n}/{k} {rates[(n, k)][-1]:6.1f}" for n, k in runs) + " jobs/s")
         empty_queue()
-        print(f"median ratio (gpuledger / no-op lua): {statistics.median(ratios):.3f} "
-              f"(goal >= 0.95); medians {statistics.median(rates['A']):.1f} vs "
-              f"{statistics.median(rates['B']):.1f} jobs/s")
-        holds = len(Ledger.from_config(config_mod.load(cfg)).holds(state="pending"))
-        print(f"holds reserved during the runs: {holds}")
 
-        lat = socket_latency(token, args.latency_n)
-        for op, (p50, p99) in lat.items():
-            print(f"socket round trip {op:8s} p50 {p50:.3f} ms  p99 {p99:.3f} ms "
-                  f"(n={args.latency_n}; goal p99 <= 2 ms)")
-        log = (root / "daemon.log").read_text()
-        us = [int(m) for m in re.findall(r"op=reserve .* us=(\d+)", log)]
-        if us:
-            print(f"daemon-side reserve handling: p50 {pct(us, 50) / 1000:.3f} ms  "
-                  f"p99 {pct(us, 99) / 1000:.3f} ms (n={len(us)})")
+        def ratio(a, b) -> float:
+            return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
+        print("median ratios (goal: GPU jobs >= 0.95 of no plugin, CPU jobs >= 0.99):")
+        for label, a, b in (
+                ("fast GPU jobs / no plugin", ("fast", "gpu"), ("none", "gpu")),
+                ("fast GPU jobs / no-op lua", ("fast", "gpu"), ("noop", "gpu")),
+                ("durable GPU jobs / no plugin", ("durable", "gpu"), ("none", "gpu")),
+                ("durable GPU jobs / no-op lua", ("durable", "gpu"), ("noop", "gpu")),
+                ("no-op lua / no plugin", ("noop", "gpu"), ("none", "gpu")),
+                ("CPU jobs through gpuledger / no plugin", ("fast", "cpu"), ("none", "cpu"))):
+            print(f"  {label:<40} {ratio(a, b):.3f}")
+        print("medians (jobs/s): " + ", ".join(
+            f"{n}/{k} {statistics.median(v):.1f}" for (n, k), v in rates.items()))
+        for name in ("durable", "fast"):
+            cfg, token, sock = ledgers[name]
+            held = len(Ledger.from_config(config_mod.load(cfg)).holds(state="pending"))
+            print(f"holds written by the {name} daemon: {held}")
+            lat = socket_latency(sock, token, args.latency_n)
+            for op, (p50, p99) in lat.items():
+                print(f"socket round trip, {name:<7} {op:8s} p50 {p50:.3f} ms  p99 {p99:.3f} ms "
+                      f"(n={args.latency_n}; goal reserve p99 <= 0.5 ms)")
+            log = (root / f"{name}.log").read_text()
+            us = [int(m) for m in re.findall(r"op=reserve .* us=(\d+)", log)]
+            if us:
+                print(f"  daemon-side reserve handling: p50 {pct(us, 50) / 1000:.3f} ms  "
+                      f"p99 {pct(us, 99) / 1000:.3f} ms (n={len(us)})")
     finally:
         empty_queue()
-        if daemon:
-            daemon.terminate()
-            daemon.wait(10)
+        for d in daemons:
+            d.terminate()
+            d.wait(10)
         if old_conf is None:
             CONF.unlink(missing_ok=True)
         else:
             CONF.write_text(old_conf)
+        if SLURM_CONF.read_text() != old_slurm:
+            SLURM_CONF.write_text(old_slurm)
+            restart_slurmctld()
         install(old_lua if old_lua is not None else SCRIPT.read_text())
         empty_queue()
         shutil.rmtree(root, ignore_errors=True)

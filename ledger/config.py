@@ -42,6 +42,7 @@ class DaemonConfig:
     max_line: int = 16384
     fast_reserve: bool = False
     fast_reserve_fresh_s: float = 2.0
+    fast_reserve_batch_ms: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,13 @@ def parse(raw: dict, p: Path) -> Config:
         fast_reserve=_get(d, "fast_reserve", bool, False, p, "daemon"),
         fast_reserve_fresh_s=float(_get(d, "fast_reserve_fresh_s", (int, float), 2.0, p,
                                         "daemon")),
+        fast_reserve_batch_ms=float(_get(d, "fast_reserve_batch_ms", (int, float), 2.0, p,
+                                         "daemon")),
     )
     if not 0.1 <= daemon.fast_reserve_fresh_s <= 60:
         raise ConfigError(f"{p}: [daemon] fast_reserve_fresh_s must be between 0.1 and 60")
+    if not 0 <= daemon.fast_reserve_batch_ms <= 60_000:
+        raise ConfigError(f"{p}: [daemon] fast_reserve_batch_ms must be between 0 and 60000")
     s = _table(raw, "submit", p)
     submit = SubmitConfig(
         timeout=float(_get(s, "timeout", (int, float), 1.0, p, "submit")),
@@ -202,6 +207,7 @@ slurm_user = "slurm"
 # reserved again, or its job cancelled, when the job starts.
 # fast_reserve = false
 # fast_reserve_fresh_s = 2.0   # how old a token's balance may be to answer from it
+# fast_reserve_batch_ms = 2    # how long the writer lets answers gather per transaction
 
 [submit]
 # Seconds job_submit.lua waits for the daemon before giving up.

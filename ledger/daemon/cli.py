@@ -44,7 +44,8 @@ def serve(app, socket_path, socket_group, inherited_fd):
     if cfg.daemon.fast_reserve and inherited_fd is None:  # the process slurmctld talks to
         from .fastpath import FastReserve
 
-        fast = FastReserve(ledger, fresh_s=cfg.daemon.fast_reserve_fresh_s)
+        fast = FastReserve(ledger, fresh_s=cfg.daemon.fast_reserve_fresh_s,
+                           delay_s=cfg.daemon.fast_reserve_batch_ms / 1000)
         fast.start()
 
     def server(where, **kw) -> Server:

@@ -366,6 +366,54 @@ def test_deferred_job_never_runs_unpaid_while_the_ledger_is_down(s):
     s.verify()
 
 
+def test_fast_reserve_answers_lost_in_a_daemon_crash_are_paid_at_start_or_cancelled(s):
+    """[daemon] fast_reserve with a long batch window: job_submit gets its answers from
+    memory, the daemon is killed (SIGKILL) before it writes them. Each job names a hold the
+    ledger never had; when released, PrologSlurmctld reserves for it from its token and it
+    runs and pays — or, its token spent meanwhile, is cancelled. Nothing runs unpaid."""
+    good = s.cfg.read_text()
+    s.stop_daemon()
+    s.cfg.write_text(good.replace('slurm_user = "slurm"', 'slurm_user = "slurm"\n'
+                                  "fast_reserve = true\nfast_reserve_batch_ms = 30000"))
+    s.start_daemon()
+    a, a_id = s.mint()
+    b, b_id = s.mint()
+    try:
+        # a token's first reserve is the ledger's own (written before the answer) ...
+        firsts = [s.sbatch(t, "--gres=gpu:h100:1", "-t", "10", wrap="sleep 1", hold=True)
+                  for t in (a, b)]
+        time.sleep(0.5)
+        # ... then the daemon knows its balance and answers from memory
+        fast = [s.sbatch(t, "--gres=gpu:h100:1", "-t", "10", wrap="sleep 1", hold=True)
+                for t in (a, a, b)]
+        lost = [field(j, "AdminComment").split("hold=")[1].split(";")[0] for j in fast]
+        s.daemon.send_signal(signal.SIGKILL)
+        s.daemon.wait(10)
+    finally:
+        s.stop_daemon()
+        s.cfg.write_text(good)
+        s.start_daemon()
+    for h in lost:  # answered, never written
+        with pytest.raises(Exception, match="unknown hold"):
+            s.ledger.hold(h)
+    for f in firsts:
+        assert s.hold_of(f).state == "pending"  # written before they were answered
+    left = s.ledger.inspect(b_id).remaining
+    s.ledger.split(b, left - 100, account="physics")  # b can no longer pay 600 s
+    for j in firsts + fast:
+        sh(["scontrol", "release", j])
+    for j in firsts + fast[:2]:
+        assert s.wait(j, timeout=180) == "COMPLETED", s.log()
+        h = s.settled(s.bound_hold(j).id)
+        assert h.state == "posted" and h.charged > 0 and h.job_id == j, h
+    assert s.wait(fast[2], timeout=180) == "CANCELLED", s.log()
+    assert all(h.state != "posted" for h in s.ledger.holds(job_id=fast[2]))
+    log = s.log()
+    assert f"hold {lost[0]} was never written; reserved hold" in log, log
+    assert f"hold {lost[2]} was never written; reservation refused" in log, log
+    s.verify()
+
+
 def test_a_forged_comment_from_another_user_changes_nothing(s):
     """bob's jobs carry --comment=gpuledger:hold=<alice's hold>: alice's hold stays hers."""
     token, tid = s.mint()
