@@ -442,6 +442,10 @@ def test_no_node_file_holds_the_database_password(tmp_path):
 
     agent = AgentConfig.load(str(root / "node/etc/agent.toml"))
     assert agent.idle == IdlePolicy() and "[idle]" in ctl
+    from ledger import config
+
+    controller = config.load(root / "controller/etc/gpuledger.toml")  # the real parser
+    assert controller.idle == IdlePolicy() and controller.daemon.fast_reserve is False
 
 
 def test_python_of_at_least_3_11_is_found_or_the_play_says_what_to_install(tmp_path):
