@@ -19,8 +19,15 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from .amounts import PPM, check_amount, fmt_hours, fmt_rate
 from .charge_record import ChargeRecord
-from .errors import (IdempotencyConflict, InvalidInput, LedgerError, NotFound, Reason, Refusal,
-                     StateError)
+from .errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    Reason,
+    Refusal,
+    StateError,
+)
 from .facts import HoldFacts, hold_facts
 from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
 from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
@@ -452,24 +459,8 @@ class HoldOps:
                 raise InvalidInput(f"hold {hold_id} has already charged "
                                    f"{fmt_hours(facts.charged)} GPU-h")
             delta = new_amount - facts.held
-            escrow = tx.wallet_id("system:escrow")
-            if delta > 0:
-                refuse_unless_live(token_row, tx.now)
-                available = self._balance(tx.conn, token_row.wallet_id)
-                if delta > available:
-                    raise Refusal(Reason.INSUFFICIENT,
-                                  f"needs {fmt_hours(delta)} GPU-h more ({req.describe()}), "
-                                  f"token {hold.token_id} has {fmt_hours(available)} GPU-h left",
-                                  token_id=hold.token_id, needed=delta, available=available)
-                tx.move("resize", token_row.wallet_id, escrow, delta, account=facts.account,
-                        token_id=facts.token_id, hold_id=hold_id, data=fields)
-            elif delta < 0:
-                tx.move("resize", escrow, self._return_to(tx, token_row), -delta,
-                        account=facts.account, token_id=facts.token_id, hold_id=hold_id,
-                        data=fields)
-            else:
-                tx.event("resize", account=facts.account, token_id=facts.token_id,
-                         hold_id=hold_id, data=fields)
+            self._rehold(tx, hold_id, facts, token_row, delta, fields,
+                         needs=f"needs {fmt_hours(delta)} GPU-h more ({req.describe()})")
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
                 amount=HO.c.amount + delta, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
                 gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition, gres=req.gres,
@@ -545,6 +536,26 @@ class HoldOps:
 
         return HoldView.from_dict(self._write(run))
 
+    def _rehold(self, tx: Tx, hold_id: str, facts: HoldFacts, token_row, delta: int,
+                data: dict, needs: str) -> None:
+        """A pending hold's escrow changes by ``delta``: taken from its live token (a
+        Refusal — ``needs``, and what the token has — when it cannot pay) or returned to
+        where its remainder goes; one journaled ``resize`` either way."""
+        escrow = tx.wallet_id("system:escrow")
+        refs = dict(account=facts.account, token_id=facts.token_id, hold_id=hold_id, data=data)
+        if delta > 0:
+            refuse_unless_live(token_row, tx.now)
+            available = self._balance(tx.conn, token_row.wallet_id)
+            if delta > available:
+                raise Refusal(Reason.INSUFFICIENT, f"{needs}, token {facts.token_id} has "
+                              f"{fmt_hours(available)} GPU-h left", token_id=facts.token_id,
+                              needed=delta, available=available)
+            tx.move("resize", token_row.wallet_id, escrow, delta, **refs)
+        elif delta < 0:
+            tx.move("resize", escrow, self._return_to(tx, token_row), -delta, **refs)
+        else:
+            tx.event("resize", **refs)
+
     def _requalify(self, tx: Tx, hold_id: str, qos: str, multiplier: int) -> None:
         """Re-price a pending hold for the QOS its job runs in: the same request at that
         QOS's ``multiplier`` (partition candidates and time of use as before). The
@@ -556,24 +567,9 @@ class HoldOps:
         amount = hold_cost(hold.gpus, hold.seconds, hold.tasks, hold.rate_ppm,
                            hold.share or 1, multiplier)
         delta = max(amount, facts.charged) - facts.held
-        escrow = tx.wallet_id("system:escrow")
-        if delta > 0:
-            refuse_unless_live(token_row, tx.now)
-            available = self._balance(tx.conn, token_row.wallet_id)
-            if delta > available:
-                raise Refusal(Reason.INSUFFICIENT,
-                              f"the job runs in QOS {qos} ({fmt_rate(multiplier)}x): needs "
-                              f"{fmt_hours(delta)} GPU-h more, token {hold.token_id} has "
-                              f"{fmt_hours(available)} GPU-h left",
-                              token_id=hold.token_id, needed=delta, available=available)
-            tx.move("resize", token_row.wallet_id, escrow, delta, account=facts.account,
-                    token_id=facts.token_id, hold_id=hold_id, data=data)
-        elif delta < 0:
-            tx.move("resize", escrow, self._return_to(tx, token_row), -delta,
-                    account=facts.account, token_id=facts.token_id, hold_id=hold_id, data=data)
-        else:
-            tx.event("resize", account=facts.account, token_id=facts.token_id, hold_id=hold_id,
-                     data=data)
+        self._rehold(tx, hold_id, facts, token_row, delta, data,
+                     needs=f"the job runs in QOS {qos} ({fmt_rate(multiplier)}x): needs "
+                           f"{fmt_hours(delta)} GPU-h more")
         tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
             amount=HO.c.amount + delta, qos=qos, multiplier_ppm=multiplier))
         tx.flush()

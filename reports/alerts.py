@@ -11,7 +11,7 @@ recipient (``alert_deliveries``), so a re-run after a failure repeats nothing.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from ledger.errors import InvalidInput
 from ledger.liveness import Liveness, token_liveness
 from ledger.models import Account, Hold, Token, Wallet
 
+from .digest import DigestOutcome, DigestSummary
 from .mail import Mailer, SmtpSettings, build_message, write_eml
 from .models import Alert, AlertDelivery
 from .render import Rendered, environment, iso
@@ -161,35 +162,16 @@ def render_digest(account: str, alerts: list[RaisedAlert], now: datetime) -> Ren
                                                     for c, _ in ctx["items"]]}, None)
 
 
-@dataclass
-class AlertOutcome:
-    account: str
-    alerts: list[str]
-    sent: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    file: str | None = None
-
-    def to_dict(self) -> dict:
-        return {"account": self.account, "alerts": self.alerts, "sent": self.sent,
-                "failed": self.failed, "file": self.file}
+class AlertOutcome(DigestOutcome):
+    items_key = "alerts"
 
 
 @dataclass
-class AlertSummary:
-    dry_run: bool
+class AlertSummary(DigestSummary):
     raised: int = 0
-    outcomes: list[AlertOutcome] = field(default_factory=list)
-    no_recipients: list[str] = field(default_factory=list)
 
-    @property
-    def failures(self) -> int:
-        return sum(len(o.failed) for o in self.outcomes)
-
-    def to_dict(self) -> dict:
-        return {"dry_run": self.dry_run, "raised": self.raised,
-                "sent": sum(len(o.sent) for o in self.outcomes), "failed": self.failures,
-                "no_recipients": self.no_recipients,
-                "digests": [o.to_dict() for o in self.outcomes]}
+    def totals(self) -> dict:
+        return {"raised": self.raised}
 
 
 def _digest_id(account: str, alert_ids: list[int], sender: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from ledger.errors import InvalidInput, UniqueViolation
 from ledger.idle import IdlePolicy, record_idle
 from ledger.models import Account, Charge, Hold
 
+from .digest import DigestOutcome, DigestSummary
 from .mail import Mailer, SmtpSettings, build_message, write_eml
 from .models import IdleNotice
 from .render import Rendered, environment, iso
@@ -203,36 +204,17 @@ def render_digest(owner: str, notices: list[Notice], policy: IdlePolicy, now: da
                      "idle_s": idle, "idle_cost": cost, "refund": refund}, None)
 
 
-@dataclass
-class IdleOutcome:
-    owner: str
-    jobs: list[str]
-    sent: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    file: str | None = None
-
-    def to_dict(self) -> dict:
-        return {"account": self.owner, "jobs": self.jobs, "sent": self.sent,
-                "failed": self.failed, "file": self.file}
+class IdleOutcome(DigestOutcome):
+    items_key = "jobs"
 
 
 @dataclass
-class IdleSummary:
-    dry_run: bool
+class IdleSummary(DigestSummary):
     flagged: int = 0
     refunded: int = 0
-    outcomes: list[IdleOutcome] = field(default_factory=list)
-    no_recipients: list[str] = field(default_factory=list)
 
-    @property
-    def failures(self) -> int:
-        return sum(len(o.failed) for o in self.outcomes)
-
-    def to_dict(self) -> dict:
-        return {"dry_run": self.dry_run, "flagged": self.flagged, "refunded": self.refunded,
-                "sent": sum(len(o.sent) for o in self.outcomes), "failed": self.failures,
-                "no_recipients": self.no_recipients,
-                "digests": [o.to_dict() for o in self.outcomes]}
+    def totals(self) -> dict:
+        return {"flagged": self.flagged, "refunded": self.refunded}
 
 
 def _msg_id(owner: str, ids: list[int], sender: str) -> str:

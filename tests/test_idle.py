@@ -254,7 +254,7 @@ def test_one_digest_per_user_refunds_once_and_a_rerun_repeats_nothing(ledger, cl
 
     first = send_idle(lg, policy, settings=settings)
     assert (first.flagged, first.failures) == (3, 0)
-    assert sorted(o.owner for o in first.outcomes) == ["user:alice", "user:bob"]
+    assert sorted(o.scope for o in first.outcomes) == ["user:alice", "user:bob"]
     (alice,) = smtp.handler.to("alice@hpc.example")
     (bob,) = smtp.handler.to("bob@hpc.example")
     text = alice.get_body(("plain",)).get_content()
@@ -294,7 +294,7 @@ def test_without_user_mail_the_accounts_recipients_get_one_digest(ledger, clock,
     _job(lg, tok, "bob", "201", [_usage(0, 120, 90, 80)], clock)
     summary = send_idle(lg, parse({"flag_after_s": 3600}),
                         settings=SmtpSettings.from_section(smtp.settings(tmp_path)))
-    assert [o.owner for o in summary.outcomes] == ["account:physics"]
+    assert [o.scope for o in summary.outcomes] == ["account:physics"]
     (msg,) = smtp.handler.to("lead@physics.example")
     assert msg["Subject"] == "Idle GPUs: 2 jobs of account physics, 3.000 GPU-h idle"
     assert summary.refunded == 0
