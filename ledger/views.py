@@ -67,7 +67,12 @@ class HoldRequest:
         return f"{self.tasks} tasks x {text}" if self.tasks > 1 else text
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # flat fields: a plain dict, not dataclasses.asdict (which deep-copies each value;
+        # a reserve builds this three times, on the submit path)
+        return {f: getattr(self, f) for f in _REQUEST_FIELDS}
+
+
+_REQUEST_FIELDS = tuple(HoldRequest.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
