@@ -18,7 +18,7 @@ import pytest
 from ledger.daemon.auth import Peer, Policy
 from ledger.daemon.fastpath import FastReserve
 from ledger.daemon.handlers import Handlers
-from ledger.errors import Reason, Refusal
+from ledger.errors import IdempotencyConflict, Reason, Refusal
 from ledger.views import HoldRequest
 
 SLURM = Peer(1, 64030, 64030, "slurm", True)
@@ -112,6 +112,10 @@ def test_a_replayed_key_gets_its_answer_before_and_after_the_write(ledger, fast)
     assert fast.answer(token, req(), "job-key-7") == a
     assert ledger.reserve(token, req(), "job-key-7").id == a["hold"]  # the ledger agrees
     assert len(ledger.holds(token_id=view.id)) == 1
+    # the same key for another request is not a replay: the ledger says so
+    assert fast.answer(token, req(seconds=1200), "job-key-7") is None
+    with pytest.raises(IdempotencyConflict):
+        ledger.reserve(token, req(seconds=1200), "job-key-7")
 
 
 def test_a_forged_or_expired_token_is_refused_at_once(ledger, fast):

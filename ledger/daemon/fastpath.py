@@ -81,7 +81,7 @@ class FastReserve:
         self._writing = 0
         self._budgets: dict[str, Budget] = {}
         self._wanted: set[str] = set()
-        self._answers: OrderedDict[str, dict] = OrderedDict()
+        self._answers: OrderedDict[str, tuple[str, HoldRequest, dict]] = OrderedDict()
         self._prices: tuple[float, dict, object] | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -110,8 +110,9 @@ class FastReserve:
         token that can never pay (forged, expired, out of scope) raises its Refusal."""
         if key is not None:
             with self._cond:
-                if key in self._answers:
-                    return dict(self._answers[key])
+                seen = self._answers.get(key)
+                if seen is not None:  # a replay: the same answer; other fields: the ledger's
+                    return dict(seen[2]) if seen[:2] == (token, request) else None
         claims = self.ledger.check(token, request)  # signature, validity, scopes: the token's own
         if request.account is not None:
             check_account_name(request.account)
@@ -149,7 +150,7 @@ class FastReserve:
             self.answered += 1
             out = {"hold": hold_id, "token_id": claims.id, "amount": amount, "rate": rate}
             if key is not None:
-                self._answers[key] = out
+                self._answers[key] = (token, request, out)
                 while len(self._answers) > KEEP_ANSWERS:
                     self._answers.popitem(last=False)
             self._cond.notify_all()
