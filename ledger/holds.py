@@ -506,15 +506,18 @@ class HoldOps:
         return HoldView.from_dict(self._idempotent("refund", key, fields, run))
 
     def bind(self, hold_id: str, job_id: str, *, user: str | None = None,
-             account: str | None = None, qos: str | None = None) -> HoldView:
+             account: str | None = None, qos: str | None = None,
+             partition: str | None = None) -> HoldView:
         """Record the Slurm job id of a hold (PrologSlurmctld does this); the same id again is a
         no-op. ``user``/``account`` are the job's, as Slurm reports them: a hold binds only to
         a job of the user and account it was reserved for, and only to one job.
 
-        ``qos`` is the QOS Slurm runs the job in — its association's default when the job
-        named none (job_submit cannot see it), or one ``scontrol update`` set since: a
-        pending hold held for another QOS is re-priced to it in the same transaction (see
-        :meth:`_requalify`); a token that cannot pay the difference refuses the bind."""
+        ``qos`` and ``partition`` are what Slurm runs the job in. job_submit cannot see an
+        association's default QOS or the default partition, ``scontrol update`` may change
+        either while the job waits, and ``-p a,b`` was held at the dearest candidate: a
+        pending hold is re-priced to the QOS and — unless it pays for several array tasks,
+        which may run in other partitions — to the one partition (see :meth:`_requalify`);
+        a token that cannot pay the difference refuses the bind."""
         def run(tx: Tx) -> dict:
             hold = self._hold_row(tx.conn, hold_id, lock=True)
             if hold.job_id not in (None, job_id):
@@ -525,13 +528,18 @@ class HoldOps:
                 tx.event("bind", account=hold.account, token_id=hold.token_id, hold_id=hold_id,
                          data={"job_id": job_id})
                 tx.flush()
-            if qos and qos != (hold.qos or "") and hold.state == "pending":
-                partitions = [p for p in (hold.partition or "").split(",") if p]
-                multiplier = self.tiers(tx.conn).hold_ppm(partitions, qos)
-                if multiplier == hold.multiplier_ppm:  # the same price: say which QOS
-                    tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(qos=qos))
-                else:
-                    self._requalify(tx, hold_id, qos, multiplier)
+            if hold.state == "pending":
+                new_qos = qos or hold.qos
+                new_part = partition if (partition and hold.tasks == 1
+                                         and "," not in partition) else hold.partition
+                if (new_qos or "") != (hold.qos or "") or new_part != hold.partition:
+                    parts = [p for p in (new_part or "").split(",") if p]
+                    multiplier = self.tiers(tx.conn).hold_ppm(parts, new_qos)
+                    if multiplier == hold.multiplier_ppm:  # the same price: say where it runs
+                        tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
+                            qos=new_qos, partition=new_part))
+                    else:
+                        self._requalify(tx, hold_id, new_qos, new_part, multiplier)
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
         return HoldView.from_dict(self._write(run))
@@ -556,22 +564,27 @@ class HoldOps:
         else:
             tx.event("resize", **refs)
 
-    def _requalify(self, tx: Tx, hold_id: str, qos: str, multiplier: int) -> None:
-        """Re-price a pending hold for the QOS its job runs in: the same request at that
-        QOS's ``multiplier`` (partition candidates and time of use as before). The
-        difference is escrowed from the token (refused when it cannot pay) or returned to
-        it; never below what the hold has charged already."""
+    def _requalify(self, tx: Tx, hold_id: str, qos: str | None, partition: str | None,
+                   multiplier: int) -> None:
+        """Re-price a pending hold for the QOS and partition its job runs in: the same
+        request at that ``multiplier`` (time of use as before). The difference is escrowed
+        from the token (refused when it cannot pay) or returned to it; never below what the
+        hold has charged already."""
         hold, facts, token_row = self._locked(tx, hold_id)
-        data = {"qos": qos, "was_qos": hold.qos, "multiplier_ppm": multiplier,
+        data = {"qos": qos, "was_qos": hold.qos, "partition": partition,
+                "was_partition": hold.partition, "multiplier_ppm": multiplier,
                 "was_multiplier_ppm": hold.multiplier_ppm}
         amount = hold_cost(hold.gpus, hold.seconds, hold.tasks, hold.rate_ppm,
                            hold.share or 1, multiplier)
         delta = max(amount, facts.charged) - facts.held
+        where = ", ".join(w for w in (
+            f"partition {partition}" if partition != hold.partition else "",
+            f"QOS {qos}" if (qos or "") != (hold.qos or "") else "") if w)
         self._rehold(tx, hold_id, facts, token_row, delta, data,
-                     needs=f"the job runs in QOS {qos} ({fmt_rate(multiplier)}x): needs "
+                     needs=f"the job runs in {where} ({fmt_rate(multiplier)}x): needs "
                            f"{fmt_hours(delta)} GPU-h more")
         tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-            amount=HO.c.amount + delta, qos=qos, multiplier_ppm=multiplier))
+            amount=HO.c.amount + delta, qos=qos, partition=partition, multiplier_ppm=multiplier))
         tx.flush()
 
     # -- reading --------------------------------------------------------------------------------

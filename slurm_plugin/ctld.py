@@ -77,8 +77,9 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
         try:
             bound = client.request("bind", hold=mark.hold_id, job=owner, user=e.user or "",
                                    account=e.account or "", task=e.job_id, restart=e.restart,
-                                   qos=record.qos or "", **_sluid(e))
-        except Refusal as exc:  # its QOS costs more than the hold, and the token lacks it
+                                   qos=record.qos or "", partition=_one(record.partition),
+                                   **_sluid(e))
+        except Refusal as exc:  # its QOS/partition costs more than held; the token lacks it
             why = f"gpu-token: {exc.message}; job cancelled before it ran"
             h.log.info("cancelling: %s", why)
             try:
@@ -189,6 +190,11 @@ def prolog_main() -> int:
 
 def epilog_main() -> int:
     return run("gpuledger-epilog-slurmctld", epilog_slurmctld)
+
+
+def _one(partition: str | None) -> str:
+    """The partition a starting job runs in (scontrol lists candidates only before)."""
+    return partition if partition and "," not in partition else ""
 
 
 def _shares(record: JobRecord) -> tuple[str, int, str | None] | None:

@@ -215,6 +215,7 @@ class JobRecord:
     tres_per_node: str | None = None  # scontrol's TresPerNode (--gres), e.g. gres:shard:3
     sluid: str | None = None  # this run's SLUID (25.11+: SLURM_JOB_SLUID in the hooks)
     qos: str | None = None  # the QOS it runs in (scontrol's QOS=)
+    partition: str | None = None  # scontrol's Partition= (one, once it runs; a list before)
 
     @property
     def active(self) -> bool:
@@ -271,6 +272,8 @@ def parse_scontrol_job(line: str) -> JobRecord:
         sluid=sluid(d.get("SLUID")),  # 25.11+, with -d (slurm-25-11-7-1 src/scontrol/info_job.c)
         tres_per_node=d.get("TresPerNode") or None,
         qos=d.get("QOS") if d.get("QOS") not in (None, "", "(null)", "N/A") else None,
+        partition=d.get("Partition") if d.get("Partition") not in (None, "", "(null)")
+        else None,
     )
     return record
 

@@ -239,6 +239,7 @@ def test_prolog_slurmctld_reprices_for_the_qos_slurm_runs_the_job_in(world):
     client = DirectClient(ledger)
     assert ctld.prolog_slurmctld(hook(world, "60"), fake, client) == 0
     assert client.calls[0][1]["qos"] == "premium" and fake.cancelled == []
+    assert client.calls[0][1]["partition"] == ""  # the record names none
     h = ledger.hold(hold.id)
     assert (h.amount, h.qos, h.job_id) == (1200, "premium", "60")
     poor, _ = ledger.mint("physics", 700)

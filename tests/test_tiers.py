@@ -125,6 +125,31 @@ def test_bind_reprices_the_hold_for_the_qos_the_job_runs_in(tiered):
     assert tiered.verify_journal().ok
 
 
+def test_bind_narrows_a_one_run_hold_to_the_partition_it_runs_in(tiered):
+    """-p gpu,scavenger is held at the dearer gpu; it runs in scavenger (0.25): the bind
+    returns the difference, and the settlement (the reconciler's too) sees scavenger. A job
+    without -p runs in the default partition, which job_submit cannot see. An array's hold
+    keeps its candidates: its tasks may run in either."""
+    rich, _ = tiered.mint("physics", 100 * H)
+    req = HoldRequest(gpus=1, seconds=H, gpu_type="h100", partition="gpu,scavenger")
+    hold = tiered.reserve(rich, req)
+    assert hold.amount == H
+    ran = tiered.bind(hold.id, "80", partition="scavenger")
+    assert (ran.amount, ran.partition, ran.multiplier_ppm) == (H // 4, "scavenger", 250_000)
+    assert tiered.inspect(hold.token_id).held == H // 4
+    bare = tiered.reserve(rich, HoldRequest(gpus=1, seconds=H, gpu_type="h100"))
+    assert tiered.bind(bare.id, "81", partition="scavenger").amount == H // 4
+    same = tiered.reserve(rich, HoldRequest(gpus=1, seconds=H, gpu_type="h100"))
+    rows = len(tiered.journal())
+    same = tiered.bind(same.id, "82", partition="gpu")  # no multiplier: the price stands
+    assert (same.amount, same.partition) == (H, "gpu") and len(tiered.journal()) == rows + 1
+    array = tiered.reserve(rich, HoldRequest(gpus=1, seconds=H, gpu_type="h100", tasks=3,
+                                             partition="gpu,scavenger"))
+    kept = tiered.bind(array.id, "83", partition="scavenger")
+    assert (kept.amount, kept.partition) == (3 * H, "gpu,scavenger")
+    assert tiered.verify_journal().ok
+
+
 def test_a_token_that_cannot_pay_the_qos_refuses_the_bind_and_nothing_moves(tiered):
     poor, _ = tiered.mint("physics", H + H // 2)
     hold = tiered.reserve(poor, HoldRequest(gpus=1, seconds=H, gpu_type="h100"))

@@ -291,10 +291,10 @@ class Handlers:
     # -- PrologSlurmctld / EpilogSlurmctld (slurm_plugin.ctld) -----------------------------
 
     def bind(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
-        """Bind a hold to its job (``hold job user account [task restart sluid qos]``) and link
+        """Bind a hold to its job (``hold job user account [task restart sluid qos partition]``) and link
         this run of the job (or array task) to it — by its SLUID where Slurm gives one
-        (25.11+) — ; the ledger checks the identity and re-prices the hold for the QOS the
-        job runs in."""
+        (25.11+) — ; the ledger checks the identity and re-prices the hold for the QOS and
+        partition the job runs in."""
         self.policy.require_privileged(peer, "bind")
         hold_id, job = _name(fields, "hold"), _name(fields, "job")
         if hold_id is None or job is None:
@@ -304,7 +304,7 @@ class Handlers:
         restart = _int(fields, "restart", required=False) or 0
         sluid = _sluid(fields)
         view = self.ledger.bind(hold_id, job, user=user, account=account,
-                                qos=_name(fields, "qos"))
+                                qos=_name(fields, "qos"), partition=_names(fields, "partition"))
         if view.state == "pending":
             self.ledger.link_job(hold_id, run_of, restart, user=user, account=account,
                                  sluid=sluid)
