@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -37,13 +37,9 @@ from .render import Rendered, environment, iso
 CH, HO, A, IN = Charge.__table__, Hold.__table__, Account.__table__, IdleNotice.__table__
 
 
-@dataclass(frozen=True)
-class Flagged:
-    """A settlement the policy flags, before it is recorded."""
-
+@dataclass
+class Notice:
     charge_id: int
-    charge_amount: int
-    hold_id: str
     account: str
     user: str | None
     job_id: str | None
@@ -52,8 +48,28 @@ class Flagged:
     idle_ms: int
     idle_max_ms: int
     idle_cost: int
-    refund: int  # what the policy gives back (before the hold's refundable cap)
+    refund: int
     charged_at: datetime
+    mailed_to: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = (f"Job {self.job_id or '-'} ({self.account}"
+                + (f", {self.user}" if self.user else "") + (f", {self.node}" if self.node else "")
+                + f"): {fmt_hours(self.idle_ms // 1000)} of {fmt_hours(self.held_ms // 1000)} "
+                f"GPU-h idle (longest {_duration(self.idle_max_ms)}), costing "
+                f"{fmt_hours(self.idle_cost)} GPU-h")
+        if self.refund:
+            text += f"; {fmt_hours(self.refund)} GPU-h refunded"
+        return text + "."
+
+
+@dataclass(kw_only=True)
+class Flagged(Notice):
+    """A settlement the policy flags, before it is recorded; ``refund`` is what the policy
+    gives back before the hold's refundable cap."""
+
+    hold_id: str
+    charge_amount: int
 
     def owner(self, policy: IdlePolicy) -> str:
         return f"user:{self.user}" if policy.user_mail and self.user else \
@@ -137,32 +153,6 @@ def _reason(f: Flagged) -> str:
 
 
 # -- digests ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Notice:
-    charge_id: int
-    account: str
-    user: str | None
-    job_id: str | None
-    node: str | None
-    held_ms: int
-    idle_ms: int
-    idle_max_ms: int
-    idle_cost: int
-    refund: int
-    charged_at: datetime
-    mailed_to: list[str]
-
-    def describe(self) -> str:
-        text = (f"Job {self.job_id or '-'} ({self.account}"
-                + (f", {self.user}" if self.user else "") + (f", {self.node}" if self.node else "")
-                + f"): {fmt_hours(self.idle_ms // 1000)} of {fmt_hours(self.held_ms // 1000)} "
-                f"GPU-h idle (longest {_duration(self.idle_max_ms)}), costing "
-                f"{fmt_hours(self.idle_cost)} GPU-h")
-        if self.refund:
-            text += f"; {fmt_hours(self.refund)} GPU-h refunded"
-        return text + "."
 
 
 def _duration(ms: int) -> str:
@@ -298,9 +288,7 @@ def send_idle(ledger, policy: IdlePolicy, *, settings: SmtpSettings | None, days
 def _as_notices(flagged: list[Flagged], policy: IdlePolicy) -> dict[str, list[Notice]]:
     out: dict[str, list[Notice]] = defaultdict(list)
     for f in flagged:
-        out[f.owner(policy)].append(Notice(f.charge_id, f.account, f.user, f.job_id, f.node,
-                                           f.held_ms, f.idle_ms, f.idle_max_ms, f.idle_cost,
-                                           f.refund, f.charged_at, []))
+        out[f.owner(policy)].append(f)
     return out
 
 
