@@ -238,10 +238,11 @@ def send_idle(ledger, policy: IdlePolicy, *, settings: SmtpSettings | None, days
         summary.refunded = sum(f.refund for f in flagged)
     else:
         record(ledger, policy, flagged)
+        new = {f.charge_id for f in flagged}
         with db.read(ledger.engine) as conn:
             waiting = pending(conn)
-            summary.refunded = sum(n.refund for items in waiting.values() for n in items
-                                   if n.charge_id in {f.charge_id for f in flagged})
+        summary.refunded = sum(n.refund for items in waiting.values() for n in items
+                               if n.charge_id in new)
     with db.read(ledger.engine) as conn:
         report_to = {a: list(r or ()) for a, r in conn.execute(select(A.c.name, A.c.report_to))}
     sender = settings.sender if settings else "gpuledger@localhost"
