@@ -59,9 +59,6 @@ class HoldFacts:
         return "voided" if self.closed == "void" and not self.charged else "posted"
 
 
-_HOLD_ROWS = (select(J.c.kind, J.c.debit_wallet_id, J.c.credit_wallet_id, J.c.amount,
-                     J.c.token_id, J.c.account)
-              .where(J.c.hold_id == bindparam("hid")).order_by(J.c.seq))
 _BIRTH_ROW = (select(J.c.account, J.c.credit_wallet_id, J.c.amount)
               .where(J.c.token_id == bindparam("tid"), J.c.kind.in_(BIRTH_KINDS))
               .order_by(J.c.seq).limit(1))
@@ -73,7 +70,8 @@ def hold_facts(tx, hold_id: str) -> HoldFacts:
     The caller holds the hold's row lock, so no other writer adds rows for it meanwhile."""
     escrow = tx.wallet_id("system:escrow")
     facts = HoldFacts()
-    rows = list(tx.conn.execute(_HOLD_ROWS, {"hid": hold_id}))
+    rows = tx.raw.all("SELECT kind, debit_wallet_id, credit_wallet_id, amount, token_id, "
+                      "account FROM journal WHERE hold_id = ? ORDER BY seq", (hold_id,))
     rows += [(p.kind, p.debit, p.credit, p.amount, p.token_id, p.account)
              for p in tx.postings if p.hold_id == hold_id]
     for kind, debit, credit, amount, token_id, account in rows:

@@ -29,9 +29,10 @@ from .errors import (
     StateError,
 )
 from .facts import HoldFacts, hold_facts
-from .journal import FOR_UPDATE, Tx, raw_sql  # noqa: F401
+from .journal import Tx
 from .liveness import Liveness, liveness, refusal, refuse_unless_live, token_liveness
-from .models import Charge, Hold, UTCDateTime
+from .models import Charge, Hold
+from .rawsql import FOR_UPDATE, Raw, load_time, raw_sql
 from .names import check_account_name
 from .pricing import RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates, unpriced
 from .shares import GPU
@@ -41,15 +42,8 @@ from .views import HoldRequest, HoldView
 
 HO, CH = Hold.__table__, Charge.__table__
 
-# Hot-path statements, built once (see ledger.service): reserve, post and void run these.
-_HOLD_PUT = insert(HO)
-_HOLD_GET = select(HO).where(HO.c.id == bindparam("hid"))
-_HOLD_GET_LOCKED = _HOLD_GET.with_for_update()
-_HOLD_ADD_CHARGE = update(HO).where(HO.c.id == bindparam("hid")).values(
-    charged=HO.c.charged + bindparam("add"))
-_HOLD_CLOSE = update(HO).where(HO.c.id == bindparam("hid")).values(
-    state=bindparam("new_state"), resolved_at=bindparam("at"))
-_CHARGE_PUT = insert(CH)
+# Reserve, post and void run their statements on the driver's cursor (ledger.rawsql).
+_HOLD_GET = "SELECT * FROM holds WHERE id = ?"
 
 
 def check_job_owner(hold, job_id: str, user: str | None, account: str | None) -> None:
@@ -269,7 +263,7 @@ class HoldOps:
                         wallet_id: int, rate: int, amount: int, share: int,
                         multiplier: int, hold_id: str | None = None) -> dict:
         hold_id = hold_id or new_hold_id()
-        tx.conn.execute(_HOLD_PUT, dict(
+        tx.raw.insert(HO, dict(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
             partition=request.partition, cluster=request.cluster or self.cluster,
             gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
@@ -300,7 +294,11 @@ class HoldOps:
     # -- settle ---------------------------------------------------------------------------------
 
     def _hold_row(self, conn: Connection, hold_id: str, lock: bool = False):
-        row = conn.execute(_HOLD_GET_LOCKED if lock else _HOLD_GET, {"hid": hold_id}).one_or_none()
+        raw = Raw(conn)
+        try:
+            row = raw.record(HO, _HOLD_GET + (FOR_UPDATE if lock else ""), (hold_id,))
+        finally:
+            raw.close()
         if row is None:
             raise NotFound(f"unknown hold {hold_id}")
         return row
@@ -330,10 +328,13 @@ class HoldOps:
         return hold, facts, token_row
 
     def _close(self, tx: Tx, hold_id: str, facts: HoldFacts, token_row, state: str, kind: str,
-               reason: str | None = None) -> None:
+               reason: str | None = None, charged: int = 0) -> None:
         """Return what the journal says is still escrowed for the hold (not its columns);
-        ``facts`` are the hold's journal facts including this transaction's postings."""
-        tx.conn.execute(_HOLD_CLOSE, {"hid": hold_id, "new_state": state, "at": tx.now})
+        ``facts`` are the hold's journal facts including this transaction's postings, and
+        ``charged`` what this transaction charged (added to the column in the same
+        statement)."""
+        tx.raw.run("UPDATE holds SET charged = charged + ?, state = ?, resolved_at = ? "
+                   "WHERE id = ?", (charged, state, tx.raw.time(tx.now), hold_id))
         tx.move(kind, tx.wallet_id("system:escrow"), self._return_to(tx, token_row),
                 facts.remaining, account=facts.account, token_id=facts.token_id,
                 hold_id=hold_id, reason=reason,
@@ -361,11 +362,10 @@ class HoldOps:
                                        f"{hold_id} still holds ({fmt_hours(left)} GPU-h)")
                 charge = left
             record = _usage_row(usage, None if charge == amount else amount)
-            tx.conn.execute(_CHARGE_PUT, dict(
+            tx.raw.insert(CH, dict(
                 hold_id=hold_id, key=key or f"post:{hold_id}", amount=charge,
                 job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
                 created_at=tx.now))
-            tx.conn.execute(_HOLD_ADD_CHARGE, {"hid": hold_id, "add": charge})
             escrow, sink = tx.wallet_id("system:escrow"), tx.wallet_id("system:usage")
             tx.move("charge", escrow, sink, charge, account=facts.account,
                     token_id=facts.token_id, hold_id=hold_id,
@@ -375,8 +375,11 @@ class HoldOps:
             after = SimpleNamespace(**{**hold._mapping, "amount": facts.held,
                                        "charged": facts.charged})
             if final:
-                self._close(tx, hold_id, facts, token_row, "posted", "release")
+                self._close(tx, hold_id, facts, token_row, "posted", "release", charged=charge)
                 after.state, after.resolved_at = "posted", tx.now
+            else:
+                tx.raw.run("UPDATE holds SET charged = charged + ? WHERE id = ?",
+                           (charge, hold_id))
             tx.flush()
             return hold_view(after).to_dict()
 
@@ -661,7 +664,7 @@ def _fast_reserve_row(tx: Tx, token_id: str, request: HoldRequest, token_digest:
         if token is None or token[2] != token_digest:
             return None
         wallet_id, account_id, _, status, not_before, expires = token
-        if liveness(status, _utc(not_before), _utc(expires), tx.now) is not Liveness.ACTIVE:
+        if liveness(status, load_time(not_before), load_time(expires), tx.now) is not Liveness.ACTIVE:
             return None
         cur.execute(sql(
             "SELECT a.name, w.balance, "
@@ -688,5 +691,3 @@ def _fast_reserve_row(tx: Tx, token_id: str, request: HoldRequest, token_digest:
     return row[0], wallet_id, rate, row[1], tiers.hold_ppm(partitions, request.qos)
 
 
-def _utc(value):
-    return UTCDateTime().process_result_value(value, None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from .errors import NotFound
 from .holds import check_job_owner
 from .journal import Tx
+from .rawsql import Raw
 
 
 def link_key(job_id: str, restart: int, sluid: str | None = None) -> str:
@@ -45,15 +46,19 @@ class JobLinkOps:
     def linked_hold(self, job_id: str, restart: int, *, sluid: str | None = None
                     ) -> str | None:
         """The hold linked to run ``restart`` of ``job_id`` (by its SLUID first), or None."""
-        from .service import _IDEM_GET
+        from .service import idempotency_row
 
         with self._read() as conn:
             for key in ([link_key(job_id, restart, sluid)] if sluid else []) + [
                     link_key(job_id, restart)]:
-                row = conn.execute(_IDEM_GET, {"k": key}).one_or_none()
-                if row is None or row.op != "link":
+                raw = Raw(conn)
+                try:
+                    row = idempotency_row(raw, key)
+                finally:
+                    raw.close()
+                if row is None or row[0] != "link":
                     continue
-                hold = row.result.get("hold")
+                hold = row[2].get("hold")
                 if sluid and key.startswith("job:") and not self._pending(conn, hold):
                     return None  # linked before a job id came round again: not this run's
                 return hold

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, insert, select
 
 from .errors import Refusal, Reason, StorageError
 from .models import GENESIS_HASH, ChainHead, JournalEntry, Wallet
+from .rawsql import FOR_UPDATE, Raw, raw_sql  # noqa: F401  (raw_sql: re-exported)
 
 W = Wallet.__table__
 J = JournalEntry.__table__
@@ -66,8 +67,21 @@ class Tx:
         self.now = now
         self.postings: list[Posting] = []
         self._applied = 0  # postings[:_applied] have moved their wallets' balances
+        self._raw: Raw | None = None
         # code -> id of wallets that never change id (system wallets); shared across Tx
         self._wallet_cache = {} if wallet_ids is None else wallet_ids
+
+    @property
+    def raw(self) -> Raw:
+        """The transaction's driver cursor for hot-path statements (``ledger.rawsql``)."""
+        if self._raw is None:
+            self._raw = Raw(self.conn)
+        return self._raw
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
     def wallet_id(self, code: str) -> int:
         if code not in self._wallet_cache:
@@ -102,83 +116,48 @@ class Tx:
         ids = sorted(w for w, d in deltas.items() if d)
         if not ids:
             return
-        sql = raw_sql(self.conn)
-        cur = self.conn.connection.driver_connection.cursor()
-        try:
-            marks = ",".join(["?"] * len(ids))
-            cur.execute(sql("SELECT id, code, balance, allow_negative FROM wallets "
-                            f"WHERE id IN ({marks}) ORDER BY id" + FOR_UPDATE), ids)
-            for wid, code, balance, allow_negative in cur.fetchall():
-                if balance + deltas[wid] < 0 and not allow_negative:
-                    raise Refusal(
-                        Reason.INSUFFICIENT,
-                        f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
-                        needed=-deltas[wid], available=balance,
-                    )
-            cur.executemany(sql("UPDATE wallets SET balance = balance + ? WHERE id = ?"),
-                            [(deltas[w], w) for w in ids])
-        finally:
-            cur.close()
+        raw = self.raw
+        marks = ",".join(["?"] * len(ids))
+        for wid, code, balance, allow_negative in raw.all(
+                "SELECT id, code, balance, allow_negative FROM wallets "
+                f"WHERE id IN ({marks}) ORDER BY id" + FOR_UPDATE, ids):
+            if balance + deltas[wid] < 0 and not allow_negative:
+                raise Refusal(
+                    Reason.INSUFFICIENT,
+                    f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
+                    needed=-deltas[wid], available=balance,
+                )
+        raw.many("UPDATE wallets SET balance = balance + ? WHERE id = ?",
+                 [(deltas[w], w) for w in ids])
 
     def seal(self) -> None:
         """Apply what is left, then append every posting's chained journal row (lock the head)."""
         self.flush()
         if not self.postings:
             return
-        sql = raw_sql(self.conn)
-        cur = self.conn.connection.driver_connection.cursor()
-        try:
-            cur.execute(sql("SELECT seq, hash FROM chain_head WHERE id = 1" + FOR_UPDATE))
-            head = cur.fetchone()
-            if head is None:
-                raise StorageError("ledger is not initialised (run `gpuledger init` or "
-                                   "`db upgrade`)")
-            seq, prev = head
-            ts = micros(self.now)
-            rows = []
-            for p in self.postings:
-                seq += 1
-                data = canonical_data(p.data)
-                digest = row_hash(prev, seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
-                                  p.token_id, p.hold_id, p.reason, data)
-                rows.append((seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
-                             p.token_id, p.hold_id, p.reason, data, prev, digest))
-                prev = digest
-            cur.executemany(sql(
-                "INSERT INTO journal (seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, "
-                "account, token_id, hold_id, reason, data, prev_hash, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"), rows)
-            cur.execute(sql("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1"), (seq, prev))
-        finally:
-            cur.close()
+        raw = self.raw
+        head = raw.one("SELECT seq, hash FROM chain_head WHERE id = 1" + FOR_UPDATE)
+        if head is None:
+            raise StorageError("ledger is not initialised (run `gpuledger init` or "
+                               "`db upgrade`)")
+        seq, prev = head
+        ts = micros(self.now)
+        rows = []
+        for p in self.postings:
+            seq += 1
+            data = canonical_data(p.data)
+            digest = row_hash(prev, seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
+                              p.token_id, p.hold_id, p.reason, data)
+            rows.append((seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
+                         p.token_id, p.hold_id, p.reason, data, prev, digest))
+            prev = digest
+        raw.many(
+            "INSERT INTO journal (seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, "
+            "account, token_id, hold_id, reason, data, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        raw.run("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
         self.postings.clear()
         self._applied = 0
-
-
-FOR_UPDATE = " FOR UPDATE"
-_SQL_CACHE: dict[tuple[str, str], str] = {}
-
-
-def raw_sql(conn: Connection):
-    """Hot-path SQL written with ``?`` marks, turned into the driver's paramstyle (cached).
-
-    SQLite ignores row locks (``BEGIN IMMEDIATE`` already serialises writers), so
-    ``FOR UPDATE`` is dropped there.
-    """
-    style = conn.dialect.paramstyle
-    sqlite = conn.dialect.name == "sqlite"
-
-    def convert(text: str) -> str:
-        key = (style, text)
-        out = _SQL_CACHE.get(key)
-        if out is None:
-            out = text.replace(FOR_UPDATE, "") if sqlite else text
-            if style in ("format", "pyformat"):
-                out = out.replace("%", "%%").replace("?", "%s")
-            _SQL_CACHE[key] = out
-        return out
-
-    return convert
 
 
 def ensure_head(conn: Connection) -> None:

@@ -28,6 +28,7 @@ from .joblinks import JobLinkOps
 from .shares import DEFAULT_GRES_CONF, GresFile
 from .tiers import TierOps
 from .journal import Tx, ensure_head, now_utc
+from .rawsql import Raw, load_json
 from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
 from .token_ops import TokenOps
@@ -36,16 +37,19 @@ from .tokens import Verifier
 A, W, T, R, K, HO, IDEM = (m.__table__ for m in (Account, Wallet, Token, Rate, SigningKey, Hold,
                                                   IdempotencyRecord))
 
-# Hot-path statements, built once: executing a prebuilt statement with a parameter dict
-# skips SQLAlchemy's per-call statement building (``.values()``/``.where()``) and cache-key work.
-_IDEM_GET = select(IDEM.c.op, IDEM.c.fingerprint, IDEM.c.result).where(IDEM.c.key == bindparam("k"))
-_IDEM_PUT = insert(IDEM)
 SYSTEM_WALLETS = {
     "system:issuance": True,  # the only wallet allowed below zero: value minted
     "system:escrow": False,  # held for pending jobs
     "system:usage": False,  # charged to jobs
     "system:expired": False,  # remainders of expired tokens
 }
+def idempotency_row(raw: Raw, key: str) -> tuple[str, str, dict] | None:
+    """(op, fingerprint, result) stored under ``key``, or None."""
+    row = raw.one("SELECT op, fingerprint, result FROM idempotency WHERE " + raw.quote("key") +
+                  " = ?", (key,))
+    return None if row is None else (row[0], row[1], load_json(row[2]))
+
+
 def fingerprint(fields: dict) -> str:
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -76,8 +80,11 @@ class LedgerBase:
     def _write(self, fn: Callable[[Tx], object]):
         def run(conn: Connection):
             tx = Tx(conn, self.clock(), self._wallet_ids)
-            result = fn(tx)
-            tx.seal()  # the journal rows, last: the chain head is locked only until commit
+            try:
+                result = fn(tx)
+                tx.seal()  # the journal rows, last: the chain head is locked only until commit
+            finally:
+                tx.close()
             return result
 
         return db.run_write(self.engine, run)
@@ -89,7 +96,11 @@ class LedgerBase:
             return self._write(fn)
 
         def stored(conn: Connection) -> dict | None:
-            return self._stored(conn, op, key, fields)
+            raw = Raw(conn)
+            try:
+                return self._stored(raw, op, key, fields)
+            finally:
+                raw.close()
 
         def run(tx: Tx) -> dict:
             return self._once(tx, op, key, fields, fn)
@@ -111,28 +122,29 @@ class LedgerBase:
         return self._write(run)
 
     @staticmethod
-    def _stored(conn: Connection, op: str, key: str, fields: dict) -> dict | None:
+    def _stored(raw: Raw, op: str, key: str, fields: dict) -> dict | None:
         """The stored result of ``key``, None when it is new; IdempotencyConflict when it
         was used for another request."""
         if not isinstance(key, str) or not 0 < len(key) <= 200:
             raise InvalidInput("idempotency key must be 1 to 200 characters")
-        row = conn.execute(_IDEM_GET, {"k": key}).one_or_none()
+        row = idempotency_row(raw, key)
         if row is None:
             return None
-        if row.op != op or row.fingerprint != fingerprint({"op": op, **fields}):
+        stored_op, stored_fingerprint, result = row
+        if stored_op != op or stored_fingerprint != fingerprint({"op": op, **fields}):
             raise IdempotencyConflict(
-                f"idempotency key {key!r} was already used for a different {row.op} request")
-        return row.result
+                f"idempotency key {key!r} was already used for a different {stored_op} request")
+        return result
 
     def _once(self, tx: Tx, op: str, key: str, fields: dict, fn: Callable[[Tx], dict]) -> dict:
         """Inside a transaction: the stored result of ``key``, else ``fn``'s, stored."""
-        previous = self._stored(tx.conn, op, key, fields)
+        previous = self._stored(tx.raw, op, key, fields)
         if previous is not None:
             return previous
         result = fn(tx)
-        tx.conn.execute(_IDEM_PUT, {"key": key, "op": op,
-                                    "fingerprint": fingerprint({"op": op, **fields}),
-                                    "result": result, "created_at": tx.now})
+        tx.raw.insert(IDEM, {"key": key, "op": op,
+                             "fingerprint": fingerprint({"op": op, **fields}),
+                             "result": result, "created_at": tx.now})
         return result
 
     def _read(self):

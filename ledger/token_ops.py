@@ -13,18 +13,16 @@ from .facts import token_birth
 from .journal import Tx
 from .liveness import Liveness, require_spendable, token_liveness
 from .models import Account, Hold, SigningKey, Token, Wallet
+from .rawsql import FOR_UPDATE, Raw
 from .tokens import Claims, Scopes, digest, is_token_id, new_token_id, sign
 from .views import TokenView
 
 A, W, T, K, HO = (m.__table__ for m in (Account, Wallet, Token, SigningKey, Hold))
 
-# A token with its account and balance; built once (hot path of reserve/post/void).
-_TOKEN_ROW = (select(T, A.c.name.label("account"), A.c.wallet_id.label("pool_wallet_id"),
-                     W.c.balance).join(A, A.c.id == T.c.account_id)
-              .join(W, W.c.id == T.c.wallet_id).where(T.c.id == bindparam("tid")))
-# The lock takes the token row alone (MariaDB ignores FOR UPDATE OF and would lock the
-# account row every token of the account shares); the row is then read after the lock.
-_TOKEN_LOCK = select(T.c.id).where(T.c.id == bindparam("tid")).with_for_update()
+# A token with its account and balance (hot path of reserve/post/void: see ledger.rawsql).
+_TOKEN_ROW = ("SELECT t.*, a.name AS account, a.wallet_id AS pool_wallet_id, w.balance "
+              "FROM tokens t JOIN accounts a ON a.id = t.account_id "
+              "JOIN wallets w ON w.id = t.wallet_id WHERE t.id = ?")
 DEFAULT_VALIDITY = timedelta(days=365)
 
 
@@ -51,9 +49,16 @@ class TokenOps:
         return self.verifier().verify(ref).id
 
     def _token_row(self, conn: Connection, token_id: str, lock: bool = False):
-        if lock:
-            conn.execute(_TOKEN_LOCK, {"tid": token_id})
-        row = conn.execute(_TOKEN_ROW, {"tid": token_id}).one_or_none()
+        """The token's row with its account's name and pool wallet and its balance; with
+        ``lock``, the token row is locked first (alone: MariaDB ignores ``FOR UPDATE OF``
+        and would lock the account row every token of the account shares), then read."""
+        raw = Raw(conn)
+        try:
+            if lock:
+                raw.run("SELECT id FROM tokens WHERE id = ?" + FOR_UPDATE, (token_id,))
+            row = raw.record(T, _TOKEN_ROW, (token_id,))
+        finally:
+            raw.close()
         if row is None:
             raise NotFound(f"unknown token {token_id}")
         return row

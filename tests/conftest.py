@@ -42,19 +42,48 @@ def need(available: bool, what: str) -> None:
 
 @contextmanager
 def counted_statements(engine, db_url: str) -> Iterator[list[str]]:
-    """The SQL statements run on ``engine`` inside the block; on SQLite those of raw driver
-    cursors (the reserve fast path) too. Clear the list to count from a point on."""
+    """The SQL statements run on ``engine`` inside the block, those of the hot path's raw
+    driver cursors (``ledger.rawsql``) too. Clear the list to count from a point on."""
+    from ledger import rawsql
+
     counted: list[str] = []
     listen = ("before_cursor_execute", lambda *a: counted.append(a[2]))
     event.listen(engine, *listen)
+    init = rawsql.Raw.__init__
     try:
-        if db_url.startswith("sqlite"):
+        if db_url.startswith("sqlite"):  # the driver traces every statement, raw ones too
             engine.dispose()
             event.listen(engine, "connect",
                          lambda dbapi, _r: dbapi.set_trace_callback(counted.append))
+        else:
+            def counting_init(self, conn):
+                init(self, conn)
+                self.cur = _CountingCursor(self.cur, counted)
+
+            rawsql.Raw.__init__ = counting_init
         yield counted
     finally:
+        rawsql.Raw.__init__ = init
         event.remove(engine, *listen)
+
+
+class _CountingCursor:
+    """A driver cursor that notes each statement it runs (executemany: once per row)."""
+
+    def __init__(self, cur, counted: list[str]):
+        self._cur, self._counted = cur, counted
+
+    def execute(self, sql, params=()):
+        self._counted.append(sql)
+        return self._cur.execute(sql, params)
+
+    def executemany(self, sql, rows):
+        rows = list(rows)
+        self._counted.extend([sql] * len(rows))
+        return self._cur.executemany(sql, rows)
+
+    def __getattr__(self, name):
+        return getattr(self._cur, name)
 
 
 class Clock:
