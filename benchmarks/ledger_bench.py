@@ -79,11 +79,33 @@ def bench_token_check(lg: Ledger, n: int) -> None:
 
 
 def lifecycles(lg: Ledger, token: str, n: int) -> float:
-    t0 = time.perf_counter()
+    return lifecycles_cpu(lg, token, n)[0]
+
+
+def lifecycles_cpu(lg: Ledger, token: str, n: int) -> tuple[float, float]:
+    """(lifecycles/s, this process's CPU µs per lifecycle)."""
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         hold = lg.reserve(token, REQ)
         lg.post(hold.id, 30)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) / n * 1e6
+
+
+def server_cpu_s(name: str) -> float:
+    """CPU seconds used so far by every process called ``name`` (the database server's
+    backends), from /proc; 0 where it cannot be read."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1:text.rindex(")")] != name:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def commit_floor(path: Path, n: int) -> float:
@@ -111,21 +133,29 @@ def _worker(args):
     lg.check(token, REQ)  # warm the verifier
     while time.time() < start:
         time.sleep(0.001)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         hold = lg.reserve(token, REQ)
         lg.post(hold.id, 30)
+    t1, c1 = time.perf_counter(), time.process_time()
     lg.engine.dispose()
-    return t0, time.perf_counter()
+    return t0, t1, c1 - c0
 
 
 def parallel(url: str, keys: Path, tokens: list[str], n: int) -> float:
     start = time.time() + 1.0
     with mp.get_context("spawn").Pool(len(tokens)) as pool:
+        server0 = server_cpu_s("postgres")
         spans = pool.map(_worker, [(url, str(keys), t, n, start) for t in tokens])
-    t0 = min(s for s, _ in spans)
-    t1 = max(e for _, e in spans)
-    return len(tokens) * n / (t1 - t0)
+        server = server_cpu_s("postgres") - server0
+    t0 = min(s for s, _, _ in spans)
+    t1 = max(e for _, e, _ in spans)
+    done = len(tokens) * n
+    client = sum(c for _, _, c in spans) / done * 1e6
+    per = client + server / done * 1e6
+    print(f"  CPU per lifecycle: clients {client:,.0f} µs + PostgreSQL {server / done * 1e6:,.0f}"
+          f" µs -> {os.cpu_count()} CPUs allow at most {os.cpu_count() / per * 1e6:,.0f}/s")
+    return done / (t1 - t0)
 
 
 def bench_verify(lg: Ledger, rows_wanted: int) -> float:
@@ -159,12 +189,15 @@ def main() -> None:
     token = lite.mint("bench", 10**12)[0]
     lifecycles(lite, token, 50)
     floor = commit_floor(tmp / "floor.db", n)
-    rate = lifecycles(lite, token, n)
+    rate, cpu = lifecycles_cpu(lite, token, n)
     report("SQLite reserve+post, one process", rate, "lifecycles/s", 2000, True)
-    # Side by side: a lifecycle is two durable commits, so this disk allows at most floor/2.
+    # Side by side: a lifecycle is two durable commits, so this disk allows at most floor/2;
+    # and one process's CPU per lifecycle bounds it too.
     print(f"  same disk, bare sqlite3 one-row commits (WAL, synchronous=FULL): {floor:,.0f}/s "
           f"-> at most {floor / 2:,.0f} lifecycles/s; reserve+post reaches "
           f"{rate / (floor / 2):.2f} of that ceiling")
+    print(f"  CPU per lifecycle (this process): {cpu:,.0f} µs -> at most {1e6 / cpu:,.0f}/s "
+          f"on one core")
 
     name = "glbench_" + uuid.uuid4().hex[:8]
     admin = create_engine(PG, isolation_level="AUTOCOMMIT")

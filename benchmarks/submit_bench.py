@@ -95,6 +95,30 @@ def submit_run(token: str, submitters: int, jobs: int, gpu: bool = True) -> floa
     return submitters * jobs / elapsed
 
 
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` and its children (the daemon's writer)."""
+    if pid is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def ctld_pid() -> int | None:
+    out = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout
+    return int(out.split()[0]) if out.split() else None
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
@@ -193,12 +217,14 @@ def main() -> None:
     try:
         SOCKET.parent.mkdir(mode=0o755, exist_ok=True)
         ledgers = {}
+        pids: dict[str, int] = {}
         for name, fast in (("durable", False), ("fast", True)):
             (root / name).mkdir()
             sock = SOCKET.with_name(f"{name}.sock")
             cfg, token = new_ledger(root / name, sock, fast)
             daemons.append(subprocess.Popen([GL, "--config", str(cfg), "serve"],
                                             stderr=open(root / f"{name}.log", "w")))
+            pids[name] = daemons[-1].pid
             for _ in range(100):
                 if sock.exists():
                     break
@@ -222,6 +248,7 @@ def main() -> None:
         runs = [("none", "gpu"), ("none", "cpu"), ("noop", "gpu"), ("durable", "gpu"),
                 ("fast", "gpu"), ("fast", "cpu")]
         rates: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
+        cpu: dict[tuple[str, str], list[tuple[float, float]]] = {r: [] for r in runs}
         print(f"sbatch throughput: {args.submitters} submitters x {args.jobs} jobs (--hold), "
               f"{args.rounds} interleaved rounds")
         for r in range(args.rounds):
@@ -229,8 +256,13 @@ def main() -> None:
                 use(name)
                 empty_queue()
                 token = ledgers.get(name, (None, ledgers["fast"][1]))[1]
+                ctld = ctld_pid()
+                before = cpu_s(ctld), cpu_s(pids.get(name))
                 rates[(name, kind)].append(submit_run(token, args.submitters, args.jobs,
                                                       gpu=kind == "gpu"))
+                jobs = args.submitters * args.jobs
+                cpu[(name, kind)].append(((cpu_s(ctld) - before[0]) / jobs * 1e6,
+                                          (cpu_s(pids.get(name)) - before[1]) / jobs * 1e6))
             print(f"  round {r + 1}: " + "  ".join(
                 f"{n}/{k} {rates[(n, k)][-1]:6.1f}" for n, k in runs) + " jobs/s")
         empty_queue()
@@ -249,6 +281,12 @@ def main() -> None:
             print(f"  {label:<40} {ratio(a, b):.3f}")
         print("medians (jobs/s): " + ", ".join(
             f"{n}/{k} {statistics.median(v):.1f}" for (n, k), v in rates.items()))
+        print(f"CPU per job, medians (slurmctld; gpuledger daemon with its writer), "
+              f"{os.cpu_count()} CPUs shared with the submitters:")
+        for (n, k), v in cpu.items():
+            print(f"  {n}/{k}: slurmctld {statistics.median(c for c, _ in v):,.0f} µs"
+                  + (f"; daemon {statistics.median(d for _, d in v):,.0f} µs" if n in pids
+                     else ""))
         for name in ("durable", "fast"):
             cfg, token, sock = ledgers[name]
             held = len(Ledger.from_config(config_mod.load(cfg)).holds(state="pending"))

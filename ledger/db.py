@@ -21,12 +21,13 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 
 from .config import Config
 from .errors import ConfigError, StorageError, UniqueViolation
 
 BUSY_TIMEOUT_MS = 10_000
+PING_IDLE_S = 1.0  # a server connection idle this long is pinged before it is used
 
 
 def resolve_url(config: Config) -> URL:
@@ -63,15 +64,36 @@ def make_engine(url: URL | str, **kw) -> Engine:
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}, **kw)
         _sqlite_setup(engine)
         return engine
-    if backend in ("mysql", "mariadb"):
+    if backend in ("mysql", "mariadb", "postgresql"):
         kw.setdefault("isolation_level", "READ COMMITTED")
-        kw.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kw)
-    if backend == "postgresql":
-        kw.setdefault("isolation_level", "READ COMMITTED")
-        kw.setdefault("pool_pre_ping", True)
-        return create_engine(url, **kw)
+        engine = create_engine(url, **kw)
+        if not kw.get("pool_pre_ping"):
+            _ping_when_idle(engine)
+        return engine
     raise ConfigError(f"unsupported database backend {backend!r} (sqlite, postgresql, mysql)")
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled server connection before use only when it has been idle for
+    ``PING_IDLE_S``: one round trip saved per transaction under load (SQLAlchemy's
+    ``pool_pre_ping`` pings at every checkout), while a connection the server dropped in
+    a quiet spell — a restart, an idle timeout — is still found out and replaced."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn, record):
+        record.info["gpuledger_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        since = record.info.get("gpuledger_idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_conn, None):
+                raise DisconnectionError(str(exc)) from exc  # the pool connects afresh
+            raise
 
 
 def _sqlite_setup(engine: Engine) -> None:

@@ -68,6 +68,7 @@ class Tx:
         self.postings: list[Posting] = []
         self._applied = 0  # postings[:_applied] have moved their wallets' balances
         self._raw: Raw | None = None
+        self._deferred: dict[int, int] = {}  # system wallets' movements, applied by seal()
         # code -> id of wallets that never change id (system wallets); shared across Tx
         self._wallet_cache = {} if wallet_ids is None else wallet_ids
 
@@ -105,34 +106,51 @@ class Tx:
     def flush(self) -> None:
         """Apply the balances of the postings not applied yet (checked, in wallet-id order).
 
-        Overdrafts surface here, inside the operation; the journal rows wait for seal()."""
+        Overdrafts surface here, inside the operation; the journal rows wait for seal(). The
+        system wallets' movements (escrow, usage, …: rows every operation shares) wait for
+        seal() too, so their row locks are taken last, beside the chain head's, and held
+        only for the append and the commit."""
         new = self.postings[self._applied:]
         self._applied = len(self.postings)
+        if not new:
+            return
+        system = self._system_ids()
         deltas: dict[int, int] = {}
         for p in new:
             if p.amount:
-                deltas[p.debit] = deltas.get(p.debit, 0) - p.amount
-                deltas[p.credit] = deltas.get(p.credit, 0) + p.amount
-        ids = sorted(w for w, d in deltas.items() if d)
-        if not ids:
-            return
+                for wid, delta in ((p.debit, -p.amount), (p.credit, p.amount)):
+                    into = self._deferred if wid in system else deltas
+                    into[wid] = into.get(wid, 0) + delta
+        self._apply(deltas)
+
+    def _system_ids(self) -> set[int]:
+        return {wid for code, wid in self._wallet_cache.items() if code.startswith("system:")}
+
+    def _apply(self, deltas: dict[int, int]) -> None:
+        """Move balances by ``deltas``, locking each wallet in id order; a wallet not allowed
+        below zero that would go there refuses the operation (the one overdraft rule)."""
         raw = self.raw
-        marks = ",".join(["?"] * len(ids))
-        for wid, code, balance, allow_negative in raw.all(
-                "SELECT id, code, balance, allow_negative FROM wallets "
-                f"WHERE id IN ({marks}) ORDER BY id" + FOR_UPDATE, ids):
-            if balance + deltas[wid] < 0 and not allow_negative:
-                raise Refusal(
-                    Reason.INSUFFICIENT,
-                    f"{code} has {balance} GPU-s, cannot pay {-deltas[wid]}",
-                    needed=-deltas[wid], available=balance,
-                )
-        raw.many("UPDATE wallets SET balance = balance + ? WHERE id = ?",
-                 [(deltas[w], w) for w in ids])
+        for wid in sorted(w for w, d in deltas.items() if d):
+            delta = deltas[wid]
+            if raw.run("UPDATE wallets SET balance = balance + ? WHERE id = ? AND "
+                       "(allow_negative OR balance + ? >= 0)", (delta, wid, delta)) == 1:
+                continue
+            row = raw.one("SELECT code, balance FROM wallets WHERE id = ?", (wid,))
+            if row is None:
+                raise StorageError(f"ledger wallet {wid} is missing")
+            code, balance = row
+            raise Refusal(
+                Reason.INSUFFICIENT, f"{code} has {balance} GPU-s, cannot pay {-delta}",
+                needed=-delta, available=balance,
+            )
 
     def seal(self) -> None:
-        """Apply what is left, then append every posting's chained journal row (lock the head)."""
+        """Apply what is left (the system wallets' movements last), then append every
+        posting's chained journal row (lock the head)."""
         self.flush()
+        if self._deferred:
+            self._apply(self._deferred)
+            self._deferred = {}
         if not self.postings:
             return
         raw = self.raw
@@ -151,13 +169,28 @@ class Tx:
             rows.append((seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
                          p.token_id, p.hold_id, p.reason, data, prev, digest))
             prev = digest
-        raw.many(
-            "INSERT INTO journal (seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, "
-            "account, token_id, hold_id, reason, data, prev_hash, hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        # multi-row INSERTs: one round trip each (a driver's executemany may take several),
+        # at most INSERT_ROWS rows (13 values each) so as to stay under every driver's limit
+        for at in range(0, len(rows), INSERT_ROWS):
+            chunk = rows[at:at + INSERT_ROWS]
+            raw.run(_journal_insert(len(chunk)), [value for row in chunk for value in row])
         raw.run("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
         self.postings.clear()
         self._applied = 0
+
+
+INSERT_ROWS = 500
+_JOURNAL_INSERTS: dict[int, str] = {}
+
+
+def _journal_insert(n: int) -> str:
+    text = _JOURNAL_INSERTS.get(n)
+    if text is None:
+        text = _JOURNAL_INSERTS[n] = (
+            "INSERT INTO journal (seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, "
+            "account, token_id, hold_id, reason, data, prev_hash, hash) VALUES " +
+            ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n))
+    return text
 
 
 def ensure_head(conn: Connection) -> None:

@@ -166,6 +166,60 @@ def _request(path: Path, line: str) -> dict:
     return dict(p.split("=", 1) for p in data.decode().split())
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() and
+                   "multiprocessing" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+                   for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_writer_process_writes_the_answers_and_is_replaced_when_it_dies(db_url, tmp_path):
+    """The daemon's writer in a process of its own: the answers are written through it; a
+    writer killed with SIGKILL is found out at the next call, the batch is retried in a new
+    writer and written once."""
+    from conftest import seeded
+
+    from ledger.daemon.writer import ProcessWriter
+
+    lg = seeded(db_url, tmp_path / "keys")
+    token, view = lg.mint("physics", 100 * H)
+    cfg = tmp_path / "gpuledger.toml"
+    cfg.write_text(f'[database]\nurl = "{db_url}"\n[keys]\ndir = "{tmp_path / "keys"}"\n')
+    writer = ProcessWriter(cfg)
+    f = FastReserve(lg, fresh_s=60, writer=writer)
+    writer.start()
+    try:
+        f._refresh(force=True)
+        warm(f, view.id)
+        first = [f.answer(token, req(), f"w{i}") for i in range(3)]
+        f._write_batch()
+        assert {h.id for h in lg.holds(token_id=view.id)} == {a["hold"] for a in first}
+        writer._proc.kill()
+        writer._proc.join(10)
+        second = [f.answer(token, req(), f"x{i}") for i in range(2)]
+        assert all(second)
+        f._write_batch()  # the call finds the writer dead and starts another first
+        held = {h.id for h in lg.holds(token_id=view.id)}
+        assert held == {a["hold"] for a in first + second}
+        assert (f.written, f.lost) == (5, 0)
+        assert lg.inspect(view.id).held == 5 * 600 and lg.verify_journal().ok
+    finally:
+        f.stop()
+    assert writer._proc is None
+    lg.engine.dispose()
+
+
 def test_kill_9_mid_stream_loses_no_money_and_overdraws_nothing(db_url, tmp_path):
     """`gpuledger serve` with fast_reserve: reserves stream in, the daemon is killed with
     SIGKILL mid-stream. Every hold the ledger has was answered; the token's balance plus
@@ -196,10 +250,13 @@ def test_kill_9_mid_stream_loses_no_money_and_overdraws_nothing(db_url, tmp_path
             assert r.get("ok") == "1", r
             answered.append(r["hold"])
             if i == 400:
+                writers = _children(proc.pid)
                 proc.send_signal(signal.SIGKILL)
                 killed_at = i
                 break
         proc.wait(10)
+        # the writer process sees its pipe close, ends its batch (committed or not) and exits
+        assert writers and _gone(writers, 20), writers
     finally:
         if proc.poll() is None:
             proc.kill()

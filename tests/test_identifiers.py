@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from ledger import db, migrate
-from ledger import holds as holds_module
+from ledger import reserve as reserve_module
 from ledger.service import Ledger
 from ledger.tiers import Tiers
 from ledger.views import HoldRequest
@@ -76,14 +76,14 @@ def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_p
                                                                    clock):
     """A ledger created before 0003 (MariaDB tables in the server's case-insensitive
     default) keeps its data, its foreign keys and gets the same byte-wise comparisons."""
-    fast = holds_module._fast_reserve_row
+    fast = reserve_module._fast_reserve_row
     engine = db.make_engine(db_url)
     try:
         migrate.upgrade(engine, "0002")
         old = Ledger(engine, keys_dir=tmp_path / "keys", clock=clock)
         # today's code on 0002's schema: the tiers (0005) it would read are not there yet
         old.tiers = lambda conn=None: Tiers()
-        holds_module._fast_reserve_row = lambda *a: None
+        reserve_module._fast_reserve_row = lambda *a: None
         old.bootstrap()
         old.generate_key("k1")
         old.create_account("physics")
@@ -97,7 +97,7 @@ def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_p
             fks = _foreign_keys(engine)
             assert fks
 
-        holds_module._fast_reserve_row = fast
+        reserve_module._fast_reserve_row = fast
         assert migrate.upgrade(engine) == ("0002", migrate.head())
 
         lg = Ledger(engine, keys_dir=tmp_path / "keys", clock=clock)
@@ -115,5 +115,5 @@ def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_p
                     "utf8mb4_nopad_bin"
             assert fks <= _foreign_keys(engine)  # every foreign key is back
     finally:
-        holds_module._fast_reserve_row = fast
+        reserve_module._fast_reserve_row = fast
         engine.dispose()

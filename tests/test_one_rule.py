@@ -141,8 +141,8 @@ def test_no_module_under_ledger_imports_reports():
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", ["ledger.holds", "ledger.token_ops", "ledger.service",
-                                    "ledger.migrate", "ledger.charge_record",
+@pytest.mark.parametrize("module", ["ledger.holds", "ledger.reserve", "ledger.token_ops",
+                                    "ledger.service", "ledger.migrate", "ledger.charge_record",
                                     "ledger.daemon.cli"])
 def test_ledger_module_imports_alone_in_a_fresh_interpreter(module):
     """No import cycle (holds ↔ service was one, and daemon.cli ↔ cli): each module imports

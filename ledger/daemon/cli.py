@@ -43,9 +43,11 @@ def serve(app, socket_path, socket_group, inherited_fd):
     fast = None
     if cfg.daemon.fast_reserve and inherited_fd is None:  # the process slurmctld talks to
         from .fastpath import FastReserve
+        from .writer import ProcessWriter
 
         fast = FastReserve(ledger, fresh_s=cfg.daemon.fast_reserve_fresh_s,
-                           delay_s=cfg.daemon.fast_reserve_batch_ms / 1000)
+                           delay_s=cfg.daemon.fast_reserve_batch_ms / 1000,
+                           writer=ProcessWriter(app.config_path))
         fast.start()
 
     def server(where, **kw) -> Server:

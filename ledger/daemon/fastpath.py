@@ -33,20 +33,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
-
-from .. import db
 from ..errors import InvalidInput, LedgerError, Refusal
-from ..holds import ReserveItem, new_hold_id
+from ..reserve import ReserveItem, new_hold_id
 from ..liveness import Liveness, liveness
-from ..models import Token, Wallet
 from ..names import check_account_name
 from ..pricing import RateCandidates, hold_cost, hold_rate
 from ..tokens import digest
 from ..views import HoldRequest
+from .writer import LocalWriter
 
 log = logging.getLogger("gpuledger.daemon")
-T, W = Token.__table__, Wallet.__table__
 KEEP_ANSWERS = 20_000  # idempotency keys answered from memory, remembered for replays
 RETRIES = 5  # writes of one batch before its holds are given up (their jobs reserve at start)
 
@@ -69,8 +65,11 @@ class FastReserve:
     """The in-memory reserve decision and its writer thread (one per daemon process)."""
 
     def __init__(self, ledger, *, fresh_s: float = 2.0, batch: int = 64,
-                 delay_s: float = 0.002, max_backlog: int = 256, clock=time.monotonic):
+                 delay_s: float = 0.002, max_backlog: int = 256, clock=time.monotonic,
+                 writer=None):
         self.ledger = ledger
+        # where the holds are written and the budgets read (ledger.daemon.writer)
+        self.writer = writer if writer is not None else LocalWriter(ledger)
         self.fresh_s = fresh_s
         self.batch = batch
         self.max_backlog = max_backlog
@@ -90,6 +89,8 @@ class FastReserve:
     # -- lifetime ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        if hasattr(self.writer, "start"):
+            self.writer.start()
         self._refresh(force=True)
         self._thread = threading.Thread(target=self._run, name="gpuledger-writer", daemon=True)
         self._thread.start()
@@ -102,6 +103,7 @@ class FastReserve:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.writer.close()
 
     # -- the reply path ---------------------------------------------------------------------
 
@@ -205,7 +207,7 @@ class FastReserve:
         results: list = []
         for attempt in range(RETRIES):
             try:
-                results = self.ledger.reserve_many([item for item, _, _ in batch])
+                results = self.writer.reserve_many([item for item, _, _ in batch])
                 break
             except Exception as exc:  # noqa: BLE001 - the database is down: try again, then give up
                 if attempt == RETRIES - 1:
@@ -217,7 +219,8 @@ class FastReserve:
                 self.lost += 1
                 log.error("gpuledger daemon: hold %s answered for token %s could not be written "
                           "(%s: %s); its job reserves again or is cancelled when it starts",
-                          item.hold_id, token_id, type(result).__name__, result)
+                          item.hold_id, token_id,
+                          getattr(result, "kind", type(result).__name__), result)
             else:
                 self.written += 1
         touched = {token_id for _, token_id, _ in batch}
@@ -245,8 +248,7 @@ class FastReserve:
             ids = {t for t, b in self._budgets.items() if now - b.used_at < 60 * self.fresh_s
                    or now - b.read_at < self.fresh_s} | self._wanted
             self._wanted = set()
-        rates = self.ledger.rates()
-        tiers = self.ledger.tiers()
+        rates, tiers = self.writer.prices()
         fresh = self._read(ids)
         with self._cond:
             self._prices = (now, rates, tiers)
@@ -268,21 +270,9 @@ class FastReserve:
         if not ids:
             return {}
         now = self.clock()
-        out = {}
-        with db.read(self.ledger.engine) as conn:
-            for chunk in _chunks(sorted(ids), 500):
-                q = (select(T.c.id, T.c.digest, T.c.status, T.c.not_before, T.c.expires,
-                            W.c.balance).join(W, W.c.id == T.c.wallet_id)
-                     .where(T.c.id.in_(chunk)))
-                for r in conn.execute(q):
-                    out[r.id] = Budget(r.digest, r.status, r.not_before, r.expires,
-                                       int(r.balance), now)
-        return out
-
-
-def _chunks(items: list[str], n: int):
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+        return {token_id: Budget(dig, status, not_before, expires, balance, now)
+                for token_id, dig, status, not_before, expires, balance
+                in self.writer.budgets(sorted(ids))}
 
 
 __all__ = ["Budget", "FastReserve", "LedgerError"]
