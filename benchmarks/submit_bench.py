@@ -114,9 +114,17 @@ def cpu_s(pid: int | None) -> float:
     return total / tick
 
 
-def ctld_pid() -> int | None:
-    out = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout
-    return int(out.split()[0]) if out.split() else None
+def ctld_cpu_s() -> float:
+    """CPU seconds used so far by every process called slurmctld."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1:text.rindex(")")] == "slurmctld":
+            total += cpu_s(int(stat.parent.name))
+    return total
 
 
 def pct(values: list[float], p: float) -> float:
@@ -256,12 +264,11 @@ def main() -> None:
                 use(name)
                 empty_queue()
                 token = ledgers.get(name, (None, ledgers["fast"][1]))[1]
-                ctld = ctld_pid()
-                before = cpu_s(ctld), cpu_s(pids.get(name))
+                before = ctld_cpu_s(), cpu_s(pids.get(name))
                 rates[(name, kind)].append(submit_run(token, args.submitters, args.jobs,
                                                       gpu=kind == "gpu"))
                 jobs = args.submitters * args.jobs
-                cpu[(name, kind)].append(((cpu_s(ctld) - before[0]) / jobs * 1e6,
+                cpu[(name, kind)].append(((ctld_cpu_s() - before[0]) / jobs * 1e6,
                                           (cpu_s(pids.get(name)) - before[1]) / jobs * 1e6))
             print(f"  round {r + 1}: " + "  ".join(
                 f"{n}/{k} {rates[(n, k)][-1]:6.1f}" for n, k in runs) + " jobs/s")

@@ -269,3 +269,28 @@ def test_kill_9_mid_stream_loses_no_money_and_overdraws_nothing(db_url, tmp_path
     lost = [h for h in answered if h not in written]
     print(f"answered {len(answered)}, written {len(written)}, lost at the kill {len(lost)}")
     lg.engine.dispose()
+
+
+def test_the_writer_process_finds_the_default_config_as_the_daemon_does(tmp_path, monkeypatch):
+    """`gpuledger serve` without --config (the systemd unit sets GPULEDGER_CONFIG): the
+    writer process reads the same file."""
+    from conftest import seeded
+
+    from ledger.config import ENV_VAR
+    from ledger.daemon.writer import ProcessWriter, WriterError
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    seeded(url, tmp_path / "keys").engine.dispose()
+    cfg = tmp_path / "gpuledger.toml"
+    cfg.write_text(f'[database]\nurl = "{url}"\n[keys]\ndir = "{tmp_path / "keys"}"\n')
+    monkeypatch.setenv(ENV_VAR, str(cfg))
+    writer = ProcessWriter(None)
+    writer.start()
+    try:
+        rates, _tiers = writer.prices()
+        assert rates["h100"] == 1_000_000
+    finally:
+        writer.close()
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing.toml"))
+    with pytest.raises(WriterError, match="no configuration at .*missing.toml"):
+        ProcessWriter(None).start()

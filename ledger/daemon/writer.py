@@ -80,8 +80,9 @@ class ProcessWriter:
     """The calls run in a child process with its own ledger, built from ``config_path``.
     A child that died is started again at the next call."""
 
-    def __init__(self, config_path: str | Path):
-        self.config_path = str(config_path)
+    def __init__(self, config_path: str | Path | None):
+        # None: the default config (GPULEDGER_CONFIG, inherited by the child, or /etc)
+        self.config_path = None if config_path is None else str(config_path)
         self._lock = threading.Lock()
         self._proc: mp.process.BaseProcess | None = None
         self._conn = None
@@ -98,7 +99,11 @@ class ProcessWriter:
         self._proc.start()
         theirs.close()
         self._conn = ours
-        kind, value = ours.recv()  # the child's ledger is up (or why not)
+        try:
+            kind, value = ours.recv()  # the child's ledger is up (or why not)
+        except (EOFError, OSError):
+            kind, value = "error", (f"the writer process ended before it was ready (exit "
+                                    f"code {self._proc.join(5) or self._proc.exitcode})")
         if kind != "ok":
             self._stop()
             raise WriterError(value)
@@ -147,7 +152,7 @@ class ProcessWriter:
             self._proc = None
 
 
-def _child(conn, config_path: str) -> None:
+def _child(conn, config_path: str | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the daemon stops us, after its last batch
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .. import config as config_mod
