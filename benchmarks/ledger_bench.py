@@ -93,7 +93,7 @@ def lifecycles_cpu(lg: Ledger, token: str, n: int) -> tuple[float, float]:
 
 def server_cpu_s(name: str) -> float:
     """CPU seconds used so far by every process called ``name`` (the database server's
-    backends), from /proc; 0 where it cannot be read."""
+    backends, and those that ended: their time is counted in their parent's), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -104,7 +104,7 @@ def server_cpu_s(name: str) -> float:
         if text[text.index("(") + 1:text.rindex(")")] != name:
             continue
         fields = text[text.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / tick
 
 
