@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from benchmarks.proccpu import cpu_by_name  # noqa: E402
 from ledger import db, migrate  # noqa: E402
 from ledger.service import Ledger  # noqa: E402
 from ledger.views import HoldRequest  # noqa: E402
@@ -91,23 +92,6 @@ def lifecycles_cpu(lg: Ledger, token: str, n: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), (time.process_time() - c0) / n * 1e6
 
 
-def server_cpu_s(name: str) -> float:
-    """CPU seconds used so far by every process called ``name`` (the database server's
-    backends, and those that ended: their time is counted in their parent's), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if text[text.index("(") + 1:text.rindex(")")] != name:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return total / tick
-
-
 def commit_floor(path: Path, n: int) -> float:
     """Commits/s of a one-row write transaction in the ledger's SQLite settings (WAL,
     synchronous=FULL, BEGIN IMMEDIATE), plain sqlite3: the fsync bound of this disk."""
@@ -145,9 +129,9 @@ def _worker(args):
 def parallel(url: str, keys: Path, tokens: list[str], n: int) -> float:
     start = time.time() + 1.0
     with mp.get_context("spawn").Pool(len(tokens)) as pool:
-        server0 = server_cpu_s("postgres")
+        server0 = cpu_by_name("postgres")
         spans = pool.map(_worker, [(url, str(keys), t, n, start) for t in tokens])
-        server = server_cpu_s("postgres") - server0
+        server = cpu_by_name("postgres") - server0
     t0 = min(s for s, _, _ in spans)
     t1 = max(e for _, e, _ in spans)
     done = len(tokens) * n

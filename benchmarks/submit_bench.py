@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.proccpu import cpu_by_name, cpu_s
 from ledger import config as config_mod
 from ledger.daemon.client import Client
 from ledger.service import Ledger
@@ -93,38 +94,6 @@ def submit_run(token: str, submitters: int, jobs: int, gpu: bool = True) -> floa
     if errors:
         raise SystemExit(f"{len(errors)} submissions failed, e.g. {errors[0]}")
     return submitters * jobs / elapsed
-
-
-def cpu_s(pid: int | None) -> float:
-    """CPU seconds used so far by process ``pid`` and its children (the daemon's writer)."""
-    if pid is None:
-        return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            text = Path(f"/proc/{p}/stat").read_text()
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
-
-
-def ctld_cpu_s() -> float:
-    """CPU seconds used so far by every process called slurmctld."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if text[text.index("(") + 1:text.rindex(")")] == "slurmctld":
-            total += cpu_s(int(stat.parent.name))
-    return total
 
 
 def pct(values: list[float], p: float) -> float:
@@ -264,11 +233,11 @@ def main() -> None:
                 use(name)
                 empty_queue()
                 token = ledgers.get(name, (None, ledgers["fast"][1]))[1]
-                before = ctld_cpu_s(), cpu_s(pids.get(name))
+                before = cpu_by_name("slurmctld"), cpu_s(pids.get(name))
                 rates[(name, kind)].append(submit_run(token, args.submitters, args.jobs,
                                                       gpu=kind == "gpu"))
                 jobs = args.submitters * args.jobs
-                cpu[(name, kind)].append(((ctld_cpu_s() - before[0]) / jobs * 1e6,
+                cpu[(name, kind)].append(((cpu_by_name("slurmctld") - before[0]) / jobs * 1e6,
                                           (cpu_s(pids.get(name)) - before[1]) / jobs * 1e6))
             print(f"  round {r + 1}: " + "  ".join(
                 f"{n}/{k} {rates[(n, k)][-1]:6.1f}" for n, k in runs) + " jobs/s")
