@@ -79,6 +79,28 @@ def test_memory_never_answers_beyond_the_balance_and_refusals_are_the_ledgers(le
     assert len(ledger.holds(token_id=view.id)) == 5 and ledger.verify_journal().ok
 
 
+def test_after_a_write_memory_answers_up_to_what_is_left_without_reading_it_back(ledger, fast):
+    """A written batch is taken off the remembered balance (no read after each batch):
+    the answers go on exactly to the balance the database then has; a hold that could not
+    be written makes its token read again before memory answers for it."""
+    token, view = ledger.mint("physics", 3000)
+    warm(fast, view.id)
+    reads = []
+    budgets = fast.writer.budgets
+    fast.writer.budgets = lambda ids: (reads.append(ids), budgets(ids))[1]
+    assert all(fast.answer(token, req(), None) for _ in range(2))
+    fast._write_batch()
+    assert reads == [] and fast._budgets[view.id].balance == ledger.inspect(view.id).remaining
+    assert [fast.answer(token, req(), None) is not None for _ in range(4)] == [True] * 3 + [False]
+    ledger.split(token, 1200, account="physics")  # spent elsewhere: two answers cannot be written
+    fast._write_batch()
+    assert (fast.written, fast.lost) == (3, 2)
+    assert fast.answer(token, req(), None) is None  # stale: the database decides, then reads
+    fast._refresh()
+    assert reads == [[view.id]] and fast._budgets[view.id].balance == 0
+    assert ledger.inspect(view.id).remaining == 0 and ledger.verify_journal().ok
+
+
 def test_a_hold_spent_elsewhere_before_its_write_does_not_exist_and_nothing_overdraws(
         ledger, fast):
     token, view = ledger.mint("physics", H)

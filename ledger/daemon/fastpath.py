@@ -214,30 +214,36 @@ class FastReserve:
                     results = [exc] * len(batch)
                     break
                 time.sleep(0.05 * 2 ** attempt)
-        for (item, token_id, _amount), result in zip(batch, results):
+        written: dict[str, int] = {}  # token id -> what this batch took from it
+        failed: set[str] = set()
+        for (item, token_id, amount), result in zip(batch, results):
             if isinstance(result, BaseException):
                 self.lost += 1
+                failed.add(token_id)
                 log.error("gpuledger daemon: hold %s answered for token %s could not be written "
                           "(%s: %s); its job reserves again or is cancelled when it starts",
                           item.hold_id, token_id,
                           getattr(result, "kind", type(result).__name__), result)
             else:
                 self.written += 1
-        touched = {token_id for _, token_id, _ in batch}
-        try:
-            fresh = self._read(touched)
-        except Exception:  # noqa: BLE001 - re-read at the next refresh
-            fresh = {}
+                written[token_id] = written.get(token_id, 0) + amount
         with self._cond:
             for _item, token_id, amount in batch:
                 b = self._budgets.get(token_id)
                 if b is not None:
                     b.inflight -= amount
-            for token_id, b in fresh.items():
-                old = self._budgets.get(token_id)
-                if old is not None:
-                    b.inflight, b.used_at = old.inflight, old.used_at
-                    self._budgets[token_id] = b
+            # The balance as the database now has it after this batch, without reading it
+            # back (the budgets are read between batches, on this thread): other writers'
+            # spending shows at the next refresh, and every write is checked again anyway.
+            for token_id, amount in written.items():
+                b = self._budgets.get(token_id)
+                if b is not None:
+                    b.balance -= amount
+            for token_id in failed:  # read again before answering for it from memory
+                self._want(token_id)
+                b = self._budgets.get(token_id)
+                if b is not None:
+                    b.read_at = float("-inf")
             self._writing -= len(batch)
             self._cond.notify_all()
 
