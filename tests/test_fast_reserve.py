@@ -316,3 +316,63 @@ def test_the_writer_process_finds_the_default_config_as_the_daemon_does(tmp_path
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing.toml"))
     with pytest.raises(WriterError, match="no configuration at .*missing.toml"):
         ProcessWriter(None).start()
+
+
+def test_several_daemons_sharing_one_ledger_never_overdraw(db_url, tmp_path):
+    """Two daemons with fast_reserve over one database, each with its writer running, take
+    reserves from two threads each: on one hot token both answer for, and on a token of
+    their own. Memory may answer more than a token holds (each daemon knows only its own
+    answers); the database writes no more than it holds, every hold written was answered,
+    every token's balance plus what it holds is what it was minted, and verify passes."""
+    import threading
+
+    from conftest import make_ledger, seeded
+
+    keys = tmp_path / "keys"
+    lg = seeded(db_url, keys)
+    hot, hot_view = lg.mint("physics", 40 * 600)
+    own = [lg.mint("physics", 10 * 600) for _ in range(2)]
+    daemons = []
+    for _ in range(2):
+        ledger = make_ledger(db_url, keys)
+        fast = FastReserve(ledger, fresh_s=0.5, delay_s=0.002)
+        fast.start()
+        daemons.append((fast, Handlers(ledger, Policy("slurm"), accounts=lambda u: frozenset(),
+                                       fast=fast)))
+    answered: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+
+    def submit(handlers, token, n, tag):
+        for i in range(n):
+            r = handlers.handle(SLURM, fields(token, key=f"{tag}-{i}"))
+            with lock:
+                if r["ok"] == 1:
+                    answered.append(r["hold"])
+                else:
+                    assert r["reason"] in ("insufficient", "exhausted"), r
+                    refused.append(r["reason"])
+
+    threads = [threading.Thread(target=submit, args=(h, token, n, f"d{d}-{tag}"))
+               for d, (_, h) in enumerate(daemons)
+               for token, n, tag in ((hot, 60, "hot"), (own[d][0], 15, "own"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for fast, _ in daemons:
+        fast.stop()
+        fast.ledger.engine.dispose()
+    written = {h.id: h for h in lg.holds()}
+    assert set(written) <= set(answered) and len(set(answered)) == len(answered)
+    for token_id, minted in [(hot_view.id, 40 * 600)] + [(v.id, 10 * 600) for _, v in own]:
+        t = lg.inspect(token_id)
+        held = sum(h.amount for h in written.values() if h.token_id == token_id)
+        assert t.remaining >= 0 and t.remaining + t.held == minted and t.held == held
+    assert sum(1 for h in written.values() if h.token_id == hot_view.id) == 40  # all of it
+    lost = sum(fast.lost for fast, _ in daemons)
+    assert len(answered) - len(written) == lost
+    assert lg.verify_journal().ok
+    print(f"answered {len(answered)}, written {len(written)}, lost {lost}, "
+          f"refused {len(refused)}")
+    lg.engine.dispose()
