@@ -28,9 +28,10 @@ from sqlalchemy.exc import DBAPIError
 from . import db
 from .facts import BIRTH_KINDS, CLOSE_KINDS, HoldFacts
 from .journal import row_hash
-from .models import GENESIS_HASH, Account, ChainHead, Charge, Hold, Token, Wallet
+from .models import GENESIS_HASH, Account, ChainHead, Charge, Hold, JournalPending, Token, Wallet
 
-A, W, H, HO, T, CH = (m.__table__ for m in (Account, Wallet, ChainHead, Hold, Token, Charge))
+A, W, H, HO, T, CH, P = (m.__table__ for m in (Account, Wallet, ChainHead, Hold, Token, Charge,
+                                                JournalPending))
 _STREAM = {"yield_per": 5000}
 
 MAX_PROBLEMS = 100
@@ -66,8 +67,9 @@ class VerifyResult:
     head_seq: int
     head_hash: str
     problem: str | None = None
-    bad_seq: int | None = None
+    bad_seq: int | str | None = None  # str: a pending row ("pending ID")
     problems: list[str] = field(default_factory=list)
+    pending: int = 0  # rows committed but not chained yet when the snapshot was taken
     chain_intact: bool = True  # False: the walk stopped at a broken link or hash
     first_hash: str | None = None  # row 1's hash: names this ledger in exported heads
     hashes: dict[int, str] = field(default_factory=dict)  # seq -> hash of the watched rows
@@ -84,8 +86,8 @@ class VerifyResult:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "rows": self.rows, "head_seq": self.head_seq,
-                "head_hash": self.head_hash, "bad_seq": self.bad_seq, "problem": self.problem,
-                "problems": self.problems}
+                "head_hash": self.head_hash, "pending": self.pending, "bad_seq": self.bad_seq,
+                "problem": self.problem, "problems": self.problems}
 
 
 _NOT_AFTER_CLOSE = frozenset(("charge", "resize") + CLOSE_KINDS)
@@ -106,6 +108,32 @@ class _Walk:
         self.tokens: dict[str, list] = {}  # id -> [account, wallet, face, status]
         self.charges: dict[str, tuple[str, int, int]] = {}  # key -> (hold, amount, seq)
         self.refunds = 0
+        self.sums: dict[int, int] = {}  # wallet id -> Σ movements, chained and pending rows
+        self.system = {wid for code, wid in wallets.items() if code.startswith("system:")}
+        self.unchained: dict[int, int] = {}  # system wallet -> Σ of its pending rows
+
+    def row(self, seq, kind, debit, credit, amount, account, token_id, hold_id, data) -> None:
+        """One row's movement and what it says of its hold or token (chained or pending)."""
+        r, sums = self.r, self.sums
+        if amount:
+            sums[debit] = sums.get(debit, 0) - amount
+            sums[credit] = sums.get(credit, 0) + amount
+            if hold_id is None and self.escrow in (debit, credit):
+                r.fail(f"row {seq}: {kind} moves system:escrow without a hold", seq)
+            if kind not in ("charge", "refund") and self.usage in (debit, credit):
+                r.fail(f"row {seq}: {kind} moves system:usage (only charges and refunds may)",
+                       seq)
+        if hold_id is not None:
+            self.hold_row(seq, kind, debit, credit, amount, account, token_id, hold_id, data)
+        elif token_id is not None:
+            self.token_row(seq, kind, debit, credit, amount, account, token_id, data)
+        elif kind == ATTEST_KEY_KIND:
+            body = json.loads(data)
+            r.attest_keys.setdefault(body.get("kid"), body.get("public_key"))
+        elif kind == ATTEST_RETIRE_KIND:
+            r.attest_retired.add(json.loads(data).get("kid"))
+        elif kind == HEAD_EXPORT_KIND:
+            r.exports.append({**json.loads(data), "row": seq})
 
     def token(self, seq: int, token_id: str | None, what: str) -> list | None:
         t = self.tokens.get(token_id)
@@ -225,6 +253,7 @@ def verify(conn: Connection, watch: frozenset[int] | set[int] = frozenset(),
     if not _chain(conn, walk, watch, batch):
         return result
     _head(conn, result)
+    _pending(conn, walk)
     _balances(conn, walk)
     _holds(conn, walk)
     _tokens(conn, walk)
@@ -236,8 +265,6 @@ def _chain(conn: Connection, walk: _Walk, watch, batch: int) -> bool:
     """Walk the rows in order; False when the chain itself is broken (the walk stops there)."""
     r = walk.r
     prev, expected, n = GENESIS_HASH, 1, 0
-    sums: dict[int, int] = {}
-    walk.sums = sums
     cur = _streaming_cursor(conn)
     cur.execute(_JOURNAL)
 
@@ -259,25 +286,7 @@ def _chain(conn: Connection, walk: _Walk, watch, batch: int) -> bool:
         if row_hash(prev, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
                     reason, data) != stored:
             return broken(seq, f"row {seq}: contents do not match its hash (edited)")
-        if amount:
-            sums[debit] = sums.get(debit, 0) - amount
-            sums[credit] = sums.get(credit, 0) + amount
-            if hold_id is None and walk.escrow in (debit, credit):
-                r.fail(f"row {seq}: {kind} moves system:escrow without a hold", seq)
-            if kind not in ("charge", "refund") and walk.usage in (debit, credit):
-                r.fail(f"row {seq}: {kind} moves system:usage (only charges and refunds may)",
-                       seq)
-        if hold_id is not None:
-            walk.hold_row(seq, kind, debit, credit, amount, account, token_id, hold_id, data)
-        elif token_id is not None:
-            walk.token_row(seq, kind, debit, credit, amount, account, token_id, data)
-        elif kind == ATTEST_KEY_KIND:
-            body = json.loads(data)
-            r.attest_keys.setdefault(body.get("kid"), body.get("public_key"))
-        elif kind == ATTEST_RETIRE_KIND:
-            r.attest_retired.add(json.loads(data).get("kid"))
-        elif kind == HEAD_EXPORT_KIND:
-            r.exports.append({**json.loads(data), "row": seq})
+        walk.row(seq, kind, debit, credit, amount, account, token_id, hold_id, data)
         if seq == 1:
             r.first_hash = stored
         if seq in watch:
@@ -306,6 +315,22 @@ def _batches(cur, size: int):
         yield from rows
 
 
+def _pending(conn: Connection, walk: _Walk) -> None:
+    """Rows committed but not chained yet (server databases: ``ledger.journal``) come after
+    the chain, in id order, with every check but the hash's; their movements of system
+    wallets are not in those wallets' balances until they are chained."""
+    rows = conn.execute(select(P.c.id, P.c.kind, P.c.debit_wallet_id, P.c.credit_wallet_id,
+                               P.c.amount, P.c.account, P.c.token_id, P.c.hold_id, P.c.data)
+                        .order_by(P.c.id), execution_options=_STREAM)
+    for pid, kind, debit, credit, amount, account, token_id, hold_id, data in rows:
+        walk.r.pending += 1
+        walk.row(f"pending {pid}", kind, debit, credit, amount, account, token_id, hold_id,
+                 data)
+        for wid, delta in ((debit, -amount), (credit, amount)):
+            if amount and wid in walk.system:
+                walk.unchained[wid] = walk.unchained.get(wid, 0) + delta
+
+
 def _head(conn: Connection, r: VerifyResult) -> None:
     head = conn.execute(select(H.c.seq, H.c.hash).where(H.c.id == 1)).first()
     if head is None:
@@ -320,9 +345,9 @@ def _balances(conn: Connection, walk: _Walk) -> None:
     seen = set()
     for wid, code, balance in conn.execute(select(W.c.id, W.c.code, W.c.balance)):
         seen.add(wid)
-        if sums.get(wid, 0) != balance:
-            r.fail(f"wallet {code} balance {balance} differs from its journal total "
-                   f"{sums.get(wid, 0)}")
+        total = sums.get(wid, 0) - walk.unchained.get(wid, 0)
+        if total != balance:
+            r.fail(f"wallet {code} balance {balance} differs from its journal total {total}")
     for wid in sorted(set(sums) - seen):
         r.fail(f"wallet {wid} moved {sums[wid]} GPU-s in the journal but is missing")
     if sum(sums.values()) != 0:

@@ -8,9 +8,10 @@ figures from journal rows through this one module.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection
 
 from .models import JournalEntry
+from .rawsql import Raw, Record
 
 J = JournalEntry.__table__
 
@@ -59,9 +60,23 @@ class HoldFacts:
         return "voided" if self.closed == "void" and not self.charged else "posted"
 
 
-_BIRTH_ROW = (select(J.c.account, J.c.credit_wallet_id, J.c.amount)
-              .where(J.c.token_id == bindparam("tid"), J.c.kind.in_(BIRTH_KINDS))
-              .order_by(J.c.seq).limit(1))
+# A hold's or a token's rows: chained ones in seq order, then those still pending (server
+# databases, ledger.journal) in id order — in one statement, so that one snapshot sees a
+# row that a sealer moves from journal_pending to journal exactly once.
+_HOLD_ROWS = ("SELECT kind, debit_wallet_id, credit_wallet_id, amount, token_id, account "
+              "FROM journal WHERE hold_id = ? ORDER BY seq")
+_HOLD_ROWS_ALL = (
+    "SELECT kind, debit_wallet_id, credit_wallet_id, amount, token_id, account, 0, seq "
+    "FROM journal WHERE hold_id = ? UNION ALL "
+    "SELECT kind, debit_wallet_id, credit_wallet_id, amount, token_id, account, 1, id "
+    "FROM journal_pending WHERE hold_id = ? ORDER BY 7, 8")
+_BIRTH = "kind IN (" + ", ".join(f"'{k}'" for k in BIRTH_KINDS) + ")"
+_BIRTH_ROW = (f"SELECT account, credit_wallet_id, amount FROM journal WHERE token_id = ? "
+              f"AND {_BIRTH} ORDER BY seq LIMIT 1")
+_BIRTH_ROW_ALL = (
+    f"SELECT account, credit_wallet_id, amount, 0, seq FROM journal WHERE token_id = ? "
+    f"AND {_BIRTH} UNION ALL SELECT account, credit_wallet_id, amount, 1, id "
+    f"FROM journal_pending WHERE token_id = ? AND {_BIRTH} ORDER BY 4, 5 LIMIT 1")
 
 
 def hold_facts(tx, hold_id: str) -> HoldFacts:
@@ -70,8 +85,9 @@ def hold_facts(tx, hold_id: str) -> HoldFacts:
     The caller holds the hold's row lock, so no other writer adds rows for it meanwhile."""
     escrow = tx.wallet_id("system:escrow")
     facts = HoldFacts()
-    rows = tx.raw.all("SELECT kind, debit_wallet_id, credit_wallet_id, amount, token_id, "
-                      "account FROM journal WHERE hold_id = ? ORDER BY seq", (hold_id,))
+    raw = tx.raw
+    rows = [r[:6] for r in raw.all(_HOLD_ROWS_ALL, (hold_id, hold_id))] if not raw.sqlite \
+        else raw.all(_HOLD_ROWS, (hold_id,))  # SQLite: nothing is ever pending
     rows += [(p.kind, p.debit, p.credit, p.amount, p.token_id, p.account)
              for p in tx.postings if p.hold_id == hold_id]
     for kind, debit, credit, amount, token_id, account in rows:
@@ -83,4 +99,11 @@ def hold_facts(tx, hold_id: str) -> HoldFacts:
 
 def token_birth(conn: Connection, token_id: str):
     """(account, wallet id, face) of the row that created the token, or None."""
-    return conn.execute(_BIRTH_ROW, {"tid": token_id}).one_or_none()
+    raw = Raw(conn)
+    try:
+        row = raw.one(_BIRTH_ROW, (token_id,)) if raw.sqlite else \
+            raw.one(_BIRTH_ROW_ALL, (token_id, token_id))
+    finally:
+        raw.close()
+    return None if row is None else Record(account=row[0], credit_wallet_id=row[1],
+                                           amount=row[2])

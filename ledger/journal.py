@@ -123,9 +123,6 @@ class Tx:
                     into[wid] = into.get(wid, 0) + delta
         self._apply(deltas)
 
-    def _system_ids(self) -> set[int]:
-        return {wid for code, wid in self._wallet_cache.items() if code.startswith("system:")}
-
     def _apply(self, deltas: dict[int, int]) -> None:
         """Move balances by ``deltas``, locking each wallet in id order; a wallet not allowed
         below zero that would go there refuses the operation (the one overdraft rule)."""
@@ -144,52 +141,122 @@ class Tx:
                 needed=-delta, available=balance,
             )
 
-    def seal(self) -> None:
-        """Apply what is left (the system wallets' movements last), then append every
-        posting's chained journal row (lock the head)."""
+    def seal(self, *, wait: bool = False) -> int:
+        """Apply what is left, then chain this transaction's journal rows behind the head
+        — and, first, every row other writers left pending (group sealing).
+
+        SQLite has one writer at a time, so the head is always free. On a server database
+        a writer that finds the head locked by another does not queue on it (every writer
+        would wait for every commit before it): it leaves its rows in ``journal_pending``
+        and their system wallets' movements unapplied, and the writer holding the head, or
+        the next one, chains them. ``wait``: take the head even if that means waiting, and
+        chain what is pending (:meth:`LedgerBase.seal_pending`). Returns the rows chained."""
         self.flush()
-        if self._deferred:
-            self._apply(self._deferred)
-            self._deferred = {}
-        if not self.postings:
-            return
+        if not (self.postings or wait):
+            return 0
         raw = self.raw
-        head = raw.one("SELECT seq, hash FROM chain_head WHERE id = 1" + FOR_UPDATE)
+        server = not raw.sqlite
+        head = raw.one("SELECT seq, hash FROM chain_head WHERE id = 1" +
+                       (SKIP_LOCKED if server and not wait else FOR_UPDATE))
         if head is None:
+            if server and not wait and raw.one("SELECT seq FROM chain_head WHERE id = 1"):
+                self._leave_pending()
+                return 0
             raise StorageError("ledger is not initialised (run `gpuledger init` or "
                                "`db upgrade`)")
         seq, prev = head
-        ts = micros(self.now)
-        rows = []
-        for p in self.postings:
+        now = micros(self.now)
+        rows: list[tuple] = []  # (ts, kind, debit, credit, amount, account, token, hold, …)
+        taken: list[int] = []
+        if server:
+            for pid, *row in raw.all(
+                    "SELECT id, ts, kind, debit_wallet_id, credit_wallet_id, amount, account, "
+                    "token_id, hold_id, reason, data FROM journal_pending ORDER BY id"):
+                taken.append(pid)
+                rows.append(tuple(row))
+        system = self._system_ids() if taken else set()
+        for _ts, _kind, debit, credit, amount, *_ in rows:
+            for wid, delta in ((debit, -amount), (credit, amount)):
+                if amount and wid in system:
+                    self._deferred[wid] = self._deferred.get(wid, 0) + delta
+        self._apply(self._deferred)  # the system wallets, last (only the head's holder)
+        self._deferred = {}
+        rows += [(now, p.kind, p.debit, p.credit, p.amount, p.account, p.token_id, p.hold_id,
+                  p.reason, canonical_data(p.data)) for p in self.postings]
+        chained = []
+        for ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data in rows:
             seq += 1
-            data = canonical_data(p.data)
-            digest = row_hash(prev, seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
-                              p.token_id, p.hold_id, p.reason, data)
-            rows.append((seq, ts, p.kind, p.debit, p.credit, p.amount, p.account,
-                         p.token_id, p.hold_id, p.reason, data, prev, digest))
+            digest = row_hash(prev, seq, ts, kind, debit, credit, amount, account, token_id,
+                              hold_id, reason, data)
+            chained.append((seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
+                            reason, data, prev, digest))
             prev = digest
-        # multi-row INSERTs: one round trip each (a driver's executemany may take several),
-        # at most INSERT_ROWS rows (13 values each) so as to stay under every driver's limit
+        # multi-row statements: one round trip each (a driver's executemany may take
+        # several), at most INSERT_ROWS rows so as to stay under every driver's limit
+        # Other writers' rows name wallets this transaction has not locked, and one of those
+        # writers may be waiting for a lock this one holds: InnoDB's foreign-key check would
+        # take a shared lock on each such wallet, behind that writer's update, and close
+        # the circle (PostgreSQL's key-share check never waits for a balance update). The
+        # wallets exist — their writers moved them — and wallets are never deleted: the
+        # check is left out for these statements, on MariaDB only.
+        unchecked = bool(taken) and raw.conn.dialect.name in ("mysql", "mariadb")
+        if unchecked:
+            raw.run("SET SESSION foreign_key_checks = 0")
+        try:
+            for at in range(0, len(chained), INSERT_ROWS):
+                chunk = chained[at:at + INSERT_ROWS]
+                raw.run(_insert("journal", _JOURNAL_COLUMNS, len(chunk)),
+                        [value for row in chunk for value in row])
+        finally:
+            if unchecked:
+                raw.run("SET SESSION foreign_key_checks = 1")
+        for at in range(0, len(taken), INSERT_ROWS):  # by id: only the rows read above
+            chunk = taken[at:at + INSERT_ROWS]
+            raw.run(f"DELETE FROM journal_pending WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk)
+        if chained:
+            raw.run("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+        self.postings.clear()
+        self._applied = 0
+        return len(chained)
+
+    def _leave_pending(self) -> None:
+        """This transaction's rows, for the head's next holder to chain (see seal)."""
+        ts = micros(self.now)
+        rows = [(ts, p.kind, p.debit, p.credit, p.amount, p.account, p.token_id, p.hold_id,
+                 p.reason, canonical_data(p.data)) for p in self.postings]
         for at in range(0, len(rows), INSERT_ROWS):
             chunk = rows[at:at + INSERT_ROWS]
-            raw.run(_journal_insert(len(chunk)), [value for row in chunk for value in row])
-        raw.run("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+            self.raw.run(_insert("journal_pending", _JOURNAL_COLUMNS[1:11], len(chunk)),
+                         [value for row in chunk for value in row])
+        self._deferred = {}  # applied with the rows, by whoever chains them
         self.postings.clear()
         self._applied = 0
 
+    def _system_ids(self) -> set[int]:
+        """Every system wallet's id (they never change: read once per ledger)."""
+        if "system:*" not in self._wallet_cache:
+            for code, wid in self.raw.all("SELECT code, id FROM wallets WHERE kind = 'system'"):
+                self._wallet_cache[code] = wid
+            self._wallet_cache["system:*"] = -1
+        return {wid for code, wid in self._wallet_cache.items()
+                if code.startswith("system:") and wid >= 0}
+
 
 INSERT_ROWS = 500
-_JOURNAL_INSERTS: dict[int, str] = {}
+SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"  # PostgreSQL ≥ 9.5, MariaDB ≥ 10.6
+_JOURNAL_COLUMNS = ("seq", "ts", "kind", "debit_wallet_id", "credit_wallet_id", "amount",
+                    "account", "token_id", "hold_id", "reason", "data", "prev_hash", "hash")
+_INSERTS: dict[tuple, str] = {}
 
 
-def _journal_insert(n: int) -> str:
-    text = _JOURNAL_INSERTS.get(n)
+def _insert(table: str, columns: tuple[str, ...], n: int) -> str:
+    key = (table, columns, n)
+    text = _INSERTS.get(key)
     if text is None:
-        text = _JOURNAL_INSERTS[n] = (
-            "INSERT INTO journal (seq, ts, kind, debit_wallet_id, credit_wallet_id, amount, "
-            "account, token_id, hold_id, reason, data, prev_hash, hash) VALUES " +
-            ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n))
+        marks = "(" + ", ".join("?" * len(columns)) + ")"
+        text = _INSERTS[key] = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES " +
+                                ", ".join([marks] * n))
     return text
 
 

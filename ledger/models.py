@@ -253,6 +253,29 @@ class JournalEntry(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class JournalPending(Base):
+    """Journal rows committed but not chained yet (server databases only). A writer that
+    finds the chain head taken by another leaves its rows here instead of waiting; the next
+    writer to take the head chains them, in ``id`` order, before its own (``ledger.journal``).
+    The system wallets' balances include a row once it is chained."""
+
+    __tablename__ = "journal_pending"
+    __table_args__ = (Index(None, "hold_id"), Index(None, "token_id"), BINARY_TEXT)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(24))
+    debit_wallet_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    credit_wallet_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    amount: Mapped[int] = mapped_column(Amount)
+    account: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    token_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    hold_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data: Mapped[str] = mapped_column(Text)
+
+
 class ChainHead(Base):
     """The single row every writer locks last: the journal's tip (seq, hash)."""
 

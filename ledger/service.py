@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from . import attest, audit, db, keys
 from .config import Config
@@ -77,15 +77,35 @@ class LedgerBase:
 
     # -- transactions -------------------------------------------------------------------------
 
-    def _write(self, fn: Callable[[Tx], object]):
+    def _write(self, fn: Callable[[Tx], object], *, chain_now: bool = False):
+        """Run ``fn`` in a write transaction and seal its rows. ``chain_now``: chain them in
+        this transaction even if that means waiting for the head (events that later reads
+        must find in the journal itself: head exports, head-attestation keys)."""
         def run(conn: Connection):
             tx = Tx(conn, self.clock(), self._wallet_ids)
             try:
                 result = fn(tx)
-                tx.seal()  # the journal rows, last: the chain head is locked only until commit
+                tx.seal(wait=chain_now)  # the rows, last: the head is locked only until commit
             finally:
                 tx.close()
             return result
+
+        return db.run_write(self.engine, run)
+
+    def seal_pending(self) -> int:
+        """Chain every journal row other writers left pending (server databases: see
+        ``Tx.seal``), waiting for the chain head if another writer holds it; so that what
+        reads the journal or the system wallets next sees every committed movement. Returns
+        the rows chained (0 on SQLite, where nothing is ever pending)."""
+        if db.is_sqlite(self.engine):
+            return 0
+
+        def run(conn: Connection) -> int:
+            tx = Tx(conn, self.clock(), self._wallet_ids)
+            try:
+                return tx.seal(wait=True)
+            finally:
+                tx.close()
 
         return db.run_write(self.engine, run)
 
@@ -277,7 +297,7 @@ class AdminOps(LedgerBase):
             tx.event(ATTEST_KEY_KIND, data={"kid": kid, "public_key": public,
                                             "purpose": attest.PURPOSE})
 
-        self._write(run)
+        self._write(run, chain_now=True)
         return public
 
     @staticmethod
@@ -300,6 +320,7 @@ class AdminOps(LedgerBase):
         def when(ts: int) -> str:
             return datetime.fromtimestamp(ts / 1e6, UTC).isoformat()
 
+        self.seal_pending()
         with self._read() as conn:
             found, retired = self._attest_events(conn)
         have = self.keys_dir
@@ -324,7 +345,7 @@ class AdminOps(LedgerBase):
             tx.conn.execute(update(K).where(K.c.kid == kid).values(retired_at=tx.now))
             tx.event("key_retire", data={"kid": kid})
 
-        self._write(run)
+        self._write(run, chain_now=True)
 
     def list_keys(self, conn: Connection | None = None) -> list[dict]:
         if conn is None:
@@ -352,6 +373,7 @@ class AdminOps(LedgerBase):
         heads = list(against)
         last = attest.remembered(self.keys_dir)
         watch = {h["seq"] for _, h in heads} | ({last[1]["seq"]} if last else set())
+        self.seal_pending()  # rows left pending later are checked as such (ledger.audit)
         with audit.snapshot(self.engine) as conn:
             result = audit.verify(conn, watch)
         if result.chain_intact:
@@ -371,12 +393,14 @@ class AdminOps(LedgerBase):
         kid, private = attest.signing_key(self.keys_dir, result, result.attest_retired)
         head = attest.sign_head(kid, private, result, self.clock())
         self._write(lambda tx: tx.event(HEAD_EXPORT_KIND, data={
-            "seq": head["seq"], "hash": head["hash"], "kid": kid, "at": head["at"]}))
+            "seq": head["seq"], "hash": head["hash"], "kid": kid, "at": head["at"]}),
+            chain_now=True)
         attest.remember(self.keys_dir, head)
         return result, head
 
     def head(self) -> tuple[int, str]:
         from .models import ChainHead
+        self.seal_pending()
         with self._read() as conn:
             row = conn.execute(select(ChainHead.seq, ChainHead.hash)).one()
         return row.seq, row.hash
@@ -390,6 +414,7 @@ class AdminOps(LedgerBase):
             q = q.where(J.c.ts >= micros(since))
         if limit:
             q = q.limit(limit)
+        self.seal_pending()
         with self._read() as conn:
             codes = dict(conn.execute(select(W.c.id, W.c.code)).all())
             rows = conn.execute(q).all()
@@ -404,6 +429,7 @@ class AdminOps(LedgerBase):
         } for r in rows]
 
     def wallet_balance(self, code: str) -> int:
+        self.seal_pending()  # the system wallets move when their rows are chained
         with self._read() as conn:
             value = conn.execute(select(W.c.balance).where(W.c.code == code)).scalar()
         if value is None:
@@ -411,10 +437,12 @@ class AdminOps(LedgerBase):
         return value
 
     def totals(self) -> dict[str, int]:
+        self.seal_pending()
         with self._read() as conn:
             return dict(conn.execute(select(W.c.code, W.c.balance)).all())
 
     def sum_balances(self) -> int:
+        self.seal_pending()
         with self._read() as conn:
             return conn.execute(select(func.coalesce(func.sum(W.c.balance), 0))).scalar()
 

@@ -18,6 +18,14 @@ from .period import Month
 from .render import FORMATS, render_account
 
 
+def _sealed(app):
+    """The ledger, every journal row chained first (rows can wait to be chained on a server
+    database, see ledger.journal): reports read the journal and the system wallets."""
+    ledger = app.ledger
+    ledger.seal_pending()
+    return ledger
+
+
 def _settings(app):
     from .mail import SmtpSettings
 
@@ -59,7 +67,7 @@ def report_group():
 @pass_app
 def report_render(app, month, account, fmt, out, as_json):
     """Render reports to files (HTML with its PNG chart, text, or JSON)."""
-    ledger = app.ledger
+    ledger = _sealed(app)
     m = Month.parse(month, ledger.clock())
     site = deliver.load(ledger, m, account)
     now = ledger.clock()
@@ -94,7 +102,7 @@ def _dumps(data) -> str:
 @pass_app
 def report_send(app, month, account, dry_run, out, as_json):
     """Email each account's report to its recipients (once per recipient and month)."""
-    ledger = app.ledger
+    ledger = _sealed(app)
     m = Month.parse(month, ledger.clock())
     settings = None if dry_run and not app.config.section("smtp") else _settings(app)
     summary = deliver.send_reports(
@@ -155,7 +163,7 @@ def alerts_group():
 @pass_app
 def alerts_send(app, dry_run, out, account, as_json):
     """Raise newly crossed thresholds and mail each account one digest."""
-    ledger = app.ledger
+    ledger = _sealed(app)
     if account:
         from ledger.queries import account_views
 
@@ -179,7 +187,7 @@ def alerts_list(app, account, as_json):
 
     from ledger import db
 
-    ledger = app.ledger
+    ledger = _sealed(app)
     with db.read(ledger.engine) as conn:
         conds = alerts_mod.evaluate(conn, ledger.clock(), account)
         raised = {tuple(r[:4]): r[4] for r in conn.execute(select(
@@ -214,7 +222,7 @@ def idle_send(app, days, dry_run, out, as_json):
     from . import idle as idle_mod
 
     settings = None if dry_run and not app.config.section("smtp") else _settings(app)
-    summary = idle_mod.send_idle(app.ledger, app.config.idle, settings=settings, days=days,
+    summary = idle_mod.send_idle(_sealed(app), app.config.idle, settings=settings, days=days,
                                  dry_run=dry_run,
                                  out=Path(out or "gpuledger-idle") if dry_run else None)
     d = summary.to_dict()
@@ -239,7 +247,7 @@ def idle_list(app, days, account, as_json):
 
     from . import idle as idle_mod
 
-    ledger = app.ledger
+    ledger = _sealed(app)
     with db.read(ledger.engine) as conn:
         rows = idle_mod.notices(conn, ledger.clock() - timedelta(days=days), account)
     if as_json:

@@ -44,6 +44,7 @@ def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None
 
 
 def journal_refs(ledger: Ledger, hold_id: str) -> list[dict]:
+    ledger.seal_pending()  # the hold's latest rows may wait to be chained (server databases)
     with ledger._read() as conn:  # read-only: the journal rows that moved this hold's value
         rows = conn.execute(select(J.c.seq, J.c.kind, J.c.amount, J.c.hash)
                             .where(J.c.hold_id == hold_id).order_by(J.c.seq)).all()

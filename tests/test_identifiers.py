@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from ledger import db, migrate
 from ledger import reserve as reserve_module
+from ledger.models import JournalPending
 from ledger.service import Ledger
 from ledger.tiers import Tiers
 from ledger.views import HoldRequest
@@ -81,7 +82,9 @@ def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_p
     try:
         migrate.upgrade(engine, "0002")
         old = Ledger(engine, keys_dir=tmp_path / "keys", clock=clock)
-        # today's code on 0002's schema: the tiers (0005) it would read are not there yet
+        # today's code on 0002's schema: the tiers (0005) it would read are not there yet,
+        # nor the table of rows waiting to be chained (0006), made here for the old code
+        JournalPending.__table__.create(engine)
         old.tiers = lambda conn=None: Tiers()
         reserve_module._fast_reserve_row = lambda *a: None
         old.bootstrap()
@@ -98,6 +101,7 @@ def test_upgrading_an_existing_ledger_makes_its_identifiers_binary(db_url, tmp_p
             assert fks
 
         reserve_module._fast_reserve_row = fast
+        JournalPending.__table__.drop(engine)  # empty: nothing was left pending
         assert migrate.upgrade(engine) == ("0002", migrate.head())
 
         lg = Ledger(engine, keys_dir=tmp_path / "keys", clock=clock)
