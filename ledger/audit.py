@@ -315,6 +315,11 @@ def _batches(cur, size: int):
         yield from rows
 
 
+def _order(seq: int | str) -> tuple[int, int]:
+    """Chained rows (seq) before pending ones ("pending ID"), each in its own order."""
+    return (0, seq) if isinstance(seq, int) else (1, int(seq.split()[-1]))
+
+
 def _pending(conn: Connection, walk: _Walk) -> None:
     """Rows committed but not chained yet (server databases: ``ledger.journal``) come after
     the chain, in id order, with every check but the hash's; their movements of system
@@ -409,7 +414,7 @@ def _charges(conn: Connection, walk: _Walk) -> None:
         elif (hold_id, amount) != f[:2]:
             r.fail(f"charge {key!r}: hold {hold_id}, {amount} GPU-s, but journal row {f[2]} "
                    f"says hold {f[0]}, {f[1]} GPU-s", f[2])
-    for key, (hold_id, _amount, seq) in sorted(facts.items(), key=lambda kv: kv[1][2]):
+    for key, (hold_id, _amount, seq) in sorted(facts.items(), key=lambda kv: _order(kv[1][2])):
         r.fail(f"charge {key!r} of hold {hold_id} (journal row {seq}) is missing from the "
                "charges table", seq)
     usage = walk.sums.get(walk.usage, 0)

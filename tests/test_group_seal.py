@@ -166,3 +166,25 @@ def test_an_overdraft_is_refused_while_rows_wait(ledger, db_url):
 @contextmanager
 def _nothing():
     yield
+
+
+def test_verify_names_a_pending_row_that_disagrees_with_the_tables(ledger, db_url):
+    """A charge missing from the charges table is found whether its journal row is chained
+    or still pending; both are named, the chained one first."""
+    if db_url.startswith("sqlite"):
+        assert ledger.seal_pending() == 0
+        return
+    token, _ = ledger.mint("physics", 10 * H)
+    first = ledger.reserve(token, REQ)
+    ledger.post(first.id, 100)
+    with head_taken(ledger):
+        second = ledger.reserve(token, REQ)
+        ledger.post(second.id, 200)
+        with ledger.engine.begin() as c:
+            c.execute(text("DELETE FROM charges"))
+        with audit.snapshot(ledger.engine) as conn:
+            result = audit.verify(conn)
+    assert not result.ok and result.pending == 3
+    missing = [p for p in result.problems if "missing from the charges table" in p]
+    assert len(missing) == 2 and first.id in missing[0] and second.id in missing[1]
+    assert "(journal row pending " in missing[1]
