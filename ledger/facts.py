@@ -99,11 +99,8 @@ def hold_facts(tx, hold_id: str) -> HoldFacts:
 
 def token_birth(conn: Connection, token_id: str):
     """(account, wallet id, face) of the row that created the token, or None."""
-    raw = Raw(conn)
-    try:
+    with Raw(conn) as raw:
         row = raw.one(_BIRTH_ROW, (token_id,)) if raw.sqlite else \
             raw.one(_BIRTH_ROW_ALL, (token_id, token_id))
-    finally:
-        raw.close()
     return None if row is None else Record(account=row[0], credit_wallet_id=row[1],
                                            amount=row[2])

@@ -81,11 +81,8 @@ class HoldOps(ReserveOps):
     # -- settle ---------------------------------------------------------------------------------
 
     def _hold_row(self, conn: Connection, hold_id: str, lock: bool = False):
-        raw = Raw(conn)
-        try:
+        with Raw(conn) as raw:
             row = raw.record(HO, _HOLD_GET + (FOR_UPDATE if lock else ""), (hold_id,))
-        finally:
-            raw.close()
         if row is None:
             raise NotFound(f"unknown hold {hold_id}")
         return row

@@ -48,14 +48,10 @@ class JobLinkOps:
         """The hold linked to run ``restart`` of ``job_id`` (by its SLUID first), or None."""
         from .service import idempotency_row
 
-        with self._read() as conn:
+        with self._read() as conn, Raw(conn) as raw:
             for key in ([link_key(job_id, restart, sluid)] if sluid else []) + [
                     link_key(job_id, restart)]:
-                raw = Raw(conn)
-                try:
-                    row = idempotency_row(raw, key)
-                finally:
-                    raw.close()
+                row = idempotency_row(raw, key)
                 if row is None or row[0] != "link":
                     continue
                 hold = row[2].get("hold")

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, insert, select
 
 from .errors import Refusal, Reason, StorageError
 from .models import GENESIS_HASH, ChainHead, JournalEntry, Wallet
-from .rawsql import FOR_UPDATE, Raw, raw_sql  # noqa: F401  (raw_sql: re-exported)
+from .rawsql import FOR_UPDATE, Raw
 
 W = Wallet.__table__
 J = JournalEntry.__table__
@@ -165,13 +165,11 @@ class Tx:
             raise StorageError("ledger is not initialised (run `gpuledger init` or "
                                "`db upgrade`)")
         seq, prev = head
-        now = micros(self.now)
         rows: list[tuple] = []  # (ts, kind, debit, credit, amount, account, token, hold, …)
         taken: list[int] = []
         if server:
-            for pid, *row in raw.all(
-                    "SELECT id, ts, kind, debit_wallet_id, credit_wallet_id, amount, account, "
-                    "token_id, hold_id, reason, data FROM journal_pending ORDER BY id"):
+            for pid, *row in raw.all(f"SELECT id, {', '.join(PENDING_COLUMNS)} "
+                                     "FROM journal_pending ORDER BY id"):
                 taken.append(pid)
                 rows.append(tuple(row))
         system = self._system_ids() if taken else set()
@@ -181,8 +179,7 @@ class Tx:
                     self._deferred[wid] = self._deferred.get(wid, 0) + delta
         self._apply(self._deferred)  # the system wallets, last (only the head's holder)
         self._deferred = {}
-        rows += [(now, p.kind, p.debit, p.credit, p.amount, p.account, p.token_id, p.hold_id,
-                  p.reason, canonical_data(p.data)) for p in self.postings]
+        rows += self._posting_rows()
         chained = []
         for ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data in rows:
             seq += 1
@@ -191,8 +188,6 @@ class Tx:
             chained.append((seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
                             reason, data, prev, digest))
             prev = digest
-        # multi-row statements: one round trip each (a driver's executemany may take
-        # several), at most INSERT_ROWS rows so as to stay under every driver's limit
         # Other writers' rows name wallets this transaction has not locked, and one of those
         # writers may be waiting for a lock this one holds: InnoDB's foreign-key check would
         # take a shared lock on each such wallet, behind that writer's update, and close
@@ -203,17 +198,11 @@ class Tx:
         if unchecked:
             raw.run("SET SESSION foreign_key_checks = 0")
         try:
-            for at in range(0, len(chained), INSERT_ROWS):
-                chunk = chained[at:at + INSERT_ROWS]
-                raw.run(_insert("journal", _JOURNAL_COLUMNS, len(chunk)),
-                        [value for row in chunk for value in row])
+            raw.insert_rows("journal", JOURNAL_COLUMNS, chained)
         finally:
             if unchecked:
                 raw.run("SET SESSION foreign_key_checks = 1")
-        for at in range(0, len(taken), INSERT_ROWS):  # by id: only the rows read above
-            chunk = taken[at:at + INSERT_ROWS]
-            raw.run(f"DELETE FROM journal_pending WHERE id IN ({', '.join('?' * len(chunk))})",
-                    chunk)
+        raw.delete_ids("journal_pending", taken)  # by id: only the rows read above
         if chained:
             raw.run("UPDATE chain_head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
         self.postings.clear()
@@ -222,16 +211,17 @@ class Tx:
 
     def _leave_pending(self) -> None:
         """This transaction's rows, for the head's next holder to chain (see seal)."""
-        ts = micros(self.now)
-        rows = [(ts, p.kind, p.debit, p.credit, p.amount, p.account, p.token_id, p.hold_id,
-                 p.reason, canonical_data(p.data)) for p in self.postings]
-        for at in range(0, len(rows), INSERT_ROWS):
-            chunk = rows[at:at + INSERT_ROWS]
-            self.raw.run(_insert("journal_pending", _JOURNAL_COLUMNS[1:11], len(chunk)),
-                         [value for row in chunk for value in row])
+        self.raw.insert_rows("journal_pending", PENDING_COLUMNS, self._posting_rows())
         self._deferred = {}  # applied with the rows, by whoever chains them
         self.postings.clear()
         self._applied = 0
+
+    def _posting_rows(self) -> list[tuple]:
+        """This transaction's postings as journal rows, before seq and hashes: (ts, kind,
+        debit, credit, amount, account, token, hold, reason, canonical data)."""
+        ts = micros(self.now)
+        return [(ts, p.kind, p.debit, p.credit, p.amount, p.account, p.token_id, p.hold_id,
+                 p.reason, canonical_data(p.data)) for p in self.postings]
 
     def _system_ids(self) -> set[int]:
         """Every system wallet's id (they never change: read once per ledger)."""
@@ -243,21 +233,10 @@ class Tx:
                 if code.startswith("system:") and wid >= 0}
 
 
-INSERT_ROWS = 500
 SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"  # PostgreSQL ≥ 9.5, MariaDB ≥ 10.6
-_JOURNAL_COLUMNS = ("seq", "ts", "kind", "debit_wallet_id", "credit_wallet_id", "amount",
-                    "account", "token_id", "hold_id", "reason", "data", "prev_hash", "hash")
-_INSERTS: dict[tuple, str] = {}
-
-
-def _insert(table: str, columns: tuple[str, ...], n: int) -> str:
-    key = (table, columns, n)
-    text = _INSERTS.get(key)
-    if text is None:
-        marks = "(" + ", ".join("?" * len(columns)) + ")"
-        text = _INSERTS[key] = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES " +
-                                ", ".join([marks] * n))
-    return text
+JOURNAL_COLUMNS = ("seq", "ts", "kind", "debit_wallet_id", "credit_wallet_id", "amount",
+                   "account", "token_id", "hold_id", "reason", "data", "prev_hash", "hash")
+PENDING_COLUMNS = JOURNAL_COLUMNS[1:11]  # a row before it is chained: no seq, no hashes
 
 
 def ensure_head(conn: Connection) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import JSON, Connection, Table
 from .models import UTCDateTime
 
 FOR_UPDATE = " FOR UPDATE"
+INSERT_ROWS = 500  # rows per multi-row INSERT (13 values each for the journal)
 _SQL_CACHE: dict[tuple[str, str, str], str] = {}
 
 
@@ -71,17 +72,18 @@ def load_json(value):
 
 
 def _readers(table: Table) -> dict:
-    out = {}
-    for column in table.columns:
-        if isinstance(column.type, UTCDateTime):
-            out[column.name] = load_time
-        elif isinstance(column.type, JSON):
-            out[column.name] = load_json
+    """Column name -> the reader of its values, for the typed columns (cached)."""
+    out = _READERS.get(table.name)
+    if out is None:
+        out = _READERS[table.name] = {
+            c.name: load_time if isinstance(c.type, UTCDateTime) else load_json
+            for c in table.columns if isinstance(c.type, UTCDateTime | JSON)}
     return out
 
 
 class Raw:
-    """One cursor for the statements of one transaction."""
+    """One cursor for the statements of one transaction (``with Raw(conn) as raw:`` where
+    no transaction's cursor is at hand)."""
 
     __slots__ = ("conn", "sql", "sqlite", "cur")
 
@@ -90,6 +92,12 @@ class Raw:
         self.sql = raw_sql(conn)
         self.sqlite = conn.dialect.name == "sqlite"
         self.cur = conn.connection.driver_connection.cursor()
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
     # -- values in ----------------------------------------------------------------------------
 
@@ -114,9 +122,6 @@ class Raw:
         self.cur.execute(self.sql(text), params)
         return self.cur.rowcount
 
-    def many(self, text: str, rows) -> None:
-        self.cur.executemany(self.sql(text), rows)
-
     def one(self, text: str, params=()):
         self.cur.execute(self.sql(text), params)
         return self.cur.fetchone()
@@ -132,9 +137,7 @@ class Raw:
         if row is None:
             return None
         names = [d[0] for d in self.cur.description]
-        readers = _READERS.get(table.name)
-        if readers is None:
-            readers = _READERS[table.name] = _readers(table)
+        readers = _readers(table)
         values = {}
         for name, value in zip(names, row):
             reader = readers.get(name)
@@ -143,17 +146,7 @@ class Raw:
 
     def insert(self, table: Table, values: dict) -> None:
         """INSERT one row; values of UTCDateTime and JSON columns are converted here."""
-        readers = _READERS.get(table.name)
-        if readers is None:
-            readers = _READERS[table.name] = _readers(table)
-        names = tuple(values)
-        key = (self.conn.dialect.name, table.name, names)
-        text = _INSERTS.get(key)
-        if text is None:
-            quote = self.conn.dialect.identifier_preparer.quote
-            text = _INSERTS[key] = (
-                f"INSERT INTO {table.name} ({', '.join(quote(n) for n in names)}) "
-                f"VALUES ({', '.join('?' * len(names))})")
+        readers = _readers(table)
         params = []
         for name, value in values.items():
             kind = readers.get(name)
@@ -162,7 +155,32 @@ class Raw:
             elif kind is load_json:
                 value = self.json(value)
             params.append(value)
-        self.cur.execute(self.sql(text), params)
+        self.cur.execute(self.sql(self._insert_sql(table.name, tuple(values), 1)), params)
+
+    def insert_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        """INSERT rows of plain values, INSERT_ROWS per statement: one round trip each (a
+        driver's executemany may take several), under every driver's parameter limit."""
+        for at in range(0, len(rows), INSERT_ROWS):
+            chunk = rows[at:at + INSERT_ROWS]
+            self.cur.execute(self.sql(self._insert_sql(table, columns, len(chunk))),
+                             [value for row in chunk for value in row])
+
+    def delete_ids(self, table: str, ids: list[int]) -> None:
+        """DELETE the rows with these ids (INSERT_ROWS per statement)."""
+        for at in range(0, len(ids), INSERT_ROWS):
+            chunk = ids[at:at + INSERT_ROWS]
+            self.run(f"DELETE FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+
+    def _insert_sql(self, table: str, columns: tuple[str, ...], n: int) -> str:
+        key = (self.conn.dialect.name, table, columns, n)
+        text = _INSERTS.get(key)
+        if text is None:
+            quote = self.conn.dialect.identifier_preparer.quote
+            marks = "(" + ", ".join("?" * len(columns)) + ")"
+            text = _INSERTS[key] = (
+                f"INSERT INTO {table} ({', '.join(quote(c) for c in columns)}) VALUES " +
+                ", ".join([marks] * n))
+        return text
 
     def quote(self, name: str) -> str:
         return self.conn.dialect.identifier_preparer.quote(name)

@@ -24,7 +24,7 @@ from .liveness import Liveness, liveness, refusal, refuse_unless_live
 from .models import Hold
 from .names import check_account_name
 from .pricing import RateCandidates, hold_cost, hold_rate, is_untyped, rate_candidates, unpriced
-from .rawsql import FOR_UPDATE, load_time, raw_sql
+from .rawsql import FOR_UPDATE, load_time
 from .shares import GPU
 from .tiers import Tiers
 from .tokens import Claims, Scopes, digest
@@ -264,8 +264,7 @@ def _fast_reserve_row(tx: Tx, token_id: str, request: HoldRequest, token_digest:
     Liveness and the rate are decided by the same functions as every other path
     (ledger.liveness, .pricing).
     """
-    conn = tx.conn
-    sql = raw_sql(conn)
+    raw = tx.raw
     gpu_type, partitions = request.gpu_type, request.partitions
     qoses = tuple(q for q in (request.qos or "").split(",") if q)
     typed = not is_untyped(gpu_type)
@@ -274,28 +273,21 @@ def _fast_reserve_row(tx: Tx, token_id: str, request: HoldRequest, token_digest:
         len(qoses) + \
         ", (SELECT multiplier_ppm FROM multipliers WHERE kind = 'partition' AND name = ?)" * \
         len(partitions)
-    cur = conn.connection.driver_connection.cursor()
-    try:
-        cur.execute(sql("SELECT wallet_id, account_id, digest, status, not_before, expires "
-                        "FROM tokens WHERE id = ?" + FOR_UPDATE), (token_id,))
-        token = cur.fetchone()
-        if token is None or token[2] != token_digest:
-            return None
-        wallet_id, account_id, _, status, not_before, expires = token
-        live = liveness(status, load_time(not_before), load_time(expires), tx.now)
-        if live is not Liveness.ACTIVE:
-            return None
-        cur.execute(sql(
-            "SELECT a.name, w.balance, "
-            "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default'), "
-            "(SELECT MAX(rate_ppm) FROM rates)" +
-            (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?)" if typed else "") + tier_sql +
-            " FROM accounts a JOIN wallets w ON w.id = ? WHERE a.id = ?"),
-            ((gpu_type,) if typed else ()) + qoses + tuple(partitions) +
-            (wallet_id, account_id))
-        row = cur.fetchone()
-    finally:
-        cur.close()
+    token = raw.one("SELECT wallet_id, account_id, digest, status, not_before, expires "
+                    "FROM tokens WHERE id = ?" + FOR_UPDATE, (token_id,))
+    if token is None or token[2] != token_digest:
+        return None
+    wallet_id, account_id, _, status, not_before, expires = token
+    if liveness(status, load_time(not_before), load_time(expires), tx.now) \
+            is not Liveness.ACTIVE:
+        return None
+    row = raw.one(
+        "SELECT a.name, w.balance, "
+        "(SELECT rate_ppm FROM rates WHERE gpu_type = 'default'), "
+        "(SELECT MAX(rate_ppm) FROM rates)" +
+        (", (SELECT rate_ppm FROM rates WHERE gpu_type = ?)" if typed else "") + tier_sql +
+        " FROM accounts a JOIN wallets w ON w.id = ? WHERE a.id = ?",
+        ((gpu_type,) if typed else ()) + qoses + tuple(partitions) + (wallet_id, account_id))
     if row is None:
         return None
     rate = hold_rate(gpu_type, RateCandidates(row[4] if typed else None, row[2], row[3]))

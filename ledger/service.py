@@ -43,6 +43,8 @@ SYSTEM_WALLETS = {
     "system:usage": False,  # charged to jobs
     "system:expired": False,  # remainders of expired tokens
 }
+
+
 def idempotency_row(raw: Raw, key: str) -> tuple[str, str, dict] | None:
     """(op, fingerprint, result) stored under ``key``, or None."""
     row = raw.one("SELECT op, fingerprint, result FROM idempotency WHERE " + raw.quote("key") +
@@ -99,15 +101,7 @@ class LedgerBase:
         the rows chained (0 on SQLite, where nothing is ever pending)."""
         if db.is_sqlite(self.engine):
             return 0
-
-        def run(conn: Connection) -> int:
-            tx = Tx(conn, self.clock(), self._wallet_ids)
-            try:
-                return tx.seal(wait=True)
-            finally:
-                tx.close()
-
-        return db.run_write(self.engine, run)
+        return self._write(lambda tx: tx.seal(wait=True))
 
     def _idempotent(self, op: str, key: str | None, fields: dict,
                     fn: Callable[[Tx], dict]) -> dict:
@@ -116,11 +110,8 @@ class LedgerBase:
             return self._write(fn)
 
         def stored(conn: Connection) -> dict | None:
-            raw = Raw(conn)
-            try:
+            with Raw(conn) as raw:
                 return self._stored(raw, op, key, fields)
-            finally:
-                raw.close()
 
         def run(tx: Tx) -> dict:
             return self._once(tx, op, key, fields, fn)

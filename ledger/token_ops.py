@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from . import keys
 from .amounts import check_amount, fmt_hours
@@ -52,13 +52,10 @@ class TokenOps:
         """The token's row with its account's name and pool wallet and its balance; with
         ``lock``, the token row is locked first (alone: MariaDB ignores ``FOR UPDATE OF``
         and would lock the account row every token of the account shares), then read."""
-        raw = Raw(conn)
-        try:
+        with Raw(conn) as raw:
             if lock:
                 raw.run("SELECT id FROM tokens WHERE id = ?" + FOR_UPDATE, (token_id,))
             row = raw.record(T, _TOKEN_ROW, (token_id,))
-        finally:
-            raw.close()
         if row is None:
             raise NotFound(f"unknown token {token_id}")
         return row

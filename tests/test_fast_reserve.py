@@ -191,7 +191,10 @@ def _request(path: Path, line: str) -> dict:
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
+        try:  # a thread may end while we look
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
     return out
 
 

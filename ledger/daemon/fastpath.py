@@ -89,8 +89,7 @@ class FastReserve:
     # -- lifetime ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if hasattr(self.writer, "start"):
-            self.writer.start()
+        self.writer.start()
         self._refresh(force=True)
         self._thread = threading.Thread(target=self._run, name="gpuledger-writer", daemon=True)
         self._thread.start()

@@ -54,6 +54,9 @@ class LocalWriter:
     def __init__(self, ledger):
         self.ledger = ledger
 
+    def start(self) -> None:
+        pass
+
     def reserve_many(self, items) -> list:
         return self.ledger.reserve_many(items)
 
