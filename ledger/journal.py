@@ -84,6 +84,16 @@ class Tx:
             self._raw.close()
             self._raw = None
 
+    def mark(self) -> tuple:
+        """Where this transaction's postings stand, for :meth:`restore` (a savepoint's)."""
+        return len(self.postings), self._applied, dict(self._deferred)
+
+    def restore(self, mark: tuple) -> None:
+        """Forget the postings made since ``mark`` (their savepoint was rolled back)."""
+        count, applied, deferred = mark
+        del self.postings[count:]
+        self._applied, self._deferred = applied, deferred
+
     def wallet_id(self, code: str) -> int:
         if code not in self._wallet_cache:
             wid = self.conn.execute(select(W.c.id).where(W.c.code == code)).scalar()

@@ -23,6 +23,7 @@ from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerErr
                      UniqueViolation)
 from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
 from .debts import DebtOps
+from .groupcommit import GroupCommit, run_in_savepoints
 from .holds import HoldOps
 from .joblinks import JobLinkOps
 from .shares import DEFAULT_GRES_CONF, GresFile
@@ -70,6 +71,8 @@ class LedgerBase:
         self.cluster = cluster
         self._verifier: Verifier | None = None
         self._wallet_ids: dict[str, int] = {}
+        self._group = GroupCommit(self._write_shared, self._write_alone) \
+            if db.is_sqlite(engine) else None
 
     @classmethod
     def from_config(cls, config: Config, **kw):
@@ -82,7 +85,14 @@ class LedgerBase:
     def _write(self, fn: Callable[[Tx], object], *, chain_now: bool = False):
         """Run ``fn`` in a write transaction and seal its rows. ``chain_now``: chain them in
         this transaction even if that means waiting for the head (events that later reads
-        must find in the journal itself: head exports, head-attestation keys)."""
+        must find in the journal itself: head exports, head-attestation keys). On SQLite,
+        operations other threads ask for at the same time share the transaction and its
+        commit (``ledger.groupcommit``)."""
+        if self._group is not None and not chain_now:
+            return self._group.submit(fn)
+        return self._write_alone(fn, chain_now)
+
+    def _write_alone(self, fn: Callable[[Tx], object], chain_now: bool = False):
         def run(conn: Connection):
             tx = Tx(conn, self.clock(), self._wallet_ids)
             try:
@@ -93,6 +103,18 @@ class LedgerBase:
             return result
 
         return db.run_write(self.engine, run)
+
+    def _write_shared(self, jobs: list) -> None:
+        """Several threads' operations in one transaction, each in its own savepoint."""
+        def run(conn: Connection):
+            tx = Tx(conn, self.clock(), self._wallet_ids)
+            try:
+                run_in_savepoints(tx, jobs)
+                tx.seal()
+            finally:
+                tx.close()
+
+        db.run_write(self.engine, run)
 
     def seal_pending(self) -> int:
         """Chain every journal row other writers left pending (server databases: see
