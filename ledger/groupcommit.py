@@ -35,13 +35,22 @@ MAX_BATCH = 64  # operations per shared transaction: bounds what one caller wait
 
 
 class _Job:
-    __slots__ = ("fn", "done", "value", "error")
+    __slots__ = ("fn", "done", "lead", "value", "error", "_wake")
 
     def __init__(self, fn: Callable[[Tx], object]):
         self.fn = fn
-        self.done = False
+        self.done = False  # it has its outcome
+        self.lead = False  # it was handed the lead of the next transaction
         self.value: object = None
         self.error: BaseException | None = None
+        self._wake = threading.Lock()  # held until the job is done or handed the lead
+        self._wake.acquire()
+
+    def wait(self) -> None:
+        self._wake.acquire()
+
+    def wake(self) -> None:
+        self._wake.release()
 
     def outcome(self):
         if self.error is not None:
@@ -54,7 +63,8 @@ class GroupCommit:
 
     ``run_shared(jobs)`` runs jobs in one transaction (:func:`run_in_savepoints`), setting
     each one's value or refusal; ``run_alone(fn)`` runs one job in a transaction of its own
-    and returns its result."""
+    and returns its result. A waiting thread is woken once: when its job is done, or when
+    it is handed the lead of the next transaction (no herd of waiters woken per commit)."""
 
     def __init__(self, run_shared: Callable[[list[_Job]], None],
                  run_alone: Callable[[Callable[[Tx], object]], object],
@@ -62,7 +72,7 @@ class GroupCommit:
         self._run_shared = run_shared
         self._run_alone = run_alone
         self.max_batch = max_batch
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Job] = []
         self._leading = False
         self.batches = 0  # transactions committed by this group (for benchmarks and tests)
@@ -70,22 +80,32 @@ class GroupCommit:
 
     def submit(self, fn: Callable[[Tx], object]):
         job = _Job(fn)
-        with self._cond:
-            self._queue.append(job)
-            while self._leading and not job.done:
-                self._cond.wait()
+        with self._lock:
+            if self._leading:
+                self._queue.append(job)
+            else:
+                self._leading = job.lead = True
+        if not job.lead:
+            job.wait()
             if job.done:
                 return job.outcome()
-            self._leading = True
-            self._queue.remove(job)
+        with self._lock:  # leading: this job and those that queued behind the last commit
             batch = [job] + self._queue[:self.max_batch - 1]
             del self._queue[:len(batch) - 1]
+        heir = None
         try:
             self._lead(batch)
         finally:
-            with self._cond:
-                self._leading = False
-                self._cond.notify_all()
+            with self._lock:
+                if self._queue:
+                    heir = self._queue.pop(0)
+                    heir.lead = True
+                else:
+                    self._leading = False
+            for other in batch[1:]:
+                other.wake()
+            if heir is not None:
+                heir.wake()
         return job.outcome()
 
     def _lead(self, batch: list[_Job]) -> None:

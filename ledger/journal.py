@@ -27,18 +27,21 @@ J = JournalEntry.__table__
 H = ChainHead.__table__
 
 
+# Built once: json.dumps with any non-default option builds a new encoder at every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_data(data: dict | None) -> str:
-    return json.dumps(data or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(data or {})
 
 
 def row_hash(prev_hash: str, seq, ts, kind, debit, credit, amount, account, token_id, hold_id,
              reason, data: str) -> str:
     """The hash of one journal row: the previous row's hash and the row's canonical body.
     The one definition: the writer (Tx.seal) and every check (verify) call it."""
-    body = json.dumps(
-        [seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data],
-        separators=(",", ":"), ensure_ascii=False,
-    )
+    body = _BODY.encode(
+        [seq, ts, kind, debit, credit, amount, account, token_id, hold_id, reason, data])
     return hashlib.sha256(f"{prev_hash}{body}".encode()).hexdigest()
 
 

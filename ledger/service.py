@@ -53,8 +53,11 @@ def idempotency_row(raw: Raw, key: str) -> tuple[str, str, dict] | None:
     return None if row is None else (row[0], row[1], load_json(row[2]))
 
 
+_FINGERPRINT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def fingerprint(fields: dict) -> str:
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    text = _FINGERPRINT.encode(fields)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
