@@ -1,5 +1,9 @@
 """Ledger core benchmark: token checks, reserve+post lifecycles, journal verification.
 
+Reserve+post on SQLite runs twice: one thread (two fsyncs per lifecycle, printed beside the
+disk's bare commit rate) and 16 threads in one process, the daemon's shape, where group
+commit (ledger/groupcommit.py) lets them share commits. PostgreSQL runs 16 processes.
+
     .venv/bin/python benchmarks/ledger_bench.py [--quick]
 
 Prints each figure next to its goal and the ratio figure/goal (> 1 is better
