@@ -192,3 +192,33 @@ def test_many_threads_group_and_lose_nothing(sqlite_ledger):
 def test_only_sqlite_groups(ledger, db_url):
     """Server databases run writers side by side (group sealing keeps them off the head)."""
     assert (ledger._group is not None) == db_url.startswith("sqlite")
+
+
+def test_the_daemons_threads_share_commits(sqlite_ledger):
+    """The daemon's shape: one thread per connection, each asking for a reserve; those that
+    arrive while a commit is under way are written in one transaction, and every client
+    gets its own hold, durable when it is answered."""
+    from daemon_helpers import LiveDaemon
+
+    from ledger.daemon.client import Client
+
+    lg = sqlite_ledger
+    tokens = [lg.mint("physics", 10 * H)[0] for _ in range(6)]
+    daemon = LiveDaemon(lg, accounts=lambda user: frozenset({"physics"})).start()
+    try:
+        def reserve(token, i):
+            with Client(daemon.path) as c:
+                return c.call("reserve", token=token, gpus=1, type="h100", seconds=600,
+                              user="alice", account="physics", key=f"daemon-{i}")
+
+        grouped = lg._group.grouped
+        out = Queued(lg, [lambda t=t, i=i: reserve(t, i)
+                          for i, t in enumerate(tokens)]).release()
+    finally:
+        daemon.close()
+    assert [r["ok"] for r in out] == ["1"] * 6, out
+    assert lg._group.grouped - grouped == 5  # all but the leader, in one transaction
+    for token, reply in zip(tokens, out):
+        assert lg.hold(reply["hold"]).amount == 600
+        assert lg.inspect(token).remaining == 10 * H - 600
+    assert lg.verify_journal().ok

@@ -58,7 +58,10 @@ class LocalWriter:
         pass
 
     def reserve_many(self, items) -> list:
-        return self.ledger.reserve_many(items)
+        """None for each item written, a :class:`Failed` for each that was not (all the
+        daemon needs: a written hold's figures are those it answered)."""
+        return [Failed(type(r).__name__, str(r)) if isinstance(r, BaseException) else None
+                for r in self.ledger.reserve_many(items)]
 
     def prices(self) -> tuple[dict, object]:
         return self.ledger.rates(), self.ledger.tiers()
@@ -173,10 +176,6 @@ def _child(conn, config_path: str | None) -> None:
         except (EOFError, OSError):
             return
         try:
-            result = getattr(writer, op)(*args)
-            if op == "reserve_many":
-                result = [Failed(type(r).__name__, str(r)) if isinstance(r, BaseException)
-                          else r for r in result]
-            conn.send(("ok", result))
+            conn.send(("ok", getattr(writer, op)(*args)))
         except Exception as exc:  # noqa: BLE001 - the daemon retries, then gives the batch up
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
