@@ -35,7 +35,7 @@ MAX_BATCH = 64  # operations per shared transaction: bounds what one caller wait
 
 
 class _Job:
-    __slots__ = ("fn", "done", "lead", "value", "error", "_wake")
+    __slots__ = ("_wake", "done", "error", "fn", "lead", "value")
 
     def __init__(self, fn: Callable[[Tx], object]):
         self.fn = fn
@@ -118,7 +118,7 @@ class GroupCommit:
                 self._run_shared(batch)
                 self.batches += 1
                 self.grouped += len(batch)
-            except Exception:
+            except Exception:  # noqa: BLE001 - each job gets its own error, alone, below
                 # Not a refusal (those stay inside their savepoint): the shared transaction
                 # failed as a whole. Each operation runs again by itself.
                 for job in batch:
@@ -135,7 +135,7 @@ class GroupCommit:
     def _alone(self, job: _Job) -> None:
         try:
             job.value = self._run_alone(job.fn)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the caller's own error, raised in its thread
             job.error = exc
         job.done = True
         self.batches += 1

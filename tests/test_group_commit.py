@@ -79,7 +79,7 @@ def test_waiting_operations_share_one_transaction_and_each_gets_its_own_result(s
 
 def test_a_refusal_in_a_shared_transaction_undoes_only_its_own_operation(sqlite_ledger):
     lg = sqlite_ledger
-    token, view = lg.mint("physics", 1500)  # two holds of 600 fit, the third does not
+    token, _view = lg.mint("physics", 1500)  # two holds of 600 fit, the third does not
     other = lg.mint("physics", 10 * H)[0]
     rows_before = lg.head()[0]
     queued = Queued(lg, [lambda: lg.reserve(other, REQ)] +
