@@ -75,10 +75,15 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._queue: list[_Job] = []
         self._leading = False
+        self._leader: int | None = None  # the thread running the current transaction
         self.batches = 0  # transactions committed by this group (for benchmarks and tests)
         self.grouped = 0  # operations that shared one with another
 
     def submit(self, fn: Callable[[Tx], object]):
+        if self._leader == threading.get_ident():
+            # an operation asking for a write from inside its own transaction would wait
+            # for itself; without grouping it would wait on SQLite's lock, then fail
+            raise RuntimeError("a ledger write was started inside another write's transaction")
         job = _Job(fn)
         with self._lock:
             if self._leading:
@@ -93,9 +98,11 @@ class GroupCommit:
             batch = [job] + self._queue[:self.max_batch - 1]
             del self._queue[:len(batch) - 1]
         heir = None
+        self._leader = threading.get_ident()
         try:
             self._lead(batch)
         finally:
+            self._leader = None
             with self._lock:
                 if self._queue:
                     heir = self._queue.pop(0)

@@ -9,6 +9,8 @@ import sqlite3
 import threading
 import time
 
+import pytest
+
 from ledger.errors import Reason, Refusal
 from ledger.views import HoldRequest
 
@@ -187,6 +189,15 @@ def test_many_threads_group_and_lose_nothing(sqlite_ledger):
     result = lg.verify_journal()
     assert result.ok, result.problems
     assert lg.head()[0] >= 8 * 25 * 3
+
+
+def test_a_write_inside_a_write_is_an_error_not_a_hang(sqlite_ledger):
+    lg = sqlite_ledger
+    token = lg.mint("physics", 10 * H)[0]
+    with pytest.raises(RuntimeError, match="inside another write"):
+        lg._write(lambda tx: lg.reserve(token, REQ))
+    assert lg.inspect(token).remaining == 10 * H
+    assert lg.reserve(token, REQ).amount == 600  # the group is usable again
 
 
 def test_only_sqlite_groups(ledger, db_url):
