@@ -61,16 +61,15 @@ class _Job:
 class GroupCommit:
     """Leader/follower batching of write operations (see the module's docstring).
 
-    ``run_shared(jobs)`` runs jobs in one transaction (:func:`run_in_savepoints`), setting
-    each one's value or refusal; ``run_alone(fn)`` runs one job in a transaction of its own
-    and returns its result. A waiting thread is woken once: when its job is done, or when
-    it is handed the lead of the next transaction (no herd of waiters woken per commit)."""
+    ``transaction(fn)`` is the ledger's: it runs ``fn(tx)`` in one write transaction,
+    sealed and committed, and returns its result — one job's, or a batch's in savepoints
+    (:func:`run_in_savepoints`). A waiting thread is woken once: when its job is done, or
+    when it is handed the lead of the next transaction (no herd of waiters woken per
+    commit)."""
 
-    def __init__(self, run_shared: Callable[[list[_Job]], None],
-                 run_alone: Callable[[Callable[[Tx], object]], object],
+    def __init__(self, transaction: Callable[[Callable[[Tx], object]], object],
                  max_batch: int = MAX_BATCH):
-        self._run_shared = run_shared
-        self._run_alone = run_alone
+        self._transaction = transaction
         self.max_batch = max_batch
         self._lock = threading.Lock()
         self._queue: list[_Job] = []
@@ -122,15 +121,16 @@ class GroupCommit:
                 self._alone(batch[0])
                 return
             try:
-                self._run_shared(batch)
-                self.batches += 1
-                self.grouped += len(batch)
+                self._transaction(lambda tx: run_in_savepoints(tx, batch))
             except Exception:  # noqa: BLE001 - each job gets its own error, alone, below
                 # Not a refusal (those stay inside their savepoint): the shared transaction
                 # failed as a whole. Each operation runs again by itself.
                 for job in batch:
                     job.value = job.error = None
                     self._alone(job)
+                return
+            self.batches += 1
+            self.grouped += len(batch)
             for job in batch:
                 job.done = True
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: no follower waits on
@@ -141,7 +141,7 @@ class GroupCommit:
 
     def _alone(self, job: _Job) -> None:
         try:
-            job.value = self._run_alone(job.fn)
+            job.value = self._transaction(job.fn)
         except Exception as exc:  # noqa: BLE001 - the caller's own error, raised in its thread
             job.error = exc
         job.done = True

@@ -23,7 +23,7 @@ from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerErr
                      UniqueViolation)
 from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
 from .debts import DebtOps
-from .groupcommit import GroupCommit, run_in_savepoints
+from .groupcommit import GroupCommit
 from .holds import HoldOps
 from .joblinks import JobLinkOps
 from .shares import DEFAULT_GRES_CONF, GresFile
@@ -74,8 +74,7 @@ class LedgerBase:
         self.cluster = cluster
         self._verifier: Verifier | None = None
         self._wallet_ids: dict[str, int] = {}
-        self._group = GroupCommit(self._write_shared, self._write_alone) \
-            if db.is_sqlite(engine) else None
+        self._group = GroupCommit(self._write_alone) if db.is_sqlite(engine) else None
 
     @classmethod
     def from_config(cls, config: Config, **kw):
@@ -106,18 +105,6 @@ class LedgerBase:
             return result
 
         return db.run_write(self.engine, run)
-
-    def _write_shared(self, jobs: list) -> None:
-        """Several threads' operations in one transaction, each in its own savepoint."""
-        def run(conn: Connection):
-            tx = Tx(conn, self.clock(), self._wallet_ids)
-            try:
-                run_in_savepoints(tx, jobs)
-                tx.seal()
-            finally:
-                tx.close()
-
-        db.run_write(self.engine, run)
 
     def seal_pending(self) -> int:
         """Chain every journal row other writers left pending (server databases: see
