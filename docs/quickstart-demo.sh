@@ -51,12 +51,23 @@ job=$(cd "$workdir" && runuser -u "$user" -- sbatch --parsable -A "$account" \
   --wrap 'echo "job $SLURM_JOB_ID on $(hostname -s): GPUs $CUDA_VISIBLE_DEVICES"; sleep 5')
 job=${job%%;*}
 echo "Submitted job $job"
-scontrol show job "$job" | grep -o 'AdminComment=[^ ]*' || true
+# Slurm read as data (squeue --json), as the hooks read it: a job name cannot fake a field
+job_field() {
+  squeue --json --all --jobs "$1" 2>/dev/null | python3 -c '
+import json, sys
+want, key = sys.argv[1], sys.argv[2]
+for j in json.load(sys.stdin)["jobs"]:
+    if str(j["job_id"]) == want:
+        v = j[key]
+        print(v[0] if isinstance(v, list) else v)
+' "$1" "$2" 2>/dev/null || true
+}
+echo "AdminComment=$(job_field "$job" admin_comment)"
 
 step "Waiting for job $job"
 state=
 for _ in $(seq 1 "$wait_s"); do
-  state=$(scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
+  state=$(job_field "$job" job_state)
   [ -z "$state" ] && state=$(sacct -n -X -P -j "$job" -o State 2>/dev/null | head -n1 | cut -d' ' -f1)
   case "$state" in
     COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE|PREEMPTED) break ;;

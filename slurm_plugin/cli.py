@@ -10,7 +10,7 @@ from ledger.amounts import fmt_hours, fmt_rate
 from ledger.cli.context import echo_fields, echo_json, echo_table, pass_app
 
 from .hookconf import hook_config
-from .slurm import CommandReader
+from .reader import CommandReader
 
 
 @click.command("reconcile")

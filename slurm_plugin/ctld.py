@@ -5,7 +5,10 @@ slurmctld runs them as SlurmUser with the job's identity in the environment
 SPANK environment with ``SPANK_GPULEDGER_TOKEN``) — but not the AdminComment, and the
 ``SLURM_JOB_COMMENT`` they do get is the user's own ``--comment``, never read. They talk to
 the ledger through the daemon's socket and may use Slurm commands (they run beside
-slurmctld, not on the nodes): one ``scontrol show job`` for the job's own record.
+slurmctld, not on the nodes): one ``squeue --json`` for the job's own record
+(:mod:`slurm_plugin.reader`: Slurm's fields as data, never a ``Key=Value`` line a job name
+can write into). A job that carries a token but cannot be read — Slurm's answer missing a
+field, the job not in it — is requeued (exit non-zero), never run unpaid.
 
 PrologSlurmctld (``gpuledger-prolog-slurmctld``):
 
@@ -36,7 +39,8 @@ from ledger.errors import LedgerError, Refusal
 from . import marks
 from .hookenv import Hook, run
 from .hookmain import REQUEUE
-from .slurm import CommandReader, JobRecord
+from .reader import CommandReader
+from .slurm import JobRecord, SlurmError
 
 CTLD_READER = CommandReader(use_pyslurm=False)
 
@@ -44,14 +48,6 @@ CTLD_READER = CommandReader(use_pyslurm=False)
 def _client(h: Hook) -> Client:
     """The daemon's socket for root and the SlurmUser when there is one, else the main one."""
     return Client(h.config.daemon.privileged_socket or h.config.daemon.socket, timeout=10.0)
-
-
-def _spec(h: Hook) -> str:
-    """``scontrol show job`` argument for this job alone (an array's id lists every task)."""
-    e = h.env
-    if e.array_job_id and e.array_task_id:
-        return f"{e.array_job_id}_{e.array_task_id}"
-    return e.job_id
 
 
 def _sluid(e) -> dict[str, str]:
@@ -62,10 +58,14 @@ def _sluid(e) -> dict[str, str]:
 def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
     e = h.env
     reader = reader or CTLD_READER
-    record = reader.one(_spec(h), e.job_id)
+    try:
+        record = reader.job(e.job_id)
+    except SlurmError as exc:
+        h.log.error("cannot read job %s from Slurm (%s): requeued, not run unpaid", e.job_id, exc)
+        return REQUEUE
     if record is None:
-        h.log.error("job %s unknown to scontrol; nothing bound", e.job_id)
-        return 0
+        h.log.error("job %s is not in squeue's answer: requeued, not run unpaid", e.job_id)
+        return REQUEUE
     mark = marks.parse(record.admin_comment)
     if mark is None:
         return 0
@@ -185,7 +185,8 @@ def epilog_slurmctld(h: Hook, client: Client | None = None,
 
 
 def prolog_main() -> int:
-    return run("gpuledger-prolog-slurmctld", prolog_slurmctld)
+    # an unexpected failure requeues the job: a billing hook that fails open is a free GPU
+    return run("gpuledger-prolog-slurmctld", prolog_slurmctld, fail_rc=REQUEUE)
 
 
 def epilog_main() -> int:

@@ -17,7 +17,8 @@ from ledger.service import Ledger
 from reports.figures import Measure
 
 from . import marks
-from .slurm import SlurmError, SlurmReader
+from .reader import SlurmReader
+from .slurm import SlurmError
 
 
 def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> list:

@@ -42,7 +42,8 @@ from ledger.tiers import Tiers
 from ledger.views import HoldView
 
 from . import marks, settle
-from .slurm import JobRecord, SlurmReader
+from .reader import SlurmReader
+from .slurm import JobRecord
 from .usage import held_only
 
 

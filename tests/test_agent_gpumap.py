@@ -12,6 +12,7 @@ from slurm_plugin.agent.config import AgentConfig
 from slurm_plugin.agent.gpumap import GpuMap, MappingError, char_minor
 from slurm_plugin.agent.gresconf import expand, parse_gres_conf, parse_mig_minors
 from slurm_plugin.nvml import Nvml
+from slurm_plugin.slurm import SlurmError
 
 GRES = """
 # site gres.conf
@@ -53,7 +54,9 @@ class _Result:
 def test_expand_host_and_file_lists():
     assert expand("gpu[01-03,7],login") == ["gpu01", "gpu02", "gpu03", "gpu7", "login"]
     assert expand("/dev/nvidia[0-1]") == ["/dev/nvidia0", "/dev/nvidia1"]
-    assert expand("n[1-2]-[a,b]") == ["n1-a", "n1-b", "n2-a", "n2-b"]
+    assert expand("n[1-2]-x[3-4]") == ["n1-x3", "n1-x4", "n2-x3", "n2-x4"]
+    with pytest.raises(SlurmError):  # Slurm's ranges are numbers (src/common/hostlist.c)
+        expand("n[1-2]-[a,b]")
 
 
 def test_gres_conf_order_for_this_node():

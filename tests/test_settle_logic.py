@@ -32,9 +32,9 @@ class FakeSlurm:
         self.asked: list[str] = []
         self.stepless: set[tuple[str, int]] = set()
 
-    def one(self, spec, raw_id):
-        self.asked.append(spec)
-        return self.live.get(raw_id)
+    def job(self, job_id):
+        self.asked.append(job_id)
+        return self.live.get(job_id)
 
     def live_jobs(self):
         return list(self.live.values())
@@ -159,7 +159,7 @@ def test_multi_node_job_settles_once_when_every_node_reported(world):
     assert usage["n1"]["gpus"][0]["held_ms"] == 30000 and usage["n1"]["source"] == "held"
     assert usage["n2"]["policy"] == "allocated" and usage["n2"]["version"] == 3
     assert [g["measured"] for g in usage["n2"]["gpus"]] == [False]
-    assert fake.asked == ["7"]  # one scontrol call, on the controller, for the job alone
+    assert fake.asked == ["7"]  # one squeue call, on the controller, for the job alone
 
 
 def test_node_hooks_call_no_slurm_command(world, monkeypatch):
@@ -187,7 +187,7 @@ def test_array_remainder_returns_after_the_last_task(world):
         fake.live[jid] = rec(jid, "RUNNING", hold, array="20", task=str(i), clock=clock)
         start(world, jid, array="20", task=str(i))
     assert ledger.hold(hold.id).job_id == "20"
-    assert fake.asked == ["20_0", "20_1", "20_2"]  # never the whole array
+    assert fake.asked == ["20", "21", "22"]  # each task by its own id, never the whole array
     for jid, now in (("20", 10.0), ("21", 20.0)):
         epilog(hook(world, jid), ledger, now=now)  # the task's own id only, as on 22.05
         end(world, jid, array="20")

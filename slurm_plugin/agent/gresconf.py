@@ -4,50 +4,16 @@ from __future__ import annotations
 
 import re
 
+from slurm_plugin.slurm import expand_hostlist
+
 DEFAULT_GRES_CONF = "/etc/slurm/gres.conf"
 DEFAULT_MIG_MINORS = "/proc/driver/nvidia-caps/mig-minors"
 
-_RANGE = re.compile(r"^(\d+)-(\d+)$")
-
-
-def _split_top(expr: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
-    parts, depth, cur = [], 0, []
-    for ch in expr:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p for p in parts if p]
-
 
 def expand(expr: str) -> list[str]:
-    """Expand a Slurm host/file list: 'n[01-03,7],x' -> n01 n02 n03 n7 x."""
-    out: list[str] = []
-    for part in _split_top(expr):
-        lb = part.find("[")
-        rb = part.find("]", lb)
-        if lb < 0 or rb < 0:
-            out.append(part)
-            continue
-        head, body, tail = part[:lb], part[lb + 1 : rb], part[rb + 1 :]
-        for item in body.split(","):
-            m = _RANGE.match(item)
-            if m:
-                lo, hi = m.group(1), m.group(2)
-                width = len(lo) if lo.startswith("0") else 0
-                values = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
-            else:
-                values = [item]
-            for v in values:
-                out.extend(expand(head + v + tail))
-    return out
+    """Expand a Slurm host/file list: 'n[01-03,7],x' -> n01 n02 n03 n7 x (the one
+    hostlist rule, :func:`slurm_plugin.slurm.expand_hostlist`)."""
+    return expand_hostlist(expr)
 
 
 def _fields(line: str) -> dict[str, str]:

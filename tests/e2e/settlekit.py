@@ -130,10 +130,32 @@ def cluster_up() -> None:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+# scontrol's names of the fields the tests read → squeue --json's keys (a job name may hold
+# "AdminComment=…": the tests read Slurm as data, as the hooks do)
+JSON_KEYS = {"AdminComment": "admin_comment", "Comment": "comment", "JobState": "job_state",
+             "QOS": "qos", "Partition": "partition", "Restarts": "restart_cnt"}
+
+
+def job_json(job: str) -> list[dict]:
+    """squeue --json's records of ``job`` (its own id, or every task of an array)."""
+    out = sh(["squeue", "--json", "--all", "--jobs", job])
+    if out.returncode:
+        return []
+    return [j for j in json.loads(out.stdout)["jobs"]
+            if job in (str(j["job_id"]), str(j.get("array_job_id")))]
+
+
+def _plain(value) -> str:
+    if isinstance(value, list):  # 23.11+: [base state, flags…]
+        value = value[0] if value else ""
+    if isinstance(value, dict):  # 23.02+: {"set", "infinite", "number"}
+        value = value.get("number")
+    return "" if value is None else str(value)
+
+
 def field(job: str, name: str) -> str:
-    out = sh(["scontrol", "show", "job", "-o", job]).stdout
-    m = re.search(rf"(?:^| ){name}=(\S*)", out)
-    return m.group(1) if m else ""
+    recs = [j for j in job_json(job) if str(j["job_id"]) == job] or job_json(job)
+    return _plain(recs[0][JSON_KEYS[name]]) if recs else ""
 
 
 class Settle:
@@ -183,10 +205,11 @@ class Settle:
         return token, self.ledger.token_id_of(token)
 
     def sbatch(self, token: str | None, *args: str, wrap: str = "sleep 2", hold=False,
-               user: str = "alice") -> str:
+               user: str = "alice", script: str | None = None) -> str:
+        """Submit as ``user`` (``--wrap``, or the batch ``script`` when given)."""
         cmd = ["runuser", "-u", user, "--", "env", f"HOME={self.home}", "sbatch",
                "-o", "/dev/null", "--chdir=/tmp", *([f"--gpu-token={token}"] if token else []),
-               *(["--hold"] if hold else []), *args, "--wrap", wrap]
+               *(["--hold"] if hold else []), *args, *([script] if script else ["--wrap", wrap])]
         out = sh(cmd)
         m = re.search(r"Submitted batch job (\d+)", out.stdout)
         assert m, out.stderr
@@ -196,8 +219,7 @@ class Settle:
     def wait(self, job: str, states=DONE, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = sh(["scontrol", "show", "job", "-o", job]).stdout
-            found = re.findall(r"JobState=(\S+)", out)
+            found = [_plain(j["job_state"]) for j in job_json(job)]
             if found and all(s in states for s in found):
                 return found[0]
             if not found and "RUNNING" not in states:

@@ -30,6 +30,7 @@ from conftest import need
 from daemon_helpers import cli_as
 from ledgerkit import init_ledger, start_daemon
 from settlekit import cluster_ready as node_ready
+from settlekit import field
 
 
 pytestmark = pytest.mark.slurm
@@ -126,9 +127,7 @@ class Cluster:
         return out.returncode, out.stderr.strip(), (m.group(1) if m else None), elapsed
 
     def admin_comment(self, job: str) -> str:
-        out = run(["scontrol", "show", "job", "-o", job]).stdout
-        m = re.search(r"AdminComment=(\S*)", out)
-        return m.group(1) if m else ""
+        return field(job, "AdminComment")  # squeue --json: a job name cannot fake it
 
     def hold_of(self, job: str):
         comment = self.admin_comment(job)
