@@ -36,6 +36,13 @@ def token_status(row, balance: int, held: int, now: datetime) -> str:
     return "active"
 
 
+def _check_scopes(scopes: Scopes) -> None:
+    """Scopes enter the ledger here (mint, split): every name by its kind's rule."""
+    if not isinstance(scopes, Scopes):
+        raise InvalidInput("scopes must be a Scopes (Scopes.parse(users=..., ...))")
+    scopes.check()
+
+
 class TokenOps:
     """Mixin over LedgerBase: the token lifecycle."""
 
@@ -120,6 +127,7 @@ class TokenOps:
              kid: str | None = None, reason: str | None = None) -> tuple[str, TokenView]:
         """Issue a new signed token worth ``amount`` GPU-seconds to ``account``."""
         check_amount(amount, what="token value")
+        _check_scopes(scopes)
 
         def run(tx: Tx):
             acct = self._account_row(tx.conn, account)
@@ -147,6 +155,7 @@ class TokenOps:
               kid: str | None = None, reason: str | None = None) -> tuple[str, TokenView]:
         """Move ``amount`` from a token into a new signed token with equal or narrower scopes."""
         check_amount(amount, what="split value")
+        _check_scopes(scopes)
         parent_id = self.token_id_of(ref)
 
         def run(tx: Tx):

@@ -23,12 +23,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import InvalidInput, Reason, TokenInvalid
+from .names import check_gpu_type, check_slurm_name, check_user_name, is_identifier
 
 PREFIX = "glt1"
 MAX_TOKEN_LENGTH = 4096
 SCOPE_KEYS = ("users", "gpu_types", "partitions", "clusters")
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
-_NAME = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
 _TOKEN_ID = re.compile(r"^tok_[0-9a-f]{20}$")
 
 
@@ -55,9 +55,26 @@ def b64d(text: str) -> bytes:
     return data
 
 
+# The rule each scope's names enter by (mint, split): ledger.names, one rule per kind of name.
+SCOPE_RULES = {
+    "users": check_user_name,
+    "gpu_types": check_gpu_type,
+    "partitions": lambda name: check_slurm_name(name, "partition"),
+    "clusters": lambda name: check_slurm_name(name, "cluster"),
+}
+
+
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
 @dataclass(frozen=True)
 class Scopes:
-    """Optional restrictions; an empty tuple means "any"."""
+    """Optional restrictions; an empty tuple means "any" (no restriction of that kind).
+
+    "Any" is only ever the absence of a scope: a scope given as an empty list (``--users
+    ''``, ``' , '``) is an error wherever scopes enter (:meth:`parse`, :meth:`check`,
+    :meth:`from_dict`), never a token for everyone."""
 
     users: tuple[str, ...] = ()
     gpu_types: tuple[str, ...] = ()
@@ -66,7 +83,11 @@ class Scopes:
 
     @classmethod
     def from_dict(cls, data: dict) -> Scopes:
-        """From a token's ``scp`` claim (or the ledger's copy); ValueError when invalid."""
+        """From a token's ``scp`` claim (or the ledger's copy); ValueError when invalid.
+
+        Names here were checked when the token was minted; a signed claim is held to the
+        structural rule (:func:`ledger.names.is_identifier`) so tokens minted before a
+        stricter name rule still verify. A present but empty list is refused."""
         if not isinstance(data, dict):
             raise ValueError("scopes must be an object")
         unknown = sorted(str(k)[:32] for k in data if k not in SCOPE_KEYS)
@@ -76,24 +97,59 @@ class Scopes:
         for key in SCOPE_KEYS:
             items = data.get(key, ())
             if not isinstance(items, (list, tuple)) or not all(
-                isinstance(i, str) and _NAME.match(i) for i in items
+                isinstance(i, str) and is_identifier(i) for i in items
             ):
                 raise ValueError(f"scope {key} must be a list of names")
+            if key in data and not items:
+                raise ValueError(f"scope {key} is an empty list")
             values[key] = tuple(sorted(set(items)))
         return cls(**values)
 
     @classmethod
     def parse(cls, **lists: str | None) -> Scopes:
-        """From CLI-style comma lists (``users="alice,bob"``); validates names."""
+        """From CLI-style comma lists (``users="alice,bob"``); None or a missing key means
+        no restriction. Every name is checked by its kind's rule (``ledger.names``); a list
+        with no names in it (``""``, ``" , "``), an empty name (``"alice,,bob"``) and an
+        unknown scope are :class:`InvalidInput`."""
+        unknown = sorted(set(lists) - set(SCOPE_KEYS))
+        if unknown:
+            raise InvalidInput(f"unknown scope {unknown[0]!r} (known: {', '.join(SCOPE_KEYS)})")
         values = {}
         for key in SCOPE_KEYS:
             text = lists.get(key)
-            items = [i.strip() for i in (text or "").split(",") if i.strip()]
-            for i in items:
-                if not _NAME.match(i):
-                    raise InvalidInput(f"invalid name in --{key.replace('_', '-')}: {i!r}")
-            values[key] = tuple(sorted(set(items)))
+            if text is None:
+                values[key] = ()
+                continue
+            if not isinstance(text, str):
+                raise InvalidInput(f"{_flag(key)} must be a comma-separated list of names")
+            items = [i.strip() for i in text.split(",")]
+            if not any(items):
+                raise InvalidInput(f"{_flag(key)} is empty: name at least one, or leave it "
+                                   "out for no restriction")
+            if not all(items):
+                raise InvalidInput(f"{_flag(key)} has an empty name: {text!r}")
+            values[key] = cls._checked(key, items)
         return cls(**values)
+
+    @staticmethod
+    def _checked(key: str, items) -> tuple[str, ...]:
+        for i in items:
+            try:
+                SCOPE_RULES[key](i)
+            except InvalidInput as exc:
+                raise InvalidInput(f"invalid name in {_flag(key)}: {exc}") from None
+        return tuple(sorted(set(items)))
+
+    def check(self) -> Scopes:
+        """These scopes, each name checked by its kind's rule: what a library caller built
+        by hand enters the ledger by the same rules as :meth:`parse`. A scope must be a
+        tuple of names; the empty tuple is "no restriction"."""
+        for key in SCOPE_KEYS:
+            items = getattr(self, key)
+            if not isinstance(items, tuple) or not all(isinstance(i, str) for i in items):
+                raise InvalidInput(f"scope {key} must be a tuple of names")
+            self._checked(key, items)
+        return self
 
     def to_dict(self) -> dict:
         return {k: list(getattr(self, k)) for k in SCOPE_KEYS if getattr(self, k)}
@@ -227,7 +283,7 @@ def _claim(body: dict, name: str, kind: type):
 
 def _name_claim(body: dict, name: str) -> str:
     value = _claim(body, name, str)
-    if not _NAME.match(value):
+    if not is_identifier(value):
         raise _malformed(f"claim {name} is not a valid name")
     return value
 

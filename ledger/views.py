@@ -7,6 +7,7 @@ from datetime import datetime
 
 from .amounts import check_amount, fmt_duration, hours
 from .errors import InvalidInput
+from .names import check_user_name
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -36,6 +37,8 @@ class HoldRequest:
     def __post_init__(self):
         from .shares import GPU, check_kind
 
+        if self.user is not None:  # where a job's user name enters the ledger (ledger.names)
+            check_user_name(self.user)
         for name in ("gpus", "seconds", "tasks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

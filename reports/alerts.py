@@ -24,7 +24,7 @@ from ledger.liveness import Liveness, token_liveness
 from ledger.models import Account, Hold, Token, Wallet
 
 from .digest import DigestOutcome, DigestSummary
-from .mail import Mailer, SmtpSettings, build_message, write_eml
+from .mail import Mailer, SmtpSettings, build_message, sort_recipients, write_eml
 from .models import Alert, AlertDelivery
 from .render import Rendered, environment, iso
 
@@ -223,9 +223,13 @@ def send_alerts(ledger, *, settings: SmtpSettings | None, dry_run: bool = False,
                 if not dry_run:
                     _close(ledger.engine, [a.id for a in alerts], now)
                 continue
+            # a recipient that is not a plain address is skipped and reported (the alerts
+            # stay open for it); the others get their digest
+            valid, bad = sort_recipients(to)
+            first = len(summary.outcomes)
             # recipients grouped by the alerts they still lack (usually one group)
             groups: dict[tuple[int | None, ...], list[str]] = defaultdict(list)
-            for rcpt in to:
+            for rcpt in valid:
                 lacking = tuple(a.id for a in alerts if rcpt not in delivered.get(a.id, ()))
                 if lacking:
                     groups[lacking].append(rcpt)
@@ -235,7 +239,7 @@ def send_alerts(ledger, *, settings: SmtpSettings | None, dry_run: bool = False,
                 outcome = AlertOutcome(name, [a.condition.describe()
                                               for a in digest_items(subset)])
                 summary.outcomes.append(outcome)
-                msg = build_message(rendered, sender=sender, recipients=to,
+                msg = build_message(rendered, sender=sender, recipients=valid,
                                     msg_id=_digest_id(name, [a.id or 0 for a in subset], sender),
                                     when=now, headers={"X-Gpuledger-Report": f"alerts {name}"})
                 if dry_run:
@@ -249,6 +253,11 @@ def send_alerts(ledger, *, settings: SmtpSettings | None, dry_run: bool = False,
                 outcome.sent, outcome.failed = ok, {r: refused[r] for r in rcpts if r in refused}
                 for a in subset:
                     delivered[a.id].update(ok)
+            if bad:  # reported with the account's first digest of this run, or alone
+                if len(summary.outcomes) == first:
+                    summary.outcomes.append(AlertOutcome(
+                        name, [a.condition.describe() for a in digest_items(alerts)]))
+                summary.outcomes[first].failed.update(bad)
             if not dry_run:
                 done = [a.id for a in alerts if set(to) <= delivered.get(a.id, set())]
                 _close(ledger.engine, done, now)

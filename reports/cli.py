@@ -119,19 +119,25 @@ def _report_summary(d: dict, as_json: bool, dry_run: bool) -> None:
         return echo_json(d)
     verb = "Wrote" if dry_run else "Sent"
     for msg in d.get("messages", d.get("digests", [])):
-        label = msg.get("scope") or msg.get("account")
+        label = _shown(msg.get("scope") or msg.get("account"))
         if msg["sent"]:
             where = f" ({msg['file']})" if msg.get("file") else ""
             click.echo(f"{verb} {label}: {', '.join(msg['sent'])}{where}")
         for rcpt in msg.get("already_sent", []):
             click.echo(f"Already sent {label}: {rcpt}")
         for rcpt, why in msg["failed"].items():
-            click.echo(f"FAILED {label}: {rcpt}: {why}", err=True)
+            click.echo(f"FAILED {label}: {_shown(rcpt)}: {why}", err=True)
     if d["no_recipients"]:
         click.echo(f"No recipients: {', '.join(d['no_recipients'])} "
                    "(gpuledger account set NAME --report-to ...)")
     click.echo(f"{d['sent']} {'written' if dry_run else 'sent'}, {d['failed']} failed"
                + (f", {d['already_sent']} already sent" if "already_sent" in d else ""))
+
+
+def _shown(text: str) -> str:
+    """A stored name or recipient for one output line: as it is when printable, else
+    escaped (a name with a line break must not forge a line of the summary)."""
+    return text if text.isprintable() else ascii(text)
 
 
 @report_group.command("log")
@@ -145,7 +151,7 @@ def report_log(app, month, as_json):
     if as_json:
         return echo_json([r.__dict__ for r in rows])
     echo_table(["KIND", "SCOPE", "RECIPIENT", "STATUS", "ATTEMPTS", "UPDATED", "ERROR"],
-               [[r.kind, r.scope, r.recipient, r.status, r.attempts,
+               [[r.kind, r.scope, _shown(r.recipient), r.status, r.attempts,
                  r.updated.isoformat()[:19], r.error] for r in rows])
 
 
@@ -258,7 +264,7 @@ def idle_list(app, days, account, as_json):
                            "charged_at": n.charged_at.isoformat(), "mailed_to": n.mailed_to}
                           for n in rows])
     echo_table(["JOB", "ACCOUNT", "USER", "IDLE_GPU_H", "COST_GPU_H", "REFUND_GPU_H", "MAILED"],
-               [[n.job_id or "-", n.account, n.user or "-", fmt_hours(n.idle_ms // 1000),
+               [[n.job_id or "-", n.account, _shown(n.user or "-"), fmt_hours(n.idle_ms // 1000),
                  fmt_hours(n.idle_cost), fmt_hours(n.refund), ", ".join(n.mailed_to) or "-"]
                 for n in rows])
 

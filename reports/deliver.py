@@ -13,7 +13,17 @@ from ledger.errors import InvalidInput
 
 from . import sendlog
 from .figures import AccountReport, SiteReport, build
-from .mail import Mailer, MailError, SmtpSettings, build_message, chart_cid, message_id, write_eml
+from .mail import (
+    MAX_ADDRESS,
+    Mailer,
+    MailError,
+    SmtpSettings,
+    build_message,
+    chart_cid,
+    message_id,
+    sort_recipients,
+    write_eml,
+)
 from .models import SITE
 from .period import Month
 from .render import FORMATS, Rendered, render_account, render_site
@@ -116,7 +126,9 @@ def send_reports(ledger, month: Month, *, settings: SmtpSettings | None,
     """Send each account's report (and, for all accounts, the site summary to ``admins``).
 
     Recipients whose server already accepted this month's message are skipped; the
-    outcome of every recipient is logged as soon as the server answers.
+    outcome of every recipient is logged as soon as the server answers. A recipient that is
+    not a plain mail address (``reports.mail.mail_address``) is skipped and logged as
+    failed; the others get the message.
     """
     if not dry_run and settings is None:
         raise InvalidInput("no [smtp] settings")
@@ -149,6 +161,14 @@ def send_reports(ledger, month: Month, *, settings: SmtpSettings | None,
             summary.outcomes.append(outcome)
             if not job.pending:
                 continue
+            valid, bad = sort_recipients(job.recipients)
+            pending = [x for x in job.pending if x not in bad]
+            outcome.failed = {x: bad[x] for x in job.pending if x in bad}
+            if not pending:
+                if not dry_run:
+                    _record(ledger, job, period, {}, outcome.failed,
+                            message_id(job.kind, job.scope, period, sender))
+                continue
             msg_id = message_id(job.kind, job.scope, period, sender)
             if job.kind == "site":
                 rendered = render_site(job.report, generated=now)
@@ -156,19 +176,18 @@ def send_reports(ledger, month: Month, *, settings: SmtpSettings | None,
             else:
                 cid = chart_cid(f"{job.scope}-{period}", sender)
                 rendered = render_account(job.report, chart_src=f"cid:{cid}", generated=now)
-            msg = build_message(rendered, sender=sender, recipients=job.recipients,
+            msg = build_message(rendered, sender=sender, recipients=valid,
                                 msg_id=msg_id, when=now, cid=cid,
                                 headers={"X-Gpuledger-Report": f"{job.kind} {job.scope} {period}"})
             if dry_run:
                 outcome.file = str(write_eml(msg, out / f"{rendered.name}.eml"))
-                outcome.sent = list(job.pending)
+                outcome.sent = pending
                 continue
-            refused = mailer.send(msg, job.pending)
-            results = {x: refused.get(x) for x in job.pending}
-            sendlog.record(ledger.engine, kind=job.kind, scope=job.scope, period=period,
-                           results=results, message_id=msg_id, now=ledger.clock())
+            refused = mailer.send(msg, pending)
+            results = {x: refused.get(x) for x in pending}
+            _record(ledger, job, period, results, outcome.failed, msg_id)
             outcome.sent = [x for x, e in results.items() if e is None]
-            outcome.failed = {x: e for x, e in results.items() if e is not None}
+            outcome.failed.update({x: e for x, e in results.items() if e is not None})
             accepted_before += len(outcome.sent)
     except MailError as exc:
         if accepted_before:
@@ -179,3 +198,13 @@ def send_reports(ledger, month: Month, *, settings: SmtpSettings | None,
         if mailer is not None:
             mailer.close()
     return summary
+
+
+def _record(ledger, job: _Job, period: str, results: dict[str, str | None],
+            skipped: dict[str, str], msg_id: str) -> None:
+    """Log the server's answers and the skipped recipients (failed, with why) of one job."""
+    results = dict(results)
+    for x, why in skipped.items():
+        results[x[:MAX_ADDRESS]] = why
+    sendlog.record(ledger.engine, kind=job.kind, scope=job.scope, period=period,
+                   results=results, message_id=msg_id, now=ledger.clock())

@@ -10,11 +10,18 @@ flags those the site policy calls idle (``ledger.idle``), and for each flagged c
 3. mails the owner — the job's user at ``[idle] user_mail``, else the account's report
    recipients — one digest of every notice not yet mailed to them. A recipient the SMTP
    server refused gets the notice in the next run's digest.
+
+A user's address is built from the user name with the header registry
+(``reports.mail.user_address``); a stored name that is not a user name, or does not make a
+plain address, never gets a digest: it is reported as failed (and logged) once, its notices
+are closed, and every other owner still gets theirs. A report recipient that is not a plain
+address is reported as failed on every run until it is fixed; the others get the digest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,13 +35,23 @@ from ledger.charge_record import ChargeRecord
 from ledger.errors import InvalidInput, UniqueViolation
 from ledger.idle import IdlePolicy, record_idle
 from ledger.models import Account, Charge, Hold
+from ledger.names import is_account_name
 
 from .digest import DigestOutcome, DigestSummary
-from .mail import Mailer, SmtpSettings, build_message, write_eml
+from .mail import (
+    BadAddress,
+    Mailer,
+    SmtpSettings,
+    build_message,
+    sort_recipients,
+    user_address,
+    write_eml,
+)
 from .models import IdleNotice
 from .render import Rendered, environment, iso
 
 CH, HO, A, IN = Charge.__table__, Hold.__table__, Account.__table__, IdleNotice.__table__
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -251,14 +268,24 @@ def send_idle(ledger, policy: IdlePolicy, *, settings: SmtpSettings | None, days
         for owner in sorted(waiting):
             notices = waiting[owner]
             kind, _, name = owner.partition(":")
-            to = policy.recipients(name) if kind == "user" else report_to.get(name, [])
+            try:
+                to = _recipients(policy, kind, name, report_to)
+            except BadAddress as exc:  # this owner can never be mailed: say so, once
+                log.warning("idle digest for %r not sent: %s", owner, exc)
+                summary.outcomes.append(IdleOutcome(owner, [n.job_id or "-" for n in notices],
+                                                    failed={name: f"skipped: {exc}"}))
+                if not dry_run:
+                    _mailed(ledger, [n.charge_id for n in notices], [], done=True)
+                continue
+            valid, bad = sort_recipients(to)
+            first = len(summary.outcomes)
             if not to:
                 summary.no_recipients.append(owner)
                 if not dry_run:
                     _mailed(ledger, [n.charge_id for n in notices], [], done=True)
                 continue
             groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
-            for rcpt in to:
+            for rcpt in valid:
                 lacking = tuple(n.charge_id for n in notices if rcpt not in n.mailed_to)
                 if lacking:
                     groups[lacking].append(rcpt)
@@ -280,10 +307,26 @@ def send_idle(ledger, policy: IdlePolicy, *, settings: SmtpSettings | None, days
                 for n in subset:
                     n.mailed_to = sorted(set(n.mailed_to) | set(ok))
                     _mailed(ledger, [n.charge_id], n.mailed_to, done=set(to) <= set(n.mailed_to))
+            if bad:  # reported with the owner's first digest of this run, or alone
+                if len(summary.outcomes) == first:
+                    summary.outcomes.append(IdleOutcome(owner, [n.job_id or "-" for n in notices]))
+                summary.outcomes[first].failed.update(bad)
     finally:
         if mailer is not None:
             mailer.close()
     return summary
+
+
+def _recipients(policy: IdlePolicy, kind: str, name: str, report_to: dict[str, list[str]]
+                ) -> list[str]:
+    """Who gets an owner's digest: the user's address built from ``[idle] user_mail``, or
+    the account's report recipients; :class:`BadAddress` when the owner's stored name can
+    never be mailed (not a user or account name, or no plain address from it)."""
+    if kind == "user":
+        return [user_address(policy.user_mail, name).addr_spec] if policy.user_mail else []
+    if not is_account_name(name):
+        raise BadAddress("not a valid account name")
+    return report_to.get(name, [])
 
 
 def _as_notices(flagged: list[Flagged], policy: IdlePolicy) -> dict[str, list[Notice]]:

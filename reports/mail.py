@@ -4,26 +4,38 @@ Messages are multipart/alternative: text/plain first, then a multipart/related
 holding the HTML and the burn-down PNG it shows by ``cid:``. Connection, TLS
 and authentication problems raise :class:`MailError` before anything is sent;
 a recipient the server refuses is reported per recipient and the rest go on.
+
+Addresses are parsed and built with the standard library's header registry
+(:class:`email.headerregistry.Address`), never by pasting text: a stored recipient or
+a user name that does not make one plain ``local@domain`` address (:func:`mail_address`,
+:func:`user_address`) is skipped and reported as that recipient's failure, so one bad
+recipient never stops the others.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import smtplib
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
+from email.errors import MessageError
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
 from pathlib import Path
 
 from ledger.config import Config
 from ledger.errors import ConfigError, LedgerError
+from ledger.names import is_user_name
 
 from .render import Rendered
 
 SECURITY = ("starttls", "ssl", "none")
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
+MAX_ADDRESS = 254  # RFC 5321's limit on a path, and the send logs' column
+log = logging.getLogger(__name__)
 
 
 class MailError(LedgerError):
@@ -89,6 +101,62 @@ class SmtpSettings:
         return ctx
 
 
+class BadAddress(ValueError):
+    """A recipient that cannot be one plain mail address; its text says why."""
+
+
+def mail_address(text: str) -> Address:
+    """``text`` as one plain address ``local@domain`` (printable ASCII, no display name,
+    comment, group, route or quoted local part), parsed by the header registry; the parse
+    must give back exactly ``text``. :class:`BadAddress` otherwise."""
+    if not isinstance(text, str) or not text:
+        raise BadAddress("empty mail address")
+    if len(text) > MAX_ADDRESS or not all(" " < c <= "~" for c in text):
+        raise BadAddress("not a mail address (control characters, blanks, non-ASCII or "
+                         f"over {MAX_ADDRESS} characters)")
+    try:
+        addr = Address(addr_spec=text)
+    except (ValueError, IndexError, MessageError) as exc:
+        raise BadAddress(f"not a mail address ({exc})") from None
+    if addr.addr_spec != text or text.startswith('"') or not addr.username or not addr.domain:
+        raise BadAddress("not one plain mail address local@domain")
+    return addr
+
+
+def user_address(pattern: str, user: str) -> Address:
+    """A user's address from ``[idle] user_mail`` (``"{user}@example.org"``), built as an
+    :class:`Address` from the user name and the pattern's domain; :class:`BadAddress` for
+    a name that is not a user name (``ledger.names``) or does not make a plain address."""
+    if not is_user_name(user):
+        raise BadAddress("not a valid user name: no mail address is made from it")
+    local, at, domain = pattern.rpartition("@")
+    if not at:
+        raise BadAddress(f"user_mail {pattern!r} has no @domain")
+    try:
+        built = Address(username=local.format(user=user), domain=domain.format(user=user))
+    except (ValueError, IndexError, KeyError, MessageError) as exc:
+        raise BadAddress(f"no mail address for this user name ({exc})") from None
+    try:
+        return mail_address(built.addr_spec)
+    except BadAddress as exc:
+        raise BadAddress(f"no plain mail address for this user name: {exc}") from None
+
+
+def sort_recipients(texts) -> tuple[list[str], dict[str, str]]:
+    """(the valid addresses, in order; {each invalid one: why}), each invalid one logged."""
+    good: list[str] = []
+    bad: dict[str, str] = {}
+    for text in dict.fromkeys(texts):
+        try:
+            mail_address(text)
+        except BadAddress as exc:
+            bad[text] = f"skipped: {exc}"
+            log.warning("skipping recipient %r: %s", text, exc)
+        else:
+            good.append(text)
+    return good, bad
+
+
 def message_id(kind: str, scope: str, period: str, sender: str) -> str:
     """The same id for the same report whoever receives it, so clients fold a duplicate."""
     domain = sender.rpartition("@")[2].strip(">") or "gpuledger.invalid"
@@ -99,11 +167,12 @@ def message_id(kind: str, scope: str, period: str, sender: str) -> str:
 def build_message(r: Rendered, *, sender: str, recipients: list[str], msg_id: str,
                   when: datetime, headers: dict[str, str] | None = None,
                   cid: str | None = None) -> EmailMessage:
-    """text/plain + (text/html + inline PNG) as multipart/alternative."""
+    """text/plain + (text/html + inline PNG) as multipart/alternative; ``recipients`` must
+    be valid addresses (:func:`sort_recipients`): the To header is built from Addresses."""
     msg = EmailMessage()
     msg["Subject"] = r.subject
     msg["From"] = sender
-    msg["To"] = ", ".join(recipients)
+    msg["To"] = tuple(mail_address(r) for r in recipients)
     msg["Date"] = format_datetime(when)
     msg["Message-ID"] = msg_id
     msg["Auto-Submitted"] = "auto-generated"

@@ -206,13 +206,19 @@ def test_rendered_forms_carry_the_figures(month_site):
 
 
 def test_names_are_escaped_in_html(sqlite_ledger, clock):
+    from sqlalchemy import update
+
+    from ledger.models import Hold
     from ledger.views import HoldRequest
 
     lg = sqlite_ledger
     clock.now = at(11, 2)
     tok, _ = lg.mint("physics", 10 * H, expires=at(12, 31))
-    hold = lg.reserve(tok, HoldRequest(gpus=1, seconds=H, gpu_type="h100",
-                                       user="<b>eve</b>&co"))
+    hold = lg.reserve(tok, HoldRequest(gpus=1, seconds=H, gpu_type="h100", user="eve"))
+    # the ledger refuses such a name now (ledger.names); a row written before it may hold one
+    with db.write(lg.engine) as conn:
+        conn.execute(update(Hold.__table__).where(Hold.__table__.c.id == hold.id)
+                     .values(user="<b>eve</b>&co"))
     lg.post(hold.id, H)
     clock.now = at(12, 1)
     with db.read(lg.engine) as conn:

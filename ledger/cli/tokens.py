@@ -12,11 +12,13 @@ from ..tokens import Scopes
 from ..views import TokenView
 from .context import echo_fields, echo_json, echo_table, parse_when, pass_app, read_token_arg
 
+# Left out, a scope does not restrict; given, it must name at least one (``--users ''`` is
+# an error, never "everyone"): ledger.tokens.Scopes.parse decides, for every caller.
 SCOPE_OPTIONS = (
-    ("--users", "Comma-separated users allowed to spend it."),
-    ("--gpu-types", "Comma-separated GPU types it pays for."),
-    ("--partitions", "Comma-separated partitions it is valid in."),
-    ("--clusters", "Comma-separated clusters it is valid on."),
+    ("--users", "Comma-separated users allowed to spend it (leave out: any user)."),
+    ("--gpu-types", "Comma-separated GPU types it pays for (leave out: any)."),
+    ("--partitions", "Comma-separated partitions it is valid in (leave out: any)."),
+    ("--clusters", "Comma-separated clusters it is valid on (leave out: any)."),
 )
 
 

@@ -24,13 +24,13 @@ from ..errors import (
     StateError,
     StorageError,
 )
+from ..names import is_account_name, is_identifier, is_user_name
 from ..queries import account_views, user_tokens
 from ..views import HoldRequest
 from .auth import Forbidden, Peer, Policy, SlurmAccounts, user_name
 from .protocol import VERSION, ProtocolError, with_json
 
 _INT = re.compile(r"^[0-9]{1,12}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
 KEY_RELOAD_INTERVAL = 5.0
 
 
@@ -49,13 +49,24 @@ def _int(fields: dict[str, str], name: str, *, required: bool = True) -> int | N
     return int(value)
 
 
-def _name(fields: dict[str, str], name: str) -> str | None:
+def _name(fields: dict[str, str], name: str, rule=is_identifier, what: str = "name"
+          ) -> str | None:
     value = fields.get(name)
     if value is None or value == "":
         return None
-    if not _NAME.match(value):
-        raise BadRequest(f"field {name} is not a valid name")
+    if not rule(value):
+        raise BadRequest(f"field {name} is not a valid {what}")
     return value
+
+
+def _user(fields: dict[str, str]) -> str | None:
+    """The ``user`` field, by the ledger's one rule for user names (``ledger.names``)."""
+    return _name(fields, "user", is_user_name, "user name")
+
+
+def _account(fields: dict[str, str]) -> str | None:
+    """The ``account`` field, by the ledger's rule for Slurm account names."""
+    return _name(fields, "account", is_account_name, "account name")
 
 
 def _sluid(fields: dict[str, str]) -> str | None:
@@ -77,7 +88,7 @@ def _names(fields: dict[str, str], name: str) -> str | None:
     if value is None or value == "":
         return None
     items = value.split(",")
-    if len(items) > 64 or not all(_NAME.match(i) for i in items):
+    if len(items) > 64 or not all(is_identifier(i) for i in items):
         raise BadRequest(f"field {name} is not a comma list of valid names")
     return ",".join(dict.fromkeys(items))
 
@@ -165,7 +176,7 @@ class Handlers:
         return HoldRequest(
             gpus=_int(fields, "gpus"), seconds=_int(fields, "seconds"),
             gpu_type=_name(fields, "type"), tasks=_int(fields, "tasks", required=False) or 1,
-            account=_name(fields, "account"), user=user, partition=_names(fields, "partition"),
+            account=_account(fields), user=user, partition=_names(fields, "partition"),
             cluster=_name(fields, "cluster"), gres=_name(fields, "gres") or "gpu",
             per_node=_int(fields, "per_node", required=False) or None,
             qos=_names(fields, "qos"),
@@ -173,7 +184,7 @@ class Handlers:
 
     @staticmethod
     def _job_user(fields: dict[str, str]) -> str | None:
-        name = _name(fields, "user")
+        name = _user(fields)
         if name is None and fields.get("uid"):
             name = user_name(_int(fields, "uid"))
         return name
@@ -218,7 +229,7 @@ class Handlers:
         if hold_id is None:
             raise BadRequest("missing field hold")
         seconds, gpus, tasks = (_int(fields, k, required=False) for k in ("seconds", "gpus", "tasks"))
-        partition, account = _names(fields, "partition"), _name(fields, "account")
+        partition, account = _names(fields, "partition"), _account(fields)
         retype = "type" in fields
         if not (seconds or gpus or tasks or retype or partition or account):
             raise BadRequest("resize needs seconds, gpus, tasks, type, partition or account")
@@ -271,7 +282,7 @@ class Handlers:
 
     def balance(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         """The user's tokens (scoped to them or to their Slurm accounts) and those accounts."""
-        user = self.policy.subject(peer, _name(fields, "user"))
+        user = self.policy.subject(peer, _user(fields))
         accounts = self.accounts(user)
         tokens = [t.to_dict() for t in user_tokens(self.ledger, user, accounts)]
         known = {a.name: a for a in account_views(self.ledger)}
@@ -281,7 +292,7 @@ class Handlers:
 
     def jobs(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         """The user's holds (pending and settled) with what each held and charged."""
-        user = self.policy.subject(peer, _name(fields, "user"))
+        user = self.policy.subject(peer, _user(fields))
         state = fields.get("state") or None
         if state not in (None, "pending", "posted", "voided"):
             raise BadRequest("state must be pending, posted or voided")
@@ -299,7 +310,7 @@ class Handlers:
         hold_id, job = _name(fields, "hold"), _name(fields, "job")
         if hold_id is None or job is None:
             raise BadRequest("bind needs hold and job")
-        user, account = _name(fields, "user"), _name(fields, "account")
+        user, account = _user(fields), _account(fields)
         run_of = _name(fields, "task") or job  # an array task's own id: its nodes know only it
         restart = _int(fields, "restart", required=False) or 0
         sluid = _sluid(fields)
@@ -323,7 +334,7 @@ class Handlers:
         owners = [o for o in (job, _name(fields, "array_job")) if o]
         nodes = [n for n in (fields.get("nodes") or "").split(",") if n]
         for n in nodes:
-            if not _NAME.match(n):
+            if not is_identifier(n):
                 raise BadRequest("field nodes is not a list of node names")
         state, view = finish(self.ledger, owners, job, nodes)
         out: dict[str, object] = {"ok": 1, "state": state}
