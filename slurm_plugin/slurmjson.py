@@ -82,10 +82,21 @@ def number(value) -> int | None:
     return value
 
 
+# The flags that name a job's state before its base state, in the order of Slurm's own
+# job_state_string (slurm-24-11-7-1 src/common/slurm_protocol_defs.c): a requeued run's
+# record is ["PENDING", "REQUEUED"] in v0.0.40+, and "REQUEUED" in the text and in v0.0.38.
+_STATE_FLAGS = ("COMPLETING", "STAGE_OUT", "CONFIGURING", "RESIZING", "REQUEUED",
+                "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "REVOKED",
+                "RESV_DEL_HOLD", "SIGNALING")
+
+
 def state(value) -> str:
-    """The base state: one string (v0.0.38/39) or the first of a flag list (v0.0.40+)."""
+    """A job's state as Slurm names it: one string (v0.0.38/39), or from a flag list
+    (v0.0.40+) the first flag of Slurm's order, else the base state."""
     if isinstance(value, list):
-        value = value[0] if value else ""
+        if not all(isinstance(v, str) for v in value):
+            raise SlurmError(f"not a Slurm job state: {value!r}")
+        value = next((f for f in _STATE_FLAGS if f in value), value[0] if value else "")
     if not isinstance(value, str):
         raise SlurmError(f"not a Slurm job state: {value!r}")
     return base_state(value)
@@ -99,9 +110,12 @@ def _text(value) -> str:
     return value
 
 
+_NO_VAL = 0xFFFFFFFE  # NO_VAL: sacct's time.start of a job that never started (24.11)
+
+
 def _when(value) -> datetime | None:
     t = number(value)
-    return datetime.fromtimestamp(t).astimezone() if t else None
+    return datetime.fromtimestamp(t).astimezone() if t and t < _NO_VAL else None
 
 
 def _task(array_job: int | None, task_id: int | None, rest: str) -> str | None:

@@ -71,9 +71,10 @@ def test_each_release_names_its_source(version):
 def test_squeue_json(version):
     ids, jobs = jobs_of(version), live(version)
     req = jobs[ids["REQ"]]
-    assert (req.state, req.restarts, req.active, req.nodes) == ("RUNNING", 1, True, ["vm"])
-    assert req.gpus == {"h100": 1} and len(req.gpu_idx["vm"]) == 1
-    assert set(req.gpu_idx["vm"].values()) == {"h100"}
+    assert (req.state, req.restarts, req.active, len(req.nodes)) == ("RUNNING", 1, True, 1)
+    (node,) = req.nodes
+    assert req.gpus == {"h100": 1} and len(req.gpu_idx[node]) == 1
+    assert set(req.gpu_idx[node].values()) == {"h100"}
     assert (req.qos, req.partition, req.user, req.account) == ("normal", "gpu", "alice",
                                                                "physics")
     assert req.time_limit_s == 300 and req.ran and req.elapsed_s is not None
@@ -173,7 +174,9 @@ def test_numbers_and_states_of_every_form():
         with pytest.raises(slurm.SlurmError):
             slurmjson.number(bad)
     assert slurmjson.state("RUNNING") == "RUNNING"
-    assert slurmjson.state(["PENDING", "REQUEUED"]) == "PENDING"
+    assert slurmjson.state(["PENDING", "REQUEUED"]) == "REQUEUED"  # as job_state_string
+    assert slurmjson.state(["RUNNING", "COMPLETING"]) == "COMPLETING"
+    assert slurmjson.state(["PENDING"]) == "PENDING"
     assert slurmjson.bitmap_tasks("0xE") == "1-3" and slurmjson.bitmap_tasks("0x15") == "0,2,4"
     assert slurmjson.bitmap_tasks("1-3%1") == "1-3%1"
 
