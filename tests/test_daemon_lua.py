@@ -52,8 +52,10 @@ end
 dofile(arg[1])
 local socket = require("socket")
 local parts = {
-  gpu = { name = "gpu", flag_default = 1, default_time = 60, max_time = 1440 },
-  short = { name = "short", flag_default = 0, default_time = 4294967294, max_time = 240 },
+  gpu = { name = "gpu", flag_default = 1, default_time = 60, max_time = 1440,
+    max_nodes = 4294967295, total_nodes = 4 },
+  short = { name = "short", flag_default = 0, default_time = 4294967294, max_time = 240,
+    max_nodes = 2, total_nodes = 3 },
   nolimit = { name = "nolimit", flag_default = 0, default_time = 4294967294, max_time = 4294967295 } }
 local function unesc(v) return (v:gsub("%%%%(%%x%%x)", function(h) return string.char(tonumber(h, 16)) end)) end
 local function esc(v) return (tostring(v):gsub("[^%%w%%-%%._:/@,;=+]", function(c) return string.format("%%%%%%02X", c:byte()) end)) end
@@ -222,6 +224,20 @@ def test_non_gpu_job_passes_without_contact(lua, daemon):
     ({"tres_per_node": "gres:gpu:h100", "partition": "short"}, 1, "h100", 4 * 3600),  # max
     ({"tres_per_node": "gres:gpu:h100", "partition": "short", "time_limit": 600}, 1, "h100",
      4 * 3600),                                                     # clamped to MaxTime
+    # the most nodes Slurm may give: -n 3 without -N may be 3 nodes of --gres GPUs each
+    ({"tres_per_node": "gres:gpu:1", "num_tasks": 3, "ntasks_per_node": 1, "time_limit": 10},
+     3, None, 600),
+    ({"tres_per_node": "gres/gpu:2", "num_tasks": 3, "time_limit": 10}, 6, None, 600),
+    ({"tres_per_node": "gres:gpu:1", "num_tasks": 8, "time_limit": 10}, 4, None, 600),  # 4 nodes
+    ({"tres_per_node": "gres:gpu:1", "num_tasks": 8, "time_limit": 10, "partition": "short"},
+     2, None, 600),                                               # short: MaxNodes=2
+    ({"tres_per_node": "gres:gpu:1", "num_tasks": 8, "min_nodes": 2, "max_nodes": 2,
+      "time_limit": 10}, 2, None, 600),                           # -N 2 -n 8: two nodes
+    ({"tres_per_node": "gres:gpu:1", "min_nodes": 1, "max_nodes": 3, "time_limit": 10},
+     3, None, 600),                                               # -N 1-3
+    # Slurm matches GPU types without case: gpu:H100 runs on an h100 and pays for one
+    ({"tres_per_node": "gres:gpu:H100:2", "time_limit": 60}, 2, "h100", 3600),
+    ({"tres_per_job": "gres/gpu:A100:1", "time_limit": 60}, 1, "a100", 3600),
 ])
 def test_gpu_request_forms(lua, sqlite_ledger, token, fields, gpus, gtype, seconds):
     r = lua.submit(token=token, **fields)
@@ -303,6 +319,20 @@ def test_unavailable_reject_mode_refuses_within_timeout(tmp_path, token):
     finally:
         lua.close()
         silent.close()
+
+
+def test_a_blank_token_is_no_token_even_when_the_ledger_is_down(tmp_path):
+    """A token of spaces is not a token: never deferred (which would run unpaid), refused."""
+    need(lua_available(), "lua5.1 with lua-socket")
+    lua = Lua(tmp_path, socket=tmp_path / "nothing.sock", timeout=0.3,
+              on_ledger_unavailable="accept")
+    try:
+        for blank in ("   ", "\t"):
+            r = lua.submit(token=blank, tres_per_node="gres:gpu:1", time_limit=5)
+            assert r["rc"] == CODES["denied"] and "carries no GPU token" in r["user"], r
+            assert r["admin_comment"] == ""
+    finally:
+        lua.close()
 
 
 def test_unavailable_accept_mode_defers(tmp_path, token):

@@ -35,9 +35,9 @@ def parse_gres(text: str, known: tuple[str, ...] = ()) -> tuple[int, str | None,
             raise InvalidInput("a job asks for whole GPUs or for shares of one (shard, mps), "
                                "not both")
         kind = m.group(1)
-        if m.group(2) and gpu_type and m.group(2) != gpu_type:
+        if m.group(2) and gpu_type and m.group(2).lower() != gpu_type:
             raise InvalidInput("one GPU type per job")
-        gpu_type = m.group(2) or gpu_type
+        gpu_type = (m.group(2) or "").lower() or gpu_type  # Slurm matches types without case
         count += int(m.group(3) or 1)
     return count, gpu_type, kind or "gpu"
 
@@ -47,7 +47,7 @@ def parse_gpus(text: str) -> tuple[int, str | None]:
     m = _GPUS.match(text.strip())
     if not m:
         raise InvalidInput(f"cannot read the GPU count {text!r} (e.g. 4 or h100:4)")
-    return int(m.group(2)), m.group(1)
+    return int(m.group(2)), m.group(1).lower() if m.group(1) else None
 
 
 def array_size(spec: str) -> int:

@@ -285,9 +285,12 @@ local function gpus_in(spec)
 			if t and t:match("^%d+$") then
 				t, n = nil, nil
 			end
+			-- Slurm matches GPU types without case (gpu:H100 runs on an h100): so does the hold
+			t = t and t:lower()
 			if not t then
 				n = rest:match("^[:=](%d+)$")
 				t = (not n) and rest:match("^:([%w][%w_.+-]*)$") or nil
+				t = t and t:lower()
 			end
 			if rest ~= "" and not t and not n then
 				refuse("gpu-token: cannot read the GPU request " .. item, code("ERROR"))
@@ -320,8 +323,37 @@ local function asks_gpu(d)
 	return false
 end
 
+-- The partitions a job may run in: those it names ("a,b"), else the default one.
+local function candidates(d, part_list)
+	local names = d.partition
+	if not names then
+		for name, p in pairs(part_list or {}) do
+			if p.flag_default and p.flag_default ~= 0 then
+				names = p.name or name
+				break
+			end
+		end
+	end
+	return names
+end
+
+-- The most nodes any candidate partition can give one job (its MaxNodes, at most its node
+-- count), nil when unknown or unlimited.
+local function node_cap(d, part_list)
+	local cap = nil
+	for name in (candidates(d, part_list) or ""):gmatch("[^,]+") do
+		local p = part_list and part_list[name]
+		local m = p and math.min(num(p.max_nodes) or math.huge, num(p.total_nodes) or math.huge)
+		if not m or m == math.huge then
+			return nil
+		end
+		cap = math.max(cap or 0, m)
+	end
+	return cap
+end
+
 -- GPUs of one job (one array task): the largest of the per-node/-job/-task/-socket forms.
-local function gpu_request(d, rec)
+local function gpu_request(d, rec, part_list)
 	-- on modify, what the update leaves unset (nil, NO_VAL) is the job record's value
 	local function field(k)
 		local v = d[k]
@@ -330,8 +362,15 @@ local function gpu_request(d, rec)
 		end
 		return v
 	end
-	local nodes = math.max(num(field("min_nodes")) or 1, num(field("max_nodes")) or 1)
+	-- the most nodes Slurm may give the job: -N's upper end, else one per task (-n 8 may
+	-- land on 8 nodes; --ntasks-per-node is then a maximum per node), else -N's lower end;
+	-- PrologSlurmctld re-prices the hold to the nodes it really got
 	local tasks = num(field("num_tasks"))
+	local nodes = num(field("max_nodes"))
+	if not nodes then
+		local lo = num(field("min_nodes")) or 1
+		nodes = math.max(lo, math.min(tasks or 1, node_cap(d, part_list) or math.huge))
+	end
 	if not tasks then
 		tasks = (num(field("ntasks_per_node"), NO_VAL16) or 1) * nodes
 	end
@@ -376,16 +415,8 @@ end
 -- Minutes the job may run (its own limit, else the partitions' DefaultTime, else MaxTime:
 -- the longest over the candidates) and every candidate partition ("a,b").
 local function time_limit(d, part_list)
-	local names = d.partition
+	local names = candidates(d, part_list)
 	local minutes = num(d.time_limit)
-	if not names then
-		for name, p in pairs(part_list or {}) do
-			if p.flag_default and p.flag_default ~= 0 then
-				names = p.name or name
-				break
-			end
-		end
-	end
 	if minutes then
 		-- above every listed partition's MaxTime the job can never run that long: clamp
 		local cap = nil
@@ -459,7 +490,8 @@ local function token_of(d)
 	for i = 0, n - 1 do -- indexed from 0
 		local e = env[i]
 		if e and e:sub(1, #TOKEN_VAR) == TOKEN_VAR then
-			local t = e:sub(#TOKEN_VAR + 1)
+			-- blank is no token (the hooks strip it the same way): never deferred, never free
+			local t = trim(e:sub(#TOKEN_VAR + 1))
 			return t ~= "" and t or nil
 		end
 	end
@@ -485,7 +517,7 @@ local function submit(d, part_list)
 	end
 	-- gpuledger:test-hook (tests replace this line to force a Lua error)
 	local t0 = now()
-	local gpus, gtype, shared, per_node = gpu_request(d)
+	local gpus, gtype, shared, per_node = gpu_request(d, nil, part_list)
 	local account = d.account or d.default_account
 	local user = d.user_name or id_text(d.user_id)
 	if account and conf.free_accounts[account] then
@@ -574,7 +606,7 @@ local function modify(d, rec, part_list, uid)
 	local free = account and conf.free_accounts[account]
 	if not hold then
 		if new_gpus and (old == nil or old:sub(1, #HOLD_MARK) ~= HOLD_MARK) and asks_gpu(d) and not free then
-			local gpus = gpu_request(d, rec)
+			local gpus = gpu_request(d, rec, part_list)
 			if gpus > 0 then
 				refuse("gpu-token: GPUs cannot be added to a job submitted without them; cancel it and "
 					.. "submit again with --gpu-token", code("ESLURM_ACCESS_DENIED"))
@@ -601,7 +633,7 @@ local function modify(d, rec, part_list, uid)
 					.. "its GPUs, nodes or tasks; cancel it and submit it again", code("ESLURM_ACCESS_DENIED"))
 			end
 		end
-		local gpus, gtype, shared, per_node = gpu_request(d, rec)
+		local gpus, gtype, shared, per_node = gpu_request(d, rec, part_list)
 		if gpus <= 0 then
 			line = "op=void hold=" .. hold .. " reason=job%20modified%20to%20use%20no%20GPU"
 		else
