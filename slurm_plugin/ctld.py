@@ -78,7 +78,7 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
             bound = client.request("bind", hold=mark.hold_id, job=owner, user=e.user or "",
                                    account=e.account or "", task=e.job_id, restart=e.restart,
                                    qos=record.qos or "", partition=_one(record.partition),
-                                   **_sluid(e))
+                                   **_sluid(e), **_alloc(record))
         except Refusal as exc:  # its QOS/partition costs more than held; the token lacks it
             why = f"gpu-token: {exc.message}; job cancelled before it ran"
             h.log.info("cancelling: %s", why)
@@ -196,6 +196,25 @@ def epilog_main() -> int:
 def _one(partition: str | None) -> str:
     """The partition a starting job runs in (scontrol lists candidates only before)."""
     return partition if partition and "," not in partition else ""
+
+
+def _alloc(record: JobRecord) -> dict[str, object]:
+    """What Slurm allocated this run, for the daemon to re-price a one-run hold to it: whole
+    GPUs (count, and the type when there is one), or shares (shard/mps per node x its
+    nodes). Nothing when the record shows no GPU allocation."""
+    shares = _shares(record)
+    if shares:
+        kind, per_node, gtype = shares
+        out: dict[str, object] = {"alloc_gres": kind, "alloc_per_node": per_node,
+                                  "alloc_gpus": per_node * max(1, len(record.nodes))}
+        if gtype:
+            out["alloc_type"] = gtype
+        return out
+    if not record.gpu_count:
+        return {}
+    types = [t for t in record.gpus if t]
+    return {"alloc_gpus": record.gpu_count,
+            **({"alloc_type": types[0]} if len(types) == 1 and None not in record.gpus else {})}
 
 
 def _shares(record: JobRecord) -> tuple[str, int, str | None] | None:

@@ -84,7 +84,7 @@ def rec(job_id, state, hold=None, *, nodes=("n1",), restarts=0, gpus=None, elaps
         clock=None, array=None, task=None, comment=None, user="alice", account="physics"):
     return JobRecord(job_id=job_id, display_id=job_id, state=state, restarts=restarts,
                      nodes=list(nodes), start=clock.now if (nodes and clock) else None,
-                     elapsed_s=elapsed, gpus=gpus or {"h100": 1}, array_job_id=array,
+                     elapsed_s=elapsed, gpus={"h100": 1} if gpus is None else gpus, array_job_id=array,
                      array_task=task, gpu_idx={n: {0: "h100"} for n in nodes},
                      admin_comment=comment if comment is not None else (
                          marks.hold_comment(hold.id, hold.token_id) if hold else ""),
@@ -250,6 +250,39 @@ def test_prolog_slurmctld_reprices_for_the_qos_slurm_runs_the_job_in(world):
     assert fake.cancelled == [("61", "gpu-token: the job runs in QOS premium (2x): needs "
                                      "0.167 GPU-h more, token " + thin.token_id + " has 0.028 "
                                      "GPU-h left; job cancelled before it ran")]
+    assert ledger.hold(thin.id).state == "voided" and ledger.verify_journal().ok
+
+
+def test_prolog_slurmctld_reprices_a_one_run_hold_to_the_gpus_slurm_allocated(world):
+    """job_submit held an estimate; Slurm gave the run 3 GPUs on 3 nodes (-n 3 without -N on
+    a site whose estimate was capped lower, say): the bind re-prices the hold to 3 GPUs. A
+    run that got fewer pays less; an untyped hold that got an a100 is priced as one; a token
+    that cannot pay the difference gets the job cancelled, never run on a smaller hold."""
+    ledger, clock, _token, _cfg, fake, _ = world
+    hold = reserve(world)  # 1 x h100 x 600 s
+    fake.live["62"] = rec("62", "CONFIGURING", hold, clock=clock, nodes=("n1", "n2", "n3"),
+                          gpus={"h100": 3})
+    client = DirectClient(ledger)
+    assert ctld.prolog_slurmctld(hook(world, "62"), fake, client) == 0
+    assert client.calls[0][1]["alloc_gpus"] == 3 and client.calls[0][1]["alloc_type"] == "h100"
+    h = ledger.hold(hold.id)
+    assert (h.gpus, h.amount, h.job_id, fake.cancelled) == (3, 1800, "62", [])
+    big = reserve(world, gpus=4)
+    fake.live["63"] = rec("63", "CONFIGURING", big, clock=clock, gpus={"h100": 2})
+    assert ctld.prolog_slurmctld(hook(world, "63"), fake, DirectClient(ledger)) == 0
+    assert (ledger.hold(big.id).gpus, ledger.hold(big.id).amount) == (2, 1200)
+    ledger.set_rate("a100", 600_000)
+    untyped = ledger.reserve(world[2], HoldRequest(gpus=1, seconds=600, user="alice"))
+    fake.live["64"] = rec("64", "CONFIGURING", untyped, clock=clock, gpus={"a100": 1})
+    assert ctld.prolog_slurmctld(hook(world, "64"), fake, DirectClient(ledger)) == 0
+    h = ledger.hold(untyped.id)
+    assert (h.gpu_type, h.rate_ppm, h.amount) == ("a100", 600_000, 360)
+    poor, _ = ledger.mint("physics", 700)
+    thin = reserve(world, token=poor)
+    fake.live["65"] = rec("65", "CONFIGURING", thin, clock=clock, gpus={"h100": 2})
+    assert ctld.prolog_slurmctld(hook(world, "65"), fake, DirectClient(ledger)) == 0
+    assert fake.cancelled and fake.cancelled[-1][0] == "65"
+    assert "needs 0.167 GPU-h more" in fake.cancelled[-1][1]
     assert ledger.hold(thin.id).state == "voided" and ledger.verify_journal().ok
 
 
@@ -484,7 +517,8 @@ def test_a_shard_job_is_charged_its_share_of_the_gpu_it_ran_on(world, gpu, charg
     shares_world(world)
     hold = ledger.reserve(tok, HoldRequest(gpus=3, seconds=600, gres="shard", user="alice"))
     assert (hold.share, hold.rate_ppm, hold.amount) == (4, 1_000_000, 3 * 600 // 4)
-    fake.live["90"] = rec("90", "RUNNING", hold, clock=clock)
+    fake.live["90"] = rec("90", "RUNNING", hold, clock=clock, gpus={})
+    fake.live["90"].tres_per_node = "gres:shard:3"  # Slurm's TRES count no gres/gpu for shards
     start(world, "90", gpus=(gpu,), started=1000.0)
     epilog(hook(world, "90", gpus=(gpu,)), ledger, now=1100.0)
     [c] = ledger.charges(hold.id)

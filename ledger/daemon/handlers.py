@@ -302,10 +302,10 @@ class Handlers:
     # -- PrologSlurmctld / EpilogSlurmctld (slurm_plugin.ctld) -----------------------------
 
     def bind(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
-        """Bind a hold to its job (``hold job user account [task restart sluid qos partition]``) and link
-        this run of the job (or array task) to it — by its SLUID where Slurm gives one
-        (25.11+) — ; the ledger checks the identity and re-prices the hold for the QOS and
-        partition the job runs in."""
+        """Bind a hold to its job (``hold job user account [task restart sluid qos partition
+        alloc_*]``) and link this run of the job (or array task) to it — by its SLUID where
+        Slurm gives one (25.11+) — ; the ledger checks the identity and re-prices the hold for
+        the QOS and partition the job runs in, and a one-run hold for the GPUs it got."""
         self.policy.require_privileged(peer, "bind")
         hold_id, job = _name(fields, "hold"), _name(fields, "job")
         if hold_id is None or job is None:
@@ -319,9 +319,34 @@ class Handlers:
         if view.state == "pending":
             self.ledger.link_job(hold_id, run_of, restart, user=user, account=account,
                                  sluid=sluid)
+            view = self._fit(view, fields)
         token = self.ledger.inspect(view.token_id)
         return {"ok": 1, "hold": view.id, "state": view.state, "token_id": view.token_id,
                 "token_status": token.status, "token_reason": token.status_reason or ""}
+
+    def _fit(self, view, fields: dict[str, str]):
+        """A hold that pays one run is re-priced to what Slurm allocated the run (bind's
+        ``alloc_gpus``, ``alloc_type``, ``alloc_gres``/``alloc_per_node`` for shares, read
+        from Slurm's record by PrologSlurmctld): job_submit held an estimate (the most nodes
+        the request allows, the type as written), the run pays for what it got. A token that
+        cannot pay the difference refuses (the caller cancels the job)."""
+        gpus = _int(fields, "alloc_gpus", required=False)
+        if not gpus or view.tasks != 1:
+            return view
+        gres = _name(fields, "alloc_gres") or "gpu"
+        if gres != view.gres:  # whole GPUs and shares are not traded here: settlement charges
+            return view        # what ran, anything beyond the hold is a journaled debt
+        gtype = _name(fields, "alloc_type")
+        per_node = _int(fields, "alloc_per_node", required=False) or None
+        extra: dict = {}
+        if gtype and gtype != view.gpu_type:
+            extra["gpu_type"] = gtype
+        if gres != "gpu":
+            extra.update(gres=gres, per_node=per_node)
+        if gpus == view.gpus and "gpu_type" not in extra and (
+                gres == "gpu" or per_node == view.per_node):
+            return view
+        return self.ledger.resize(view.id, gpus=gpus, **extra)
 
     def finish(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         """A run ended (``job [array_job] nodes``): close its hold once every charge is in."""
