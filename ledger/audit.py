@@ -2,9 +2,10 @@
 
 The walk recomputes each journal row's hash (:func:`ledger.journal.row_hash`) and
 follows the links, then holds the state outside the journal against what the
-journal says: wallet balances, holds (amount, charged, refunded, state, token,
-account), tokens (account, wallet, face, status), the charges table, the escrow
-(Σ still held by pending holds) and the usage sink (Σ charges − Σ refunds).
+journal says: wallet balances, the escrow (Σ still held by pending holds) and the
+usage sink (Σ charges − Σ refunds) here; holds, tokens, charges, rates, tier
+multipliers, run → hold links, post keys and the journal's own head exports column
+by column in ``ledger.audit_columns``.
 Rows that move a hold's or a token's money must move it between the right
 wallets (a close pays the token, its minted account's pool or ``expired``; a
 revoke pays the minted account's pool).
@@ -26,13 +27,25 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import DBAPIError
 
 from . import db
+from .audit_columns import (
+    PARSED_HOLD_KINDS,
+    STREAM,
+    TABLE_KINDS,
+    UNKNOWN,
+    Recorded,
+    charge_data,
+    check_charges,
+    check_exports,
+    check_holds,
+    check_idempotency,
+    check_rates,
+    check_tokens,
+)
 from .facts import BIRTH_KINDS, CLOSE_KINDS, HoldFacts
 from .journal import row_hash
-from .models import GENESIS_HASH, Account, ChainHead, Charge, Hold, JournalPending, Token, Wallet
+from .models import GENESIS_HASH, Account, ChainHead, JournalPending, Wallet
 
-A, W, H, HO, T, CH, P = (m.__table__ for m in (Account, Wallet, ChainHead, Hold, Token, Charge,
-                                                JournalPending))
-_STREAM = {"yield_per": 5000}
+A, W, H, P = (m.__table__ for m in (Account, Wallet, ChainHead, JournalPending))
 
 MAX_PROBLEMS = 100
 ATTEST_KEY_KIND = "attest_key_add"  # journal event: a head-attestation public key
@@ -51,11 +64,10 @@ def snapshot(engine: Engine) -> Iterator[Connection]:
     else:
         options = {"sqlite_begin": "DEFERRED"}
     try:
-        with engine.connect().execution_options(**options) as conn:
-            with conn.begin():
-                if name in ("mysql", "mariadb"):
-                    conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-                yield conn
+        with engine.connect().execution_options(**options) as conn, conn.begin():
+            if name in ("mysql", "mariadb"):
+                conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            yield conn
     except DBAPIError as exc:
         raise db.storage_error(exc) from None
 
@@ -105,8 +117,11 @@ class _Walk:
         self.expired = wallets.get("system:expired")
         self.pools = pools  # account name -> pool wallet id
         self.holds: dict[str, HoldFacts] = {}
-        self.tokens: dict[str, list] = {}  # id -> [account, wallet, face, status]
-        self.charges: dict[str, tuple[str, int, int]] = {}  # key -> (hold, amount, seq)
+        # id -> [account, wallet, face, status, scopes, expires (minted; else UNKNOWN)]
+        self.tokens: dict[str, list] = {}
+        # key -> (hold, amount, seq, hold's charged after it, ledger.audit_columns.charge_data)
+        self.charges: dict[str, tuple] = {}
+        self.recorded = Recorded(result.fail)  # hold columns, rates, tiers, links
         self.refunds = 0
         self.sums: dict[int, int] = {}  # wallet id -> Σ movements, chained and pending rows
         self.system = {wid for code, wid in wallets.items() if code.startswith("system:")}
@@ -134,6 +149,8 @@ class _Walk:
             r.attest_retired.add(json.loads(data).get("kid"))
         elif kind == HEAD_EXPORT_KIND:
             r.exports.append({**json.loads(data), "row": seq})
+        elif kind in TABLE_KINDS:
+            self.recorded.table_row(seq, kind, json.loads(data))
 
     def token(self, seq: int, token_id: str | None, what: str) -> list | None:
         t = self.tokens.get(token_id)
@@ -144,6 +161,9 @@ class _Walk:
 
     def hold_row(self, seq, kind, debit, credit, amount, account, token_id, hold_id, data):
         fail = self.r.fail
+        body = json.loads(data) if kind in PARSED_HOLD_KINDS else None
+        if body is not None:
+            self.recorded.hold_row(seq, kind, hold_id, body)
         f = self.holds.get(hold_id)
         if kind == "reserve":
             if f is not None:
@@ -169,10 +189,10 @@ class _Walk:
             fail(f"row {seq}: hold {hold_id} has paid out {-f.remaining} GPU-s more than it "
                  f"escrowed ({f.held})", seq)
         if kind == "charge":
-            key = json.loads(data).get("key")
+            key = body.get("key")
             if key in self.charges:
                 fail(f"row {seq}: charge key {key!r} is used twice", seq)
-            self.charges[key] = (hold_id, amount, seq)
+            self.charges[key] = (hold_id, amount, seq, f.charged, charge_data(body))
         elif kind == "refund":
             self.refunds += amount
             if f.refunded > f.charged:
@@ -211,9 +231,12 @@ class _Walk:
         if kind in BIRTH_KINDS:
             if token_id in self.tokens:
                 fail(f"row {seq}: token {token_id} is created a second time", seq)
-            self.tokens[token_id] = [account, credit, amount, "active"]
+            body = json.loads(data)
+            self.tokens[token_id] = [account, credit, amount, "active",
+                                     body.get("scopes", UNKNOWN),
+                                     body.get("expires", UNKNOWN) if kind == "mint" else UNKNOWN]
             if kind == "split":
-                parent = self.token(seq, json.loads(data).get("parent"), "a split")
+                parent = self.token(seq, body.get("parent"), "a split")
                 if parent is not None and debit != parent[1]:
                     fail(f"row {seq}: split {token_id} is paid from wallet {debit}, not from "
                          "its parent token's wallet", seq)
@@ -254,10 +277,13 @@ def verify(conn: Connection, watch: frozenset[int] | set[int] = frozenset(),
         return result
     _head(conn, result)
     _pending(conn, walk)
+    check_exports(conn, result)
     _balances(conn, walk)
-    _holds(conn, walk)
-    _tokens(conn, walk)
-    _charges(conn, walk)
+    check_holds(conn, walk)
+    check_tokens(conn, walk)
+    check_charges(conn, walk)
+    check_idempotency(conn, walk)
+    check_rates(conn, walk)
     return result
 
 
@@ -315,18 +341,13 @@ def _batches(cur, size: int):
         yield from rows
 
 
-def _order(seq: int | str) -> tuple[int, int]:
-    """Chained rows (seq) before pending ones ("pending ID"), each in its own order."""
-    return (0, seq) if isinstance(seq, int) else (1, int(seq.split()[-1]))
-
-
 def _pending(conn: Connection, walk: _Walk) -> None:
     """Rows committed but not chained yet (server databases: ``ledger.journal``) come after
     the chain, in id order, with every check but the hash's; their movements of system
     wallets are not in those wallets' balances until they are chained."""
     rows = conn.execute(select(P.c.id, P.c.kind, P.c.debit_wallet_id, P.c.credit_wallet_id,
                                P.c.amount, P.c.account, P.c.token_id, P.c.hold_id, P.c.data)
-                        .order_by(P.c.id), execution_options=_STREAM)
+                        .order_by(P.c.id), execution_options=STREAM)
     for pid, kind, debit, credit, amount, account, token_id, hold_id, data in rows:
         walk.r.pending += 1
         walk.row(f"pending {pid}", kind, debit, credit, amount, account, token_id, hold_id,
@@ -362,62 +383,3 @@ def _balances(conn: Connection, walk: _Walk) -> None:
     if escrow != pending:
         r.fail(f"system:escrow holds {escrow} GPU-s but the pending holds' journal rows say "
                f"{pending} is still held")
-
-
-def _holds(conn: Connection, walk: _Walk) -> None:
-    r, facts = walk.r, walk.holds
-    rows = conn.execute(select(HO.c.id, HO.c.token_id, HO.c.account, HO.c.amount, HO.c.charged,
-                               HO.c.refunded, HO.c.state).order_by(HO.c.id),
-                        execution_options=_STREAM)
-    for hold_id, token_id, account, amount, charged, refunded, state in rows:
-        f = facts.pop(hold_id, None)
-        if f is None:
-            r.fail(f"hold {hold_id} has no reserve row in the journal")
-            continue
-        for what, have, want in (("token", token_id, f.token_id), ("account", account, f.account),
-                                 ("amount", amount, f.held), ("charged", charged, f.charged),
-                                 ("refunded", refunded, f.refunded), ("state", state, f.state)):
-            if have != want:
-                r.fail(f"hold {hold_id}: {what} is {have} but the journal says {want}")
-    for hold_id in sorted(facts):
-        r.fail(f"hold {hold_id} is in the journal but its holds row is missing")
-
-
-def _tokens(conn: Connection, walk: _Walk) -> None:
-    r, facts = walk.r, dict(walk.tokens)
-    rows = conn.execute(select(T.c.id, A.c.name, T.c.wallet_id, T.c.face, T.c.status)
-                        .outerjoin(A, A.c.id == T.c.account_id).order_by(T.c.id),
-                        execution_options=_STREAM)
-    for token_id, account, wallet_id, face, status in rows:
-        t = facts.pop(token_id, None)
-        if t is None:
-            r.fail(f"token {token_id} has no mint or split row in the journal")
-            continue
-        for what, have, want in (("account", account, t[0]), ("wallet", wallet_id, t[1]),
-                                 ("face value", face, t[2]), ("status", status, t[3])):
-            if have != want:
-                r.fail(f"token {token_id}: {what} is {have} but the journal says {want}")
-    for token_id in sorted(facts):
-        r.fail(f"token {token_id} is in the journal but its tokens row is missing")
-
-
-def _charges(conn: Connection, walk: _Walk) -> None:
-    r, facts = walk.r, dict(walk.charges)
-    total = 0
-    rows = conn.execute(select(CH.c.hold_id, CH.c.key, CH.c.amount).order_by(CH.c.id),
-                        execution_options=_STREAM)
-    for hold_id, key, amount in rows:
-        total += amount
-        f = facts.pop(key, None)
-        if f is None:
-            r.fail(f"charge {key!r} of hold {hold_id} has no journal row")
-        elif (hold_id, amount) != f[:2]:
-            r.fail(f"charge {key!r}: hold {hold_id}, {amount} GPU-s, but journal row {f[2]} "
-                   f"says hold {f[0]}, {f[1]} GPU-s", f[2])
-    for key, (hold_id, _amount, seq) in sorted(facts.items(), key=lambda kv: _order(kv[1][2])):
-        r.fail(f"charge {key!r} of hold {hold_id} (journal row {seq}) is missing from the "
-               "charges table", seq)
-    usage = walk.sums.get(walk.usage, 0)
-    if usage != total - walk.refunds:
-        r.fail(f"system:usage holds {usage} GPU-s but the charges table less refunds says "
-               f"{total - walk.refunds}")

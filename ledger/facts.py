@@ -8,6 +8,8 @@ figures from journal rows through this one module.
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import Connection
 
 from .models import JournalEntry
@@ -18,6 +20,20 @@ J = JournalEntry.__table__
 CLOSE_KINDS = ("release", "void")  # rows that resolve a hold (returning what is left)
 BIRTH_KINDS = ("mint", "split")  # rows that create a token (its account, wallet and face)
 ESCROW_KINDS = ("reserve", "resize", "charge") + CLOSE_KINDS  # may touch system:escrow
+LINK_KIND = "link"  # a run of a Slurm job paid from a hold (``ledger.joblinks``)
+
+# Version 2 of the hold rows' data: every column of a hold that money depends on is in the
+# journal. A reserve row carries ``"v": 2`` and the hold's ``cluster`` (its request carries
+# the rest); a resize row, and a bind that moves the job to another QOS or partition,
+# ``"cols"``: the hold's columns as the row leaves them; a charge row the sha256 of the
+# charge's usage record as stored (:func:`usage_digest`). ``ledger.audit_columns`` holds the
+# tables against them; rows from before version 2 are checked where their data allows.
+DATA_VERSION = 2
+
+
+def usage_digest(text: str) -> str:
+    """sha256 of a charge's usage record, of the JSON text ``charges.usage`` stores."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class HoldFacts:

@@ -26,12 +26,12 @@ from .errors import (
     Refusal,
     StateError,
 )
-from .facts import HoldFacts, hold_facts
+from .facts import HoldFacts, hold_facts, usage_digest
 from .journal import Tx
 from .liveness import Liveness, refuse_unless_live, token_liveness
 from .models import Charge, Hold
 from .pricing import hold_cost, unpriced
-from .rawsql import FOR_UPDATE, Raw
+from .rawsql import FOR_UPDATE, JSONText, Raw
 from .reserve import ReserveItem, ReserveOps, _scope_refusal, new_hold_id  # noqa: F401
 from .tokens import Scopes
 from .views import HoldRequest, HoldView
@@ -145,7 +145,7 @@ class HoldOps(ReserveOps):
                     raise InvalidInput(f"charge {fmt_hours(amount)} GPU-h exceeds what hold "
                                        f"{hold_id} still holds ({fmt_hours(left)} GPU-h)")
                 charge = left
-            record = _usage_row(usage, None if charge == amount else amount)
+            record = JSONText.of(_usage_row(usage, None if charge == amount else amount))
             tx.raw.insert(CH, dict(
                 hold_id=hold_id, key=key or f"post:{hold_id}", amount=charge,
                 job_id=job_id or hold.job_id, node=node, restart=restart, usage=record,
@@ -154,7 +154,8 @@ class HoldOps(ReserveOps):
             tx.move("charge", escrow, sink, charge, account=facts.account,
                     token_id=facts.token_id, hold_id=hold_id,
                     data={"key": key or f"post:{hold_id}", "job_id": job_id or hold.job_id,
-                          "node": node, "restart": restart})
+                          "node": node, "restart": restart,
+                          "usage_sha256": usage_digest(record)})
             facts.add("charge", escrow, sink, charge, escrow)
             after = SimpleNamespace(**{**hold._mapping, "amount": facts.held,
                                        "charged": facts.charged})
@@ -246,12 +247,14 @@ class HoldOps(ReserveOps):
                 raise InvalidInput(f"hold {hold_id} has already charged "
                                    f"{fmt_hours(facts.charged)} GPU-h")
             delta = new_amount - facts.held
-            self._rehold(tx, hold_id, facts, token_row, delta, fields,
+            cols = {"gpus": req.gpus, "seconds": req.seconds, "tasks": req.tasks,
+                    "gpu_type": req.gpu_type, "rate_ppm": rate, "partition": req.partition,
+                    "gres": req.gres, "per_node": req.per_node, "share": share,
+                    "multiplier_ppm": multiplier}  # the columns, and the journal's record
+            self._rehold(tx, hold_id, facts, token_row, delta, {**fields, "cols": cols},
                          needs=f"needs {fmt_hours(delta)} GPU-h more ({req.describe()})")
             tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-                amount=HO.c.amount + delta, gpus=req.gpus, seconds=req.seconds, tasks=req.tasks,
-                gpu_type=req.gpu_type, rate_ppm=rate, partition=req.partition, gres=req.gres,
-                per_node=req.per_node, share=share, multiplier_ppm=multiplier))
+                amount=HO.c.amount + delta, **cols))
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
@@ -310,11 +313,11 @@ class HoldOps(ReserveOps):
             if hold.job_id not in (None, job_id):
                 raise StateError(f"hold {hold_id} belongs to job {hold.job_id}, not {job_id}")
             check_job_owner(hold, job_id, user, account)
+            data: dict = {}
             if hold.job_id is None:
                 tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(job_id=job_id))
-                tx.event("bind", account=hold.account, token_id=hold.token_id, hold_id=hold_id,
-                         data={"job_id": job_id})
-                tx.flush()
+                data["job_id"] = job_id
+            requalify = None
             if hold.state == "pending":
                 new_qos = qos or hold.qos
                 new_part = partition if (partition and hold.tasks == 1
@@ -323,10 +326,16 @@ class HoldOps(ReserveOps):
                     parts = [p for p in (new_part or "").split(",") if p]
                     multiplier = self.tiers(tx.conn).hold_ppm(parts, new_qos)
                     if multiplier == hold.multiplier_ppm:  # the same price: say where it runs
+                        data["cols"] = {"qos": new_qos, "partition": new_part}
                         tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-                            qos=new_qos, partition=new_part))
+                            **data["cols"]))
                     else:
-                        self._requalify(tx, hold_id, new_qos, new_part, multiplier)
+                        requalify = (new_qos, new_part, multiplier)
+            if data:
+                tx.event("bind", account=hold.account, token_id=hold.token_id, hold_id=hold_id,
+                         data=data)
+            if requalify is not None:
+                self._requalify(tx, hold_id, *requalify)
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
         return HoldView.from_dict(self._write(run))
@@ -358,9 +367,9 @@ class HoldOps(ReserveOps):
         from the token (refused when it cannot pay) or returned to it; never below what the
         hold has charged already."""
         hold, facts, token_row = self._locked(tx, hold_id)
-        data = {"qos": qos, "was_qos": hold.qos, "partition": partition,
-                "was_partition": hold.partition, "multiplier_ppm": multiplier,
-                "was_multiplier_ppm": hold.multiplier_ppm}
+        cols = {"qos": qos, "partition": partition, "multiplier_ppm": multiplier}
+        data = {**cols, "was_qos": hold.qos, "was_partition": hold.partition,
+                "was_multiplier_ppm": hold.multiplier_ppm, "cols": cols}
         amount = hold_cost(hold.gpus, hold.seconds, hold.tasks, hold.rate_ppm,
                            hold.share or 1, multiplier)
         delta = max(amount, facts.charged) - facts.held
@@ -371,7 +380,7 @@ class HoldOps(ReserveOps):
                      needs=f"the job runs in {where} ({fmt_rate(multiplier)}x): needs "
                            f"{fmt_hours(delta)} GPU-h more")
         tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(
-            amount=HO.c.amount + delta, qos=qos, partition=partition, multiplier_ppm=multiplier))
+            amount=HO.c.amount + delta, **cols))
         tx.flush()
 
     # -- reading --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ array task know only the task's own job id (Slurm 22.05 gives slurmd's Prolog/Ep
 ``SLURM_ARRAY_JOB_ID``), so PrologSlurmctld also links each run — ``(job id, restart)`` — to
 its hold. The link is the idempotency record of the ``link`` operation under the key
 ``job:<job id>:<restart>``: written once, one indexed row to read, and a second hold for
-the same run is refused (``IdempotencyConflict``).
+the same run is refused (``IdempotencyConflict``). A ``link`` journal row records each link
+(its key and hold), and ``verify`` holds the records against those rows.
 
 Slurm 25.11+ names each run with a SLUID (``SLURM_JOB_SLUID`` in PrologSlurmctld and the node
 hooks; a new one per requeue, unique in the Slurm realm): such a run is linked under
@@ -18,6 +19,7 @@ their hold is pending: an old link of a settled hold is a previous job that had 
 from __future__ import annotations
 
 from .errors import NotFound
+from .facts import LINK_KIND
 from .holds import check_job_owner
 from .journal import Tx
 from .rawsql import Raw
@@ -35,13 +37,16 @@ class JobLinkOps:
     def link_job(self, hold_id: str, job_id: str, restart: int, *, user: str | None = None,
                  account: str | None = None, sluid: str | None = None) -> str:
         """Record that run ``restart`` of ``job_id`` (SLUID ``sluid``, where Slurm gives
-        one) is paid from ``hold_id`` (once)."""
+        one) is paid from ``hold_id`` (once). The link is journaled (a ``link`` row naming
+        its key and hold), so ``verify`` holds the idempotency record against it."""
+        key = link_key(job_id, restart, sluid)
+
         def run(tx: Tx) -> dict:
             check_job_owner(self._hold_row(tx.conn, hold_id), job_id, user, account)
+            tx.event(LINK_KIND, data={"key": key, "hold": hold_id})
             return {"hold": hold_id}
 
-        return self._idempotent("link", link_key(job_id, restart, sluid), {"hold": hold_id},
-                                run)["hold"]
+        return self._idempotent("link", key, {"hold": hold_id}, run)["hold"]
 
     def linked_hold(self, job_id: str, restart: int, *, sluid: str | None = None
                     ) -> str | None:

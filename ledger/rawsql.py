@@ -47,6 +47,15 @@ def raw_sql(conn: Connection):
     return convert
 
 
+class JSONText(str):
+    """A JSON column's value serialised already: :meth:`Raw.insert` stores this text as it
+    is (a charge's journal row carries the digest of exactly what its usage column holds)."""
+
+    @classmethod
+    def of(cls, value) -> JSONText:
+        return cls(json.dumps(value))
+
+
 class Record(SimpleNamespace):
     """A row read here: attributes by column name, like a SQLAlchemy Row (``_mapping`` too)."""
 
@@ -113,8 +122,9 @@ class Raw:
 
     @staticmethod
     def json(value) -> str:
-        """A JSON column's value, serialised as SQLAlchemy's JSON type does."""
-        return json.dumps(value)
+        """A JSON column's value, serialised as SQLAlchemy's JSON type does (a
+        :class:`JSONText` is that already)."""
+        return str(value) if isinstance(value, JSONText) else json.dumps(value)
 
     # -- statements ---------------------------------------------------------------------------
 

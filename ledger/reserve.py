@@ -19,6 +19,7 @@ from sqlalchemy import Connection
 
 from .amounts import PPM, fmt_hours
 from .errors import LedgerError, NotFound, Reason, Refusal
+from .facts import DATA_VERSION
 from .journal import Tx
 from .liveness import Liveness, liveness, refusal, refuse_unless_live
 from .models import Hold
@@ -220,12 +221,13 @@ class ReserveOps:
                         wallet_id: int, rate: int, amount: int, share: int,
                         multiplier: int, hold_id: str | None = None) -> dict:
         hold_id = hold_id or new_hold_id()
+        cluster, asked = request.cluster or self.cluster, request.to_dict()
         tx.raw.insert(HO, dict(
             id=hold_id, token_id=claims.id, account=account, user=request.user,
-            partition=request.partition, cluster=request.cluster or self.cluster,
+            partition=request.partition, cluster=cluster,
             gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
             tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
-            state="pending", job_id=job_id, created_at=tx.now, request=request.to_dict(),
+            state="pending", job_id=job_id, created_at=tx.now, request=asked,
             # whole GPUs leave gres/per_node/share to the columns' defaults (gpu, -, 1)
             **({"gres": request.gres, "per_node": request.per_node, "share": share}
                if request.gres != GPU else {}),
@@ -234,7 +236,8 @@ class ReserveOps:
         ))
         tx.move("reserve", wallet_id, tx.wallet_id("system:escrow"), amount,
                 account=account, token_id=claims.id, hold_id=hold_id,
-                data={"request": request.to_dict(), "rate_ppm": rate, "job_id": job_id,
+                data={"v": DATA_VERSION, "request": asked, "rate_ppm": rate,
+                      "job_id": job_id, "cluster": cluster,
                       **({"share": share} if request.gres != GPU else {}),
                       **({"multiplier_ppm": multiplier} if multiplier != PPM else {})})
         tx.flush()
@@ -243,7 +246,7 @@ class ReserveOps:
             gpu_type=request.gpu_type, gpus=request.gpus, seconds=request.seconds,
             tasks=request.tasks, rate_ppm=rate, amount=amount, charged=0, refunded=0,
             state="pending", job_id=job_id, created=tx.now, resolved=None,
-            partition=request.partition, cluster=request.cluster or self.cluster,
+            partition=request.partition, cluster=cluster,
             gres=request.gres, per_node=request.per_node, share=share, qos=request.qos,
             multiplier_ppm=multiplier,
         ).to_dict()
