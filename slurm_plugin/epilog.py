@@ -18,14 +18,18 @@ from ledger.amounts import fmt_hours
 from ledger.charging import charge_gpus
 from ledger.service import Ledger
 
-from . import jobstate, settle, usage
+from . import jobstate, safefs, settle, usage
 from .hookenv import Hook, main_for
 
 
 def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> None:
     e = h.env
     now = time.time() if now is None else now
-    run = jobstate.load(h.hooks.state_dir, e.job_id)
+    try:
+        run = jobstate.load(h.hooks.state_dir, e.job_id)
+    except safefs.UnsafePath as exc:
+        h.log.error("state dir refused (%s): run %d left for the reconciler", exc, e.restart)
+        return
     if run is None:
         # No prolog record (the prolog failed, or a second epilog by hand): the start of
         # this run is unknown here; sacct knows it, so the reconciler charges this node.

@@ -4,6 +4,9 @@ The hooks read only their environment (Slurm's docs: prolog/epilog must not call
 commands) — never ``SLURM_JOB_COMMENT``, which is the user's own ``--comment`` and so
 hostile input. Which hold belongs to which job is the ledger's record (PrologSlurmctld
 binds it from the AdminComment job_submit wrote); the node hooks look it up by job id.
+Every value is read through :class:`EnvReader` within a length, and lists are expanded only
+within a count checked first (``bounded``): the environment cannot make a root hook allocate
+or log without bound.
 """
 
 from __future__ import annotations
@@ -19,32 +22,70 @@ from dataclasses import dataclass, field
 from ledger import config as config_mod
 from ledger.errors import ConfigError
 
-from . import hooklog
+from . import bounded, hooklog
 from .hookconf import HookConfig, hook_config
 
 TOKEN_VAR = "SPANK_GPULEDGER_TOKEN"
 _INDICES = re.compile(r"^\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*$")
 
+# Every value the hooks take from their environment is read by EnvReader, within a length:
+# 4 KiB unless named here. A longer value is refused (one log line), never truncated into
+# something else. Lists are then expanded within a count (bounded.MAX_GPUS, slurm.MAX_HOSTS)
+# checked before anything is built.
+MAX_VALUE = 4096
+MAX_LENGTH = {
+    TOKEN_VAR: 4096 + 64,  # ledger.tokens.MAX_TOKEN_LENGTH, blanks around it allowed
+    "SLURM_JOB_NODELIST": 64 * 1024,  # a compressed list of up to slurm.MAX_HOSTS nodes
+    "SLURM_NODELIST": 64 * 1024,
+    "SLURM_JOB_ID": 20, "SLURM_JOBID": 20, "SLURM_ARRAY_JOB_ID": 20,
+    "SLURM_ARRAY_TASK_ID": 20, "SLURM_JOB_RESTART_COUNT": 9, "SLURM_RESTART_COUNT": 9,
+}
+
 
 def env_indices(text: str | None) -> tuple[list[int], str | None]:
-    """``0-1,3`` → ([0, 1, 3], None); anything else → ([], why) instead of raising."""
+    """``0-1,3`` → ([0, 1, 3], None); anything else → ([], why) instead of raising. A list of
+    more than bounded.MAX_GPUS indices is refused before it is expanded."""
     text = (text or "").strip()
     if not text or text in ("N/A", "(null)"):
         return [], None
+    shown = f"SLURM_JOB_GPUS={text[:60]!r}{'…' if len(text) > 60 else ''}"
+    if len(text) > MAX_VALUE:
+        return [], f"SLURM_JOB_GPUS is {len(text)} characters long (at most {MAX_VALUE})"
     if not _INDICES.match(text):
-        return [], f"SLURM_JOB_GPUS={text[:60]!r} is not a list of GPU indices"
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        if int(hi or lo) - int(lo) > 4096:
-            return [], f"SLURM_JOB_GPUS={text[:60]!r} is implausibly large"
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out, None
+        return [], f"{shown} is not a list of GPU indices"
+    try:
+        return bounded.expand_indices(text, bounded.MAX_GPUS), None
+    except bounded.TooLarge:
+        return [], f"{shown} names more than {bounded.MAX_GPUS} GPUs"
+    except ValueError:
+        return [], f"{shown} is not a list of GPU indices"
 
 
-def _digits(text: str | None) -> str | None:
-    text = (text or "").strip()
-    return text if text.isdigit() else None
+class EnvReader:
+    """The one reader of hook environment values: each within its length (MAX_LENGTH, else
+    MAX_VALUE); what is refused is kept in ``problems`` for the hook to log."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def get(self, *names: str) -> str | None:
+        """The first of ``names`` set and non-empty; None when unset, or too long."""
+        for name in names:
+            value = self.env.get(name)
+            if not value:
+                continue
+            limit = MAX_LENGTH.get(name, MAX_VALUE)
+            if len(value) > limit:
+                self.problems.append(f"{name} is {len(value)} characters long (at most "
+                                     f"{limit}); not used")
+                return None
+            return value
+        return None
+
+    def digits(self, *names: str) -> str | None:
+        text = (self.get(*names) or "").strip()
+        return text if text.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -67,32 +108,35 @@ class HookEnv:
     def from_env(cls, env: Mapping[str, str]) -> HookEnv:
         from .slurm import SlurmError, expand_hostlist, sluid
 
-        problems = []
-        restart = env.get("SLURM_JOB_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
-        gpus, why = env_indices(env.get("SLURM_JOB_GPUS"))
+        r = EnvReader(env)
+        restart = r.digits("SLURM_JOB_RESTART_COUNT", "SLURM_RESTART_COUNT")
+        gpus, why = env_indices(r.get("SLURM_JOB_GPUS"))
         if why:
-            problems.append(why)
+            r.problems.append(why)
+        nodelist = r.get("SLURM_JOB_NODELIST", "SLURM_NODELIST")
         try:
-            nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"))
+            nodes = expand_hostlist(nodelist)  # at most slurm.MAX_HOSTS, checked as it goes
         except (SlurmError, ValueError):
             nodes = []
-            problems.append(f"SLURM_JOB_NODELIST={env.get('SLURM_JOB_NODELIST', '')[:60]!r} "
-                            "is not a host list")
-        array_job = _digits(env.get("SLURM_ARRAY_JOB_ID"))
+            r.problems.append(f"SLURM_JOB_NODELIST={(nodelist or '')[:60]!r} is not a host "
+                              "list (or names too many hosts)")
+        array_job = r.digits("SLURM_ARRAY_JOB_ID")
+        array_task = r.digits("SLURM_ARRAY_TASK_ID")
+        job_id = r.digits("SLURM_JOB_ID", "SLURM_JOBID") or ""
         return cls(
-            job_id=_digits(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")) or "",
-            node=env.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0],
-            restart=int(restart) if restart.isdigit() else 0,
+            job_id=job_id,
+            node=r.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0],
+            restart=int(restart) if restart else 0,
             gpus=gpus,
-            token=(env.get(TOKEN_VAR) or "").strip() or None,
-            user=env.get("SLURM_JOB_USER") or None,
-            account=env.get("SLURM_JOB_ACCOUNT") or None,
-            partition=env.get("SLURM_JOB_PARTITION") or None,
+            token=(r.get(TOKEN_VAR) or "").strip() or None,
+            user=r.get("SLURM_JOB_USER"),
+            account=r.get("SLURM_JOB_ACCOUNT"),
+            partition=r.get("SLURM_JOB_PARTITION"),
             array_job_id=array_job,
-            array_task_id=_digits(env.get("SLURM_ARRAY_TASK_ID")) if array_job else None,
+            array_task_id=array_task if array_job else None,
             nodes=nodes,
-            sluid=sluid(env.get("SLURM_JOB_SLUID")),
-            problems=tuple(problems),
+            sluid=sluid(r.get("SLURM_JOB_SLUID")),
+            problems=tuple(r.problems),
         )
 
     @property
@@ -130,6 +174,10 @@ def run(name: str, body: Callable[[Hook], int | None], env: Mapping[str, str] | 
             "unreadable job environment, nothing done: %s: %s", exc.__class__.__name__, exc)
         return 0
     if not e.job_id or not e.may_be_ours:
+        if e.problems:  # a job id refused (too long): said once, untagged
+            log = hooklog.setup(name, None, None, use_syslog=True)
+            for problem in e.problems:
+                log.error("%s; nothing done", problem)
         return 0
     log = hooklog.setup(name, e.job_id, None, use_syslog=True)
     try:

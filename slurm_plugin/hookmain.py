@@ -17,6 +17,7 @@ import sys
 NODE_HOOKS = ("prolog", "epilog")
 CTLD_HOOKS = ("prolog-slurmctld", "epilog-slurmctld")
 REQUEUE = 75  # PrologSlurmctld: the wrapper turns this into a non-zero exit (Slurm requeues)
+SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # what the sh entry sets; here when PATH has none
 
 
 def _may_be_ours(env) -> bool:
@@ -24,8 +25,21 @@ def _may_be_ours(env) -> bool:
         env.get("SPANK_GPULEDGER_TOKEN") or env.get("SLURM_JOB_GPUS")))
 
 
+def _job_id() -> str:
+    """SLURM_JOB_ID for a log tag: digits, at most 20 of them, else ``-``."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return job if job.isdigit() and len(job) <= 20 else "-"
+
+
+def _safe_path() -> None:
+    """Drop the empty and relative entries of PATH: they name the working directory, and a
+    hook run as root must not find a command there (the sh entry fixes PATH altogether)."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join(p for p in entries if p.startswith("/")) or SAFE_PATH
+
+
 def _complain(hook: str, why: str) -> None:
-    line = f"gpuledger-{hook}[{os.environ.get('SLURM_JOB_ID', '-')}]: {why}"
+    line = f"gpuledger-{hook}[{_job_id()}]: {why}"
     try:
         print(line, file=sys.stderr)
         import syslog
@@ -42,6 +56,7 @@ def run(hook: str) -> int:
         return 0
     if not _may_be_ours(os.environ):
         return 0
+    _safe_path()
     try:
         if hook == "prolog":
             from .prolog import main

@@ -1,15 +1,17 @@
 """What the prolog leaves on the node for the epilog: one small JSON file per job run.
 
 The epilog needs the restart count the prolog saw (slurmd already counts a requeue when the
-epilog of the requeued run starts), the start time and the GPUs. Written atomically.
+epilog of the requeued run starts), the start time and the GPUs. Written atomically, by root,
+through ``safefs`` only (checked directory, no symlinks).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from . import safefs
 
 
 @dataclass
@@ -31,32 +33,47 @@ class NodeRun:
         return asdict(self)
 
 
+def _name(job_id: str, restart: int) -> str:
+    return f"{job_id}.{restart}.json"
+
+
 def _path(state_dir: Path, job_id: str, restart: int) -> Path:
-    return state_dir / f"{job_id}.{restart}.json"
+    return state_dir / _name(job_id, restart)
 
 
 def save(state_dir: Path, run: NodeRun) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = _path(state_dir, run.job_id, run.restart)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run.to_dict()))
-    os.replace(tmp, path)
-    return path
+    """Write the run's record (``safefs``: a checked directory, a fresh temp file renamed
+    over it); a directory others could write to raises ``safefs.UnsafePath``."""
+    return safefs.write_atomic(state_dir, _name(run.job_id, run.restart),
+                               json.dumps(run.to_dict()).encode(), mode=0o600,
+                               create=True, dir_mode=0o700, fsync=False)
 
 
 def load(state_dir: Path, job_id: str) -> NodeRun | None:
-    """The oldest unsettled run of this job on this node (a requeued run settles first)."""
+    """The oldest unsettled run of this job on this node (a requeued run settles first).
+    None when there is none; ``safefs.UnsafePath`` when the directory is not safe."""
+    prefix = f"{job_id}."
     runs = []
-    for p in state_dir.glob(f"{job_id}.*.json"):
-        try:
-            runs.append(NodeRun(**json.loads(p.read_text())))
-        except (OSError, ValueError, TypeError):
-            continue
+    try:
+        d = safefs.SafeDir(state_dir)
+    except FileNotFoundError:
+        return None
+    with d:
+        for name in d.names():
+            if not (name.startswith(prefix) and name.endswith(".json")):
+                continue
+            if not name[len(prefix):-len(".json")].isdigit():
+                continue
+            try:
+                runs.append(NodeRun(**json.loads(d.read(name) or b"")))
+            except (OSError, ValueError, TypeError):
+                continue
     return min(runs, key=lambda r: r.restart) if runs else None
 
 
 def done(state_dir: Path, run: NodeRun) -> None:
     try:
-        _path(state_dir, run.job_id, run.restart).unlink()
+        with safefs.SafeDir(state_dir) as d:
+            d.unlink(_name(run.job_id, run.restart))
     except FileNotFoundError:
         pass

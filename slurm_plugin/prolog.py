@@ -4,25 +4,32 @@ Records this run's start, restart count and GPUs (with their types from gres.con
 epilog and registers the job with the NVML agent when there is one. It reads only its
 environment: no Slurm command, no ledger. Binding the hold, re-checking the token and
 completing a deferred reservation are whole-job work done once by PrologSlurmctld
-(``slurm_plugin.ctld``). Always exits 0.
+(``slurm_plugin.ctld``). Always exits 0: a state dir others could write to is refused
+(``safefs``) with a log line.
 """
 
 from __future__ import annotations
 
-from . import jobstate
+from . import jobstate, safefs
 from .hookenv import Hook, main_for
 
 
 def prolog(h: Hook) -> None:
     e = h.env
-    jobstate.save(h.hooks.state_dir, jobstate.NodeRun(
-        job_id=e.job_id, restart=e.restart, node=e.node, start=h.started, gpus=e.gpus,
-        gpu_types=gpu_types(e.node, e.gpus, h.hooks.gres_conf),
-        gpu_shards=gpu_shards(e.node, e.gpus, h.hooks.gres_conf),
-        array_job_id=e.array_job_id if e.array_job_id != e.job_id else None, user=e.user,
-        sluid=e.sluid))
+    try:
+        jobstate.save(h.hooks.state_dir, jobstate.NodeRun(
+            job_id=e.job_id, restart=e.restart, node=e.node, start=h.started, gpus=e.gpus,
+            gpu_types=gpu_types(e.node, e.gpus, h.hooks.gres_conf),
+            gpu_shards=gpu_shards(e.node, e.gpus, h.hooks.gres_conf),
+            array_job_id=e.array_job_id if e.array_job_id != e.job_id else None, user=e.user,
+            sluid=e.sluid))
+    except safefs.UnsafePath as exc:  # a directory others could write to: nothing in it
+        h.log.error("state dir refused (%s): run %d not recorded; its usage is left for the "
+                    "reconciler", exc, e.restart)
+    else:
+        h.log.info("recorded run %d (GPUs %s)", e.restart,
+                   ",".join(map(str, e.gpus)) or "none")
     _register_agent(h)
-    h.log.info("recorded run %d (GPUs %s)", e.restart, ",".join(map(str, e.gpus)) or "none")
 
 
 def gpu_types(node: str, gpus: list[int], gres_conf: str) -> dict[str, str | None]:

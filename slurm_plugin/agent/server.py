@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from slurm_plugin.agent.core import Agent
 from slurm_plugin.agent.protocol import MAX_LINE, encode, handle_line
+from slurm_plugin.safefs import SafeDir
 
 log = logging.getLogger("gpuledger.agent")
 
@@ -71,9 +72,10 @@ class AgentServer:
 
     async def serve(self) -> None:
         """Run until `stop_event` is set; the socket is removed on the way out."""
-        parent = os.path.dirname(self.socket_path)
-        if parent:
-            os.makedirs(parent, mode=0o755, exist_ok=True)
+        # the socket's directory: root's (or ours) and writable by nobody else, or refused
+        # (safefs.UnsafePath) — the unlink, bind and chmod below go by path inside it
+        SafeDir(os.path.dirname(os.path.abspath(self.socket_path)), create=True,
+                mode=0o755).close()
         _clear_stale(self.socket_path)
         old = os.umask(0o177)
         try:

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from slurm_plugin.safefs import SafeDir
+
 log = logging.getLogger("gpuledger.agent")
 
 DEFAULT_SPOOL = "/var/spool/gpuledger/agent"
@@ -16,84 +18,103 @@ _NAME = re.compile(r"^job-(\d+)\.(\d+)\.json$")
 
 
 class Spool:
-    """Job states under a directory (mode 0700); writes are temp + fsync + rename."""
+    """Job states under a directory (mode 0700); writes are temp + fsync + rename.
+
+    Every access goes through ``safefs``: the directory must be root's (or this uid's) and
+    writable by nobody else, or it is refused (``safefs.UnsafePath``, an OSError); files are
+    opened relative to it without following symlinks."""
 
     def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.dir = Path(directory)
         self.fsync = fsync
 
     def ensure(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.dir, 0o700)
+        with SafeDir(self.dir, create=True, mode=0o700) as d:
+            d.chmod(0o700)
 
     def path(self, job_id: int, restart: int) -> Path:
-        return self.dir / f"job-{int(job_id)}.{int(restart)}.json"
+        return self.dir / self._name(job_id, restart)
 
-    def write(self, job_id: int, restart: int, state: dict[str, Any]) -> None:
-        final = self.path(job_id, restart)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    @staticmethod
+    def _name(job_id: int, restart: int) -> str:
+        return f"job-{int(job_id)}.{int(restart)}.json"
+
+    def _open(self) -> SafeDir | None:
+        """The checked directory; None when it does not exist."""
         try:
-            os.write(fd, data)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        if self.fsync:
-            self._sync_dir()
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def read(self, job_id: int, restart: int) -> dict[str, Any] | None:
-        return self._load(self.path(job_id, restart))
-
-    def _load(self, p: Path) -> dict[str, Any] | None:
-        try:
-            d = json.loads(p.read_bytes())
+            return SafeDir(self.dir)
         except FileNotFoundError:
             return None
+
+    def write(self, job_id: int, restart: int, state: dict[str, Any]) -> None:
+        data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
+        with SafeDir(self.dir) as d:
+            d.write_atomic(self._name(job_id, restart), data, mode=0o600, fsync=self.fsync)
+
+    def read(self, job_id: int, restart: int) -> dict[str, Any] | None:
+        try:
+            d = self._open()
+        except OSError as exc:
+            log.error("gpuledger-agent: spool %s refused: %s", self.dir, exc)
+            return None
+        if d is None:
+            return None
+        with d:
+            return self._load(d, self._name(job_id, restart))
+
+    def _load(self, d: SafeDir, name: str) -> dict[str, Any] | None:
+        try:
+            raw = d.read(name)
+            if raw is None:
+                return None
+            state = json.loads(raw)
         except (OSError, ValueError) as exc:
-            log.error("gpuledger-agent: unreadable spool file %s: %s", p, exc)
+            log.error("gpuledger-agent: unreadable spool file %s: %s", self.dir / name, exc)
             return None
-        if not isinstance(d, dict):
-            log.error("gpuledger-agent: spool file %s is not an object", p)
+        if not isinstance(state, dict):
+            log.error("gpuledger-agent: spool file %s is not an object", self.dir / name)
             return None
-        return d
+        return state
 
     def load_all(self) -> list[dict[str, Any]]:
         """Every readable job state (temp files and strangers are ignored)."""
-        if not self.dir.is_dir():
+        try:
+            d = self._open()
+        except OSError as exc:
+            log.error("gpuledger-agent: spool %s refused: %s", self.dir, exc)
+            return []
+        if d is None:
             return []
         out = []
-        for p in sorted(self.dir.iterdir()):
-            if _NAME.match(p.name):
-                d = self._load(p)
-                if d is not None:
-                    out.append(d)
+        with d:
+            for name in d.names():
+                if _NAME.match(name):
+                    state = self._load(d, name)
+                    if state is not None:
+                        out.append(state)
         return out
 
     def prune(self, older_than_s: float, now_s: float) -> int:
         """Delete finished job files (and stale temp files) not touched for older_than_s."""
         removed = 0
-        if not self.dir.is_dir():
+        try:
+            d = self._open()
+        except OSError as exc:
+            log.error("gpuledger-agent: spool %s refused: %s", self.dir, exc)
             return 0
-        for p in self.dir.iterdir():
-            try:
-                age = now_s - p.stat().st_mtime
-            except OSError:
-                continue
-            if age < older_than_s:
-                continue
-            if p.name.endswith(".tmp") or (
-                _NAME.match(p.name) and (self._load(p) or {}).get("finished")
-            ):
-                p.unlink(missing_ok=True)
-                removed += 1
+        if d is None:
+            return 0
+        with d:
+            for name in d.names():
+                try:
+                    age = now_s - d.lstat(name).st_mtime
+                except OSError:
+                    continue
+                if age < older_than_s:
+                    continue
+                if name.endswith(".tmp") or (
+                    _NAME.match(name) and (self._load(d, name) or {}).get("finished")
+                ):
+                    d.unlink(name)
+                    removed += 1
         return removed
