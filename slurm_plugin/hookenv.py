@@ -103,6 +103,7 @@ class HookEnv:
     nodes: list[str] = field(default_factory=list)  # SLURM_JOB_NODELIST, expanded
     sluid: str | None = None  # SLURM_JOB_SLUID (Slurm 25.11+): this run's realm-unique id
     problems: tuple[str, ...] = ()  # unreadable variables, logged by the hook
+    token_given: bool = False  # SPANK_GPULEDGER_TOKEN is set, blank or not
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> HookEnv:
@@ -129,6 +130,7 @@ class HookEnv:
             restart=int(restart) if restart else 0,
             gpus=gpus,
             token=(r.get(TOKEN_VAR) or "").strip() or None,
+            token_given=r.get(TOKEN_VAR) is not None,
             user=r.get("SLURM_JOB_USER"),
             account=r.get("SLURM_JOB_ACCOUNT"),
             partition=r.get("SLURM_JOB_PARTITION"),
@@ -146,8 +148,10 @@ class HookEnv:
 
     @property
     def may_be_ours(self) -> bool:
-        """A job with neither a token nor GPUs cannot have a hold: leave at once."""
-        return bool(self.token or self.gpus or self.problems)
+        """A job with neither a token nor GPUs cannot have a hold: leave at once. A token
+        variable that is there but blank is not "no token": PrologSlurmctld must see such a
+        job (a deferred one is cancelled, never run unpaid)."""
+        return bool(self.token or self.token_given or self.gpus or self.problems)
 
 
 @dataclass

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from . import bounded
+
 ACTIVE_STATES = frozenset({
     "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
     "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "SPECIAL_EXIT",
@@ -147,15 +149,14 @@ def expand_hostlist(text: str | None, limit: int = MAX_HOSTS) -> list[str]:
     return out
 
 
-def expand_indices(text: str) -> list[int]:
-    """``0-1,3`` → ``[0, 1, 3]`` (GPU indices, task ids)."""
-    out: list[int] = []
-    for part in (text or "").split(","):
-        if not part or part in ("N/A", "(null)"):
-            continue
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
+def expand_indices(text: str, limit: int = bounded.MAX_GPUS) -> list[int]:
+    """``0-1,3`` → ``[0, 1, 3]`` (GPU indices, task ids); more than ``limit`` entries, or
+    anything else, raise :class:`SlurmError` before anything is expanded
+    (:func:`slurm_plugin.bounded.expand_indices`)."""
+    try:
+        return bounded.expand_indices(text, limit)
+    except ValueError as exc:
+        raise SlurmError(f"not an index list: {(text or '')[:60]!r} ({exc})") from None
 
 
 _GRES_IDX = re.compile(r"gpu(?::([^:(,]+))?(?::\d+)?\(IDX:([^)]*)\)")

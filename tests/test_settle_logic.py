@@ -319,6 +319,21 @@ def test_prolog_slurmctld_completes_or_refuses_a_deferred_reservation(world):
     assert ledger.holds(job_id="51") == []
 
 
+def test_a_deferred_job_with_a_blank_token_is_cancelled_not_run_unpaid(world):
+    """A token of spaces (deferred while the ledger was down, before job_submit.lua trimmed
+    tokens) is no token: the controller hook still sees the job and cancels it."""
+    from slurm_plugin.hookenv import HookEnv
+    ledger, clock, _token, _cfg, fake, _ = world
+    env = HookEnv.from_env({"SLURM_JOB_ID": "52", "SPANK_GPULEDGER_TOKEN": "  \t "})
+    assert env.token is None and env.may_be_ours  # the hook runs: it is not "not ours"
+    assert not HookEnv.from_env({"SLURM_JOB_ID": "53"}).may_be_ours
+    fake.live["52"] = rec("52", "CONFIGURING", comment=marks.DEFERRED, clock=clock)
+    assert ctld.prolog_slurmctld(hook(world, "52", token=None), fake, DirectClient(ledger)) == 0
+    assert fake.cancelled == [("52", "gpu-token: the job carries no token and has no hold; "
+                                     "cancelled")]
+    assert ledger.holds(job_id="52") == []
+
+
 @pytest.mark.parametrize("failure", ["down", "internal"])
 def test_deferred_job_that_cannot_be_paid_is_requeued_not_run(world, failure, monkeypatch):
     """Item: a deferred job never runs with no hold — ledger down or any non-refusal error."""
