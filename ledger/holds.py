@@ -131,8 +131,9 @@ class HoldOps(ReserveOps):
         """Charge ``amount`` (≤ what is still held) and, when ``final``, return the rest.
 
         Non-final posts let several nodes, array tasks or requeued runs each charge once
-        under their own key; ``cap`` charges at most what is left instead of refusing.
-        """
+        under their own key; ``cap`` charges at most what is left instead of refusing, and
+        what it could not charge is a journaled ``debt`` in the same transaction (never
+        dropped silently: ``reports.alerts`` raises it once to the account)."""
         check_amount(amount, allow_zero=True, what="charge")
         fields = {"hold": hold_id, "amount": amount, "final": final, "cap": cap}
 
@@ -157,6 +158,12 @@ class HoldOps(ReserveOps):
                           "node": node, "restart": restart,
                           "usage_sha256": usage_digest(record)})
             facts.add("charge", escrow, sink, charge, escrow)
+            if charge < amount:  # ran beyond its hold: owed, journaled, alerted
+                tx.event("debt", account=facts.account, token_id=facts.token_id,
+                         hold_id=hold_id, data={
+                             "job_id": job_id or hold.job_id, "owed": amount - charge,
+                             "key": key or f"post:{hold_id}", "node": node,
+                             "restart": restart, "reason": "ran beyond its hold"})
             after = SimpleNamespace(**{**hold._mapping, "amount": facts.held,
                                        "charged": facts.charged})
             if final:

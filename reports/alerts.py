@@ -1,4 +1,5 @@
-"""Threshold alerts as a digest: 80 / 90 / 100 % used, and expiry within 30 days.
+"""Threshold alerts as a digest: 80 / 90 / 100 % used, expiry within 30 days, and GPU time
+that ran beyond what a job held (the journal's ``debt`` rows: never charged silently).
 
 Used, for an active token, is what jobs took from it: holds still pending at
 their held amount, settled holds at their charge, less refunds. What the token
@@ -10,6 +11,7 @@ recipient (``alert_deliveries``), so a re-run after a failure repeats nothing.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +23,7 @@ from ledger import db
 from ledger.amounts import fmt_hours
 from ledger.errors import InvalidInput
 from ledger.liveness import Liveness, token_liveness
+from ledger.journal import J
 from ledger.models import Account, Hold, Token, Wallet
 
 from .digest import DigestOutcome, DigestSummary
@@ -32,13 +35,14 @@ A, T, W, HO = Account.__table__, Token.__table__, Wallet.__table__, Hold.__table
 AL, AD = Alert.__table__, AlertDelivery.__table__
 THRESHOLDS = (80, 90, 100)
 EXPIRY_DAYS = 30
+DEBT_DAYS = 90  # how far back debts are looked for (each is raised once, when first seen)
 
 
 @dataclass(frozen=True)
 class Condition:
     account: str
     subject: str  # "account" or a token id
-    kind: str  # used | expiry
+    kind: str  # used | expiry | debt
     threshold: int
     figures: dict
 
@@ -51,6 +55,11 @@ class Condition:
         if self.kind == "expiry":
             return (f"Token {self.subject} expires on {f['expires'][:10]} with "
                     f"{fmt_hours(f['remaining'])} GPU-h left.")
+        if self.kind == "debt":
+            hold = f" beyond its hold {f['hold']}" if f.get("hold") else " with no hold"
+            return (f"Job {f['job_id'] or '?'} ran {fmt_hours(self.threshold)} GPU-h{hold}: "
+                    f"not charged, recorded as owed (journal #{f['seq']}: {f['reason']}). "
+                    "An admin settles it from one of the account's tokens.")
         what = (f"Account {self.account} (all active tokens)" if self.subject == "account"
                 else f"Token {self.subject}")
         return (f"{what} has used {f['used'] * 100 / f['granted']:.1f} % of "
@@ -88,6 +97,25 @@ def evaluate(conn: Connection, now: datetime, account: str | None = None) -> lis
                                  {"expires": expires.isoformat(), "remaining": balance}))
     for name, (u, granted) in sorted(per_account.items()):
         out += _crossed(name, "account", u, granted, granted - u)
+    return out + _debts(conn, now, account)
+
+
+def _debts(conn: Connection, now: datetime, account: str | None) -> list[Condition]:
+    """The journal's ``debt`` rows of the last DEBT_DAYS (older ones were raised already):
+    GPU time that ran beyond its hold, or with none, each raised once."""
+    since = int((now - timedelta(days=DEBT_DAYS)).timestamp() * 1_000_000)
+    q = (select(J.c.seq, J.c.account, J.c.hold_id, J.c.data)
+         .where(J.c.ts >= since, J.c.kind == "debt").order_by(J.c.seq))
+    if account is not None:
+        q = q.where(J.c.account == account)
+    out = []
+    for seq, name, hold_id, data in conn.execute(q):
+        d = json.loads(data or "{}")
+        owed = int(d.get("owed") or 0)
+        if owed > 0 and name:
+            out.append(Condition(name, f"debt:{seq}", "debt", owed, {
+                "seq": seq, "hold": hold_id, "job_id": d.get("job_id"),
+                "reason": str(d.get("reason") or "")[:200]}))
     return out
 
 
@@ -148,8 +176,10 @@ def digest_items(alerts: list[RaisedAlert]) -> list[RaisedAlert]:
 def render_digest(account: str, alerts: list[RaisedAlert], now: datetime) -> Rendered:
     items = digest_items(alerts)
     top = max((a.condition.threshold for a in items if a.condition.kind == "used"), default=None)
+    debts = any(a.condition.kind == "debt" for a in items)
     subject = (f"GPU budget alert for {account}: "
-               + (f"{top} % used" if top is not None else "tokens expiring soon")
+               + (f"{top} % used" if top is not None else
+                  "GPU time owed" if debts else "tokens expiring soon")
                + (f" and {len(items) - 1} more" if len(items) > 1 else ""))
     ctx = dict(account=account, items=[(a.condition, a.condition.describe()) for a in items],
                subject=subject, generated=now, iso=iso)

@@ -84,7 +84,8 @@ def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str
         return PostResult(False, 0, None, f"UNCOLLECTED: {amount} GPU-s not charged ({exc})")
     charged = charge_amount(ledger, key) or 0
     note = "" if charged == amount else \
-        f"capped: {amount} GPU-s asked, {charged} GPU-s left on the hold"
+        (f"capped: {amount} GPU-s asked, {charged} GPU-s left on the hold; "
+         f"{amount - charged} GPU-s recorded as owed (journal kind 'debt', alerted)")
     return PostResult(True, charged, view, note)
 
 

@@ -150,6 +150,17 @@ def test_post_caps_only_when_asked(ledger):
     done = ledger.post(hold.id, 700, cap=True, key="k")
     assert done.charged == 600
     assert ledger.charges(hold.id)[0]["usage"] == {"uncapped_amount": 700}
+    # what ran beyond the hold is owed: one journaled debt, in the charge's transaction
+    debts = [e for e in ledger.journal() if e["kind"] == "debt" and e["hold_id"] == hold.id]
+    assert len(debts) == 1 and debts[0]["data"]["owed"] == 100 and debts[0]["amount"] == 0
+    assert ledger.post(hold.id, 700, cap=True, key="k").charged == 600  # a replay adds none
+    assert len([e for e in ledger.journal() if e["kind"] == "debt"]) == 1
+    assert ledger.verify_journal().ok
+    from reports import alerts
+    with ledger.engine.connect() as conn:
+        owed = [c for c in alerts.evaluate(conn, ledger.clock()) if c.kind == "debt"]
+    assert [(c.account, c.threshold) for c in owed] == [("physics", 100)]
+    assert "beyond its hold" in owed[0].describe() and hold.id in owed[0].describe()
 
 
 def test_idempotency_same_key_same_result_other_fields_conflict(ledger):
