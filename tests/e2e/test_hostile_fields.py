@@ -13,11 +13,12 @@ at submission any name the cluster does not define, so a user cannot put text th
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
-from settlekit import field, s, st  # noqa: F401 - st and s are fixtures
+from settlekit import field, s, sh, st  # noqa: F401 - st and s are fixtures
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -77,4 +78,29 @@ def test_user_set_fields_change_no_price_and_no_binding(s):
         s.gl("tiers", "unset", "qos", "standby")
         s.gl("tiers", "unset", "partition", "short")
         shutil.rmtree(work, ignore_errors=True)
+    s.verify()
+
+
+def test_gres_names_pay_for_what_slurm_allocates(s):
+    """GRES names in other cases are refused by Slurm itself (22.05, 24.11: "Invalid generic
+    resource (gres) specification"), and a GPU type in capitals finds no node on 22.05
+    ("Requested node configuration is not available"): never an unpaid GPU. Where a
+    release runs ``gpu:H100`` on an h100, the hold is priced as an h100 (job_submit.lua
+    reads types without case), never at the default rate of an unknown type."""
+    token, _ = s.mint("20")
+    for gres in ("GPU:1", "Gpu:h100:1", "gres:GPU:1", "SHARD:2", "gpu:H100:1"):
+        out = sh(["runuser", "-u", "alice", "--", "env", f"HOME={s.home}", "sbatch",
+                  "-o", "/dev/null", "--chdir=/tmp", f"--gpu-token={token}", "-t", "10",
+                  f"--gres={gres}", "--wrap", "sleep 1"])
+        m = re.search(r"Submitted batch job (\d+)", out.stdout)
+        if m is None:
+            assert out.returncode != 0, (gres, out.stderr)
+            continue
+        job = m.group(1)
+        s.jobs.append(job)
+        assert gres == "gpu:H100:1", (gres, "accepted")
+        hold = s.hold_of(job)
+        assert (hold.gpu_type, hold.rate_ppm, hold.amount) == ("h100", 1_000_000, 600)
+        s.wait(job)
+        assert s.settled(hold.id).charged > 0
     s.verify()
