@@ -6,7 +6,7 @@ For arrays of 10, 100 and 1,000 tasks sharing one hold (SQLite, one file, WAL), 
 runs what its node and the controller do when it ends: the node epilog (``epilog()``: read
 the prolog record, find the run's hold by job id in the ledger, rates, charge under the
 node key — no ``scontrol``) and the close EpilogSlurmctld asks the daemon for
-(``settle.finish``: two indexed queries; the last task closes the hold). Printed: the mean
+(``settlement.finish``: two indexed queries; the last task closes the hold). Printed: the mean
 cost per task at each size, side by side, and for the largest array the mean of its last
 tenth of tasks over its first tenth (goal: at most 1.5, i.e. flat). Interpreter start is
 not included (``benchmarks/settle_bench.py`` measures concurrent epilogs).
@@ -25,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ledger import config as config_mod
-from ledger import db, migrate
+from ledger import db, migrate, settlement
 from ledger.service import Ledger
 from ledger.views import HoldRequest
-from slurm_plugin import jobstate, settle
+from slurm_plugin import jobstate
 from slurm_plugin.epilog import epilog
 from slurm_plugin.hookconf import HookConfig
 from slurm_plugin.hookenv import Hook, HookEnv
@@ -71,7 +71,7 @@ def run_array(tasks: int, tmp: Path) -> tuple[list[float], list[float]]:
         t0 = time.perf_counter()
         epilog(Hook(env, cfg, hooks, log, now), lg, now=now)
         t1 = time.perf_counter()
-        state, _ = settle.finish(lg, [job_id, array_id], job_id, ["n1"])
+        state, _ = settlement.finish(lg, [job_id, array_id], job_id, ["n1"])
         t2 = time.perf_counter()
         epilogs.append(t1 - t0)
         closes.append(t2 - t1)

@@ -4,7 +4,7 @@
 
 * Epilog: 8 processes at once, each running the epilog's settlement (``epilog()``: read
   the prolog record, find the job's hold, rates, charge under the node key) and the close
-  EpilogSlurmctld asks the daemon for (``settle.finish``) for its own jobs on one shared ledger — SQLite (one file, WAL) and PostgreSQL
+  EpilogSlurmctld asks the daemon for (``settlement.finish``) for its own jobs on one shared ledger — SQLite (one file, WAL) and PostgreSQL
   (127.0.0.1:5432, a fresh database). Interpreter start and scontrol are not included.
 * Reconcile: 10,000 finished jobs whose epilogs never ran (fake Slurm reader returning
   their sacct records): one ``Reconciler.run()`` that charges and closes them all.
@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import create_engine, text
 
 from ledger import config as config_mod
-from ledger import db, migrate
+from ledger import db, migrate, settlement
 from ledger.service import Ledger
 from ledger.views import HoldRequest
-from slurm_plugin import jobstate, marks, settle
+from slurm_plugin import jobstate, marks
 from slurm_plugin.epilog import epilog
 from slurm_plugin.hookconf import HookConfig
 from slurm_plugin.hookenv import Hook, HookEnv
@@ -116,7 +116,7 @@ def worker(args) -> list[float]:
                       user=None, nodes=["n1"])
         t0 = time.perf_counter()
         epilog(Hook(env, cfg, hooks, log, now), lg, now=now)
-        settle.finish(lg, [job_id], job_id, ["n1"])  # EpilogSlurmctld's work, in the daemon
+        settlement.finish(lg, [job_id], job_id, ["n1"])  # EpilogSlurmctld's work, in the daemon
         times.append(time.perf_counter() - t0)
     lg.engine.dispose()
     return times

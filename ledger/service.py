@@ -22,6 +22,7 @@ from .config import Config
 from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
                      UniqueViolation)
 from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
+from .chargereads import ChargeReadOps
 from .debts import DebtOps
 from .groupcommit import GroupCommit
 from .holds import HoldOps
@@ -451,5 +452,5 @@ class AdminOps(LedgerBase):
 
 
 
-class Ledger(HoldOps, TokenOps, DebtOps, JobLinkOps, TierOps, AdminOps):
+class Ledger(HoldOps, TokenOps, DebtOps, JobLinkOps, TierOps, ChargeReadOps, AdminOps):
     """The whole service API."""

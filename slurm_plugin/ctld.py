@@ -25,7 +25,7 @@ PrologSlurmctld (``gpuledger-prolog-slurmctld``):
 
 EpilogSlurmctld (``gpuledger-epilog-slurmctld``): slurmctld starts it beside the nodes'
 epilogs, so it waits (``close_wait_seconds``) until every node of the run has charged,
-then closes the hold (``settle.finish``) — for an array, once every task has charged.
+then closes the hold (``ledger.settlement.finish``) — for an array, once every task has charged.
 What it cannot close, ``gpuledger reconcile`` does.
 """
 

@@ -2,9 +2,9 @@
 
 Computes this node's usage of the run (NVML agent, else held time; ``usage.node_usage``) and
 charges it under ``<hold>:<sluid>:<node>`` (Slurm 25.11+, the SLUID the prolog recorded) or
-``<hold>:<job>:<restart>:<node>`` to the hold the ledger links to this run
-of the job (``settle.run_hold``; PrologSlurmctld wrote the link). It reads only its environment and the
-prolog's record — no Slurm command, nothing listed per array — so its cost per task is flat.
+``<hold>:<job>:<restart>:<node>`` to the hold the ledger links to this run of the job
+(``ledger.settlement.run_hold``; PrologSlurmctld wrote the link). It reads only its
+environment and the prolog's record — no Slurm command, nothing listed per array — so its cost per task is flat.
 Closing the hold is whole-job work: EpilogSlurmctld does it (``slurm_plugin.ctld``), the
 reconciler otherwise. Always exits 0; what fails is settled later by ``gpuledger reconcile``.
 """
@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import time
 
+from ledger import settlement
 from ledger.amounts import fmt_hours
 from ledger.charging import charge_gpus
 from ledger.service import Ledger
 
-from . import jobstate, safefs, settle, usage
+from . import jobstate, safefs, usage
 from .hookenv import Hook, main_for
 
 
@@ -39,7 +40,7 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
     ledger = ledger or Ledger.from_config(h.config)
     owners = list(dict.fromkeys([run.job_id] + ([run.array_job_id] if run.array_job_id
                                                  else []) + e.owners))
-    hold = settle.run_hold(ledger, run.job_id, run.restart, owners, user=e.user or run.user,
+    hold = settlement.run_hold(ledger, run.job_id, run.restart, owners, user=e.user or run.user,
                            sluid=run.sluid)
     if hold is None:
         other = [x for o in owners for x in ledger.holds(job_id=o)]
@@ -69,7 +70,7 @@ def epilog(h: Hook, ledger: Ledger | None = None, now: float | None = None) -> N
                           h.config.charge.policy, h.config.charge.floor, shares=shares,
                           run_ppm=run_ppm, split=split, source=source,
                           node=run.node, restart=run.restart, start=run.start, end=now)
-    result = settle.post_node(ledger, hold.id, run.job_id, run.restart, run.node,
+    result = settlement.post_node(ledger, hold.id, run.job_id, run.restart, run.node,
                               charged.amount, charged, sluid=run.sluid)
     jobstate.done(h.hooks.state_dir, run)
     if result.charged:

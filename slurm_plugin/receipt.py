@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sqlalchemy import select
-
 from ledger.charge_record import ChargeRecord
 from ledger.errors import NotFound
-from ledger.journal import J
 from ledger.service import Ledger
 from reports.figures import Measure
 
@@ -42,14 +39,6 @@ def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None
         except NotFound:
             return []
     return []
-
-
-def journal_refs(ledger: Ledger, hold_id: str) -> list[dict]:
-    ledger.seal_pending()  # the hold's latest rows may wait to be chained (server databases)
-    with ledger._read() as conn:  # read-only: the journal rows that moved this hold's value
-        rows = conn.execute(select(J.c.seq, J.c.kind, J.c.amount, J.c.hash)
-                            .where(J.c.hold_id == hold_id).order_by(J.c.seq)).all()
-    return [{"seq": r.seq, "kind": r.kind, "amount": r.amount, "hash": r.hash} for r in rows]
 
 
 def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> dict:
@@ -93,5 +82,5 @@ def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> d
                     "busy_ms": measure.busy_ms, "measured_held_ms": measure.held_ms,
                     "efficiency": measure.efficiency,
                     "energy_mj": sum(n["energy_mj"] or 0 for n in nodes),
-                    "journal": journal_refs(ledger, hold.id)})
+                    "journal": ledger.hold_journal(hold.id)})
     return {"job": job_id, "task": task_id, "holds": out}

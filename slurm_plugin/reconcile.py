@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
+from ledger import settlement
 from ledger.charge_record import ChargeRecord
 from ledger.charging import charge_gpus
 from ledger.errors import LedgerError
@@ -41,7 +42,7 @@ from ledger.shares import GPU
 from ledger.tiers import Tiers
 from ledger.views import HoldView
 
-from . import marks, settle
+from . import marks
 from .reader import SlurmReader
 from .slurm import JobRecord
 from .usage import held_only
@@ -191,7 +192,7 @@ class Reconciler:
                 return
             s.voided.append(hold.id)
             if not dry_run:
-                settle.close(self.ledger, hold.id, "no Slurm job: cancelled while pending or "
+                settlement.close(self.ledger, hold.id, "no Slurm job: cancelled while pending or "
                              "refused after submission")
             return
         if any(r.active for r in live):
@@ -201,27 +202,27 @@ class Reconciler:
         if any(r.active for r in runs):
             s.skipped_active += 1
             return
-        charged = settle.charged_runs(self.ledger, hold.id)
+        charged = settlement.charged_runs(self.ledger, hold.id)
         for run in runs:
             if not run.ran or (run.end is not None and run.end < hold.created
                                and not run.active):
                 continue  # never ran, or ran before this hold existed (another hold's run)
             for node, amount, usage in run_charge(rates, hold, run, self._tiers):
-                key = settle.charge_key(hold.id, run.job_id, run.restarts or 0, node, run.sluid)
-                if settle.run_charged(charged, run.job_id, run.restarts or 0, node):
+                key = settlement.charge_key(hold.id, run.job_id, run.restarts or 0, node, run.sluid)
+                if settlement.run_charged(charged, run.job_id, run.restarts or 0, node):
                     continue  # an epilog charged it (under either form of the key)
                 s.charged_runs += 1
                 if dry_run:
                     s.charged += amount
                     continue
-                result = settle.post_node(self.ledger, hold.id, run.job_id, run.restarts or 0,
+                result = settlement.post_node(self.ledger, hold.id, run.job_id, run.restarts or 0,
                                           node, amount, usage, sluid=run.sluid)
                 s.charged += result.amount
                 if result.note.startswith("UNCOLLECTED"):
                     s.errors.append(f"{hold.id}: {key}: {result.note}")
         (s.settled if hold.charged or any(r.ran for r in runs) else s.voided).append(hold.id)
         if not dry_run:
-            settle.close(self.ledger, hold.id, "settled by the reconciler from Slurm accounting")
+            settlement.close(self.ledger, hold.id, "settled by the reconciler from Slurm accounting")
 
 
     def _deferred(self, live: list[JobRecord], acct: list[JobRecord], s: Summary,

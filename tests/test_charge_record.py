@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from ledger import settlement as settle
 from ledger.charge_record import VERSION, ChargeRecord
 from ledger.charging import charge_gpus
 from ledger.views import HoldRequest
 from reports.figures import Measure
-from slurm_plugin import settle
-from slurm_plugin.reconcile import run_charge
 from slurm_plugin.receipt import receipt
+from slurm_plugin.reconcile import run_charge
 from slurm_plugin.slurm import JobRecord
 from slurm_plugin.usage import held_only
 

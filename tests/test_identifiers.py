@@ -15,9 +15,9 @@ from ledger import db, migrate
 from ledger import reserve as reserve_module
 from ledger.models import JournalPending
 from ledger.service import Ledger
+from ledger.settlement import charge_key
 from ledger.tiers import Tiers
 from ledger.views import HoldRequest
-from slurm_plugin.settle import charge_key
 
 KEYS = ["Job-Key-1", "job-key-1", "job-key-1 "]
 

@@ -9,12 +9,13 @@ from datetime import timedelta
 import pytest
 
 from ledger import config as config_mod
+from ledger import settlement as settle
 from ledger.daemon.auth import Peer, Policy
 from ledger.daemon.client import DaemonUnavailable, response_error
 from ledger.daemon.handlers import Handlers
 from ledger.errors import StateError
 from ledger.views import HoldRequest
-from slurm_plugin import ctld, marks, settle
+from slurm_plugin import ctld, marks
 from slurm_plugin.epilog import epilog
 from slurm_plugin.hookconf import HookConfig
 from slurm_plugin.hookenv import Hook, HookEnv

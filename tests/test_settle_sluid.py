@@ -12,7 +12,8 @@ from dataclasses import replace
 import pytest
 from test_settle_logic import DirectClient, hook, rec, reserve, world  # noqa: F401
 
-from slurm_plugin import ctld, marks, settle
+from ledger import settlement as settle
+from slurm_plugin import ctld, marks
 from slurm_plugin.epilog import epilog
 from slurm_plugin.hookenv import HookEnv
 from slurm_plugin.prolog import prolog

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .. import settlement
 from ..amounts import fmt_hours
 from ..errors import (
     ConfigError,
@@ -350,8 +351,6 @@ class Handlers:
 
     def finish(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         """A run ended (``job [array_job] nodes``): close its hold once every charge is in."""
-        from slurm_plugin.settle import finish
-
         self.policy.require_privileged(peer, "finish")
         job = _name(fields, "job")
         if job is None:
@@ -361,7 +360,7 @@ class Handlers:
         for n in nodes:
             if not is_identifier(n):
                 raise BadRequest("field nodes is not a list of node names")
-        state, view = finish(self.ledger, owners, job, nodes)
+        state, view = settlement.finish(self.ledger, owners, job, nodes)
         out: dict[str, object] = {"ok": 1, "state": state}
         if view is not None:
             out.update(hold=view.id, charged=view.charged, returned=view.returned)

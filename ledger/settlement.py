@@ -1,4 +1,9 @@
-"""Settlement rules shared by the epilog and the reconciler (the ledger does the money).
+"""Settlement: how a run's charges and its hold's close are keyed, posted and counted.
+
+The ledger's own rules, used by the epilog (each node), the daemon's ``finish`` (the
+controller's EpilogSlurmctld) and the reconciler (from Slurm accounting). Plain values in
+(job id, restart, node names, SLUID), the Ledger's public API only: nothing here knows how
+Slurm is read.
 
 Every run of a job charges each of its nodes once, under the key
 ``<hold>:<sluid>:<node>`` where Slurm names the run with a SLUID (25.11+: the hooks'
@@ -17,21 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from .charge_record import ChargeRecord
+from .errors import IdempotencyConflict, NotFound, StateError
+from .views import HoldView
 
-from ledger.charge_record import ChargeRecord
-from ledger.errors import IdempotencyConflict, NotFound, StateError
-from ledger.models import Charge
-from ledger.service import Ledger
-from ledger.views import HoldView
-
-from .slurm import JobRecord
-
-CH = Charge.__table__
-PENDING_LIKE = frozenset({"PENDING", "RUNNING", "CONFIGURING", "SUSPENDED", "REQUEUED",
-                          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT",
-                          "STOPPED", "SPECIAL_EXIT", "RESV_DEL_HOLD", "POWER_UP_NODE"})
+if TYPE_CHECKING:
+    from .service import Ledger
 
 
 def charge_key(hold_id: str, job_id: str, restart: int, node: str,
@@ -93,11 +91,7 @@ def charged_runs(ledger: Ledger, hold_id: str, job_id: str | None = None
                  ) -> set[tuple[str, int, str]]:
     """(job id, restart, node) of every charge on the hold (of ``job_id`` only, if given):
     what the reconciler checks before charging, whatever key form a charge was made under."""
-    q = select(CH.c.job_id, CH.c.restart, CH.c.node).where(CH.c.hold_id == hold_id)
-    if job_id is not None:
-        q = q.where(CH.c.job_id == job_id)
-    with ledger._read() as conn:
-        return {(j or "", r or 0, n or "") for j, r, n in conn.execute(q).all()}
+    return ledger.charged_runs(hold_id, job_id)
 
 
 def has_charge(ledger: Ledger, key: str) -> bool:
@@ -107,8 +101,7 @@ def has_charge(ledger: Ledger, key: str) -> bool:
 
 def charge_amount(ledger: Ledger, key: str) -> int | None:
     """What was charged under ``key`` (one indexed row), None when nothing was."""
-    with ledger._read() as conn:
-        return conn.execute(select(CH.c.amount).where(CH.c.key == key)).scalar()
+    return ledger.charge_amount(key)
 
 
 def run_hold(ledger: Ledger, job_id: str, restart: int, owners: list[str],
@@ -150,12 +143,7 @@ def job_hold(ledger: Ledger, owners: list[str], user: str | None = None,
 
 def job_progress(ledger: Ledger, hold_id: str, job_id: str) -> tuple[set[str], int]:
     """(nodes that charged the hold for ``job_id``, how many jobs charged it): two queries."""
-    with ledger._read() as conn:
-        nodes = set(conn.execute(select(CH.c.node).where(CH.c.hold_id == hold_id,
-                                                         CH.c.job_id == job_id)).scalars())
-        jobs = conn.execute(select(func.count(func.distinct(CH.c.job_id)))
-                            .where(CH.c.hold_id == hold_id)).scalar_one()
-    return {n or "" for n in nodes}, int(jobs)
+    return ledger.job_progress(hold_id, job_id)
 
 
 def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
@@ -177,26 +165,6 @@ def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
         return "open", hold
     closed = close(ledger, hold.id, reason)
     return ("closed", closed) if closed is not None else ("open", hold)
-
-
-def record_done(record: JobRecord, charged: Collection[tuple[str, int, str]]) -> bool:
-    """A Slurm record that will not charge again: never ran, or charged every node
-    (``charged``: the hold's ``charged_runs``)."""
-    if record.state in PENDING_LIKE and not record.superseded:
-        return False
-    if not record.ran:
-        return record.state != "COMPLETING"
-    restart = record.restarts or 0
-    return all(run_charged(charged, record.job_id, restart, n) for n in record.nodes)
-
-
-def close_if_done(ledger: Ledger, hold_id: str, records: list[JobRecord],
-                  reason: str) -> HoldView | None:
-    """Close the hold when every record sharing it is done; None when not (yet)."""
-    charged = charged_runs(ledger, hold_id)
-    if not records or not all(record_done(r, charged) for r in records):
-        return None
-    return close(ledger, hold_id, reason)
 
 
 def close(ledger: Ledger, hold_id: str, reason: str) -> HoldView | None:
