@@ -79,42 +79,6 @@ def cost(gpu_seconds: int, rate_ppm: int) -> int:
     return -((-gpu_seconds * rate_ppm) // PPM)
 
 
-def parse_duration(text: str) -> int:
-    """Slurm time syntax → seconds: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
-    ``D-HH:MM:SS``. Raises InvalidInput for anything else (and for zero)."""
-    t = text.strip()
-    days = 0
-    try:
-        if "-" in t:
-            d, t = t.split("-", 1)
-            days = int(d)
-            parts = [int(p) for p in t.split(":")]
-            if len(parts) == 1:
-                h, m, s = parts[0], 0, 0
-            elif len(parts) == 2:
-                h, m, s = parts[0], parts[1], 0
-            elif len(parts) == 3:
-                h, m, s = parts
-            else:
-                raise ValueError
-        else:
-            parts = [int(p) for p in t.split(":")]
-            if len(parts) == 1:
-                h, m, s = 0, parts[0], 0
-            elif len(parts) == 2:
-                h, m, s = 0, parts[0], parts[1]
-            elif len(parts) == 3:
-                h, m, s = parts
-            else:
-                raise ValueError
-    except ValueError:
-        raise InvalidInput(f"not a Slurm time limit: {text!r}") from None
-    total = ((days * 24 + h) * 60 + m) * 60 + s
-    if min(days, h, m, s) < 0 or total <= 0:
-        raise InvalidInput(f"time limit must be positive: {text!r}")
-    return total
-
-
 def fmt_duration(seconds: int) -> str:
     """Seconds → ``H:MM:SS`` (or ``D-HH:MM:SS``), as Slurm prints time limits."""
     days, rest = divmod(int(seconds), 86400)

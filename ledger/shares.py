@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput
+from .slurmsyntax import gres_conf
 
 GPU, SHARD, MPS = "gpu", "shard", "mps"
 KINDS = (GPU, SHARD, MPS)
@@ -86,30 +87,16 @@ class Inventory:
 
 
 def parse_gres_conf(text: str) -> Inventory:
-    """The GPUs and shard counts of a gres.conf (``AutoDetect`` lines give nothing here)."""
-    from slurm_plugin.agent.gresconf import expand
-
+    """The GPUs and shard counts of a gres.conf (read by :func:`ledger.slurmsyntax.gres_conf`;
+    ``AutoDetect`` lines give nothing here)."""
     gpus: dict[str | None, list[tuple[str | None, tuple[str, ...]]]] = {}
     shard_lines: list[tuple[str | None, int, tuple[str, ...]]] = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        f = {k.lower(): v for k, _, v in (w.partition("=") for w in line.split()) if v}
-        name = f.get("name", "").lower()
-        nodes = expand(f["nodename"]) if "nodename" in f else [None]
-        files = tuple(expand(f.get("file") or f.get("multiplefiles") or ""))
-        if name == "gpu":
-            count = len(files) if "file" in f else 1
-            if "file" not in f and "multiplefiles" not in f and f.get("count", "").isdigit():
-                count = int(f["count"])
-            for node in nodes:
-                per = gpus.setdefault(node, [])
-                if "file" in f and len(files) > 1:
-                    per.extend((f.get("type"), (x,)) for x in files)
-                else:
-                    per.extend([(f.get("type"), files)] * count)
-        elif name == SHARD and f.get("count", "").isdigit():
-            for node in nodes:
-                shard_lines.append((node, int(f["count"]), files))
+    for line in gres_conf(text):
+        for node in line.nodes or (None,):
+            if line.name == "gpu":
+                gpus.setdefault(node, []).extend((line.gpu_type, f) for f in line.gpus())
+            elif line.name == SHARD and line.count is not None:
+                shard_lines.append((node, line.count, line.files))
     out: list[SharedGpu] = []
     for node, per in gpus.items():
         shards = [0] * len(per)

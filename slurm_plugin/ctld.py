@@ -37,8 +37,8 @@ from ledger.daemon.client import Client, DaemonError, DaemonUnavailable
 from ledger.errors import LedgerError, Refusal
 
 from . import marks
-from .hookenv import Hook, run
 from .hookmain import REQUEUE
+from .hookenv import Hook, run
 from .reader import CommandReader
 from .slurm import JobRecord, SlurmError
 
@@ -220,16 +220,14 @@ def _alloc(record: JobRecord) -> dict[str, object]:
 def _shares(record: JobRecord) -> tuple[str, int, str | None] | None:
     """(shard|mps, shares per node, GPU type) of a job asking for a share of a GPU (its
     TresPerNode, ``gres:shard:3``), else None."""
-    from ledger.daemon.jobspec import SHARED_GRES, parse_gres
-    from ledger.errors import InvalidInput
+    from ledger.slurmsyntax import SHARED_GRES, SlurmSyntaxError, gres_name, parse_gres
 
-    items = [i for i in (record.tres_per_node or "").split(",")
-             if i.replace("gres/", "gres:").removeprefix("gres:").split(":")[0] in SHARED_GRES]
+    items = [i for i in (record.tres_per_node or "").split(",") if gres_name(i) in SHARED_GRES]
     if not items:
         return None
     try:
         count, gtype, kind = parse_gres(",".join(items))
-    except InvalidInput:
+    except SlurmSyntaxError:
         return None
     return kind, count, gtype
 

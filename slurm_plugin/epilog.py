@@ -4,7 +4,8 @@ Computes this node's usage of the run (NVML agent, else held time; ``usage.node_
 charges it under ``<hold>:<sluid>:<node>`` (Slurm 25.11+, the SLUID the prolog recorded) or
 ``<hold>:<job>:<restart>:<node>`` to the hold the ledger links to this run of the job
 (``ledger.settlement.run_hold``; PrologSlurmctld wrote the link). It reads only its
-environment and the prolog's record — no Slurm command, nothing listed per array — so its cost per task is flat.
+environment and the prolog's record — no Slurm command, nothing listed per array — so its
+cost per task is flat.
 Closing the hold is whole-job work: EpilogSlurmctld does it (``slurm_plugin.ctld``), the
 reconciler otherwise. Always exits 0; what fails is settled later by ``gpuledger reconcile``.
 """

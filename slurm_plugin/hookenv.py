@@ -5,8 +5,8 @@ commands) — never ``SLURM_JOB_COMMENT``, which is the user's own ``--comment``
 hostile input. Which hold belongs to which job is the ledger's record (PrologSlurmctld
 binds it from the AdminComment job_submit wrote); the node hooks look it up by job id.
 Every value is read through :class:`EnvReader` within a length, and lists are expanded only
-within a count checked first (``bounded``): the environment cannot make a root hook allocate
-or log without bound.
+within a count checked first (``ledger.slurmsyntax``): the environment cannot make a root
+hook allocate or log without bound.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ledger import config as config_mod
+from ledger import slurmsyntax
 from ledger.errors import ConfigError
 
-from . import bounded, hooklog
+from . import hooklog
 from .hookconf import HookConfig, hook_config
 
 TOKEN_VAR = "SPANK_GPULEDGER_TOKEN"
@@ -30,12 +31,12 @@ _INDICES = re.compile(r"^\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*$")
 
 # Every value the hooks take from their environment is read by EnvReader, within a length:
 # 4 KiB unless named here. A longer value is refused (one log line), never truncated into
-# something else. Lists are then expanded within a count (bounded.MAX_GPUS, slurm.MAX_HOSTS)
-# checked before anything is built.
+# something else. Lists are then expanded within a count (slurmsyntax.MAX_GPUS,
+# slurmsyntax.MAX_HOSTS) checked before anything is built.
 MAX_VALUE = 4096
 MAX_LENGTH = {
     TOKEN_VAR: 4096 + 64,  # ledger.tokens.MAX_TOKEN_LENGTH, blanks around it allowed
-    "SLURM_JOB_NODELIST": 64 * 1024,  # a compressed list of up to slurm.MAX_HOSTS nodes
+    "SLURM_JOB_NODELIST": 64 * 1024,  # a compressed list of up to slurmsyntax.MAX_HOSTS nodes
     "SLURM_NODELIST": 64 * 1024,
     "SLURM_JOB_ID": 20, "SLURM_JOBID": 20, "SLURM_ARRAY_JOB_ID": 20,
     "SLURM_ARRAY_TASK_ID": 20, "SLURM_JOB_RESTART_COUNT": 9, "SLURM_RESTART_COUNT": 9,
@@ -44,7 +45,7 @@ MAX_LENGTH = {
 
 def env_indices(text: str | None) -> tuple[list[int], str | None]:
     """``0-1,3`` → ([0, 1, 3], None); anything else → ([], why) instead of raising. A list of
-    more than bounded.MAX_GPUS indices is refused before it is expanded."""
+    more than slurmsyntax.MAX_GPUS indices is refused before it is expanded."""
     text = (text or "").strip()
     if not text or text in ("N/A", "(null)"):
         return [], None
@@ -54,9 +55,9 @@ def env_indices(text: str | None) -> tuple[list[int], str | None]:
     if not _INDICES.match(text):
         return [], f"{shown} is not a list of GPU indices"
     try:
-        return bounded.expand_indices(text, bounded.MAX_GPUS), None
-    except bounded.TooLarge:
-        return [], f"{shown} names more than {bounded.MAX_GPUS} GPUs"
+        return slurmsyntax.expand_indices(text, slurmsyntax.MAX_GPUS), None
+    except slurmsyntax.TooLarge:
+        return [], f"{shown} names more than {slurmsyntax.MAX_GPUS} GPUs"
     except ValueError:
         return [], f"{shown} is not a list of GPU indices"
 
@@ -107,8 +108,6 @@ class HookEnv:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> HookEnv:
-        from .slurm import SlurmError, expand_hostlist, sluid
-
         r = EnvReader(env)
         restart = r.digits("SLURM_JOB_RESTART_COUNT", "SLURM_RESTART_COUNT")
         gpus, why = env_indices(r.get("SLURM_JOB_GPUS"))
@@ -116,8 +115,8 @@ class HookEnv:
             r.problems.append(why)
         nodelist = r.get("SLURM_JOB_NODELIST", "SLURM_NODELIST")
         try:
-            nodes = expand_hostlist(nodelist)  # at most slurm.MAX_HOSTS, checked as it goes
-        except (SlurmError, ValueError):
+            nodes = slurmsyntax.expand_hostlist(nodelist)  # at most MAX_HOSTS, as it goes
+        except slurmsyntax.SlurmSyntaxError:
             nodes = []
             r.problems.append(f"SLURM_JOB_NODELIST={(nodelist or '')[:60]!r} is not a host "
                               "list (or names too many hosts)")
@@ -137,7 +136,7 @@ class HookEnv:
             array_job_id=array_job,
             array_task_id=array_task if array_job else None,
             nodes=nodes,
-            sluid=sluid(r.get("SLURM_JOB_SLUID")),
+            sluid=slurmsyntax.sluid(r.get("SLURM_JOB_SLUID")),
             problems=tuple(r.problems),
         )
 

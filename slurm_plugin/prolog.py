@@ -33,24 +33,17 @@ def prolog(h: Hook) -> None:
 
 
 def gpu_types(node: str, gpus: list[int], gres_conf: str) -> dict[str, str | None]:
-    """Slurm GPU index → type on this node, from gres.conf (``Type=``); {} when unknown."""
-    from .agent.gresconf import expand, read_text
+    """Slurm GPU index → type on this node, from gres.conf (``Type=``, lowercase); {} when
+    unknown."""
+    from ledger.slurmsyntax import gres_conf as read_gres_conf
+    from ledger.slurmsyntax import node_gpus
+
+    from .agent.gresconf import read_text
 
     text = read_text(gres_conf)
     if text is None:
         return {}
-    types: list[str | None] = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        f = {k.lower(): v for k, _, v in (w.partition("=") for w in line.split()) if v}
-        if f.get("name", "").lower() != "gpu":
-            continue
-        if "nodename" in f and node not in expand(f["nodename"]):
-            continue
-        count = len(expand(f["file"])) if "file" in f else 1
-        if "multiplefiles" not in f and "file" not in f and f.get("count", "").isdigit():
-            count = int(f["count"])
-        types.extend([f.get("type")] * count)
+    types = [t for t, _ in node_gpus(read_gres_conf(text), node)]
     return {str(i): types[i] for i in gpus if i < len(types)}
 
 

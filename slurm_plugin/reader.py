@@ -18,8 +18,10 @@ import subprocess
 from datetime import datetime
 from typing import Protocol
 
+from ledger.slurmsyntax import expand_hostlist, gpus_in_tres
+
 from . import slurmjson
-from .slurm import JobRecord, SlurmError, base_state, expand_hostlist, gpus_in_tres
+from .slurm import JobRecord, SlurmError, base_state
 
 TIMEOUT_S = 30.0
 _INVALID = ("Invalid job id", "invalid job id")
@@ -76,6 +78,7 @@ def pyslurm_matches(version: tuple[int, int] | None) -> bool:
     return bool(m) and (int(m.group(1)), int(m.group(2))) == version
 
 
+@slurmjson.slurm_output
 def _pyslurm_live_jobs() -> list[JobRecord]:
     """The live job table through pyslurm (>= 23.2 API: ``pyslurm.Jobs.load()``)."""
     import pyslurm  # type: ignore[import-not-found]

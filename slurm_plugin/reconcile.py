@@ -222,7 +222,8 @@ class Reconciler:
                     s.errors.append(f"{hold.id}: {key}: {result.note}")
         (s.settled if hold.charged or any(r.ran for r in runs) else s.voided).append(hold.id)
         if not dry_run:
-            settlement.close(self.ledger, hold.id, "settled by the reconciler from Slurm accounting")
+            settlement.close(self.ledger, hold.id,
+                             "settled by the reconciler from Slurm accounting")
 
 
     def _deferred(self, live: list[JobRecord], acct: list[JobRecord], s: Summary,

@@ -27,18 +27,31 @@ nothing twice), they never guess.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 
-from .slurm import (
-    JobRecord,
-    SlurmError,
-    base_state,
+from ledger.slurmsyntax import (
+    SlurmSyntaxError,
     expand_hostlist,
     gpus_in_tres,
     gres_indices,
     sluid,
 )
+
+from .slurm import JobRecord, SlurmError, base_state
+
+
+def slurm_output(fn):
+    """Syntax Slurm cannot have printed (:mod:`ledger.slurmsyntax` refused it) is unreadable
+    Slurm output: :class:`SlurmError`, like every other here."""
+    @functools.wraps(fn)
+    def read(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except SlurmSyntaxError as exc:
+            raise SlurmError(str(exc)) from None
+    return read
 
 _SQUEUE_KEYS = ("job_id", "job_state", "admin_comment", "array_job_id", "array_task_id",
                 "nodes", "tres_alloc_str", "tres_req_str", "time_limit", "qos", "partition",
@@ -147,6 +160,7 @@ def bitmap_tasks(text: str) -> str:
     return ",".join(out)
 
 
+@slurm_output
 def squeue_record(job: dict, now: datetime | None = None) -> JobRecord:
     """One job of ``squeue --json``."""
     _need(job, _SQUEUE_KEYS, "squeue --json")
@@ -190,7 +204,7 @@ def parse_squeue(text: str, now: datetime | None = None) -> list[JobRecord]:
 
 def _sacct_tres(items) -> str:
     """sacct's TRES list as a TRES string (``gres/gpu=2,gres/gpu:h100=2``): one reader of
-    GPU counts for both (:func:`slurm_plugin.slurm.gpus_in_tres`)."""
+    GPU counts for both (:func:`ledger.slurmsyntax.gpus_in_tres`)."""
     if not isinstance(items, list):
         raise SlurmError(f"sacct --json: a TRES list that is not a list: {items!r}")
     out = []
@@ -203,6 +217,7 @@ def _sacct_tres(items) -> str:
     return ",".join(out)
 
 
+@slurm_output
 def parse_sacct(text: str) -> list[JobRecord]:
     """Every record of ``sacct --json -D`` (one per run of a requeued job, in order): a
     run's restart count is its position among the records of its job id."""

@@ -8,11 +8,12 @@ from conftest import need
 from fakenvml import FakeClock, FakeNvmlLib, h100, install
 from fakenvml.scenario import mig_a100
 
+from ledger.slurmsyntax import SlurmSyntaxError
+from ledger.slurmsyntax import expand_hostlist as expand
 from slurm_plugin.agent.config import AgentConfig
 from slurm_plugin.agent.gpumap import GpuMap, MappingError, char_minor
-from slurm_plugin.agent.gresconf import expand, parse_gres_conf, parse_mig_minors
+from slurm_plugin.agent.gresconf import parse_gres_conf, parse_mig_minors
 from slurm_plugin.nvml import Nvml
-from slurm_plugin.slurm import SlurmError
 
 GRES = """
 # site gres.conf
@@ -55,7 +56,7 @@ def test_expand_host_and_file_lists():
     assert expand("gpu[01-03,7],login") == ["gpu01", "gpu02", "gpu03", "gpu7", "login"]
     assert expand("/dev/nvidia[0-1]") == ["/dev/nvidia0", "/dev/nvidia1"]
     assert expand("n[1-2]-x[3-4]") == ["n1-x3", "n1-x4", "n2-x3", "n2-x4"]
-    with pytest.raises(SlurmError):  # Slurm's ranges are numbers (src/common/hostlist.c)
+    with pytest.raises(SlurmSyntaxError):  # Slurm's ranges are numbers (src/common/hostlist.c)
         expand("n[1-2]-[a,b]")
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ledger.daemon.jobspec import parse_gres
 from ledger.errors import InvalidInput, Reason, Refusal
+from ledger.slurmsyntax import parse_gres
 from ledger.tokens import Scopes
 from ledger.views import HoldRequest
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ledger.amounts import fmt_hours, parse_duration
+from ledger.amounts import fmt_hours
 from ledger.charging import charge_gpus
-from ledger.daemon.jobspec import parse_gres
 from ledger.shares import MPS, MPS_PER_GPU, GresFile, parse_gres_conf
+from ledger.slurmsyntax import parse_gres, time_limit_seconds
 from ledger.views import HoldRequest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "pricing.md"
@@ -49,7 +49,7 @@ def test_the_doc_has_its_examples():
 def test_worked_example(site, row):
     spec, time, array, held, ran_on, held_for, charged = row
     count, gpu_type, kind = parse_gres(spec)
-    req = HoldRequest(gpus=count, seconds=parse_duration(time), tasks=int(array),
+    req = HoldRequest(gpus=count, seconds=time_limit_seconds(time), tasks=int(array),
                       gpu_type=gpu_type, gres=kind)
     amount, rate = site.price(req)
     assert amount == int(held), f"{spec}: held {amount}, the doc says {held}"
@@ -70,7 +70,7 @@ def test_the_quote_example(site):
                   r"and the\s+share it was priced at \(`(\d+) of (\d+) shards", TEXT)
     assert m
     count, gpu_type, kind = parse_gres(m.group(1))
-    req = HoldRequest(gpus=count, seconds=parse_duration(m.group(2)), gpu_type=gpu_type,
+    req = HoldRequest(gpus=count, seconds=time_limit_seconds(m.group(2)), gpu_type=gpu_type,
                       gres=kind)
     assert fmt_hours(site.price(req)[0]) == m.group(3)
     assert (count, site.hold_share(req)) == (int(m.group(4)), int(m.group(5)))

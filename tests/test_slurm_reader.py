@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ledger import slurmsyntax
 from slurm_plugin import marks, reader, slurm, slurmjson
 
 FIX = Path(__file__).parent / "fixtures" / "slurm"
@@ -139,10 +140,10 @@ def test_sluid_where_the_release_prints_it(version):
 
 def test_sluid_reader():
     good = derive().run_sluid("2425", 1)
-    assert slurm.sluid(good) == good and slurm.sluid(" " + good + "\n") == good
+    assert slurmsyntax.sluid(good) == good and slurmsyntax.sluid(" " + good + "\n") == good
     for bad in (None, "", "2425", "s0000000000000", "sILOU000000000", good + "0", "x" + good[1:],
                 "(null)"):
-        assert slurm.sluid(bad) is None, bad
+        assert slurmsyntax.sluid(bad) is None, bad
 
 
 def test_a_missing_field_is_an_error_never_a_guess():
@@ -183,27 +184,26 @@ def test_numbers_and_states_of_every_form():
 
 def test_hostlists_by_slurms_rule():
     """slurm-22-05-8-1 src/common/hostlist.c: each bracket is a range of its own."""
-    assert slurm.expand_hostlist("rack[1-2]-n[1-2]") == ["rack1-n1", "rack1-n2", "rack2-n1",
+    assert slurmsyntax.expand_hostlist("rack[1-2]-n[1-2]") == ["rack1-n1", "rack1-n2", "rack2-n1",
                                                          "rack2-n2"]
-    assert slurm.expand_hostlist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7",
+    assert slurmsyntax.expand_hostlist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7",
                                                            "login1"]
-    assert slurm.expand_hostlist("n[8-10]") == ["n8", "n9", "n10"]
-    assert slurm.expand_hostlist("None assigned") == []
+    assert slurmsyntax.expand_hostlist("n[8-10]") == ["n8", "n9", "n10"]
+    assert slurmsyntax.expand_hostlist("None assigned") == []
     for bad in ("n[1-", "n[3-1]", "n[a-b]", "n]1["):
-        with pytest.raises(slurm.SlurmError):
-            slurm.expand_hostlist(bad)
-    with pytest.raises(slurm.SlurmError):
-        slurm.expand_hostlist("n[0-99999999]")
-    from slurm_plugin.agent.gresconf import expand
-    assert expand("rack[1-2]-n[1-2]") == slurm.expand_hostlist("rack[1-2]-n[1-2]")
+        with pytest.raises(slurmsyntax.SlurmSyntaxError):
+            slurmsyntax.expand_hostlist(bad)
+    with pytest.raises(slurmsyntax.SlurmSyntaxError):
+        slurmsyntax.expand_hostlist("n[0-99999999]")
 
 
 def test_small_parsers():
-    assert slurm.parse_duration("1-02:03:04") == 93784 and slurm.parse_duration("05:00") == 300
-    assert slurm.gpus_in_tres("cpu=1,gres/gpu=3,gres/gpu:h100=1") == {"h100": 1, None: 2}
-    assert slurm.gpus_in_tres("cpu=1,gres:gpu=2") == {None: 2}
-    assert slurm.gres_indices("gpu:h100:1(IDX:0),gpu:a100:1(IDX:2)") == {0: "h100", 2: "a100"}
-    assert slurm.gres_indices("gpu:2(IDX:0-1)") == {0: None, 1: None}
+    assert slurmsyntax.time_str2secs("1-02:03:04") == 93784
+    assert slurmsyntax.time_str2secs("05:00") == 300
+    assert slurmsyntax.gpus_in_tres("cpu=1,gres/gpu=3,gres/gpu:h100=1") == {"h100": 1, None: 2}
+    assert slurmsyntax.gpus_in_tres("cpu=1,gres:gpu=2") == {None: 2}
+    assert slurmsyntax.gres_indices("gpu:h100:1(IDX:0),gpu:a100:1(IDX:2)") == {0: "h100", 2: "a100"}
+    assert slurmsyntax.gres_indices("gpu:2(IDX:0-1)") == {0: None, 1: None}
     assert slurm.base_state("CANCELLED by 0") == "CANCELLED"
 
 

@@ -3,6 +3,5 @@
 Modules: ``protocol`` (the wire format), ``auth`` (peer credentials, who may do what),
 ``handlers`` (one function per operation, calling the ledger's service API),
 ``server`` (the threaded socket server and its request log), ``client`` (the Python
-client the CLI and tests use), ``jobspec`` (Slurm-style request parsing for ``quote``),
-``cli`` (``serve``, ``balance``, ``quote``, ``jobs``).
+client the CLI and tests use), ``cli`` (``serve``, ``balance``, ``quote``, ``jobs``).
 """

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from ..amounts import fmt_duration, fmt_hours, fmt_rate, parse_duration
+from ..amounts import fmt_duration, fmt_hours, fmt_rate
 from ..cli.context import echo_fields, echo_json, echo_table, pass_app, read_token_arg
 from ..errors import InvalidInput
+from ..slurmsyntax import array_size, parse_gpus, parse_gres, time_limit_seconds
 from .client import connect, response_error
-from .jobspec import array_size, parse_gpus, parse_gres
 
 socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET",
                              help="Daemon socket (default: config, else "
@@ -155,7 +155,7 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
         count, gpu_type = parse_gpus(gpus)
     if count <= 0:
         raise InvalidInput("say how many GPUs: --gres=gpu:h100:4, --gpus=4 or --gpus-per-node=2")
-    seconds = parse_duration(time_limit)
+    seconds = time_limit_seconds(time_limit)
     tasks = array_size(array) if array else 1
     with connect(socket_path, app.config_path) as client:
         resp = client.call("quote", gpus=count, seconds=seconds, type=gpu_type, tasks=tasks,

@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..names import is_account_name, is_identifier, is_user_name
 from ..queries import account_views, user_tokens
+from ..slurmsyntax import sluid
 from ..views import HoldRequest
 from .auth import Forbidden, Peer, Policy, SlurmAccounts, user_name
 from .protocol import VERSION, ProtocolError, with_json
@@ -72,8 +73,6 @@ def _account(fields: dict[str, str]) -> str | None:
 
 def _sluid(fields: dict[str, str]) -> str | None:
     """The run's SLUID (``sluid=``, Slurm 25.11+), None when absent."""
-    from slurm_plugin.slurm import sluid
-
     value = fields.get("sluid")
     if value is None or value == "":
         return None

@@ -1,51 +1,22 @@
-"""Read this node's GPU device files from gres.conf, in Slurm index order."""
+"""This node's GPU device files from gres.conf, in Slurm index order (read by
+:mod:`ledger.slurmsyntax`), and the driver's MIG minors."""
 
 from __future__ import annotations
 
 import re
 
-from slurm_plugin.slurm import expand_hostlist
+from ledger.slurmsyntax import gres_conf, node_gpus
 
 DEFAULT_GRES_CONF = "/etc/slurm/gres.conf"
 DEFAULT_MIG_MINORS = "/proc/driver/nvidia-caps/mig-minors"
 
 
-def expand(expr: str) -> list[str]:
-    """Expand a Slurm host/file list: 'n[01-03,7],x' -> n01 n02 n03 n7 x (the one
-    hostlist rule, :func:`slurm_plugin.slurm.expand_hostlist`)."""
-    return expand_hostlist(expr)
-
-
-def _fields(line: str) -> dict[str, str]:
-    out = {}
-    for tok in line.split():
-        key, sep, value = tok.partition("=")
-        if sep:
-            out[key.lower()] = value
-    return out
-
-
 def parse_gres_conf(text: str, node_name: str) -> list[tuple[str, ...]]:
-    """Device files of each GPU on `node_name`; entry i is Slurm GPU index i.
-
-    `File=` gives one GPU per file; `MultipleFiles=` gives one GPU with several
-    files (e.g. a MIG slice: /dev/nvidia0 plus its nvidia-caps files).
-    """
-    gpus: list[tuple[str, ...]] = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        f = _fields(line)
-        if f.get("name", "").lower() != "gpu":
-            continue
-        if "nodename" in f and node_name not in expand(f["nodename"]):
-            continue
-        if "multiplefiles" in f:
-            gpus.append(tuple(expand(f["multiplefiles"])))
-        elif "file" in f:
-            gpus.extend((p,) for p in expand(f["file"]))
-    return gpus
+    """Device files of each GPU on `node_name` (:func:`ledger.slurmsyntax.node_gpus`);
+    entry i is Slurm GPU index i. `File=` gives one GPU per file; `MultipleFiles=` gives
+    one GPU with several files (e.g. a MIG slice: /dev/nvidia0 plus its nvidia-caps files);
+    GPUs without device files (AutoDetect) are not listed."""
+    return [files for _, files in node_gpus(gres_conf(text), node_name) if files]
 
 
 def parse_mig_minors(text: str) -> dict[int, tuple[int, int]]:

@@ -53,7 +53,7 @@ def _uint(req: dict[str, Any], name: str) -> int:
 
 
 def _sluid(req: dict[str, Any]) -> str | None:
-    from slurm_plugin.slurm import sluid
+    from ledger.slurmsyntax import sluid
 
     v = req.get("sluid")
     if v is None:
