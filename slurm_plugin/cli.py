@@ -1,4 +1,4 @@
-"""``gpuledger reconcile`` and ``gpuledger job show`` (registered by ledger.cli when present)."""
+"""``gpuledger reconcile`` and ``gpuledger job show`` (registered by slurm_plugin.climain)."""
 
 from __future__ import annotations
 

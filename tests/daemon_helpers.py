@@ -101,7 +101,7 @@ def cli_as(name: str, args: list[str], env: dict[str, str] | None = None) -> dic
     import click
     from click.testing import CliRunner
 
-    from ledger.cli import cli
+    from slurm_plugin.climain import cli
 
     cli.list_commands(click.Context(cli))  # registers (imports) every command before the fork
 

@@ -9,7 +9,7 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from ledger.cli import cli
+from slurm_plugin.climain import cli
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from sqlalchemy import select, update
 
 from ledger import db
 from ledger.charging import charge_gpus
-from ledger.cli import cli
 from ledger.idle import parse
 from ledger.models import Account, Hold
 from ledger.views import HoldRequest
@@ -28,6 +27,7 @@ from reports.deliver import send_reports
 from reports.idle import IN, send_idle
 from reports.mail import BadAddress, SmtpSettings, mail_address, user_address
 from reports.period import Month
+from slurm_plugin.climain import cli
 
 pytestmark = pytest.mark.smtp
 A, HO = Account.__table__, Hold.__table__

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from ledger.cli import cli
+from slurm_plugin.climain import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import Clock, need
 from report_fixtures import PHYSICS, H, at, seed_month
 
-from ledger.cli import cli
 from reports.png import read_png_size
+from slurm_plugin.climain import cli
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",

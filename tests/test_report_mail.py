@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from conftest import Clock
 from report_fixtures import CHEMISTRY, PHYSICS, H, SmtpServer, at, seed_month
 
-from ledger.cli import cli
 from ledger.errors import ConfigError
 from reports import sendlog
 from reports.deliver import send_reports
 from reports.mail import MailError, SmtpSettings
 from reports.period import Month
 from reports.png import read_png_size
+from slurm_plugin.climain import cli
 
 pytestmark = pytest.mark.smtp
 NOV = Month(2026, 11)

@@ -9,13 +9,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from ledger.cli import cli
 from ledger.daemon.auth import Peer, Policy
 from ledger.daemon.handlers import Handlers
 from ledger.errors import InvalidInput
 from ledger.names import check_user_name, is_user_name
 from ledger.tokens import SCOPE_KEYS, Scopes
 from ledger.views import HoldRequest
+from slurm_plugin.climain import cli
 
 SCOPE_FLAGS = ["--users", "--gpu-types", "--partitions", "--clusters"]
 EMPTY = ["", " ", ",", " , ", ",,"]

@@ -130,7 +130,7 @@ def test_a_canonical_token_still_verifies_and_one_spelling_only(sqlite_ledger):
 def test_cli_prints_one_line_for_a_crafted_token(tmp_path):
     from click.testing import CliRunner
 
-    from ledger.cli import cli
+    from slurm_plugin.climain import cli
 
     config = tmp_path / "gpuledger.toml"
     runner = CliRunner()
