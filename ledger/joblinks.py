@@ -21,6 +21,7 @@ from __future__ import annotations
 from .errors import NotFound
 from .facts import LINK_KIND
 from .holds import check_job_owner
+from .idempotency import idempotency_row
 from .journal import Tx
 from .rawsql import Raw
 
@@ -51,8 +52,6 @@ class JobLinkOps:
     def linked_hold(self, job_id: str, restart: int, *, sluid: str | None = None
                     ) -> str | None:
         """The hold linked to run ``restart`` of ``job_id`` (by its SLUID first), or None."""
-        from .service import idempotency_row
-
         with self._read() as conn, Raw(conn) as raw:
             for key in ([link_key(job_id, restart, sluid)] if sluid else []) + [
                     link_key(job_id, restart)]:

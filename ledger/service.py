@@ -8,7 +8,6 @@ result again when replayed with the same fields, and raise
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -18,21 +17,28 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from . import attest, audit, db, keys
-from .config import Config
-from .errors import (AlreadyExists, IdempotencyConflict, InvalidInput, LedgerError, NotFound,
-                     UniqueViolation)
 from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
 from .chargereads import ChargeReadOps
+from .config import Config
 from .debts import DebtOps
+from .errors import (
+    AlreadyExists,
+    IdempotencyConflict,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    UniqueViolation,
+)
 from .groupcommit import GroupCommit
 from .holds import HoldOps
+from .idempotency import fingerprint, idempotency_row
 from .joblinks import JobLinkOps
+from .journal import Tx, ensure_head, now_utc
+from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
+from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
+from .rawsql import Raw
 from .shares import DEFAULT_GRES_CONF, GresFile
 from .tiers import TierOps
-from .journal import Tx, ensure_head, now_utc
-from .rawsql import Raw, load_json
-from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
-from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
 from .token_ops import TokenOps
 from .tokens import Verifier
 
@@ -45,21 +51,6 @@ SYSTEM_WALLETS = {
     "system:usage": False,  # charged to jobs
     "system:expired": False,  # remainders of expired tokens
 }
-
-
-def idempotency_row(raw: Raw, key: str) -> tuple[str, str, dict] | None:
-    """(op, fingerprint, result) stored under ``key``, or None."""
-    row = raw.one("SELECT op, fingerprint, result FROM idempotency WHERE " + raw.quote("key") +
-                  " = ?", (key,))
-    return None if row is None else (row[0], row[1], load_json(row[2]))
-
-
-_FINGERPRINT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
-
-
-def fingerprint(fields: dict) -> str:
-    text = _FINGERPRINT.encode(fields)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class LedgerBase:

@@ -37,7 +37,7 @@ from ledger.daemon.client import Client, DaemonError, DaemonUnavailable
 from ledger.errors import LedgerError, Refusal
 
 from . import marks
-from .hookmain import REQUEUE
+from .hookcodes import REQUEUE
 from .hookenv import Hook, run
 from .reader import CommandReader
 from .slurm import JobRecord, SlurmError

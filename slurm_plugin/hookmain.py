@@ -14,9 +14,10 @@ Hooks: ``prolog``, ``epilog`` (slurmd, every node, root) and ``prolog-slurmctld`
 import os
 import sys
 
+from .hookcodes import REQUEUE
+
 NODE_HOOKS = ("prolog", "epilog")
 CTLD_HOOKS = ("prolog-slurmctld", "epilog-slurmctld")
-REQUEUE = 75  # PrologSlurmctld: the wrapper turns this into a non-zero exit (Slurm requeues)
 SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # what the sh entry sets; here when PATH has none
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_plugin import hookmain
+from slurm_plugin import hookcodes, hookmain
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "slurm_plugin" / "hooks" / "gpuledger-hook"
@@ -78,7 +78,7 @@ def test_python_that_dies_exits_0(tmp_path):
 def test_only_prolog_slurmctld_passes_a_requeue_on(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexit {hookmain.REQUEUE}\n")
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexit {hookcodes.REQUEUE}\n")
     (venv / "bin" / "python").chmod(0o755)
     assert entry("prolog-slurmctld", venv, tmp_path)[0].returncode == 1
     for hook in ("prolog", "epilog", "epilog-slurmctld"):

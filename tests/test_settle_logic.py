@@ -17,9 +17,9 @@ from ledger.errors import StateError
 from ledger.views import HoldRequest
 from slurm_plugin import ctld, marks
 from slurm_plugin.epilog import epilog
+from slurm_plugin.hookcodes import REQUEUE
 from slurm_plugin.hookconf import HookConfig
 from slurm_plugin.hookenv import Hook, HookEnv
-from slurm_plugin.hookmain import REQUEUE
 from slurm_plugin.prolog import prolog
 from slurm_plugin.reconcile import Reconciler
 from slurm_plugin.slurm import JobRecord

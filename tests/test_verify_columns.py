@@ -14,9 +14,10 @@ from sqlalchemy import delete, insert, text, update
 from test_journal_tamper import rewrite, rows, stranger
 
 from ledger import db, migrate
+from ledger.idempotency import fingerprint
 from ledger.journal import canonical_data
 from ledger.models import Charge, Hold, IdempotencyRecord, Multiplier, Rate, Token
-from ledger.service import Ledger, fingerprint
+from ledger.service import Ledger
 from ledger.tokens import Scopes
 from ledger.views import HoldRequest
 
