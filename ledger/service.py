@@ -26,7 +26,7 @@ from .debts import DebtOps
 from .groupcommit import GroupCommit
 from .holds import HoldOps
 from .joblinks import JobLinkOps
-from .shares import DEFAULT_GRES_CONF, GresFile
+from .shares import GresFile
 from .tiers import TierOps
 from .journal import Tx, ensure_head, now_utc
 from .rawsql import Raw, load_json
@@ -79,7 +79,7 @@ class LedgerBase:
     @classmethod
     def from_config(cls, config: Config, **kw):
         engine = db.make_engine(db.resolve_url(config))
-        kw.setdefault("gres_conf", config.section("hooks").get("gres_conf", DEFAULT_GRES_CONF))
+        kw.setdefault("gres_conf", config.hooks.gres_conf)
         return cls(engine, keys_dir=config.keys_dir, cluster=config.cluster, **kw)
 
     # -- transactions -------------------------------------------------------------------------
