@@ -1,21 +1,35 @@
-"""The TOML configuration: where it lives, what it holds, how it is written."""
+"""The TOML configuration: where it lives, what it holds (every section and key, with its
+default, check and doc), how it is read and how it is written.
+
+One schema (:data:`SECTIONS`) serves every reader: the daemon and CLI (:func:`load`), the
+Slurm hooks (``[hooks]``), the node agent (``[agent]`` and ``[idle]`` of its own file,
+:func:`agent_settings`), the reports (``[smtp]``, ``[reports]``), and job_submit.lua, whose
+``job_submit.conf`` is rendered from ``[submit]`` (:func:`render_submit_conf`).
+docs/config.md is :func:`reference` (a test keeps them in step); ``gpuledger init`` writes
+:func:`render`.
+"""
 
 from __future__ import annotations
 
 import os
+import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import schema
 from .errors import ConfigError
 from .idle import IdlePolicy
 from .idle import parse as parse_idle
+from .schema import setting
+from .shares import DEFAULT_GRES_CONF
 
 DEFAULT_PATH = Path("/etc/gpuledger/gpuledger.toml")
 ENV_VAR = "GPULEDGER_CONFIG"
 POLICIES = ("allocated", "measured")
 UNAVAILABLE_MODES = ("reject", "accept")
+SUBMIT_CONF = "job_submit.conf"  # beside gpuledger.toml; job_submit.lua reads /etc/gpuledger's
 
 
 def config_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -27,36 +41,255 @@ def config_path(explicit: str | os.PathLike | None = None) -> Path:
     return DEFAULT_PATH
 
 
+def named_path(explicit: str | os.PathLike | None = None) -> bool:
+    """Whether the config path was named (``--config`` or ``$GPULEDGER_CONFIG``)."""
+    return bool(explicit) or bool(os.environ.get(ENV_VAR))
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+def _one_of(*choices: str):
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _between(low: float, high: float, *, low_open: bool = False, unit: str = ""):
+    def check(v: float) -> str | None:
+        ok = (low < v if low_open else low <= v) and v <= high
+        return None if ok else f"must be between {low:g} and {high:g}{unit}"
+    return check
+
+
+def _conf_text(v: str) -> str | None:
+    """A value job_submit.conf carries: one line, no ``#`` (the Lua reader's comment)."""
+    if "#" in v or any(c < " " for c in v) or v != v.strip():
+        return "must be one line without # or surrounding blanks (job_submit.conf carries it)"
+    return None
+
+
+def _accounts(v: tuple[str, ...]) -> str | None:
+    from .names import is_account_name
+
+    bad = [a for a in v if not is_account_name(a)]
+    return f"names no Slurm account: {', '.join(map(repr, bad))}" if bad else None
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be above 0"
+
+
+# -- the sections ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TopLevel:
+    """Keys outside any table."""
+
+    cluster: str = setting(
+        "", kind=schema.STRING, check=_conf_text,
+        doc="this Slurm cluster's name, as token cluster scopes and job_submit.lua see it "
+            '("": any)')
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
-    url: str
-    password_file: str | None = None
+    """The ledger database (daemon, CLI, hooks that settle)."""
+
+    url: str = setting(
+        None, kind=schema.STRING, default_doc="(required)",
+        doc="SQLAlchemy URL: sqlite:///ledger.db (relative to this file), "
+            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db")
+    password_file: str | None = setting(
+        None, kind=schema.STRING, example="/etc/gpuledger/db.password",
+        doc="a server's password is read from this file (mode 0600), never put in the URL")
+
+    def problem(self) -> str | None:
+        return None if self.url else "url is required"
+
+
+@dataclass(frozen=True)
+class KeysSection:
+    """Ed25519 signing keys (the host that mints tokens; verification needs the ledger only)."""
+
+    dir: str = setting("keys", kind=schema.STRING,
+                       doc="directory of <kid>.key files (mode 0600), relative to this file")
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    socket: str = "/run/gpuledger/gpuledger.sock"
-    socket_group: str | None = None
-    privileged_socket: str | None = None
-    slurm_user: str = "slurm"
-    max_line: int = 16384
-    fast_reserve: bool = False
-    fast_reserve_fresh_s: float = 2.0
-    fast_reserve_batch_ms: float = 2.0
+    """`gpuledger serve`: the socket every hook and job_submit.lua talks to."""
+
+    socket: str = setting("/run/gpuledger/gpuledger.sock", kind=schema.STRING,
+                          check=_conf_text, doc="Unix socket of `gpuledger serve`")
+    socket_group: str | None = setting(
+        None, kind=schema.STRING, example="slurm",
+        doc="group owning the socket (mode 0660); unset: 0666 with peer-credential checks")
+    privileged_socket: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text,
+        example="/run/gpuledger/gpuledger-slurm.sock",
+        doc="a second socket only root and slurm_user can open; job_submit.lua uses it when set")
+    slurm_user: str = setting("slurm", kind=schema.STRING,
+                              doc="Slurm's SlurmUser (slurmctld), trusted for holds")
+    max_line: int = setting(16384, kind=schema.INTEGER,
+                            check=lambda v: None if v >= 256 else "must be at least 256",
+                            doc="longest request line (bytes) the daemon reads")
+    fast_reserve: bool = setting(
+        False, kind=schema.BOOLEAN,
+        doc="answer slurmctld's reserves from memory and write them in batches "
+            "(ledger/daemon/fastpath.py)")
+    fast_reserve_fresh_s: float = setting(
+        2.0, kind=schema.NUMBER, check=_between(0.1, 60),
+        doc="how old (s) a token's balance may be to answer a reserve from it")
+    fast_reserve_batch_ms: float = setting(
+        2.0, kind=schema.NUMBER, check=_between(0, 60_000),
+        doc="how long (ms) the writer lets answers gather per transaction")
 
 
 @dataclass(frozen=True)
 class SubmitConfig:
-    timeout: float = 1.0
-    on_ledger_unavailable: str = "reject"
-    free_accounts: tuple[str, ...] = ()
+    """job_submit.lua, through the job_submit.conf rendered from this table
+    (`gpuledger config render-submit-conf`); the Lua reads nothing else."""
+
+    socket: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text,
+        default_doc="[daemon] privileged_socket, else [daemon] socket",
+        doc="the daemon socket job_submit.lua connects to")
+    timeout: float = setting(
+        1.0, kind=schema.NUMBER, check=_between(0, 30, low_open=True, unit=" seconds"),
+        doc="seconds for the whole round trip to the daemon (connect, request, reply)")
+    on_ledger_unavailable: str = setting(
+        "reject", kind=schema.STRING, check=_one_of(*UNAVAILABLE_MODES),
+        doc='when the daemon cannot answer: "reject" GPU jobs, or "accept" them marked '
+            "deferred (the prolog reserves)")
+    free_accounts: tuple[str, ...] = setting(
+        (), kind=schema.STRINGS, check=_accounts,
+        doc="Slurm accounts whose GPU jobs need no token")
 
 
 @dataclass(frozen=True)
 class ChargeConfig:
-    policy: str = "allocated"
-    floor: str = "0.25"
-    partitions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """How a settled job is charged (epilog, reconciler)."""
+
+    policy: str = setting(
+        "allocated", kind=schema.STRING, check=_one_of(*POLICIES),
+        doc='"allocated": held GPU time x rate; "measured": per GPU max(busy, floor x held) '
+            "x rate")
+    floor: str = setting("0.25", kind=schema.DECIMAL,
+                         doc='share of held time a GPU is charged at least under "measured"')
+
+
+@dataclass(frozen=True)
+class HooksSection:
+    """Prolog, epilog, the controller hooks and `gpuledger reconcile`."""
+
+    state_dir: str = setting("/var/lib/gpuledger/jobs", kind=schema.STRING,
+                             doc="per-node prolog records")
+    log_file: str = setting("/var/log/gpuledger/hooks.log", kind=schema.STRING,
+                            doc='the hooks\' log file ("": none)')
+    syslog: bool = setting(True, kind=schema.BOOLEAN, doc="log to syslog too")
+    agent_socket: str | None = setting(None, kind=schema.STRING,
+                                       default_doc="[agent] socket's default",
+                                       doc="the node agent's socket (NVML)")
+    agent_spool: str | None = setting(None, kind=schema.STRING,
+                                      default_doc="[agent] spool's default",
+                                      doc="the agent's spool, read when the agent is down")
+    grace_seconds: int = setting(600, kind=schema.SECONDS,
+                                 doc="a pending hold with no Slurm job is voided after this")
+    lookback_days: int = setting(30, kind=schema.INTEGER, check=lambda v: None if v > 0
+                                 else "must be above 0",
+                                 doc="how far back the reconciler asks sacct")
+    gres_conf: str = setting(DEFAULT_GRES_CONF, kind=schema.STRING,
+                             doc="gres.conf: GPU types and shard counts by index (prolog, daemon)")
+    close_wait_seconds: float = setting(
+        30.0, kind=schema.NUMBER, check=lambda v: None if v >= 0 else "must be at least 0",
+        doc="EpilogSlurmctld waits this long for the nodes' charges")
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    """`gpuledger agent` on each GPU node, from its own file (agent.toml: this table and
+    [idle]; a file without [agent] may hold these keys at its top level)."""
+
+    socket: str = setting("/run/gpuledger/agent.sock", kind=schema.STRING,
+                          doc="the agent's socket (prolog, epilog)")
+    spool: str = setting("/var/spool/gpuledger/agent", kind=schema.STRING,
+                         doc="per-job usage written here, read when the agent is down")
+    interval: float = setting(1.0, kind=schema.NUMBER, check=_between(0.05, 3600, unit=" seconds"),
+                              doc="seconds between NVML samples")
+    gres_conf: str = setting(DEFAULT_GRES_CONF, kind=schema.STRING,
+                             doc="gres.conf: this node's GPU devices by Slurm index")
+    node_name: str | None = setting(None, kind=schema.STRING,
+                                    default_doc="this host's short name",
+                                    doc="the node's name in gres.conf")
+    devices: tuple | None = setting(
+        None, kind=schema.DEVICES, example=["/dev/nvidia0", "GPU-3f2c..."],
+        doc="device per Slurm index (overrides gres.conf): file, GPU-/MIG- UUID or list of files")
+    mig_minors: str = setting("/proc/driver/nvidia-caps/mig-minors", kind=schema.STRING,
+                              doc="NVIDIA's MIG minor numbers (MIG device files to UUIDs)")
+    allowed_uids: tuple[int, ...] | None = setting(
+        None, kind=schema.INTEGERS, default_doc="root and the agent's own user",
+        doc="uids that may talk to the agent's socket")
+    keep_finished_days: float = setting(7.0, kind=schema.NUMBER, check=_positive,
+                                        doc="days a finished job's usage stays in the spool")
+
+
+@dataclass(frozen=True)
+class SmtpSection:
+    """Mail for reports, alerts and idle digests (`gpuledger report send`, ...). Without this
+    table only dry runs work."""
+
+    host: str | None = setting(None, kind=schema.STRING, example="smtp.example.org",
+                               default_doc="(required to send)", doc="the SMTP server")
+    port: int | None = setting(None, kind=schema.INTEGER,
+                               check=lambda v: None if 0 < v < 65536
+                               else "must be between 1 and 65535",
+                               default_doc="587 (starttls), 465 (ssl), 25 (none)",
+                               doc="the server's port")
+    security: str = setting("starttls", kind=schema.STRING,
+                            check=_one_of("starttls", "ssl", "none"),
+                            doc="TLS: starttls, ssl (implicit TLS) or none")
+    sender: str | None = setting(None, kind=schema.STRING, key="from",
+                                 example="gpuledger@example.org",
+                                 default_doc="(required to send)",
+                                 doc="the From address (one address)")
+    user: str | None = setting(None, kind=schema.STRING,
+                               doc="login name (needs password_file and TLS)")
+    password_file: str | None = setting(None, kind=schema.STRING,
+                                        doc="file holding the login's password (mode 0600)")
+    ca_file: str | None = setting(None, kind=schema.STRING,
+                                  doc="CA bundle to check the server with (else the system's)")
+    timeout: float = setting(30.0, kind=schema.NUMBER, check=_positive,
+                             doc="seconds per SMTP operation")
+
+
+@dataclass(frozen=True)
+class ReportsSection:
+    """Monthly reports (`gpuledger report send`)."""
+
+    admins: tuple[str, ...] = setting((), kind=schema.STRINGS,
+                                      doc="addresses that get every account's report")
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # "" for the top level
+    cls: type
+    optional: bool = False  # absent from the file: None (else the defaults)
+
+
+SECTIONS = (
+    Section("", TopLevel),
+    Section("database", DatabaseConfig),
+    Section("keys", KeysSection),
+    Section("daemon", DaemonConfig),
+    Section("submit", SubmitConfig),
+    Section("charge", ChargeConfig),
+    Section("idle", IdlePolicy),
+    Section("hooks", HooksSection),
+    Section("agent", AgentSection),
+    Section("smtp", SmtpSection, optional=True),
+    Section("reports", ReportsSection),
+)
+TABLES = {s.name: s for s in SECTIONS if s.name}
+TOP_KEYS = {i.key for i in schema.items(TopLevel)}
 
 
 @dataclass(frozen=True)
@@ -65,191 +298,193 @@ class Config:
     database: DatabaseConfig
     keys_dir: Path
     cluster: str | None
-    daemon: DaemonConfig
-    submit: SubmitConfig
-    charge: ChargeConfig
-    raw: dict[str, Any]
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    charge: ChargeConfig = field(default_factory=ChargeConfig)
     idle: IdlePolicy = field(default_factory=IdlePolicy)
+    hooks: HooksSection = field(default_factory=HooksSection)
+    agent: AgentSection = field(default_factory=AgentSection)
+    smtp: SmtpSection | None = None  # None: no [smtp] table (dry runs only)
+    reports: ReportsSection = field(default_factory=ReportsSection)
 
-    def section(self, name: str) -> dict[str, Any]:
-        """A raw section for components that own their settings (agent, smtp, reports)."""
-        value = self.raw.get(name, {})
-        if not isinstance(value, dict):
-            raise ConfigError(f"{self.path}: [{name}] must be a table")
-        return value
-
-
-def _table(raw: dict, name: str, path: Path) -> dict:
-    value = raw.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: [{name}] must be a table")
-    return value
+    @property
+    def submit_socket(self) -> str:
+        """The socket job_submit.lua connects to."""
+        return self.submit.socket or self.daemon.privileged_socket or self.daemon.socket
 
 
-def _get(table: dict, key: str, kind: type | tuple, default: Any, path: Path, section: str) -> Any:
-    if key not in table:
-        return default
-    value = table[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{path}: [{section}] {key} has the wrong type ({type(value).__name__})")
-    return value
+def check_tables(raw: dict, p: Path | str) -> None:
+    """Every top-level key is a known key or a known table: else a ConfigError with a hint."""
+    unknown = [k for k in raw if k not in TABLES and k not in TOP_KEYS]
+    if not unknown:
+        return
+    tables = [k for k in unknown if isinstance(raw[k], dict)]
+    if tables:
+        raise ConfigError(f"{p}: {schema.unknown_message('section(s)', tables, TABLES)}")
+    raise ConfigError(f"{p}: {schema.unknown_message('top-level key(s)', unknown, TOP_KEYS)}")
 
 
-def load(path: str | os.PathLike | None = None) -> Config:
-    """Read and validate the config file; every problem is a ConfigError naming the file."""
-    p = config_path(path)
+def read_toml(p: Path) -> dict:
     try:
-        raw = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(
             f"no configuration at {p} (run `gpuledger init`, or pass --config / set ${ENV_VAR})"
         ) from None
     except PermissionError:
         raise ConfigError(f"cannot read {p}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p} is a directory, not a configuration file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p} is not valid TOML: {exc}") from None
-    return parse(raw, p)
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate the config file; every problem is a ConfigError naming the file."""
+    p = config_path(path)
+    return parse(read_toml(p), p)
 
 
 def parse(raw: dict, p: Path) -> Config:
-    base = p.parent
-    db = _table(raw, "database", p)
-    url = _get(db, "url", str, None, p, "database")
-    if not url:
-        raise ConfigError(f"{p}: [database] url is required")
-    pw_file = _get(db, "password_file", str, None, p, "database")
-    keys = _table(raw, "keys", p)
-    keys_dir = Path(_get(keys, "dir", str, "keys", p, "keys"))
+    check_tables(raw, p)
+    top = schema.parse_table(TopLevel, {k: v for k, v in raw.items() if k in TOP_KEYS},
+                             f"{p}: top level")
+    parsed: dict[str, Any] = {}
+    for s in SECTIONS[1:]:
+        if s.optional and s.name not in raw:
+            continue
+        where = f"{p}: [{s.name}]"
+        table = raw.get(s.name, {})
+        parsed[s.name] = (parse_idle(table, where) if s.cls is IdlePolicy
+                          else schema.parse_table(s.cls, table, where))
+    keys_dir = Path(parsed.pop("keys").dir)
     if not keys_dir.is_absolute():
-        keys_dir = base / keys_dir
-    d = _table(raw, "daemon", p)
-    daemon = DaemonConfig(
-        socket=_get(d, "socket", str, DaemonConfig.socket, p, "daemon"),
-        socket_group=_get(d, "socket_group", str, None, p, "daemon"),
-        privileged_socket=_get(d, "privileged_socket", str, None, p, "daemon") or None,
-        slurm_user=_get(d, "slurm_user", str, "slurm", p, "daemon"),
-        max_line=_get(d, "max_line", int, DaemonConfig.max_line, p, "daemon"),
-        fast_reserve=_get(d, "fast_reserve", bool, False, p, "daemon"),
-        fast_reserve_fresh_s=float(_get(d, "fast_reserve_fresh_s", (int, float), 2.0, p,
-                                        "daemon")),
-        fast_reserve_batch_ms=float(_get(d, "fast_reserve_batch_ms", (int, float), 2.0, p,
-                                         "daemon")),
-    )
-    if not 0.1 <= daemon.fast_reserve_fresh_s <= 60:
-        raise ConfigError(f"{p}: [daemon] fast_reserve_fresh_s must be between 0.1 and 60")
-    if not 0 <= daemon.fast_reserve_batch_ms <= 60_000:
-        raise ConfigError(f"{p}: [daemon] fast_reserve_batch_ms must be between 0 and 60000")
-    s = _table(raw, "submit", p)
-    submit = SubmitConfig(
-        timeout=float(_get(s, "timeout", (int, float), 1.0, p, "submit")),
-        on_ledger_unavailable=_get(s, "on_ledger_unavailable", str, "reject", p, "submit"),
-        free_accounts=tuple(_get(s, "free_accounts", list, [], p, "submit")),
-    )
-    if submit.on_ledger_unavailable not in UNAVAILABLE_MODES:
-        raise ConfigError(
-            f"{p}: [submit] on_ledger_unavailable must be one of {', '.join(UNAVAILABLE_MODES)}"
-        )
-    if not 0 < submit.timeout <= 30:
-        raise ConfigError(f"{p}: [submit] timeout must be between 0 and 30 seconds")
-    c = _table(raw, "charge", p)
-    charge = ChargeConfig(
-        policy=_get(c, "policy", str, "allocated", p, "charge"),
-        floor=str(_get(c, "floor", (int, float, str), "0.25", p, "charge")),
-        partitions=_get(c, "partitions", dict, {}, p, "charge"),
-    )
-    if charge.policy not in POLICIES:
-        raise ConfigError(f"{p}: [charge] policy must be one of {', '.join(POLICIES)}")
-    cluster = _get(raw, "cluster", str, None, p, "top level") or None
-    idle = parse_idle(_table(raw, "idle", p), f"{p}: [idle]")
-    return Config(
-        path=p,
-        database=DatabaseConfig(url=url, password_file=pw_file),
-        keys_dir=keys_dir,
-        cluster=cluster,
-        daemon=daemon,
-        submit=submit,
-        charge=charge,
-        raw=raw,
-        idle=idle,
-    )
+        keys_dir = p.parent / keys_dir
+    return Config(path=p, keys_dir=keys_dir, cluster=top.cluster or None, **parsed)
 
 
-TEMPLATE = """\
-# gpuledger configuration (TOML). Written by `gpuledger init`; edit freely.
-
-# Name of this Slurm cluster as tokens see it (scope `--clusters`). Empty: any.
-cluster = {cluster}
-
-[database]
-# SQLAlchemy URL of the ledger. SQLite (the default) suits one host; use
-# postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db for several.
-url = {url}
-# A server password is read from this file (mode 0600), never written in the URL.
-# password_file = "/etc/gpuledger/db.password"
-
-[keys]
-# Directory of Ed25519 signing keys (<kid>.key, mode 0600). Only the host that
-# mints tokens needs private keys; verification reads public keys from the ledger.
-dir = "keys"
-
-[daemon]
-# Unix socket of `gpuledger serve`; slurmctld (SlurmUser) must reach it.
-socket = "/run/gpuledger/gpuledger.sock"
-# Group owning the socket (mode 0660 when set, else 0666 with peer-credential checks).
-# socket_group = "slurm"
-# A second socket only root and the SlurmUser can open (mode 0600, owned by slurm_user).
-# Point job_submit.conf's `socket` at it: no flood of users' connections keeps slurmctld out.
-# privileged_socket = "/run/gpuledger/gpuledger-slurm.sock"
-slurm_user = "slurm"
-# Answer slurmctld's reserves from memory and write them in batches a few ms later
-# (ledger/daemon/fastpath.py): the submit path stops waiting for a commit. A hold the
-# daemon answered but could not write (it died, the token was spent meanwhile) is
-# reserved again, or its job cancelled, when the job starts.
-# fast_reserve = false
-# fast_reserve_fresh_s = 2.0   # how old a token's balance may be to answer from it
-# fast_reserve_batch_ms = 2    # how long the writer lets answers gather per transaction
-
-[submit]
-# Seconds job_submit.lua waits for the daemon before giving up.
-timeout = 1.0
-# When the daemon cannot answer: "reject" the GPU job, or "accept" it and
-# reserve later in the prolog (nothing is lost either way).
-on_ledger_unavailable = "reject"
-# Slurm accounts whose GPU jobs need no token.
-free_accounts = []
-
-[charge]
-# "allocated" = held GPU time x rate; "measured" = per GPU max(busy, floor x held) x rate.
-policy = "allocated"
-floor = 0.25
-
-# [idle]  (idle GPUs, ledger.idle; the values shown are the defaults)
-# threshold_pct = 5        # a GPU below this utilization is idle
-# flag_after_s = 3600      # one idle stretch this long flags the job (0: never)
-# refund_share = 0         # share of a flagged job's idle cost refunded (0..1)
-# cancel_after_s = 0       # the agent cancels a wholly idle job this long after the flag
-# user_mail = "{{user}}@example.org"  # digest recipient (else the account's report_to)
-
-# [hooks]  (prolog, epilog and `gpuledger reconcile`; the values shown are the defaults)
-# state_dir = "/var/lib/gpuledger/jobs"      # per-node prolog records
-# log_file = "/var/log/gpuledger/hooks.log"  # also to syslog (syslog = true)
-# agent_socket = "/run/gpuledger/agent.sock" # the node agent (NVML)
-# agent_spool = "/var/spool/gpuledger/agent" # read when the agent is down
-# grace_seconds = 600                        # a pending hold with no Slurm job is voided after
-# lookback_days = 30                         # how far back the reconciler asks sacct
-# gres_conf = "/etc/slurm/gres.conf"         # GPU types by index (prolog)
-# close_wait_seconds = 30                    # EpilogSlurmctld waits for the nodes' charges
-"""
+def agent_settings(raw: dict, where: str) -> tuple[AgentSection, IdlePolicy]:
+    """The node agent's file: its [agent] table (or, without one, its top-level keys other
+    than gpuledger.toml's own) and [idle]. Other tables may be there (a shared gpuledger.toml)
+    but must be known ones."""
+    check_tables(raw, where)
+    if "agent" in raw:
+        table = raw["agent"]
+    else:
+        table = {k: v for k, v in raw.items() if k not in TOP_KEYS and not isinstance(v, dict)}
+    agent = schema.parse_table(AgentSection, table, f"{where}: [agent]")
+    idle = parse_idle(raw.get("idle", {}), f"{where}: [idle]")
+    return agent, idle
 
 
-def _toml_str(value: str | None) -> str:
-    if value is None:
-        return '""'
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+# -- job_submit.conf -------------------------------------------------------------------------
 
+def render_submit_conf(config: Config) -> str:
+    """job_submit.conf for job_submit.lua's key = value reader, from [submit] (and the
+    cluster, and the daemon's socket when [submit] names none)."""
+    s = config.submit
+    lines = [
+        f"# Generated from {config.path} ([submit]) by `gpuledger config render-submit-conf`.",
+        "# Do not edit: change gpuledger.toml and render again (docs/config.md).",
+        f"socket = {config.submit_socket}",
+        f"timeout = {s.timeout!r}",
+        f"on_ledger_unavailable = {s.on_ledger_unavailable}",
+        f"free_accounts = {','.join(s.free_accounts)}",
+        f"cluster = {config.cluster or ''}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_submit_conf(config: Config, dest: Path, *, check: bool = False) -> bool:
+    """Write ``dest`` (mode 0644, atomically) when it differs; whether it did (or would)."""
+    text = render_submit_conf(config)
+    try:
+        if dest.read_text() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {dest}: {exc.strerror}") from None
+    if check:
+        return True
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {dest}: {exc.strerror}") from None
+    return True
+
+
+# -- the file `gpuledger init` writes, and docs/config.md -----------------------------------
 
 def render(url: str, cluster: str | None = None) -> str:
-    return TEMPLATE.format(url=_toml_str(url), cluster=_toml_str(cluster or ""))
+    """A fresh gpuledger.toml: the values given, every other setting commented at its
+    default (or an example), each with its doc."""
+    given = {("", "cluster"): cluster or "", ("database", "url"): url, ("keys", "dir"): "keys"}
+    out = ["# gpuledger configuration (TOML). Written by `gpuledger init`; edit freely.",
+           "# Every section and key: docs/config.md. After changing [submit], [daemon] socket",
+           "# or cluster: `gpuledger config render-submit-conf` (job_submit.lua reads that).",
+           ""]
+    for s in SECTIONS:
+        doc = " ".join((s.cls.__doc__ or "").split())
+        if s.name:
+            out += textwrap.wrap(doc, 88, initial_indent="# ", subsequent_indent="# ")
+            out.append(f"{'# ' if s.optional else ''}[{s.name}]")
+        for item in schema.items(s.cls):
+            doc = item.spec.doc
+            if item.spec.default_doc and (s.name, item.key) not in given:
+                doc += f" (default: {item.spec.default_doc})"
+            out += textwrap.wrap(doc, 88, initial_indent="# ", subsequent_indent="# ")
+            if (s.name, item.key) in given:
+                out.append(f"{item.key} = {schema.toml_value(given[(s.name, item.key)])}")
+                continue
+            value = item.default if item.default is not None else item.spec.example
+            if value is None:
+                out.append(f"# {item.key} =")
+            else:
+                out.append(f"# {item.key} = {schema.toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def reference() -> str:
+    """docs/config.md: every section and key with its type, default and doc."""
+    out = [
+        "# Configuration reference",
+        "",
+        ("<!-- Generated from ledger/config.py by `gpuledger config reference`; "
+         "tests/test_config_doc.py keeps it in step. -->"),
+        "",
+        "gpuledger reads one TOML file, `/etc/gpuledger/gpuledger.toml` (or `--config`, or",
+        "`$GPULEDGER_CONFIG`; a path named there that does not exist is an error). An unknown",
+        "section or key, a value of the wrong type or out of range is an error naming the",
+        "file, the section and the key.",
+        "",
+        "- The daemon, the CLI, the Slurm hooks and the reports read it whole.",
+        "- The node agent reads `[agent]` and `[idle]` from its own file",
+        "  (`gpuledger agent --config /etc/gpuledger/agent.toml`), with the same checks.",
+        "- job_submit.lua reads only `/etc/gpuledger/job_submit.conf`, which",
+        "  `gpuledger config render-submit-conf` writes from `[submit]`, `cluster` and",
+        "  `[daemon]` (the Ansible role runs it): after changing them, render it again.",
+        "",
+    ]
+    for s in SECTIONS:
+        title = f"[{s.name}]" if s.name else "Top level"
+        out += [f"## {title}", "", " ".join((s.cls.__doc__ or "").split()), ""]
+        if s.optional:
+            out += ["Optional: without this table the section is off.", ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for item in schema.items(s.cls):
+            default, doc = (t.replace("|", "\\|") for t in (schema.default_text(item),
+                                                               item.spec.doc))
+            out.append(f"| `{item.key}` | {item.spec.kind.name} | `{default}` | {doc} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def write_new(path: Path, url: str, cluster: str | None = None) -> None:

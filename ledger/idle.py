@@ -24,12 +24,14 @@ its own file); :func:`parse` checks them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from . import schema
+from .schema import setting
 
 if TYPE_CHECKING:
     from .charge_record import ChargeRecord, GpuCharge
@@ -37,13 +39,49 @@ if TYPE_CHECKING:
 FULL_BP = 10_000
 
 
+def _user_mail(value: str) -> str | None:
+    if "{user}" not in value or "@" not in value:
+        return 'must be an address pattern with {user}, e.g. "{user}@example.org"'
+    try:
+        value.format(user="x")
+    except (KeyError, IndexError, ValueError):
+        return "may name only {user}"
+    return None
+
+
+def _year(value: int) -> str | None:
+    return "is more than a year" if value > 366 * 86400 else None
+
+
 @dataclass(frozen=True)
 class IdlePolicy:
-    threshold_pct: Fraction = Fraction(5)  # below this utilization a GPU is idle
-    flag_after_s: int = 3600  # one idle stretch this long flags the job (0: never)
-    refund_share: Fraction = Fraction(0)  # share of the idle cost refunded to a flagged job
-    cancel_after_s: int = 0  # grace after the flag before the agent cancels (0: never)
-    user_mail: str | None = None  # "{user}@example.org": where a user's digest goes
+    """Idle GPUs (ledger.idle): read by the daemon's idle digests and refunds, and by the
+    node agent (which counts idle time and cancels) from its own file's [idle] table."""
+
+    threshold_pct: Fraction = setting(  # noqa: RUF009 - a field with the schema's metadata
+        Fraction(5), kind=schema.FRACTION, doc="a GPU below this utilization (%) is idle",
+        check=lambda v: None if 0 < v <= 100 else "must be above 0 and at most 100")
+    flag_after_s: int = setting(
+        3600, kind=schema.SECONDS, check=_year,
+        doc="one idle stretch this long flags the job (0: never)")
+    refund_share: Fraction = setting(  # noqa: RUF009
+        Fraction(0), kind=schema.FRACTION,
+        check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1",
+        doc="share of a flagged job's idle cost refunded to it (0..1)")
+    cancel_after_s: int = setting(
+        0, kind=schema.SECONDS, check=_year,
+        doc="the agent cancels a wholly idle job this long after its flag (0: never)")
+    user_mail: str | None = setting(
+        None, kind=schema.STRING, check=_user_mail, example="{user}@example.org",
+        doc="where a user's idle digest goes (else the account's report_to)")
+
+    def problem(self) -> str | None:
+        if self.cancel_after_s and not self.flag_after_s:
+            return ("cancel_after_s needs flag_after_s (jobs are cancelled a grace period "
+                    "after they are flagged)")
+        if self.refund_share and not self.flag_after_s:
+            return "refund_share needs flag_after_s (only flagged jobs get a refund)"
+        return None
 
     @property
     def threshold_bp(self) -> int:
@@ -101,52 +139,5 @@ def record_idle(record: ChargeRecord) -> tuple[int, int]:
 
 def parse(table: Mapping[str, Any], where: str = "[idle]") -> IdlePolicy:
     """The ``[idle]`` table; every bad value is a ConfigError naming it."""
-    known = {"threshold_pct", "flag_after_s", "refund_share", "cancel_after_s", "user_mail"}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(known))})")
-    d = IdlePolicy()
-    threshold = _fraction(table.get("threshold_pct", d.threshold_pct), where, "threshold_pct")
-    if not 0 < threshold <= 100:
-        raise ConfigError(f"{where}: threshold_pct must be above 0 and at most 100")
-    share = _fraction(table.get("refund_share", d.refund_share), where, "refund_share")
-    if not 0 <= share <= 1:
-        raise ConfigError(f"{where}: refund_share must be between 0 and 1")
-    flag = _seconds(table.get("flag_after_s", d.flag_after_s), where, "flag_after_s")
-    cancel = _seconds(table.get("cancel_after_s", d.cancel_after_s), where, "cancel_after_s")
-    if cancel and not flag:
-        raise ConfigError(f"{where}: cancel_after_s needs flag_after_s (jobs are cancelled "
-                          "a grace period after they are flagged)")
-    if share and not flag:
-        raise ConfigError(f"{where}: refund_share needs flag_after_s (only flagged jobs "
-                          "get a refund)")
-    mail = table.get("user_mail")
-    if mail is not None:
-        if not isinstance(mail, str) or "{user}" not in mail or "@" not in mail:
-            raise ConfigError(f"{where}: user_mail must be an address pattern with {{user}}, "
-                              "e.g. \"{user}@example.org\"")
-        try:
-            mail.format(user="x")
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(f"{where}: user_mail may name only {{user}}") from None
-    return IdlePolicy(threshold, flag, share, cancel, mail or None)
-
-
-def _fraction(value: Any, where: str, name: str) -> Fraction:
-    if isinstance(value, Fraction):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where}: {name} must be a number")
-    try:
-        return Fraction(str(value))
-    except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
-
-
-def _seconds(value: Any, where: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where}: {name} must be a whole number of seconds ≥ 0")
-    if value > 366 * 86400:
-        raise ConfigError(f"{where}: {name} is more than a year")
-    return value
+    policy = schema.parse_table(IdlePolicy, dict(table), where)
+    return dataclasses.replace(policy, user_mail=policy.user_mail or None)

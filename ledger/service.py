@@ -37,7 +37,7 @@ from .journal import Tx, ensure_head, now_utc
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
 from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
 from .rawsql import Raw
-from .shares import DEFAULT_GRES_CONF, GresFile
+from .shares import GresFile
 from .tiers import TierOps
 from .token_ops import TokenOps
 from .tokens import Verifier
@@ -71,7 +71,7 @@ class LedgerBase:
     @classmethod
     def from_config(cls, config: Config, **kw):
         engine = db.make_engine(db.resolve_url(config))
-        kw.setdefault("gres_conf", config.section("hooks").get("gres_conf", DEFAULT_GRES_CONF))
+        kw.setdefault("gres_conf", config.hooks.gres_conf)
         return cls(engine, keys_dir=config.keys_dir, cluster=config.cluster, **kw)
 
     # -- transactions -------------------------------------------------------------------------

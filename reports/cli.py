@@ -10,7 +10,6 @@ import click
 
 from ledger.amounts import fmt_hours
 from ledger.cli.context import echo_json, echo_table, pass_app
-from ledger.errors import ConfigError
 
 from . import alerts as alerts_mod
 from . import deliver, sendlog
@@ -33,10 +32,7 @@ def _settings(app):
 
 
 def _admins(app) -> list[str]:
-    admins = app.config.section("reports").get("admins", [])
-    if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
-        raise ConfigError(f"{app.config.path}: [reports] admins must be a list of addresses")
-    return admins
+    return list(app.config.reports.admins)
 
 
 def _progress(enabled: bool):
@@ -104,7 +100,7 @@ def report_send(app, month, account, dry_run, out, as_json):
     """Email each account's report to its recipients (once per recipient and month)."""
     ledger = _sealed(app)
     m = Month.parse(month, ledger.clock())
-    settings = None if dry_run and not app.config.section("smtp") else _settings(app)
+    settings = None if dry_run and app.config.smtp is None else _settings(app)
     summary = deliver.send_reports(
         ledger, m, settings=settings, account=account, admins=_admins(app), dry_run=dry_run,
         out=Path(out or f"gpuledger-mail-{m}") if dry_run else None,
@@ -174,7 +170,7 @@ def alerts_send(app, dry_run, out, account, as_json):
         from ledger.queries import account_views
 
         account_views(ledger, account)  # NotFound for an unknown account
-    settings = None if dry_run and not app.config.section("smtp") else _settings(app)
+    settings = None if dry_run and app.config.smtp is None else _settings(app)
     summary = alerts_mod.send_alerts(ledger, settings=settings, dry_run=dry_run,
                                      out=Path(out or "gpuledger-alerts") if dry_run else None,
                                      account=account)
@@ -227,7 +223,7 @@ def idle_send(app, days, dry_run, out, as_json):
     """Flag idle settlements ([idle] in the config), refund, and mail the digests."""
     from . import idle as idle_mod
 
-    settings = None if dry_run and not app.config.section("smtp") else _settings(app)
+    settings = None if dry_run and app.config.smtp is None else _settings(app)
     summary = idle_mod.send_idle(_sealed(app), app.config.idle, settings=settings, days=days,
                                  dry_run=dry_run,
                                  out=Path(out or "gpuledger-idle") if dry_run else None)

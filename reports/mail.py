@@ -26,13 +26,13 @@ from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
 from pathlib import Path
 
-from ledger.config import Config
+from ledger import schema
+from ledger.config import Config, SmtpSection
 from ledger.errors import ConfigError, LedgerError
 from ledger.names import is_user_name
 
 from .render import Rendered
 
-SECURITY = ("starttls", "ssl", "none")
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 MAX_ADDRESS = 254  # RFC 5321's limit on a path, and the send logs' column
 log = logging.getLogger(__name__)
@@ -55,45 +55,38 @@ class SmtpSettings:
 
     @classmethod
     def from_section(cls, section: dict, where: str = "[smtp]") -> SmtpSettings:
-        def get(key, kind, default=None):
-            value = section.get(key, default)
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise ConfigError(f"{where} {key} has the wrong type ({type(value).__name__})")
-            return value
+        """An ``[smtp]`` table (read with the schema, ledger.config.SmtpSection)."""
+        return cls.from_parsed(schema.parse_table(SmtpSection, section, where), where)
 
-        host = get("host", str)
-        if not host:
-            raise ConfigError(f"{where} host is required to send mail")
-        security = get("security", str, "starttls")
-        if security not in SECURITY:
-            raise ConfigError(f"{where} security must be one of {', '.join(SECURITY)}")
-        sender = get("from", str)
+    @classmethod
+    def from_parsed(cls, smtp: SmtpSection | None, where: str = "[smtp]") -> SmtpSettings:
+        """What sending needs, from a parsed ``[smtp]``: a host, one From address, a password
+        from its file when a user is set, and TLS whenever a password is sent."""
+        if smtp is None or not smtp.host:
+            raise ConfigError(f"{where}: host is required to send mail")
+        sender = smtp.sender
         if not sender or len(getaddresses([sender])) != 1 or "@" not in sender:
-            raise ConfigError(f"{where} from must be one email address")
-        port = get("port", int, DEFAULT_PORTS[security])
-        if not 0 < port < 65536:
-            raise ConfigError(f"{where} port must be between 1 and 65535")
-        user = get("user", str)
+            raise ConfigError(f"{where}: from must be one email address")
         password = None
-        pw_file = get("password_file", str)
-        if pw_file:
+        if smtp.password_file:
             try:
-                password = Path(pw_file).read_text().strip()
+                password = Path(smtp.password_file).read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read {where} password_file {pw_file}: "
+                raise ConfigError(f"cannot read {where} password_file {smtp.password_file}: "
                                   f"{exc.strerror}") from None
-        if user and password is None:
-            raise ConfigError(f"{where} user is set but password_file is not")
-        if user and security == "none":
-            raise ConfigError(f"{where} refuses to send a password without TLS "
+        if smtp.user and password is None:
+            raise ConfigError(f"{where}: user is set but password_file is not")
+        if smtp.user and smtp.security == "none":
+            raise ConfigError(f"{where}: refuses to send a password without TLS "
                               "(security = starttls or ssl)")
-        timeout = float(get("timeout", (int, float), 30.0))
-        return cls(host=host, port=port, security=security, sender=sender, user=user,
-                   password=password, ca_file=get("ca_file", str), timeout=timeout)
+        port = smtp.port or DEFAULT_PORTS[smtp.security]
+        return cls(host=smtp.host, port=port, security=smtp.security, sender=sender,
+                   user=smtp.user, password=password, ca_file=smtp.ca_file,
+                   timeout=smtp.timeout)
 
     @classmethod
     def from_config(cls, config: Config) -> SmtpSettings:
-        return cls.from_section(config.section("smtp"), f"{config.path}: [smtp]")
+        return cls.from_parsed(config.smtp, f"{config.path}: [smtp]")
 
     def tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.ca_file)

@@ -140,7 +140,13 @@ def test_config_file_and_overrides(tmp_path):
     cfg.devices = ["GPU-a", ["/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap21"]]
     assert cfg.specs() == [("GPU-a",), ("/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap21")]
     cfg_file.write_text("[agent]\nbogus = 1\n")
-    with pytest.raises(ValueError, match="unknown agent settings: bogus"):
+    with pytest.raises(ValueError, match=r"agent.toml: \[agent\]: unknown setting\(s\) bogus"):
         AgentConfig.load(str(cfg_file))
-    cfg_file.write_text('[ledger]\nurl = "x"\n')
+    cfg_file.write_text("[agent]\nintervall = 2\n")
+    with pytest.raises(ValueError, match=r"intervall \(did you mean interval\?\)"):
+        AgentConfig.load(str(cfg_file))
+    cfg_file.write_text('[database]\nurl = "x"\n')  # a shared gpuledger.toml: no [agent]
     assert AgentConfig.load(str(cfg_file)).interval == 1.0
+    cfg_file.write_text('[ledger]\nurl = "x"\n')  # a table gpuledger.toml does not have
+    with pytest.raises(ValueError, match=r"unknown section\(s\) ledger"):
+        AgentConfig.load(str(cfg_file))

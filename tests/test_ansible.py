@@ -298,7 +298,8 @@ def test_roles_load_vars_per_os_family_and_install_with_package(role):
 
 
 def _play(playbook: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**_env(), "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"), "ANSIBLE_LOCAL_TEMP": "/tmp"}
+    env = {**_env(), "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"), "ANSIBLE_LOCAL_TEMP": "/tmp",
+           "GPULEDGER_RENDER_VENV": sys.prefix}  # its bin/gpuledger renders job_submit.conf
     return subprocess.run([_ansible_playbook(), "-i", "localhost,", "-c", "local", str(playbook),
                            "-e", f"render_root={root}", *args],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -446,6 +447,12 @@ def test_no_node_file_holds_the_database_password(tmp_path):
 
     controller = config.load(root / "controller/etc/gpuledger.toml")  # the real parser
     assert controller.idle == IdlePolicy() and controller.daemon.fast_reserve is False
+    # job_submit.lua's settings are rendered from the controller's [submit]
+    submit = (root / "controller/etc/job_submit.conf").read_text()
+    assert submit == config.render_submit_conf(controller)
+    lines = submit.splitlines()
+    assert {"on_ledger_unavailable = reject", "cluster = hpc1", "timeout = 1.0",
+            "socket = /run/gpuledger/gpuledger-slurm.sock"} <= set(lines), lines
 
 
 def test_python_of_at_least_3_11_is_found_or_the_play_says_what_to_install(tmp_path):

@@ -38,6 +38,8 @@ def test_init_writes_config_and_migrates(tmp_path):
     from ledger import migrate
     assert result.output.splitlines() == [
         f"Wrote {config}",
+        (f"Wrote {config.parent / 'job_submit.conf'} (from [submit]: `gpuledger config "
+         "render-submit-conf` after editing it)"),
         f"Ledger sqlite:///{tmp_path}/c/ledger.db at schema {migrate.head()} (was empty)",
     ]
     again = CliRunner().invoke(cli, ["--config", str(config), "init"])

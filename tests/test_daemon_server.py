@@ -6,6 +6,7 @@ import json
 import pwd
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from conftest import need
@@ -106,7 +107,18 @@ def test_default_socket_from_env(daemon, monkeypatch):
     monkeypatch.setenv("GPULEDGER_SOCKET", str(daemon.path))
     assert socket_path(None, "/nonexistent.toml") == str(daemon.path)
     monkeypatch.delenv("GPULEDGER_SOCKET")
-    assert socket_path(None, "/nonexistent.toml") == "/run/gpuledger/gpuledger.sock"
+    # a config named (--config, $GPULEDGER_CONFIG) that does not exist is an error, not
+    # a silent answer from the default socket; an unreadable default config falls back
+    from ledger.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no configuration at /nonexistent.toml"):
+        socket_path(None, "/nonexistent.toml")
+    monkeypatch.setenv("GPULEDGER_CONFIG", "/nonexistent.toml")
+    with pytest.raises(ConfigError, match="no configuration at /nonexistent.toml"):
+        socket_path(None, None)
+    monkeypatch.delenv("GPULEDGER_CONFIG")
+    monkeypatch.setattr("ledger.config.DEFAULT_PATH", Path("/nonexistent/gpuledger.toml"))
+    assert socket_path(None, None) == "/run/gpuledger/gpuledger.sock"
 
 
 def test_overlong_line_is_refused_and_closed(sqlite_ledger):

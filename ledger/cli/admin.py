@@ -31,11 +31,52 @@ def init(app, url, cluster):
         config_mod.write_new(path, url or "sqlite:///ledger.db", cluster)
         click.echo(f"Wrote {path}")
     app.__dict__.pop("config", None)
+    submit = path.parent / config_mod.SUBMIT_CONF
+    if not submit.exists():  # job_submit.lua's settings, from [submit]; never one already there
+        config_mod.write_submit_conf(app.config, submit)
+        click.echo(f"Wrote {submit} (from [submit]: `gpuledger config render-submit-conf` "
+                   "after editing it)")
     ledger = app.ledger
     before, after = migrate.upgrade(ledger.engine)
     ledger.bootstrap()
     click.echo(f"Ledger {db.resolve_url(app.config).render_as_string(hide_password=True)} "
                f"at schema {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+
+
+@click.group("config")
+def config_group():
+    """The configuration file: check it, render job_submit.conf, print the reference."""
+
+
+@config_group.command("check")
+@pass_app
+def config_check(app):
+    """Read the configuration with every check; say where it is."""
+    click.echo(f"{app.config.path}: ok")
+
+
+@config_group.command("render-submit-conf")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write this file (mode 0644, only when it changes) instead of printing.")
+@click.option("--check", "dry_run", is_flag=True,
+              help="With --output: say whether it would change, write nothing.")
+@pass_app
+def config_render_submit_conf(app, output, dry_run):
+    """job_submit.conf (what job_submit.lua reads) from [submit], cluster and [daemon]."""
+    if not output:
+        click.echo(config_mod.render_submit_conf(app.config), nl=False)
+        return
+    changed = config_mod.write_submit_conf(app.config, Path(output), check=dry_run)
+    if not changed:
+        click.echo(f"{output} unchanged")
+    else:
+        click.echo(f"{output} {'would change' if dry_run else 'written'}")
+
+
+@config_group.command("reference")
+def config_reference():
+    """Every section and key with its type, default and meaning (docs/config.md)."""
+    click.echo(config_mod.reference(), nl=False)
 
 
 @click.group("db")
@@ -301,5 +342,5 @@ def verify(app, as_json, export_head, against):
         raise SystemExit(1)
 
 
-COMMANDS = [init, db_group, keys_group, account_group, rates_group, tiers_group, journal,
+COMMANDS = [init, config_group, db_group, keys_group, account_group, rates_group, tiers_group, journal,
             verify]

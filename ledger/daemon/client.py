@@ -27,17 +27,28 @@ class DaemonError(LedgerError):
 
 
 def socket_path(explicit: str | None = None, config_path: str | None = None) -> str:
-    """``--socket``, then ``$GPULEDGER_SOCKET``, then the config file if readable, else default."""
+    """``--socket``, then ``$GPULEDGER_SOCKET``, then the config file if readable, else default.
+
+    A config named by ``--config`` or ``$GPULEDGER_CONFIG`` that does not exist, or that is
+    readable but wrong, is an error (answering from another socket would hide it); only an
+    unreadable config (ordinary users) falls back to the default socket."""
     if explicit:
         return explicit
     if os.environ.get(ENV_SOCKET):
         return os.environ[ENV_SOCKET]
-    try:
-        from .. import config as config_mod
+    from .. import config as config_mod
 
-        return config_mod.load(config_path).daemon.socket
-    except LedgerError:
+    path = config_mod.config_path(config_path)
+    if config_mod.named_path(config_path) and not path.exists():
+        config_mod.load(path)  # raises: no configuration at PATH
+    if not os.access(path, os.R_OK):
         return DEFAULT_SOCKET  # ordinary users cannot read the config: use the default
+    try:
+        return config_mod.load(path).daemon.socket
+    except LedgerError:
+        if config_mod.named_path(config_path):
+            raise
+        return DEFAULT_SOCKET
 
 
 class Client:

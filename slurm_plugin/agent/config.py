@@ -1,68 +1,69 @@
-"""Agent settings: defaults, an optional TOML file, command-line overrides."""
+"""Agent settings: the schema's [agent] and [idle] (ledger.config), from an optional TOML
+file, then command-line overrides."""
 
 from __future__ import annotations
 
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ledger import config as config_mod
+from ledger import schema
 from ledger.errors import ConfigError
 from ledger.idle import IdlePolicy
-from ledger.idle import parse as parse_idle
-from slurm_plugin.agent.gresconf import (
-    DEFAULT_GRES_CONF,
-    DEFAULT_MIG_MINORS,
-    parse_gres_conf,
-    parse_mig_minors,
-    read_text,
-)
-from slurm_plugin.agent.server import DEFAULT_SOCKET
-from slurm_plugin.agent.spool import DEFAULT_SPOOL
+from slurm_plugin.agent.gresconf import parse_gres_conf, parse_mig_minors, read_text
+
+_D = config_mod.AgentSection()
 
 
 @dataclass
 class AgentConfig:
-    """Settings of `gpuledger agent` (the [agent] table of the config file)."""
+    """Settings of `gpuledger agent` (the [agent] table of its file; defaults, checks and docs
+    in :class:`ledger.config.AgentSection`)."""
 
-    socket: str = DEFAULT_SOCKET
-    spool: str = DEFAULT_SPOOL
-    interval: float = 1.0
-    gres_conf: str = DEFAULT_GRES_CONF
+    socket: str = _D.socket
+    spool: str = _D.spool
+    interval: float = _D.interval
+    gres_conf: str = _D.gres_conf
     node_name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     # Explicit device list (overrides gres.conf): one entry per Slurm index, each a
     # device file, a GPU-/MIG- UUID, or a list of files (MultipleFiles).
     devices: list[Any] | None = None
-    mig_minors: str = DEFAULT_MIG_MINORS
+    mig_minors: str = _D.mig_minors
     allowed_uids: list[int] | None = None
-    keep_finished_days: float = 7.0
+    keep_finished_days: float = _D.keep_finished_days
     idle: IdlePolicy = field(default_factory=IdlePolicy)  # the file's [idle] table
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> AgentConfig:
-        data: dict[str, Any] = {}
-        idle = IdlePolicy()
+        """Defaults, then the file's settings, then ``overrides`` (None: not given); every
+        problem is a ValueError naming the file, the table and the key."""
+        section, idle = _D, IdlePolicy()
         if path:
-            raw = tomllib.loads(Path(path).read_text())
-            if isinstance(raw.get("idle"), dict):
-                try:
-                    idle = parse_idle(raw["idle"], f"{path}: [idle]")
-                except ConfigError as exc:
-                    raise ValueError(str(exc)) from None
-            if "agent" in raw:
-                data = dict(raw["agent"])
-            else:  # a flat file, or a shared file without an [agent] table
-                data = {k: v for k, v in raw.items() if not isinstance(v, dict)}
-        known = {f.name for f in fields(cls)} - {"idle"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown agent settings: {', '.join(sorted(unknown))}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls(**data, idle=idle)
-        if not 0.05 <= float(cfg.interval) <= 3600:
-            raise ValueError("interval must be between 0.05 and 3600 seconds")
-        return cfg
+            try:
+                raw = tomllib.loads(Path(path).read_text())
+                section, idle = config_mod.agent_settings(raw, path)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        items = {i.attr: i for i in schema.items(config_mod.AgentSection)}
+        data = {a: getattr(section, a) for a in items if getattr(section, a) is not None}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in items:
+                raise ValueError(f"unknown agent setting {key}")
+            try:
+                data[key] = schema.convert(items[key], value, "agent option")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        for key in ("devices", "allowed_uids"):
+            if key in data:
+                data[key] = [list(d) if isinstance(d, tuple) else d for d in data[key]]
+        return cls(**data, idle=idle)
 
     def specs(self) -> list[tuple[str, ...]]:
         """Device files (or UUIDs) per Slurm GPU index."""

@@ -11,13 +11,14 @@ import stat
 import struct
 from collections.abc import Iterable
 
+from ledger.config import AgentSection
 from slurm_plugin.agent.core import Agent
 from slurm_plugin.agent.protocol import MAX_LINE, encode, handle_line
 from slurm_plugin.safefs import SafeDir
 
 log = logging.getLogger("gpuledger.agent")
 
-DEFAULT_SOCKET = "/run/gpuledger/agent.sock"
+DEFAULT_SOCKET = AgentSection.socket  # [agent] socket (ledger.config)
 IDLE_TIMEOUT_S = 10.0
 MAX_CLIENTS = 64
 

@@ -9,11 +9,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ledger.config import AgentSection
 from slurm_plugin.safefs import SafeDir
 
 log = logging.getLogger("gpuledger.agent")
 
-DEFAULT_SPOOL = "/var/spool/gpuledger/agent"
+DEFAULT_SPOOL = AgentSection.spool  # [agent] spool (ledger.config)
 _NAME = re.compile(r"^job-(\d+)\.(\d+)\.json$")
 
 
