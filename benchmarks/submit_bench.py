@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.proccpu import cpu_by_name, cpu_s
 from ledger import config as config_mod
 from ledger.daemon.client import Client
+from ledger.schema import set_keys
 from ledger.service import Ledger
 
 SCRIPT = REPO / "slurm_plugin" / "lua" / "job_submit.lua"
@@ -164,10 +165,8 @@ def restart_slurmctld() -> None:
 def new_ledger(root: Path, socket_path: Path, fast: bool) -> tuple[Path, str]:
     cfg = root / "gpuledger.toml"
     sh(GL, "--config", str(cfg), "init", "--cluster", "gpuledger")
-    cfg.write_text(cfg.read_text().replace('socket = "/run/gpuledger/gpuledger.sock"',
-                                           f'socket = "{socket_path}"')
-                   .replace('slurm_user = "slurm"', 'slurm_user = "slurm"\n'
-                            f'fast_reserve = {"true" if fast else "false"}'))
+    cfg.write_text(set_keys(cfg.read_text(), {"daemon": {
+        "socket": str(socket_path), "slurm_user": "slurm", "fast_reserve": fast}}))
     sh(GL, "--config", str(cfg), "keys", "generate", "--kid", "bench")
     sh(GL, "--config", str(cfg), "account", "create", "physics")
     sh(GL, "--config", str(cfg), "rates", "set", "h100", "1.0")

@@ -174,6 +174,28 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string for the text settings hold
 
 
+def set_keys(text: str, changes: dict[str, dict[str, Any]]) -> str:
+    """A config file's text with ``changes`` (section → key → value) set, its comments kept:
+    a key set in its section is replaced, a new one goes right under the section's header,
+    a section the file lacks is added at the end. (What `gpuledger init` writes is commented
+    defaults under every header; tests and benchmarks point it at their own paths this way.)
+    """
+    lines = text.splitlines()
+    for section, keys in changes.items():
+        header = f"[{section}]"
+        try:
+            start = next(i for i, ln in enumerate(lines) if ln.strip() == header)
+        except StopIteration:
+            lines += ["", header]
+            start = len(lines) - 1
+        end = next((i for i in range(start + 1, len(lines))
+                    if lines[i].lstrip().startswith("[")), len(lines))
+        body = [ln for ln in lines[start + 1:end]
+                if ln.split("=", 1)[0].strip() not in keys or ln.lstrip().startswith("#")]
+        lines[start + 1:end] = [f"{k} = {toml_value(v)}" for k, v in keys.items()] + body
+    return "\n".join(lines) + "\n"
+
+
 def default_text(item: Item) -> str:
     """The default as the reference shows it."""
     if item.spec.default_doc:

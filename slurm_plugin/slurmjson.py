@@ -2,8 +2,9 @@
 
 Everything a user sets — job name, ``--comment``, paths, ``--wckey``, the script — is a JSON
 string here, one value under its own key, so no job name can put a ``QOS=`` or an
-``AdminComment=`` where Slurm's own field stands (``scontrol show job -o`` prints values
-unescaped, and a ``Key=Value`` reading of it lets the user choose the fields: never read).
+``AdminComment=`` where Slurm's own field stands (scontrol's one-line job records print
+values unescaped, and a ``Key=Value`` reading of them lets the user choose the fields: never
+read).
 
 What moves between releases (each checked against the data_parser of the tag named, in
 src/plugins/data_parser/<version>/parsers.c; fixtures/slurm/<release>/ holds each release's

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ledger import config as config_mod
+from ledger.schema import set_keys
 from ledger.service import Ledger
 
 ACCOUNTS = ("physics", "chemistry")
@@ -15,11 +16,12 @@ RATES = (("h100", "1.0"), ("a100", "0.6"), ("default", "0.5"))
 
 
 def init_ledger(gl: Callable[..., str], cfg: Path, socket: Path, *, database: str | None = None,
-                extra: str = "") -> Ledger:
-    """`gpuledger init` at ``cfg`` with the daemon on ``socket``, a key, accounts and rates."""
+                settings: dict[str, dict] | None = None) -> Ledger:
+    """`gpuledger init` at ``cfg`` with the daemon on ``socket`` (and ``settings``, section →
+    key → value), a key, accounts and rates."""
     gl("init", "--cluster", "gpuledger", *(["--database", database] if database else []))
-    cfg.write_text(cfg.read_text().replace('"/run/gpuledger/gpuledger.sock"', f'"{socket}"')
-                   + extra)
+    cfg.write_text(set_keys(cfg.read_text(), {"daemon": {"socket": str(socket)},
+                                              **(settings or {})}))
     gl("keys", "generate", "--kid", "k1")
     for account in ACCOUNTS:
         gl("account", "create", account)

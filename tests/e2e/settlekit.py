@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import need
 
 from ledgerkit import init_ledger, start_daemon
+
+from ledger.schema import set_keys
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -177,9 +181,9 @@ class Settle:
     def setup(self) -> None:
         self.ledger = init_ledger(
             self.gl, self.cfg, SOCKET, database=f"sqlite:///{self.root / 'ledger.db'}",
-            extra=(f'\n[hooks]\nstate_dir = "{self.root / "jobs"}"\n'
-                   f'log_file = "{self.root / "hooks.log"}"\ngrace_seconds = 0\n'
-                   'close_wait_seconds = 15\n'))
+            settings={"hooks": {"state_dir": str(self.root / "jobs"),
+                                "log_file": str(self.root / "hooks.log"),
+                                "grace_seconds": 0, "close_wait_seconds": 15}})
         log = self.root / "hooks.log"  # the controller hooks run as SlurmUser
         log.touch()
         log.chmod(0o666)
@@ -282,10 +286,11 @@ class Settle:
         self.jobs.clear()
 
 
-@pytest.fixture(scope="module")
-def st():
-    need(cluster_ready(), "Slurm test cluster (tests/cluster/up)")
-    root = Path(tempfile.mkdtemp(prefix="gl-settle-"))
+@contextmanager
+def settle_session(prefix: str = "gl-settle-") -> Iterator[Settle]:
+    """A throwaway ledger and its daemon, with job_submit.lua and the hooks pointed at it;
+    afterwards every job cancelled, the daemon stopped and the config files put back."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
     s = Settle(root)
     NODE_CONF.parent.mkdir(parents=True, exist_ok=True)
@@ -293,8 +298,7 @@ def st():
     try:
         ensure_hooks()
         s.setup()
-        NODE_CONF.write_text(s.cfg.read_text().replace('dir = "keys"',
-                                                       f'dir = "{root / "keys"}"'))
+        NODE_CONF.write_text(set_keys(s.cfg.read_text(), {"keys": {"dir": str(root / "keys")}}))
         s.start_daemon()
         s.submit_conf()
         yield s
@@ -308,6 +312,13 @@ def st():
                 p.write_text(text)
         os.utime(LUA)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def st():
+    need(cluster_ready(), "Slurm test cluster (tests/cluster/up)")
+    with settle_session() as s:
+        yield s
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+
+from ledger import config as config_mod
+from ledger.schema import set_keys
 from settlekit import NODE_CONF, REPO, s, sh, st  # noqa: F401 - st and s are fixtures
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -85,10 +88,10 @@ def agent(st):
     a = FakeAgent(st.root)
     a.start()
     good = NODE_CONF.read_text()
-    assert 'policy = "allocated"' in good
-    NODE_CONF.write_text(good.replace('policy = "allocated"', 'policy = "measured"')
-                         + f'agent_socket = "{AGENT_SOCKET}"\nagent_spool = "{a.spool}"\n')
-    # ([hooks] is the last table)
+    NODE_CONF.write_text(set_keys(good, {
+        "charge": {"policy": "measured"},
+        "hooks": {"agent_socket": str(AGENT_SOCKET), "agent_spool": str(a.spool)}}))
+    assert config_mod.load(NODE_CONF).charge.policy == "measured"
     try:
         yield a
     finally:

@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from ledger.schema import set_keys
 from settlekit import (  # noqa: F401 - st and s are fixtures
     LUA, NODE_CONF, cluster_up, field, node_name, s, sh, st,
 )
@@ -373,8 +375,8 @@ def test_fast_reserve_answers_lost_in_a_daemon_crash_are_paid_at_start_or_cancel
     runs and pays — or, its token spent meanwhile, is cancelled. Nothing runs unpaid."""
     good = s.cfg.read_text()
     s.stop_daemon()
-    s.cfg.write_text(good.replace('slurm_user = "slurm"', 'slurm_user = "slurm"\n'
-                                  "fast_reserve = true\nfast_reserve_batch_ms = 30000"))
+    s.cfg.write_text(set_keys(good, {"daemon": {"fast_reserve": True,
+                                                "fast_reserve_batch_ms": 30000}}))
     s.start_daemon()
     a, a_id = s.mint()
     b, b_id = s.mint()

@@ -548,7 +548,7 @@ def test_user_commands_as_alice_and_bob(fresh):
     fresh.sbatch("alice", f"--gpu-token={alice_tok}", "--gres=gpu:h100:1", "-t", "7")
     fresh.sbatch("bob", f"--gpu-token={bob_tok}", "-A", "chemistry", "--gres=gpu:h100:1",
                  "-t", "11")
-    env = {"GPULEDGER_SOCKET": str(SOCKET), "GPULEDGER_CONFIG": "/etc/gpuledger/none.toml"}
+    env = {"GPULEDGER_SOCKET": str(SOCKET)}  # a user: no config file of their own
     alice = json.loads(cli_as("alice", ["balance", "--json"], env)["output"])
     assert atid in {t["id"] for t in alice["tokens"]} and btid not in {
         t["id"] for t in alice["tokens"]}
