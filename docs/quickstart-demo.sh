@@ -53,7 +53,7 @@ job=${job%%;*}
 echo "Submitted job $job"
 # Slurm read as data (squeue --json), as the hooks read it: a job name cannot fake a field
 job_field() {
-  squeue --json --all --jobs "$1" 2>/dev/null | python3 -c '
+  squeue --json --all --states all --jobs "$1" 2>/dev/null | python3 -c '
 import json, sys
 want, key = sys.argv[1], sys.argv[2]
 for j in json.load(sys.stdin)["jobs"]:

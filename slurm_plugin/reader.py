@@ -124,11 +124,10 @@ class CommandReader:
         return self._version
 
     def _squeue(self, job_id: str | None = None) -> list[JobRecord]:
-        cmd = ["squeue", "--json", "--all"]
+        # every state: from 23.02 squeue filters, and hides finished jobs unless asked
+        cmd = ["squeue", "--json", "--all", "--states", "all"]
         if job_id:
             cmd += ["--jobs", str(job_id)]
-        else:
-            cmd += ["--states", "all"]
         try:
             text = _run(cmd)
         except SlurmError as exc:

@@ -222,7 +222,7 @@ def test_reader_picks_its_job_out_of_squeue(monkeypatch, version):
     assert r.job(ids["REQ"]).job_id == ids["REQ"]
     assert r.job(f"{ids['THR']}_0").display_id == f"{ids['THR']}_0"
     assert r.job("999999") is None
-    assert asked[0][:3] == ["squeue", "--json", "--all"] and "--jobs" in asked[0]
+    assert asked[0][:5] == ["squeue", "--json", "--all", "--states", "all"] and "--jobs" in asked[0]
     assert {j.job_id for j in r.live_jobs()} >= set(ids.values())
     assert (ids["REQ"], 0) in r.stepped_runs([ids["REQ"]])
     assert r.owners([ids["CANC"]])[ids["CANC"]] == ("alice", "physics")

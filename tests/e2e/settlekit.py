@@ -28,6 +28,7 @@ from conftest import need
 from ledgerkit import init_ledger, start_daemon
 
 from ledger.schema import set_keys
+from slurm_plugin import slurmjson
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -142,7 +143,7 @@ JSON_KEYS = {"AdminComment": "admin_comment", "Comment": "comment", "JobState": 
 
 def job_json(job: str) -> list[dict]:
     """squeue --json's records of ``job`` (its own id, or every task of an array)."""
-    out = sh(["squeue", "--json", "--all", "--jobs", job])
+    out = sh(["squeue", "--json", "--all", "--states", "all", "--jobs", job])
     if out.returncode:
         return []
     return [j for j in json.loads(out.stdout)["jobs"]
@@ -150,8 +151,8 @@ def job_json(job: str) -> list[dict]:
 
 
 def _plain(value) -> str:
-    if isinstance(value, list):  # 23.11+: [base state, flags…]
-        value = value[0] if value else ""
+    if isinstance(value, list):  # 23.11+: [base state, flags…], named as Slurm names it
+        value = slurmjson.state(value)  # (COMPLETED + COMPLETING is COMPLETING)
     if isinstance(value, dict):  # 23.02+: {"set", "infinite", "number"}
         value = value.get("number")
     return "" if value is None else str(value)
