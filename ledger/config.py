@@ -93,16 +93,14 @@ class TopLevel:
 class DatabaseConfig:
     """The ledger database (daemon, CLI, hooks that settle)."""
 
-    url: str = setting(
-        None, kind=schema.STRING, default_doc="(required)",
+    url: str | None = setting(
+        None, kind=schema.STRING, default_doc="(required where the ledger is opened)",
         doc="SQLAlchemy URL: sqlite:///ledger.db (relative to this file), "
-            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db")
+            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db; "
+            "unset on compute nodes (their epilogs send charges to the daemon)")
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
-
-    def problem(self) -> str | None:
-        return None if self.url else "url is required"
 
 
 @dataclass(frozen=True)

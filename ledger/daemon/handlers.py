@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from .. import settlement
 from ..amounts import fmt_hours
+from ..config import ChargeConfig
 from ..errors import (
     ConfigError,
     IdempotencyConflict,
@@ -25,7 +26,6 @@ from ..errors import (
     StateError,
     StorageError,
 )
-from ..config import ChargeConfig
 from ..names import is_account_name, is_identifier, is_user_name
 from ..nodecharge import NodeCharge
 from ..queries import account_views, user_tokens
