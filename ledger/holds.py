@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, or_, select, update
 
 from .amounts import check_amount, fmt_hours, fmt_rate
 from .charge_record import ChargeRecord
@@ -51,6 +51,14 @@ def check_job_owner(hold, job_id: str, user: str | None, account: str | None) ->
     if account is not None and hold.account != account:
         raise StateError(f"hold {hold.id} was reserved for account {hold.account}, "
                          f"not {account} (job {job_id})")
+
+
+def check_job_cluster(hold, job_id: str, cluster: str | None) -> None:
+    """A hold pays only for a job on the cluster it was reserved on: its token's cluster
+    scope was checked there, and another cluster's job may have the same id."""
+    if cluster and hold.cluster and hold.cluster != cluster:
+        raise StateError(f"hold {hold.id} was reserved on cluster {hold.cluster}, not "
+                         f"{cluster} (job {job_id})")
 
 
 class _Keep:
@@ -304,10 +312,11 @@ class HoldOps(ReserveOps):
 
     def bind(self, hold_id: str, job_id: str, *, user: str | None = None,
              account: str | None = None, qos: str | None = None,
-             partition: str | None = None) -> HoldView:
+             partition: str | None = None, cluster: str | None = None) -> HoldView:
         """Record the Slurm job id of a hold (PrologSlurmctld does this); the same id again is a
         no-op. ``user``/``account`` are the job's, as Slurm reports them: a hold binds only to
-        a job of the user and account it was reserved for, and only to one job.
+        a job of the user and account it was reserved for, only on the ``cluster`` it was
+        reserved on, and only to one job.
 
         ``qos`` and ``partition`` are what Slurm runs the job in. job_submit cannot see an
         association's default QOS or the default partition, ``scontrol update`` may change
@@ -320,6 +329,7 @@ class HoldOps(ReserveOps):
             if hold.job_id not in (None, job_id):
                 raise StateError(f"hold {hold_id} belongs to job {hold.job_id}, not {job_id}")
             check_job_owner(hold, job_id, user, account)
+            check_job_cluster(hold, job_id, cluster)
             data: dict = {}
             if hold.job_id is None:
                 tx.conn.execute(update(HO).where(HO.c.id == hold_id).values(job_id=job_id))
@@ -398,8 +408,12 @@ class HoldOps(ReserveOps):
 
     def holds(self, *, state: str | None = None, token_id: str | None = None,
               job_id: str | None = None, user: str | None = None,
-              since: datetime | None = None) -> list[HoldView]:
+              since: datetime | None = None, cluster: str | None = None) -> list[HoldView]:
+        """Holds, oldest first; ``cluster``: those reserved on it or on no named cluster
+        (job ids of several clusters overlap: a job id is looked up with its cluster)."""
         q = select(HO).order_by(HO.c.created_at, HO.c.id)
+        if cluster:
+            q = q.where(or_(HO.c.cluster == cluster, HO.c.cluster.is_(None)))
         if state:
             q = q.where(HO.c.state == state)
         if token_id:

@@ -14,21 +14,30 @@ hooks; a new one per requeue, unique in the Slurm realm): such a run is linked u
 counts from 1 again, cannot repeat. ``job:<job id>:<restart>`` links (every ledger before
 that, every run on an older Slurm) are still read, but where the run has a SLUID only while
 their hold is pending: an old link of a settled hold is a previous job that had the same id.
+
+Several clusters share one ledger, and their job ids overlap (each controller counts from its
+own FirstJobId): a run is linked under ``job:<cluster>:<job id>:<restart>`` where the cluster
+is known (``cluster`` in gpuledger.toml; the hold's, checked to match), so alpha's job 5 and
+beta's job 5 are two runs. ``job:<job id>:<restart>`` (no cluster: a ledger from before, or a
+site that names none) is still read, for a hold of no cluster or of the cluster asking.
 """
 
 from __future__ import annotations
 
 from .errors import NotFound
 from .facts import LINK_KIND
-from .holds import check_job_owner
+from .holds import check_job_cluster, check_job_owner
 from .idempotency import idempotency_row
 from .journal import Tx
 from .rawsql import Raw
 
 
-def link_key(job_id: str, restart: int, sluid: str | None = None) -> str:
+def link_key(job_id: str, restart: int, sluid: str | None = None,
+             cluster: str | None = None) -> str:
     if sluid:
         return f"run:{sluid}"
+    if cluster:
+        return f"job:{cluster}:{job_id}:{restart}"
     return f"job:{job_id}:{restart}"
 
 
@@ -36,31 +45,42 @@ class JobLinkOps:
     """Mixed into :class:`ledger.service.Ledger`."""
 
     def link_job(self, hold_id: str, job_id: str, restart: int, *, user: str | None = None,
-                 account: str | None = None, sluid: str | None = None) -> str:
-        """Record that run ``restart`` of ``job_id`` (SLUID ``sluid``, where Slurm gives
-        one) is paid from ``hold_id`` (once). The link is journaled (a ``link`` row naming
-        its key and hold), so ``verify`` holds the idempotency record against it."""
-        key = link_key(job_id, restart, sluid)
+                 account: str | None = None, sluid: str | None = None,
+                 cluster: str | None = None) -> str:
+        """Record that run ``restart`` of ``job_id`` on ``cluster`` (SLUID ``sluid``, where
+        Slurm gives one) is paid from ``hold_id`` (once). The link is journaled (a ``link``
+        row naming its key and hold), so ``verify`` holds the idempotency record against
+        it."""
+        key = link_key(job_id, restart, sluid, cluster)
 
         def run(tx: Tx) -> dict:
-            check_job_owner(self._hold_row(tx.conn, hold_id), job_id, user, account)
+            hold = self._hold_row(tx.conn, hold_id)
+            check_job_owner(hold, job_id, user, account)
+            check_job_cluster(hold, job_id, cluster)
             tx.event(LINK_KIND, data={"key": key, "hold": hold_id})
             return {"hold": hold_id}
 
         return self._idempotent("link", key, {"hold": hold_id}, run)["hold"]
 
-    def linked_hold(self, job_id: str, restart: int, *, sluid: str | None = None
-                    ) -> str | None:
-        """The hold linked to run ``restart`` of ``job_id`` (by its SLUID first), or None."""
+    def linked_hold(self, job_id: str, restart: int, *, sluid: str | None = None,
+                    cluster: str | None = None) -> str | None:
+        """The hold linked to run ``restart`` of ``job_id`` on ``cluster`` (by its SLUID
+        first), or None. A link without a cluster counts only for a hold of no cluster or of
+        ``cluster``: another cluster's job of the same id is not this run."""
+        keys = ([link_key(job_id, restart, sluid)] if sluid else []) + (
+            [link_key(job_id, restart, cluster=cluster)] if cluster else []) + [
+            link_key(job_id, restart)]
         with self._read() as conn, Raw(conn) as raw:
-            for key in ([link_key(job_id, restart, sluid)] if sluid else []) + [
-                    link_key(job_id, restart)]:
+            for key in keys:
                 row = idempotency_row(raw, key)
                 if row is None or row[0] != "link":
                     continue
                 hold = row[2].get("hold")
                 if sluid and key.startswith("job:") and not self._pending(conn, hold):
                     return None  # linked before a job id came round again: not this run's
+                if key == link_key(job_id, restart) and not self._of_cluster(conn, hold,
+                                                                             cluster):
+                    continue
                 return hold
         return None
 
@@ -69,3 +89,13 @@ class JobLinkOps:
             return hold_id is not None and self._hold_row(conn, hold_id).state == "pending"
         except NotFound:
             return False
+
+    def _of_cluster(self, conn, hold_id: str | None, cluster: str | None) -> bool:
+        """Whether a hold may pay for a job on ``cluster`` (any, when either names none)."""
+        if not cluster or hold_id is None:
+            return True
+        try:
+            other = self._hold_row(conn, hold_id).cluster
+        except NotFound:
+            return False
+        return other in (None, cluster)

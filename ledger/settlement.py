@@ -73,9 +73,10 @@ def charge_node(ledger: Ledger, rec: NodeCharge, policy: str, floor) -> PostResu
     Never raises for a business reason: the result's note says why nothing was charged."""
     owners = list(dict.fromkeys([rec.job_id] + ([rec.array_job_id] if rec.array_job_id
                                                   else []) + list(rec.owners)))
-    hold = run_hold(ledger, rec.job_id, rec.restart, owners, user=rec.user, sluid=rec.sluid)
+    hold = run_hold(ledger, rec.job_id, rec.restart, owners, user=rec.user, sluid=rec.sluid,
+                    cluster=rec.cluster)
     if hold is None:
-        other = [x for o in owners for x in ledger.holds(job_id=o)]
+        other = [x for o in owners for x in ledger.holds(job_id=o, cluster=rec.cluster)]
         if other:
             return PostResult(False, 0, None, f"REFUSED: hold {other[-1].id} of job "
                               f"{rec.job_id} belongs to user {other[-1].user}, not {rec.user}")
@@ -145,12 +146,14 @@ def charge_amount(ledger: Ledger, key: str) -> int | None:
 
 
 def run_hold(ledger: Ledger, job_id: str, restart: int, owners: list[str],
-             user: str | None = None, sluid: str | None = None) -> HoldView | None:
-    """The hold paying for run ``restart`` of ``job_id``: the ledger's link for that run
-    (PrologSlurmctld wrote it; an array task's nodes know only the task's id; by the run's
-    SLUID where Slurm gives one), else the hold bound to the job (``job_hold``, settled ones
-    too). Never a hold of another user."""
-    linked = ledger.linked_hold(job_id, restart, sluid=sluid)
+             user: str | None = None, sluid: str | None = None,
+             cluster: str | None = None) -> HoldView | None:
+    """The hold paying for run ``restart`` of ``job_id`` on ``cluster``: the ledger's link
+    for that run (PrologSlurmctld wrote it; an array task's nodes know only the task's id; by
+    the run's SLUID where Slurm gives one), else the hold bound to the job (``job_hold``,
+    settled ones too). Never a hold of another user, nor of another cluster (job ids of the
+    clusters sharing a ledger overlap)."""
+    linked = ledger.linked_hold(job_id, restart, sluid=sluid, cluster=cluster)
     if linked is not None:
         try:
             hold = ledger.hold(linked)
@@ -158,12 +161,13 @@ def run_hold(ledger: Ledger, job_id: str, restart: int, owners: list[str],
             hold = None
         if hold is not None and (user is None or hold.user in (None, user)):
             return hold
-    return job_hold(ledger, owners, user=user, settled=True)
+    return job_hold(ledger, owners, user=user, settled=True, cluster=cluster)
 
 
 def job_hold(ledger: Ledger, owners: list[str], user: str | None = None,
-             settled: bool = False) -> HoldView | None:
-    """The pending hold the ledger binds to this job (its own id first, then its array's).
+             settled: bool = False, cluster: str | None = None) -> HoldView | None:
+    """The pending hold the ledger binds to this job (its own id first, then its array's) on
+    ``cluster`` (holds of no cluster count for any).
 
     The ledger is the authority on which hold belongs to which job: PrologSlurmctld bound
     it from the AdminComment job_submit wrote. A hold of another user is never returned.
@@ -172,7 +176,7 @@ def job_hold(ledger: Ledger, owners: list[str], user: str | None = None,
     """
     fallback = None
     for owner in owners:
-        holds = [h for h in ledger.holds(job_id=owner)
+        holds = [h for h in ledger.holds(job_id=owner, cluster=cluster)
                  if user is None or h.user in (None, user)]
         pending = [h for h in holds if h.state == "pending"]
         if pending:
@@ -187,15 +191,17 @@ def job_progress(ledger: Ledger, hold_id: str, job_id: str) -> tuple[set[str], i
 
 
 def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
-           reason: str = "job finished") -> tuple[str, HoldView | None]:
-    """A run of ``job_id`` ended (EpilogSlurmctld): close its hold once it is complete.
+           reason: str = "job finished", cluster: str | None = None
+           ) -> tuple[str, HoldView | None]:
+    """A run of ``job_id`` on ``cluster`` ended (EpilogSlurmctld): close its hold once it is
+    complete.
 
     ``waiting``: some node of the run has not charged yet (its epilog may still run);
     ``open``: the run charged but other array tasks have not; ``closed``: the rest returned;
     ``none``: no pending hold for this job. A requeued run closes its hold too: the next run
     is paid from a hold of its own (PrologSlurmctld reserves it).
     """
-    hold = job_hold(ledger, owners)
+    hold = job_hold(ledger, owners, cluster=cluster)
     if hold is None:
         return "none", None
     charged_nodes, jobs = job_progress(ledger, hold.id, job_id)

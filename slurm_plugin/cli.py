@@ -64,18 +64,26 @@ def job_group():
 
 @job_group.command("show")
 @click.argument("job_id")
+@click.option("--cluster", help="The cluster the job ran on (default: this config's "
+              "cluster; clusters sharing a ledger reuse job ids).")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 @pass_app
-def show(app, job_id, as_json):
+def show(app, job_id, cluster, as_json):
     """What job JOB_ID held, was charged and got back, per node and GPU."""
+    from ledger.names import check_slurm_name
+
     from .receipt import receipt
 
-    data = receipt(app.ledger, job_id, CommandReader(use_pyslurm=False))
+    if cluster is not None:
+        check_slurm_name(cluster, "cluster")
+    data = receipt(app.ledger, job_id, CommandReader(use_pyslurm=False),
+                   cluster or app.config.cluster)
     if as_json:
         return echo_json(data)
     for h in data["holds"]:
         eff = h["efficiency"]
-        echo_fields([("job", h["job_id"] or job_id), ("hold", h["id"]), ("state", h["state"]),
+        echo_fields([("job", h["job_id"] or job_id), ("cluster", h["cluster"] or "-"),
+                     ("hold", h["id"]), ("state", h["state"]),
                      ("token", h["token_id"]), ("account", h["account"]), ("user", h["user"]),
                      ("held", f"{fmt_hours(h['amount'])} GPU-h"),
                      ("charged", f"{fmt_hours(h['charged'])} GPU-h"),

@@ -50,6 +50,12 @@ def _client(h: Hook) -> Client:
     return Client(h.config.daemon.privileged_socket or h.config.daemon.socket, timeout=10.0)
 
 
+def _cluster(h: Hook) -> dict[str, str]:
+    """``cluster=`` for the daemon: this cluster's name in gpuledger.toml, where it names one
+    (the clusters sharing a ledger reuse each other's job ids)."""
+    return {"cluster": h.config.cluster} if h.config.cluster else {}
+
+
 def _sluid(e) -> dict[str, str]:
     """``sluid=`` for the daemon where Slurm named the run (25.11+: SLURM_JOB_SLUID)."""
     return {"sluid": e.sluid} if e.sluid else {}
@@ -78,7 +84,7 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
             bound = client.request("bind", hold=mark.hold_id, job=owner, user=e.user or "",
                                    account=e.account or "", task=e.job_id, restart=e.restart,
                                    qos=record.qos or "", partition=_one(record.partition),
-                                   **_sluid(e), **_alloc(record))
+                                   **_sluid(e), **_cluster(h), **_alloc(record))
         except Refusal as exc:  # its QOS/partition costs more than held; the token lacks it
             why = f"gpu-token: {exc.message}; job cancelled before it ran"
             h.log.info("cancelling: %s", why)
@@ -132,7 +138,7 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
                   type=gtypes[0] if len(gtypes) == 1 else "", tasks=1, user=e.user or "",
                   account=e.account or "", partition=e.partition or "",
                   key=f"start:{e.sluid}" if e.sluid else f"start:{e.job_id}:{e.restart}",
-                  job=e.job_id, qos=record.qos or "")
+                  job=e.job_id, qos=record.qos or "", **_cluster(h))
     if shares:  # shard/mps: Slurm counts no gres/gpu for them; the request says the share
         kind, per_node, gtype = shares
         fields.update(gres=kind, per_node=per_node, gpus=per_node * max(1, len(record.nodes)),
@@ -149,7 +155,8 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
         return REQUEUE
     try:
         client.request("bind", hold=resp.get("hold"), job=e.job_id, user=e.user or "",
-                       account=e.account or "", task=e.job_id, restart=e.restart, **_sluid(e))
+                       account=e.account or "", task=e.job_id, restart=e.restart, **_sluid(e),
+                       **_cluster(h))
     except LedgerError as exc:  # reserved with job=…: bound already; the link helps the nodes
         h.log.warning("reserved hold %s but could not link run %d: %s", resp.get("hold"),
                       e.restart, exc)
@@ -167,7 +174,7 @@ def epilog_slurmctld(h: Hook, client: Client | None = None,
         while True:
             try:
                 resp = client.request("finish", job=e.job_id, array_job=e.array_job_id or "",
-                                      nodes=",".join(nodes))
+                                      nodes=",".join(nodes), **_cluster(h))
             except LedgerError as exc:
                 h.log.error("cannot close the hold (%s); left for the reconciler", exc)
                 return 0

@@ -18,10 +18,12 @@ from .reader import SlurmReader
 from .slurm import SlurmError
 
 
-def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> list:
-    """Holds bound to the job (or its array), else the one its AdminComment names."""
+def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None,
+                  cluster: str | None = None) -> list:
+    """Holds bound to the job (or its array) on ``cluster`` (the clusters sharing a ledger
+    reuse each other's job ids), else the one its AdminComment names."""
     base = job_id.split("_")[0]
-    found = ledger.holds(job_id=base)
+    found = ledger.holds(job_id=base, cluster=cluster)
     if found or reader is None:
         return found
     try:
@@ -29,7 +31,7 @@ def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None
     except SlurmError:
         record = None
     if record is not None and record.array_job_id:
-        found = ledger.holds(job_id=record.array_job_id)
+        found = ledger.holds(job_id=record.array_job_id, cluster=cluster)
         if found:
             return found
     mark = marks.parse(record.admin_comment) if record else None
@@ -41,10 +43,12 @@ def holds_for_job(ledger: Ledger, job_id: str, reader: SlurmReader | None = None
     return []
 
 
-def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> dict:
-    holds = holds_for_job(ledger, job_id, reader)
+def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None,
+            cluster: str | None = None) -> dict:
+    holds = holds_for_job(ledger, job_id, reader, cluster)
     if not holds:
-        raise NotFound(f"no GPU-token hold for job {job_id}")
+        raise NotFound(f"no GPU-token hold for job {job_id}"
+                       + (f" on cluster {cluster}" if cluster else ""))
     task_id = job_id if "_" not in job_id else None
     out = []
     for hold in holds:
@@ -83,4 +87,4 @@ def receipt(ledger: Ledger, job_id: str, reader: SlurmReader | None = None) -> d
                     "efficiency": measure.efficiency,
                     "energy_mj": sum(n["energy_mj"] or 0 for n in nodes),
                     "journal": ledger.hold_journal(hold.id)})
-    return {"job": job_id, "task": task_id, "holds": out}
+    return {"job": job_id, "task": task_id, "cluster": cluster, "holds": out}

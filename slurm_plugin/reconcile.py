@@ -238,7 +238,8 @@ class Reconciler:
                 if r.admin_comment == marks.DEFERRED and r.ran and not r.active
                 and r.start is not None and r.start >= born]
         holdless = sorted(j for j in {r.job_id for r in runs}
-                          if not self.ledger.holds(job_id=j))  # one query a job, not a run
+                          if not self.ledger.holds(job_id=j, cluster=self.cluster)
+                          )  # one query a job, not a run
         if not holdless:
             return
         # Given nodes is not running: a run PrologSlurmctld refused (cancelled) or requeued

@@ -185,6 +185,11 @@ class Handlers:
             qos=_names(fields, "qos"),
         )
 
+    def _cluster(self, fields: dict[str, str]) -> str | None:
+        """The cluster a job runs on (``cluster=``, else this daemon's): job ids are looked up
+        with it, as the clusters sharing a ledger reuse each other's ids."""
+        return _name(fields, "cluster") or self.ledger.cluster or None
+
     @staticmethod
     def _job_user(fields: dict[str, str]) -> str | None:
         name = _user(fields)
@@ -317,11 +322,13 @@ class Handlers:
         run_of = _name(fields, "task") or job  # an array task's own id: its nodes know only it
         restart = _int(fields, "restart", required=False) or 0
         sluid = _sluid(fields)
+        cluster = self._cluster(fields)
         view = self.ledger.bind(hold_id, job, user=user, account=account,
-                                qos=_name(fields, "qos"), partition=_names(fields, "partition"))
+                                qos=_name(fields, "qos"), partition=_names(fields, "partition"),
+                                cluster=cluster)
         if view.state == "pending":
             self.ledger.link_job(hold_id, run_of, restart, user=user, account=account,
-                                 sluid=sluid)
+                                 sluid=sluid, cluster=cluster)
             view = self._fit(view, fields)
         token = self.ledger.inspect(view.token_id)
         return {"ok": 1, "hold": view.id, "state": view.state, "token_id": view.token_id,
@@ -362,7 +369,8 @@ class Handlers:
         for n in nodes:
             if not is_identifier(n):
                 raise BadRequest("field nodes is not a list of node names")
-        state, view = settlement.finish(self.ledger, owners, job, nodes)
+        state, view = settlement.finish(self.ledger, owners, job, nodes,
+                                        cluster=self._cluster(fields))
         out: dict[str, object] = {"ok": 1, "state": state}
         if view is not None:
             out.update(hold=view.id, charged=view.charged, returned=view.returned)
