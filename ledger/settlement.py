@@ -213,6 +213,32 @@ def finish(ledger: Ledger, owners: list[str], job_id: str, nodes: list[str],
     return ("closed", closed) if closed is not None else ("open", hold)
 
 
+def release_revoked(ledger: Ledger, hold_id: str, job_id: str, cluster: str, runs_on: str,
+                    user: str | None = None, account: str | None = None
+                    ) -> tuple[str, HoldView | None]:
+    """Federated job ``job_id`` started on cluster ``runs_on``; its copy on sibling
+    ``cluster``, whose AdminComment names ``hold_id``, was revoked: return that hold at
+    once. Every sibling's job_submit holds the job's cost (each copy could be the one to
+    run); only the run that starts pays. The hold must be one reserved on ``cluster``, for
+    the job's user and account, bound to no other job, and ``cluster`` must not be where the
+    job runs. ``closed``, or ``none`` when the hold was resolved already (a repeat)."""
+    from .holds import check_job_cluster, check_job_owner
+
+    if cluster == runs_on:
+        raise StateError(f"job {job_id} runs on cluster {runs_on}: its hold there is not a "
+                         "revoked copy's")
+    hold = ledger.hold(hold_id)
+    if hold.state != "pending":
+        return "none", hold
+    if hold.job_id not in (None, job_id):
+        raise StateError(f"hold {hold_id} belongs to job {hold.job_id}, not {job_id}")
+    check_job_owner(hold, job_id, user, account)
+    check_job_cluster(hold, job_id, cluster)
+    closed = close(ledger, hold_id, f"federated job {job_id} runs on cluster {runs_on}; its "
+                   f"copy on cluster {cluster} was revoked")
+    return ("closed", closed) if closed is not None else ("none", ledger.hold(hold_id))
+
+
 def close(ledger: Ledger, hold_id: str, reason: str) -> HoldView | None:
     try:
         return ledger.void(hold_id, key=close_key(hold_id), reason=reason)

@@ -121,7 +121,45 @@ def prolog_slurmctld(h: Hook, reader=None, client: Client | None = None) -> int:
             return _reserve(h, reader, client, record, why=f"hold {mark.hold_id} is "
                             f"{bound.get('state')} (run {e.restart})")
         h.log.info("bound hold %s to job %s (%s/%s)", mark.hold_id, owner, e.user, e.account)
+        _release_siblings(h, reader, client, record, mark)
         return 0
+
+
+def _release_siblings(h: Hook, reader, client: Client, record: JobRecord,
+                      mark: marks.HoldMark) -> None:
+    """A federated job starts here: every sibling's job_submit held its cost too (any copy
+    could have been the one to run), and the others' copies are revoked as it starts (no
+    hook runs for a revoked copy). Return their holds now, read from accounting (``sacct
+    -M``); a copy not there yet is left to its own cluster's reconciler, which finds it
+    REVOKED."""
+    here = h.config.cluster or record.cluster
+    siblings = [c for c in record.fed_siblings if c not in (here, record.cluster)]
+    if not siblings:
+        return
+    e = h.env
+    try:
+        copies = reader.sibling_copies(e.job_id, siblings)
+    except SlurmError as exc:
+        h.log.warning("cannot read the copies of federated job %s on %s (%s); left for "
+                      "their reconcilers", e.job_id, ",".join(siblings), exc)
+        return
+    for copy in copies:
+        other = marks.parse(copy.admin_comment)
+        if not isinstance(other, marks.HoldMark) or other.hold_id == mark.hold_id:
+            continue
+        if copy.state != "REVOKED":  # not yet: its reconciler returns it once it is
+            continue
+        try:
+            resp = client.request("revoked", hold=other.hold_id, job=e.job_id,
+                                  cluster=copy.cluster or "", runs_on=here or "",
+                                  user=e.user or "", account=e.account or "")
+        except LedgerError as exc:
+            h.log.warning("could not return hold %s of the revoked copy on %s: %s",
+                          other.hold_id, copy.cluster, exc)
+            continue
+        if resp.get("state") == "closed":
+            h.log.info("returned hold %s of the copy revoked on %s (%s GPU-s)",
+                       other.hold_id, copy.cluster, resp.get("returned"))
 
 
 def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> int:

@@ -41,6 +41,8 @@ class SlurmReader(Protocol):
 
     def cancel(self, job_id: str, reason: str) -> None: ...
 
+    def sibling_copies(self, job_id: str, clusters: list[str]) -> list[JobRecord]: ...
+
     def owners(self, job_ids: list[str]) -> dict[str, tuple[str, str]]: ...
 
 
@@ -172,6 +174,16 @@ class CommandReader:
         for chunk in _chunks(job_ids):
             out |= {(r.job_id, r.restarts or 0) for r in self._sacct(chunk, None) if r.stepped}
         return out
+
+    def sibling_copies(self, job_id: str, clusters: list[str]) -> list[JobRecord]:
+        """The copies of federated job ``job_id`` on the sibling ``clusters``, from
+        accounting (``sacct -M``: slurmdbd knows every cluster's records; a copy revoked on
+        a non-origin sibling has no id in that sibling's squeue on 22.05)."""
+        if not clusters:
+            return []
+        cmd = ["sacct", "--json", "-a", "-D", "-M", ",".join(clusters), "-j", str(job_id)]
+        return [r for r in slurmjson.parse_sacct(_run(cmd, 60))
+                if r.job_id == str(job_id) and r.cluster in clusters]
 
     def owners(self, job_ids: list[str]) -> dict[str, tuple[str, str]]:
         """Job id → (user, account), from accounting."""

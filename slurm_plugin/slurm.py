@@ -60,6 +60,8 @@ class JobRecord:
     sluid: str | None = None  # this run's SLUID (25.11+: SLURM_JOB_SLUID in the hooks)
     qos: str | None = None  # the QOS it runs in
     partition: str | None = None  # one once it runs; the candidates before
+    cluster: str | None = None  # the cluster whose record this is (squeue, sacct)
+    fed_siblings: tuple[str, ...] = ()  # a federated job's viable siblings (squeue)
 
     @property
     def active(self) -> bool:

@@ -16,6 +16,10 @@ output, recorded on 22.05 and 24.11, derived for the others by fixtures/slurm/de
 * 23.02 (v0.0.39, slurm-23-02-8-1): ``UINT32_NO_VAL`` fields (``time_limit``,
   ``array_job_id``, ``array_task_id``, ``node_count``; sacct's ``time.limit``,
   ``array.task_id``) become ``{"set", "infinite", "number"}``.
+* Federation (every release): squeue names the record's ``cluster`` and a federated job's
+  ``federation_siblings_viable`` (a comma list); sacct names the ``cluster``. 22.05 prints
+  the ``job_id`` of a copy revoked on a non-origin sibling as null: such a record has the
+  job id "" (it is found by its AdminComment, never by an id).
 * 23.11 to 26.05 (v0.0.40 to v0.0.45): ``job_state`` and ``state.current`` are lists (the
   base state, then flags such as ``REQUEUED``); squeue's times are
   ``{"set", "infinite", "number"}`` (``TIMESTAMP_NO_VAL``); sacct's stay numbers.
@@ -165,7 +169,7 @@ def bitmap_tasks(text: str) -> str:
 def squeue_record(job: dict, now: datetime | None = None) -> JobRecord:
     """One job of ``squeue --json``."""
     _need(job, _SQUEUE_KEYS, "squeue --json")
-    job_id = str(number(job["job_id"]))
+    job_id = _id(job["job_id"])
     array_job = number(job["array_job_id"])
     task = _task(array_job, number(job["array_task_id"]),
                  _text(job.get("array_task_string")))
@@ -195,7 +199,15 @@ def squeue_record(job: dict, now: datetime | None = None) -> JobRecord:
         user=_text(job["user_name"]) or None, account=_text(job["account"]) or None,
         tres_per_node=_text(job["tres_per_node"]) or None,
         sluid=sluid(_text(job.get("sluid"))), qos=qos or None, partition=partition or None,
-        node_count=number(job.get("node_count")))
+        node_count=number(job.get("node_count")), cluster=_text(job.get("cluster")) or None,
+        fed_siblings=tuple(c for c in _text(job.get("federation_siblings_viable")).split(",")
+                           if c))
+
+
+def _id(value) -> str:
+    """A job id as text; "" for 22.05's null id of a revoked sibling copy."""
+    n = number(value)
+    return "" if n is None else str(n)
 
 
 def parse_squeue(text: str, now: datetime | None = None) -> list[JobRecord]:
@@ -226,7 +238,7 @@ def parse_sacct(text: str) -> list[JobRecord]:
     seen: dict[str, int] = {}
     for job in _doc(text, "sacct --json"):
         _need(job, _SACCT_KEYS, "sacct --json")
-        job_id = str(number(job["job_id"]))
+        job_id = _id(job["job_id"])
         array = job["array"] or {}
         time = job["time"] or {}
         array_job = number(array.get("job_id"))
@@ -248,7 +260,7 @@ def parse_sacct(text: str) -> list[JobRecord]:
             admin_comment=_text(comment.get("administrator")), source="sacct",
             user=_user(job["user"]), account=_text(job["account"]) or None,
             sluid=sluid(_text(job.get("original_sluid") or job.get("sluid"))),
-            stepped=bool(steps)))
+            stepped=bool(steps), cluster=_text(job.get("cluster")) or None))
     last = {r.job_id: i for i, r in enumerate(out)}
     for i, r in enumerate(out):
         r.superseded = last[r.job_id] != i

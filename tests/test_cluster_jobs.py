@@ -167,3 +167,135 @@ def test_the_reconciler_settles_only_its_own_clusters_holds(site):
     hb, ha = site.base.hold(b.id), site.base.hold(a.id)
     assert (hb.state, hb.charged) == ("posted", 20)
     assert (ha.state, ha.charged) == ("pending", 0)
+
+
+# -- federation: every sibling holds, the run that starts pays --------------------------------
+
+FED = str(1 << 26 | 4217)  # a federated job id: origin 1 (alpha), alpha's local id 4217
+
+
+class FedSlurm(FakeSlurm):
+    """A cluster's Slurm in a federation: sacct -M answers from the siblings' records."""
+
+    def __init__(self, copies: list):
+        super().__init__()
+        self.copies = copies
+        self.copies_asked: list[tuple[str, list[str]]] = []
+
+    def sibling_copies(self, job_id, clusters):
+        self.copies_asked.append((job_id, list(clusters)))
+        return [c for c in self.copies if c.job_id == job_id and c.cluster in clusters]
+
+
+def fed_start(site, runs_on: str, own, other_copy, other_cluster: str):
+    """PrologSlurmctld of the federated job on ``runs_on``; ``other_copy`` is the sibling's
+    accounting record of its copy."""
+    slurm = FedSlurm([other_copy])
+    site.slurm[runs_on] = slurm
+    record = rec(FED, "RUNNING", own, nodes=("b1",), clock=site.clock)
+    record.cluster, record.fed_siblings = runs_on, ("alpha", "beta")
+    slurm.live[FED] = record
+    assert ctld.prolog_slurmctld(site.hook(runs_on, FED, "b1"), slurm, site.client(runs_on)) == 0
+    return slurm
+
+
+def copy_of(site, hold, cluster: str, state: str = "REVOKED"):
+    r = rec(FED, state, hold, nodes=(), clock=site.clock)
+    r.cluster = cluster
+    return r
+
+
+def test_a_federated_run_returns_the_revoked_siblings_hold_at_once(site):
+    """Both siblings' job_submit held the job (origin alpha, copy on beta); it starts on
+    beta: beta's hold is bound, alpha's copy is REVOKED and its hold returned at start."""
+    a, b = site.reserve("alpha"), site.reserve("beta")
+    assert site.base.inspect(site.token).remaining == 36000 - 1200
+    slurm = fed_start(site, "beta", b, copy_of(site, a, "alpha"), "alpha")
+    assert slurm.copies_asked == [(FED, ["alpha"])]
+    ha, hb = site.base.hold(a.id), site.base.hold(b.id)
+    assert (ha.state, ha.charged, ha.returned, ha.job_id) == ("voided", 0, 600, None)
+    assert (hb.state, hb.job_id) == ("pending", FED)
+    assert site.base.inspect(site.token).remaining == 36000 - 600  # one copy held: one job
+    prolog(site.hook("beta", FED, "b1", 1000.0))
+    site.end("beta", FED, "b1", 1040.0)
+    assert site.base.hold(b.id).charged == 40
+    assert site.base.inspect(site.token).remaining == 36000 - 40
+    assert site.base.verify_journal().ok
+
+
+def test_a_pending_sibling_copy_is_left_to_its_reconciler(site):
+    """A copy not yet REVOKED in accounting is not touched at start; its own cluster's
+    reconciler returns the hold once Slurm has revoked it (no hook runs for a revoked
+    copy)."""
+    a, b = site.reserve("alpha"), site.reserve("beta")
+    fed_start(site, "beta", b, copy_of(site, a, "alpha", "PENDING"), "alpha")
+    assert site.base.hold(a.id).state == "pending"
+    site.slurm["alpha"].acct.append(copy_of(site, a, "alpha"))
+    summary = Reconciler(site.ledgers["alpha"], site.slurm["alpha"], grace_s=600).run()
+    assert summary.voided == [a.id] and summary.charged == 0
+    assert site.base.hold(b.id).state == "pending"  # beta's is beta's to settle
+
+
+def test_22_05s_revoked_copy_without_an_id_is_found_by_its_mark(site):
+    """22.05's squeue prints a copy revoked on a non-origin sibling with a null job id
+    (slurmjson reads it as ""): the reconciler finds its hold by the AdminComment."""
+    a = site.reserve("alpha")
+    revoked = copy_of(site, a, "alpha")
+    revoked.job_id = revoked.display_id = ""
+    site.slurm["alpha"].live[""] = revoked
+    summary = Reconciler(site.ledgers["alpha"], site.slurm["alpha"], grace_s=600).run()
+    assert summary.voided == [a.id] and site.base.hold(a.id).returned == 600
+
+
+def test_release_revoked_checks_the_hold_is_the_copys(site):
+    a, b = site.reserve("alpha"), site.reserve("beta")
+    site.base.bind(b.id, FED, cluster="beta")
+    with pytest.raises(StateError, match="reserved on cluster alpha, not beta"):
+        settlement.release_revoked(site.base, a.id, FED, "beta", "gamma")
+    with pytest.raises(StateError, match="runs on cluster beta"):
+        settlement.release_revoked(site.base, b.id, FED, "beta", "beta")  # the running one
+    with pytest.raises(StateError, match=f"belongs to job {FED}"):
+        settlement.release_revoked(site.base, b.id, "99", "beta", "alpha")
+    with pytest.raises(StateError, match="reserved for user alice, not bob"):
+        settlement.release_revoked(site.base, a.id, FED, "alpha", "beta", user="bob")
+    assert site.base.hold(a.id).state == site.base.hold(b.id).state == "pending"
+    state, view = settlement.release_revoked(site.base, a.id, FED, "alpha", "beta",
+                                             user="alice", account="physics")
+    assert (state, view.state, view.returned) == ("closed", "voided", 600)
+    again, _ = settlement.release_revoked(site.base, a.id, FED, "alpha", "beta")
+    assert again == "none" and site.base.verify_journal().ok
+
+
+def test_the_revoked_op_is_privileged(site):
+    from ledger.daemon.auth import Peer
+
+    a = site.reserve("alpha")
+    handlers = DirectClient(site.ledgers["beta"]).handlers
+    user = Peer(1, 1001, 1001, "alice", False)
+    resp = handlers.handle(user, {"op": "revoked", "hold": a.id, "job": FED,
+                                  "cluster": "alpha"})
+    assert resp["reason"] == "forbidden" and site.base.hold(a.id).state == "pending"
+    resp = DirectClient(site.ledgers["beta"]).request("revoked", hold=a.id, job=FED,
+                                                      cluster="alpha")  # runs_on: beta's
+    assert resp["state"] == "closed"
+
+
+def test_the_reader_reads_clusters_and_a_null_job_id():
+    """Slurm's own output (the 22.05 fixture) with the federation fields as 22.05 prints a
+    revoked sibling copy: the cluster and viable siblings are read, a null id is ""."""
+    import json
+    from pathlib import Path
+
+    from slurm_plugin import slurmjson
+
+    fixtures = Path(__file__).parent / "fixtures" / "slurm" / "22.05"
+    doc = json.loads((fixtures / "squeue.json").read_text())
+    job = doc["jobs"][0]
+    job.update(job_id=None, job_state="REVOKED", cluster="beta", federation_origin="alpha",
+               federation_siblings_viable="alpha,beta")
+    r = slurmjson.parse_squeue(json.dumps({**doc, "jobs": [job]}))[0]
+    assert (r.job_id, r.cluster, r.fed_siblings, r.state) == ("", "beta", ("alpha", "beta"),
+                                                              "REVOKED")
+    acct = json.loads((fixtures / "sacct.json").read_text())
+    acct["jobs"][0]["cluster"] = "alpha"
+    assert slurmjson.parse_sacct(json.dumps(acct))[0].cluster == "alpha"

@@ -139,7 +139,7 @@ class Handlers:
             "hello": self.hello, "ping": self.ping, "reserve": self.reserve,
             "resize": self.resize, "void": self.void, "quote": self.quote,
             "balance": self.balance, "jobs": self.jobs, "bind": self.bind,
-            "finish": self.finish, "charge": self.charge,
+            "finish": self.finish, "charge": self.charge, "revoked": self.revoked,
         }
 
     def handle(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
@@ -374,6 +374,23 @@ class Handlers:
         out: dict[str, object] = {"ok": 1, "state": state}
         if view is not None:
             out.update(hold=view.id, charged=view.charged, returned=view.returned)
+        return out
+
+    def revoked(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """A federated job started here (``job``); its copy on sibling ``cluster`` was
+        revoked: return that copy's ``hold`` (``settlement.release_revoked`` checks it is
+        that cluster's, of the job's ``user``/``account`` and bound to no other job)."""
+        self.policy.require_privileged(peer, "revoked")
+        hold_id, job, cluster = _name(fields, "hold"), _name(fields, "job"), _name(fields,
+                                                                                "cluster")
+        runs_on = _name(fields, "runs_on") or self.ledger.cluster
+        if hold_id is None or job is None or cluster is None or runs_on is None:
+            raise BadRequest("revoked needs hold, job, cluster and runs_on")
+        state, view = settlement.release_revoked(self.ledger, hold_id, job, cluster, runs_on,
+                                                 user=_user(fields), account=_account(fields))
+        out: dict[str, object] = {"ok": 1, "state": state}
+        if view is not None:
+            out.update(hold=view.id, returned=view.returned)
         return out
 
     # -- the nodes' epilogs (slurm_plugin.epilog, slurm_plugin.chargespool) ---------------
