@@ -1,7 +1,7 @@
 """A small palette-based raster canvas and PNG encoder (zlib only, no imaging library).
 
 Enough for a line chart in an email: rectangles, lines of a given width (solid
-or dashed), and text in a built-in 5×7 bitmap font (digits and a few letters).
+or dashed), and text in a built-in 10×20 bitmap font (printable ASCII, reports.glyphs).
 """
 
 from __future__ import annotations
@@ -9,39 +9,9 @@ from __future__ import annotations
 import struct
 import zlib
 
-# 5x7 glyphs, one string per row, '#' = ink.
-FONT: dict[str, tuple[str, ...]] = {
-    "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
-    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
-    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
-    "3": ("####.", "....#", "....#", ".###.", "....#", "....#", "####."),
-    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
-    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
-    "6": ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
-    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
-    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
-    "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
-    ".": (".....", ".....", ".....", ".....", ".....", ".##..", ".##.."),
-    ",": (".....", ".....", ".....", ".....", ".##..", "..#..", ".#..."),
-    "-": (".....", ".....", ".....", "#####", ".....", ".....", "....."),
-    ":": (".....", ".##..", ".##..", ".....", ".##..", ".##..", "....."),
-    "/": (".....", "....#", "...#.", "..#..", ".#...", "#....", "....."),
-    "%": ("##...", "##..#", "...#.", "..#..", ".#...", "#..##", "...##"),
-    " ": (".....",) * 7,
-    "k": ("#....", "#....", "#..#.", "#.#..", "##...", "#.#..", "#..#."),
-    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
-    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
-    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
-    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
-    "h": ("#....", "#....", "#.##.", "##..#", "#...#", "#...#", "#...#"),
-    "e": (".....", ".....", ".###.", "#...#", "#####", "#....", ".###."),
-    "n": (".....", ".....", "#.##.", "##..#", "#...#", "#...#", "#...#"),
-    "d": ("....#", "....#", ".##.#", "#..##", "#...#", "#...#", ".####"),
-    "o": (".....", ".....", ".###.", "#...#", "#...#", "#...#", ".###."),
-    "w": (".....", ".....", "#...#", "#...#", "#.#.#", "#.#.#", ".#.#."),
-    "x": (".....", ".....", "#...#", ".#.#.", "..#..", ".#.#.", "#...#"),
-}
-GLYPH_W, GLYPH_H = 5, 7
+from . import glyphs
+
+GLYPH_W, GLYPH_H, GLYPH_ASCENT = glyphs.WIDTH, glyphs.HEIGHT, glyphs.ASCENT
 
 
 class Canvas:
@@ -99,18 +69,26 @@ class Canvas:
             step += 1
 
     def text(self, x: int, y: int, text: str, colour: int, scale: int = 1) -> None:
+        """``text`` with its cell's top left at (x, y); characters outside printable ASCII
+        draw as blanks."""
         for ch in text:
-            glyph = FONT.get(ch, FONT[" "])
-            for gy, row in enumerate(glyph):
-                for gx, cell in enumerate(row):
-                    if cell == "#":
-                        self.rect(x + gx * scale, y + gy * scale, x + (gx + 1) * scale,
+            for gy, bits in enumerate(glyphs.rows(ch)):
+                gx = 0
+                while bits and gx < GLYPH_W:  # runs of ink in the row, left to right
+                    if bits >> (GLYPH_W - 1 - gx) & 1:
+                        run = gx
+                        while run < GLYPH_W and bits >> (GLYPH_W - 1 - run) & 1:
+                            run += 1
+                        self.rect(x + gx * scale, y + gy * scale, x + run * scale,
                                   y + (gy + 1) * scale, colour)
-            x += (GLYPH_W + 1) * scale
+                        gx = run
+                    else:
+                        gx += 1
+            x += GLYPH_W * scale
 
     @staticmethod
     def text_width(text: str, scale: int = 1) -> int:
-        return max(0, len(text) * (GLYPH_W + 1) * scale - scale)
+        return len(text) * GLYPH_W * scale
 
     def png(self) -> bytes:
         w = self.width

@@ -348,9 +348,10 @@ def test_the_report_shows_idle_gpu_hours_and_their_cost_per_user(ledger, clock):
     assert figures == {"alice": (100 * MIN, 6000), "bob": (15 * MIN, 900)}
     r = render_account(p)
     assert {u["key"]: u["idle_cost"] for u in r.json["by_user"]} == {"alice": 6000, "bob": 900}
-    line = next(ln for ln in r.text.splitlines() if ln.strip().startswith("alice"))
-    assert line.split()[-2:] == ["1.667", "1.667"]  # idle GPU-h, idle cost
-    assert "Idle cost" in r.html
+    idle = r.text[r.text.index("IDLE GPUs BY USER"):]
+    line = next(ln for ln in idle.splitlines() if ln.strip().startswith("alice"))
+    assert line.split()[-2:] == ["1.667", "1.667"]  # idle raw hours, idle cost GPU-h
+    assert "cost 0.250 GPU-h" in r.html  # bob's 900 GPU-s
 
 
 def test_the_pricing_doc_idle_example_is_what_the_rules_compute():

@@ -75,7 +75,7 @@ def test_reports_arrive_with_headers_parts_and_figures(ledger, clock, smtp, tmp_
                         msg["Message-ID"])
     assert msg["Date"]
     text, html, png, cid = parts(msg)
-    assert read_png_size(png) == (640, 260)
+    assert read_png_size(png) == (1280, 600)
     assert f'src="cid:{cid.strip("<>")}"' in html
     for body in (text, html):
         assert f"{PHYSICS['opening'] // H}.000" in body  # 1034.000
