@@ -54,6 +54,9 @@ def iso_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC")
 
 
+TEXT_WIDTH = 78  # the plain-text part's lines, at most (RFC 5322's advice)
+
+
 def ljust(value, width: int) -> str:
     return str(value).ljust(width)
 
@@ -63,15 +66,14 @@ def rjust(value, width: int) -> str:
 
 
 def cell(value, width: int, indent: int = 2) -> str:
-    """A name in a text column ``width`` wide (one blank after it at least); a longer name
-    keeps its line and the row's figures go on the next, so no line grows past the table."""
+    """A name in a text column ``width`` wide that starts at column ``indent`` (one blank
+    after it at least). A longer name keeps its own line (wrapped at TEXT_WIDTH) and the
+    row's figures go on the next, so no line grows past the table."""
     text = str(value)
     if len(text) < width:
         return text.ljust(width)
-    return text + "\n" + " " * (indent + width)
-
-
-TEXT_WIDTH = 78  # the plain-text part's lines, at most (RFC 5322's advice)
+    lines = textwrap.wrap(text, TEXT_WIDTH - indent, break_long_words=True) or [text]
+    return ("\n" + " " * indent).join(lines) + "\n" + " " * (indent + width)
 
 
 def wrap(text: str, indent: int = 2, width: int = TEXT_WIDTH, hang: int = 0) -> str:

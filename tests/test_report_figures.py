@@ -8,16 +8,17 @@ from collections import defaultdict
 
 import pytest
 from conftest import Clock
-from report_fixtures import CHEMISTRY, PHYSICS, H, at, seed_month
+from report_fixtures import CHEMISTRY, PHYSICS, H, at, gpus, seed_month
 
 from ledger import db
+from ledger.charge_record import ChargeRecord
 from ledger.errors import InvalidInput, NotFound
+from ledger.tokens import Scopes
+from ledger.views import HoldRequest
 from reports.figures import build
 from reports.period import Month
 from reports.png import read_png_size
 from reports.render import render_account, render_site
-from ledger.charge_record import ChargeRecord
-from ledger.views import HoldRequest
 
 NOV = Month(2026, 11)
 HMS = 3_600_000  # ms in an hour
@@ -167,7 +168,8 @@ def test_a_token_that_expires_soon_is_not_counted_past_its_expiry(sqlite_ledger,
     token expires; 970 h short. The decision line says so in every form."""
     lg = sqlite_ledger
     clock.now = at(11, 1, 0)
-    main, main_view = lg.mint("physics", 1300 * H, expires=at(6, 30, 0, year=2027))
+    main, main_view = lg.mint("physics", 1300 * H, expires=at(6, 30, 0, year=2027),
+                              scopes=Scopes.parse(users="alice,bob"))
     _, soon_view = lg.mint("physics", 300 * H, expires=at(12, 15, 0))
     lg.set_report_to("physics", ["pi@physics.example"])
     hold = lg.reserve(main, HoldRequest(gpus=3, seconds=100 * H, gpu_type="h100",
@@ -191,6 +193,13 @@ def test_a_token_that_expires_soon_is_not_counted_past_its_expiry(sqlite_ledger,
     assert line in rendered.html and 'data-figure="decision"' in rendered.html
     assert f"Token {soon_view.id} (any user) expires on 2026-12-15 with about 160.000" \
         in " ".join(rendered.text.split())
+    # tokens show their owners, not only their ids
+    assert f"Main token {main_view.id} (alice, bob): 1000.000 GPU-h left" in rendered.text
+    assert f"{main_view.id} (alice, bob): active, expires 2027-06-30" in rendered.text
+    assert "alice, bob · active" in rendered.html
+    assert {t["id"]: t["users"] for t in rendered.json["tokens"]} == {
+        main_view.id: ["alice", "bob"], soon_view.id: []}
+    assert rendered.json["projection"]["main_token"]["users"] == ["alice", "bob"]
 
 
 def test_single_account_gives_the_same_figures(ledger, month_site):
@@ -252,7 +261,6 @@ def test_names_are_escaped_in_html(sqlite_ledger, clock):
     from sqlalchemy import update
 
     from ledger.models import Hold
-    from ledger.views import HoldRequest
 
     lg = sqlite_ledger
     clock.now = at(11, 2)
@@ -314,7 +322,6 @@ def test_the_report_shows_what_each_tier_cost(ledger, clock):
     lists each tier's GPU-hours, summing to what was charged."""
     from ledger.charging import charge_gpus
     from ledger.tiers import Tiers
-    from ledger.views import HoldRequest
 
     clock.now = at(11, 3)
     token, _ = ledger.mint("physics", 10 * H)
@@ -339,3 +346,31 @@ def test_the_report_shows_what_each_tier_cost(ledger, clock):
     assert 'data-figure="tiers"' in rendered.html
     assert {t["key"] for t in rendered.json["by_tier"]} == {"standard x0.25",
                                                            "22:00-06:00 x0.125"}
+
+
+def test_text_lines_fit_78_columns_even_with_the_longest_names(sqlite_ledger, clock):
+    """The plain-text part of every report keeps to 78 columns: tables wrap a name that
+    does not fit its column, sentences wrap at words."""
+    from reports.render import TEXT_WIDTH
+
+    lg = sqlite_ledger
+    seed_month(lg, clock)
+    long_account, long_user = "a" * 60, "u" * 31 + "@" + "d" * 32  # longest names allowed
+    clock.now = at(11, 10)
+    lg.create_account(long_account)
+    tok, _ = lg.mint(long_account, 100 * H, expires=at(12, 10),
+                     scopes=Scopes.parse(users=f"{long_user},alice,bob,carol,dave,erin"))
+    hold = lg.reserve(tok, HoldRequest(gpus=2, seconds=2 * H, gpu_type="h100", user=long_user),
+                      job_id="4294967294_4000")
+    lg.post(hold.id, 3 * H, usage=gpus((2, 0.5), (2, 0.1)))
+    clock.now = at(12, 5)
+    with db.read(lg.engine) as conn:
+        site = build(conn, NOV, clock())
+    texts = {r.account: render_account(r).text for r in site.accounts}
+    texts["site"] = render_site(site).text
+    for name, text in texts.items():
+        long = [ln for ln in text.splitlines() if len(ln) > TEXT_WIDTH]
+        assert long == [], (name, long)
+    mine = texts[long_account]
+    assert long_user in mine and "4294967294_4000" in mine
+    assert f"(alice, bob, carol, dave, erin, {long_user})" in " ".join(mine.split())
