@@ -14,7 +14,7 @@ from ledger.cli.context import echo_json, echo_table, pass_app
 from . import alerts as alerts_mod
 from . import deliver, sendlog
 from .period import Month
-from .render import FORMATS, render_account
+from .render import FORMATS, ms_hours, render_account
 
 
 def _sealed(app):
@@ -228,7 +228,10 @@ def idle_send(app, days, dry_run, out, as_json):
                                  dry_run=dry_run,
                                  out=Path(out or "gpuledger-idle") if dry_run else None)
     d = summary.to_dict()
-    if not as_json:
+    if not as_json and dry_run:
+        click.echo(f"{d['flagged']} newly flagged, would refund {fmt_hours(d['would_refund'])} "
+                   "GPU-h (dry run: nothing refunded or recorded)")
+    elif not as_json:
         click.echo(f"{d['flagged']} newly flagged, {fmt_hours(d['refunded'])} GPU-h refunded")
     _report_summary(d, as_json, dry_run)
     if summary.failures:
@@ -259,8 +262,8 @@ def idle_list(app, days, account, as_json):
                            "idle_cost": n.idle_cost, "refund": n.refund,
                            "charged_at": n.charged_at.isoformat(), "mailed_to": n.mailed_to}
                           for n in rows])
-    echo_table(["JOB", "ACCOUNT", "USER", "IDLE_GPU_H", "COST_GPU_H", "REFUND_GPU_H", "MAILED"],
-               [[n.job_id or "-", n.account, _shown(n.user or "-"), fmt_hours(n.idle_ms // 1000),
+    echo_table(["JOB", "ACCOUNT", "USER", "IDLE_RAW_H", "COST_GPU_H", "REFUND_GPU_H", "MAILED"],
+               [[n.job_id or "-", n.account, _shown(n.user or "-"), ms_hours(n.idle_ms),
                  fmt_hours(n.idle_cost), fmt_hours(n.refund), ", ".join(n.mailed_to) or "-"]
                 for n in rows])
 
