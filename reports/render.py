@@ -98,7 +98,9 @@ def environment() -> Environment:
 
 @dataclass(frozen=True)
 class Rendered:
-    """One report in every form; ``chart`` is the PNG (None for the site summary)."""
+    """One report in every form; ``chart`` is the PNG (None for the site summary).
+    ``images``: (content id, PNG, file name) of each inline image of a mail that shows
+    several charts (several reports in one mail, reports.bundle)."""
 
     name: str  # file stem, e.g. physics-2026-11
     subject: str
@@ -106,6 +108,7 @@ class Rendered:
     text: str
     json: dict
     chart: bytes | None
+    images: tuple[tuple[str, bytes, str], ...] = ()
 
 
 def weeks_or_days(days: int) -> str:

@@ -99,13 +99,15 @@ def test_html_report_in_headless_chromium(sqlite_ledger, clock, tmp_path):
     assert (out / "physics-2026-11.png").exists() and site.exists()
 
     # on a phone: no horizontal scroll, the closing balance on screen
+    bundle = write_bundle(sqlite_ledger, out)
     phones = {}
-    for report in (page, site, out / "chemistry-2026-11.html"):
+    for report in (page, site, out / "chemistry-2026-11.html", bundle):
         phone = phones[report.name] = measured(tmp_path, report, PHONE)[0]
         assert phone["clientWidth"] == PHONE, phone
         assert phone["scrollWidth"] <= PHONE, (report.name, phone)
         assert phone["right"] <= PHONE, (report.name, phone)
         assert phone["closingRight"] is None or phone["closingRight"] <= PHONE, phone
+    assert [i[:2] for i in phones[bundle.name]["images"]] == [[WIDTH * SCALE, HEIGHT * SCALE]] * 2
     # the chart: a bitmap of twice its CSS size, shown at its CSS size on a desktop and
     # scaled down to the column on a phone
     desk, dom = measured(tmp_path, page, None)
@@ -126,3 +128,25 @@ def test_html_report_in_headless_chromium(sqlite_ledger, clock, tmp_path):
     assert re.search(r'data-figure="decision"[^>]*>Lasts until your main token expires '
                      r'\(2027-06-30\), about [0-9.]+ GPU-h spare', dom)
 
+
+
+def write_bundle(lg, out: Path) -> Path:
+    """Both accounts' reports and the site summary as one mail shows them, its inline
+    charts written beside it."""
+    from ledger import db
+    from reports.bundle import render_bundle
+    from reports.figures import build
+    from reports.period import Month
+
+    month = Month(2026, 11)
+    with db.read(lg.engine) as conn:
+        site = build(conn, month, lg.clock())
+    r = render_bundle([*site.accounts, site], month, sender="gpuledger@hpc.example",
+                      generated=lg.clock())
+    html = r.html
+    for n, (cid, png, _) in enumerate(r.images):
+        (out / f"bundle-{n}.png").write_bytes(png)
+        html = html.replace(f"cid:{cid}", f"bundle-{n}.png")
+    page = out / "bundle.html"
+    page.write_text(html)
+    return page
