@@ -374,3 +374,45 @@ def test_text_lines_fit_78_columns_even_with_the_longest_names(sqlite_ledger, cl
     mine = texts[long_account]
     assert long_user in mine and "4294967294_4000" in mine
     assert f"(alice, bob, carol, dave, erin, {long_user})" in " ".join(mine.split())
+
+
+def _pixels(data: bytes) -> tuple[int, int, bytes]:
+    width, height = read_png_size(data)
+    pos, idat = 8, b""
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        if data[pos + 4:pos + 8] == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    rows = b"".join(raw[y * (width + 1) + 1:(y + 1) * (width + 1)] for y in range(height))
+    return width, height, rows
+
+
+def test_chart_marks_the_run_out_and_the_main_tokens_expiry_with_a_legend():
+    """Drawn at twice its size: the legend (one entry per mark), the projection dropping
+    where a token expires with GPU-h left, the run-out dot and the main token's expiry."""
+    from datetime import timedelta
+
+    from reports.chart import (EXPIRY, LEFT, PROJ, RED, SCALE, TOP, burndown_png,
+                               legend_items)
+    from reports.projection import Spendable, project
+
+    soon = Spendable("tok_soon", (), 40 * H, NOV.end + timedelta(days=5))
+    main = Spendable("tok_main", ("alice",), 100 * H, NOV.end + timedelta(days=60))
+    p = project([soon, main], 4 * H, NOV.end)
+    assert p.losses[0].amount == 20 * H and p.run_out == NOV.end + timedelta(days=30)
+    assert p.horizon == main.expires and p.short == 120 * H
+    labels = [label for _, _, label in legend_items(p)]
+    assert labels == ["Balance", "Projection at 4.000 GPU-h/day", "Runs out 2026-12-31",
+                      "Main token expires 2027-01-30"]
+    series = [(NOV.day_start(d), (200 - 2 * d) * H) for d in range(1, 31)] + [(NOV.end, 140 * H)]
+    width, height, px = _pixels(burndown_png(series, NOV.start, NOV.end, p))
+    assert (width, height) == (1280, 600)
+    legend = px[:TOP * SCALE * width]
+    plot = px[TOP * SCALE * width:]
+    for colour in (PROJ, RED, EXPIRY):
+        assert colour in legend and colour in plot, colour
+    # the expiry line is one column pair of the plot: every few rows carry it
+    cols = {i % width for i in range(len(plot)) if plot[i] == EXPIRY}
+    assert max(cols) - min(cols) <= 4 and min(cols) > LEFT * SCALE
