@@ -394,8 +394,7 @@ def test_chart_marks_the_run_out_and_the_main_tokens_expiry_with_a_legend():
     where a token expires with GPU-h left, the run-out dot and the main token's expiry."""
     from datetime import timedelta
 
-    from reports.chart import (EXPIRY, LEFT, PROJ, RED, SCALE, TOP, burndown_png,
-                               legend_items)
+    from reports.chart import EXPIRY, LEFT, PROJ, RED, SCALE, TOP, burndown_png, legend_items
     from reports.projection import Spendable, project
 
     soon = Spendable("tok_soon", (), 40 * H, NOV.end + timedelta(days=5))
