@@ -243,3 +243,34 @@ def test_one_digest_per_recipient_across_accounts_and_per_day(sqlite_ledger, clo
     assert third.waiting == [] and len(smtp.handler.to("pi@hpc.example")) == 2
     text = bodies(smtp, "pi@hpc.example")[-1]
     assert "crossed 90 %" in text and "chemistry" not in text
+
+
+def test_the_cli_reads_thresholds_and_user_mail_from_the_config(sqlite_ledger, clock, tmp_path):
+    from click.testing import CliRunner
+
+    from slurm_plugin.climain import cli
+
+    lg = sqlite_ledger
+    lg.set_report_to("physics", [TO[0]])
+    tok, view = lg.mint("physics", 10 * H, expires=at(6, 30, year=2027),
+                        scopes=Scopes.parse(users="alice"))
+    use(lg, tok, 6, clock)  # 60 %: under the default 80, over a configured 50
+    conf = tmp_path / "gpuledger.toml"
+    url = lg.engine.url.render_as_string(hide_password=False)
+    conf.write_text(f'[database]\nurl = "{url}"\n[keys]\ndir = "{tmp_path / "keys"}"\n'
+                    '[idle]\nuser_mail = "{user}@hpc.example"\n'
+                    "[reports]\nalert_thresholds = [50]\n")
+    out = tmp_path / "eml"
+    r = CliRunner().invoke(cli, ["--config", str(conf), "alerts", "send", "--dry-run",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    emls = sorted(out.iterdir())
+    got = {}
+    for eml in emls:
+        msg = message_from_bytes(eml.read_bytes(), policy=policy.default)
+        got[msg["To"]] = " ".join(msg.get_body(("plain",)).get_content().split())
+    assert set(got) == {TO[0], "alice@hpc.example"}
+    assert f"Token {view.id} (alice) has used 60.0 % of 10.000 GPU-h (crossed 50 %)" \
+        in got["alice@hpc.example"]
+    r = CliRunner().invoke(cli, ["--config", str(conf), "alerts", "list", "--json"])
+    assert r.exit_code == 0 and '"threshold": 50' in r.output and '"threshold": 80' not in r.output
