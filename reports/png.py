@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from functools import lru_cache
 
 from . import glyphs
 
@@ -71,19 +72,20 @@ class Canvas:
     def text(self, x: int, y: int, text: str, colour: int, scale: int = 1) -> None:
         """``text`` with its cell's top left at (x, y); characters outside printable ASCII
         draw as blanks."""
+        ink = bytes([colour]) * (GLYPH_W * scale)
+        w = self.width
         for ch in text:
-            for gy, bits in enumerate(glyphs.rows(ch)):
-                gx = 0
-                while bits and gx < GLYPH_W:  # runs of ink in the row, left to right
-                    if bits >> (GLYPH_W - 1 - gx) & 1:
-                        run = gx
-                        while run < GLYPH_W and bits >> (GLYPH_W - 1 - run) & 1:
-                            run += 1
-                        self.rect(x + gx * scale, y + gy * scale, x + run * scale,
+            inside = (0 <= x and x + GLYPH_W * scale <= w and 0 <= y
+                      and y + GLYPH_H * scale <= self.height)
+            for gy, runs in enumerate(_runs(ch)):
+                for a, b in runs:
+                    if not inside:
+                        self.rect(x + a * scale, y + gy * scale, x + b * scale,
                                   y + (gy + 1) * scale, colour)
-                        gx = run
-                    else:
-                        gx += 1
+                        continue
+                    for dy in range(scale):
+                        off = (y + gy * scale + dy) * w + x
+                        self.px[off + a * scale:off + b * scale] = ink[:(b - a) * scale]
             x += GLYPH_W * scale
 
     @staticmethod
@@ -99,6 +101,23 @@ class Canvas:
                 + _chunk(b"PLTE", palette)
                 + _chunk(b"IDAT", zlib.compress(raw, 6))
                 + _chunk(b"IEND", b""))
+
+
+@lru_cache(maxsize=256)
+def _runs(ch: str) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row of ``ch``'s glyph, its runs of ink as (first, past-last) pixel columns."""
+    out = []
+    for bits in glyphs.rows(ch):
+        runs, start = [], None
+        for gx in range(GLYPH_W + 1):
+            on = gx < GLYPH_W and bits >> (GLYPH_W - 1 - gx) & 1
+            if on and start is None:
+                start = gx
+            elif not on and start is not None:
+                runs.append((start, gx))
+                start = None
+        out.append(tuple(runs))
+    return tuple(out)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

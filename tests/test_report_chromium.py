@@ -35,6 +35,7 @@ MEASURE = """<script>addEventListener('load', () => {
       e => e.getBoundingClientRect().right));
   const closing = document.querySelector('[data-figure=closing]');
   const data = {scrollWidth: d.scrollWidth, clientWidth: d.clientWidth,
+                scrollHeight: d.scrollHeight,
                 right: Math.ceil(right),
                 closingRight: closing ? Math.ceil(closing.getBoundingClientRect().right) : null,
                 images: [...document.images].map(i => [i.naturalWidth, i.naturalHeight,
@@ -117,7 +118,9 @@ def test_html_report_in_headless_chromium(sqlite_ledger, clock, tmp_path):
 
     sizes = {w: screenshot(tmp_path, page, w) for w in (PHONE, DESKTOP)}
     assert sizes == {PHONE: (PHONE, 2400), DESKTOP: (DESKTOP, 2400)}
-    print(f"screenshots: {PHONE} px -> {sizes[PHONE]}, {DESKTOP} px -> {sizes[DESKTOP]}")
+    print(f"screenshots: {PHONE} px -> {sizes[PHONE]}, {DESKTOP} px -> {sizes[DESKTOP]}; "
+          f"page {phones[page.name]['scrollWidth']} x {phones[page.name]['scrollHeight']} px "
+          f"on the phone, {desk['scrollWidth']} x {desk['scrollHeight']} px on the desktop")
 
     closing = f"{PHYSICS['closing'] // H}.000"
     assert f'data-figure="closing">{closing}<' in dom
