@@ -35,7 +35,7 @@ MEASURE = """<script>addEventListener('load', () => {
       e => e.getBoundingClientRect().right));
   const closing = document.querySelector('[data-figure=closing]');
   const data = {scrollWidth: d.scrollWidth, clientWidth: d.clientWidth,
-                scrollHeight: d.scrollHeight,
+                scrollHeight: Math.ceil(document.body.getBoundingClientRect().height),
                 right: Math.ceil(right),
                 closingRight: closing ? Math.ceil(closing.getBoundingClientRect().right) : null,
                 images: [...document.images].map(i => [i.naturalWidth, i.naturalHeight,
