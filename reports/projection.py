@@ -15,6 +15,7 @@ that makes the money last longest), at the month's net charge rate:
 - **lost**: remainders that expire unused, token by token, before the balance runs out
   (or by the horizon) — an admin can move them to a longer-lived token in time.
 
+A token whose validity starts later counts from now (the ledger refuses it until then).
 Amounts are integer GPU-seconds; times are aware UTC datetimes.
 """
 

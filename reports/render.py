@@ -154,7 +154,7 @@ def decision_notes(r: AccountReport) -> list[str]:
                    f"left, expires {iso(p.main.expires)}.")
     until = p.run_out if p.runs_short else p.horizon
     for loss in p.losses:
-        if until is not None and loss.token.expires > until or loss.token is p.main:
+        if loss.token is p.main or (until is not None and loss.token.expires > until):
             continue
         out.append(f"Token {token_name(loss.token)} expires on {iso(loss.token.expires)} with "
                    f"about {fmt_hours(loss.amount)} GPU-h unused at this rate: ask your GPU "
