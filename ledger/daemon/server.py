@@ -44,6 +44,8 @@ def tune_threads() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 
+PRIVILEGED_LINE = 65536  # longest line root and the Slurm user may send
+
 class RequestLog:
     """One ``key=value`` line per request on a stream (journald under systemd)."""
 
@@ -249,7 +251,8 @@ class Server:
 
     def _serve(self, conn: socket.socket, peer: Peer) -> None:
         buf = b""
-        limit = self.max_line
+        # root and the Slurm user may send longer lines: a node's charge record of many GPUs
+        limit = max(self.max_line, PRIVILEGED_LINE) if peer.privileged else self.max_line
         allowed = self.limits.request_deadline
         while True:
             # A user's request must arrive whole within the deadline, however it trickles in;
