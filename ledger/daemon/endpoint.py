@@ -276,9 +276,10 @@ def _cut(conn: socket.socket) -> None:
 class _Handler(BaseHTTPRequestHandler):
     """GET or HEAD of /metrics, /livez, /readyz; anything else 404 or 405."""
 
-    server_version = "gpuledger"
-    sys_version = ""
     protocol_version = "HTTP/1.0"
+
+    def version_string(self) -> str:
+        return "gpuledger"
 
     def __init__(self, conn: socket.socket, peer, exposition: Exposition):
         self.exposition = exposition
@@ -331,3 +332,42 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.do_GET()
         self.wfile.flush()
+
+
+# -- assembly, for `gpuledger serve` ----------------------------------------------------------
+
+def bind_or_log(cfg, log) -> socket.socket | None:
+    """The endpoint's listener, or None: off (``listen = ""``), or it cannot listen there —
+    then one ``event=metrics_failed`` line, and the daemon serves on without metrics
+    (a taken port must never stop the submit path; ``gpuledger status`` says so)."""
+    if not cfg.metrics.listen:
+        return None
+    try:
+        return bind(cfg.metrics.listen)
+    except ConfigError as exc:
+        log.event(event="metrics_failed", error=str(exc))
+        return None
+
+
+def start(cfg, ledger, instruments: Instruments, process: str, log,
+          listener: socket.socket, *, peer_socket: str | None = None) -> Endpoint:
+    """Serve the endpoint on ``listener`` from this process; with ``peer_socket`` (the
+    privileged socket), that process's counters are fetched from it for each fresh scrape."""
+    from .client import Client
+
+    figures = LedgerFigures(ledger, keys_dir=cfg.keys_dir, spool=cfg.metrics.spool,
+                            per_account=cfg.metrics.per_account)
+    peer = ping = None
+    if peer_socket:
+        def peer() -> list:
+            with Client(peer_socket, timeout=CHECK_TIMEOUT) as c:
+                return c.request("metrics")
+
+        def ping() -> None:
+            with Client(peer_socket, timeout=CHECK_TIMEOUT) as c:
+                if c.call("ping").get("ok") != "1":
+                    raise LedgerError("it did not answer ping")
+
+    exposition = Exposition(figures, instruments, process, cache_s=cfg.metrics.cache_s,
+                            peer=peer, peer_ping=ping)
+    return Endpoint(exposition, listener, log).start()
