@@ -119,4 +119,10 @@ def _agent():
     return agent
 
 
-COMMANDS = [reconcile, job_group, _agent()]
+def _status():
+    from .status import status
+
+    return status
+
+
+COMMANDS = [reconcile, job_group, _agent(), _status()]
