@@ -432,6 +432,35 @@ def test_reconciler_voids_settles_skips_and_is_idempotent(world):
     assert ledger.verify_journal().ok
 
 
+def test_reconciler_says_per_hold_what_it_did_and_why(world):
+    ledger, clock, _token, _cfg, fake, _ = world
+    orphan = reserve(world)
+    running = reserve(world)
+    fake.live["71"] = rec("71", "RUNNING", running, clock=clock)
+    done = reserve(world, gpus=2)
+    fake.acct.append(rec("72", "COMPLETED", done, gpus={"h100": 2}, elapsed=30, clock=clock))
+    never = reserve(world)
+    fake.acct.append(rec("73", "CANCELLED", never, nodes=(), clock=clock))
+    clock.advance(minutes=20)
+    young = reserve(world)
+    dry = Reconciler(ledger, fake, grace_s=600).run(dry_run=True)
+    s = Reconciler(ledger, fake, grace_s=600).run()
+    for summary in (dry, s):
+        by = {d.hold: d for d in summary.decisions}
+        assert set(by) == {orphan.id, running.id, done.id, never.id, young.id}
+        assert (by[orphan.id].action, by[orphan.id].job) == ("void", None)
+        assert "no Slurm job in the live table or in accounting after 1200 s" in by[orphan.id].why
+        assert by[running.id].action == "running" and "job 71 is RUNNING" in by[running.id].why
+        assert (by[done.id].action, by[done.id].charged) == ("settle", 2 * 30)
+        assert "72 COMPLETED" in by[done.id].why
+        assert by[never.id].action == "void" and "without running (73 CANCELLED)" in \
+            by[never.id].why
+        assert by[young.id].action == "wait" and "within the 600 s grace period" in \
+            by[young.id].why
+    assert s.to_dict()["holds"] == [d.to_dict() for d in s.decisions]
+    assert ledger.hold(done.id).charged == 60 and ledger.hold(never.id).state == "voided"
+
+
 def test_reconciler_records_a_deferred_run_that_had_no_hold_as_owed(world):
     """A deferred job that ran with no hold (no PrologSlurmctld): recorded as owed and reported
     loudly; a deferred job whose hold PrologSlurmctld reserved is settled as usual."""
