@@ -93,16 +93,14 @@ class TopLevel:
 class DatabaseConfig:
     """The ledger database (daemon, CLI, hooks that settle)."""
 
-    url: str = setting(
-        None, kind=schema.STRING, default_doc="(required)",
+    url: str | None = setting(
+        None, kind=schema.STRING, default_doc="(required where the ledger is opened)",
         doc="SQLAlchemy URL: sqlite:///ledger.db (relative to this file), "
-            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db")
+            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db; "
+            "unset on compute nodes (their epilogs send charges to the daemon)")
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
-
-    def problem(self) -> str | None:
-        return None if self.url else "url is required"
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,13 @@ class DaemonConfig:
     max_line: int = setting(16384, kind=schema.INTEGER,
                             check=lambda v: None if v >= 256 else "must be at least 256",
                             doc="longest request line (bytes) the daemon reads")
+    node_listen: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="0.0.0.0:6830",
+        doc="host:port where compute nodes' epilogs send charges (TCP, each proven with a "
+            "MUNGE credential of root on the node); unset: nodes use this host's socket")
+    node_check_address: bool = setting(
+        True, kind=schema.BOOLEAN,
+        doc="a node's charge must come from the address its node name resolves to")
     fast_reserve: bool = setting(
         False, kind=schema.BOOLEAN,
         doc="answer slurmctld's reserves from memory and write them in batches "
@@ -201,6 +206,13 @@ class HooksSection:
     close_wait_seconds: float = setting(
         30.0, kind=schema.NUMBER, check=lambda v: None if v >= 0 else "must be at least 0",
         doc="EpilogSlurmctld waits this long for the nodes' charges")
+    spool_dir: str = setting("/var/spool/gpuledger/charges", kind=schema.STRING,
+                             doc="a node's charge records wait here while the daemon is away")
+    daemon: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="ctl1:6830",
+        default_doc="[daemon] privileged_socket, else [daemon] socket (this host)",
+        doc='where the epilog sends its charges: a socket path, or "host:port" of the '
+            "daemon's [daemon] node_listen (MUNGE-authenticated)")
 
 
 @dataclass(frozen=True)
@@ -307,10 +319,6 @@ class MetricsSection:
     cache_s: float = setting(
         10.0, kind=schema.NUMBER, check=_between(0, 3600, unit=" seconds"),
         doc="seconds a scrape's database figures are reused (scrapes in between read nothing)")
-    spool: str | None = setting(
-        None, kind=schema.STRING, example="/var/spool/gpuledger/charges",
-        doc="a charge spool directory on this host whose backlog to expose "
-            "(gpuledger_spool_backlog_records)")
 
 
 @dataclass(frozen=True)

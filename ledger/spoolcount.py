@@ -1,11 +1,12 @@
-"""How many charge records wait in a node's spool: the one interface between the spool
-(written by the epilog when the ledger cannot take a charge, drained when it can) and
-what reports it (the daemon's ``gpuledger_spool_backlog_records``, ``gpuledger status``).
+"""How many charge records wait in a node's spool (``[hooks] spool_dir``, written by the
+epilog when the daemon cannot take a charge, delivered by ``gpuledger spool flush``): the
+one count the daemon's metrics (``gpuledger_spool_backlog_records``) and ``gpuledger
+status`` report, without importing the spool's own code (``slurm_plugin.chargespool``,
+a layer above; tests/test_operations_files.py keeps the two in step).
 
-A record is a regular file directly in the spool directory whose name does not start with
-``.`` (a file being written is a dot-named temporary, renamed into place when whole) and
-does not end in ``.tmp``. Subdirectories (for instance one for records given up) are not
-counted.
+A record is a regular file directly in the spool directory named ``<key>.charge.json``;
+a dot-named file is one being written, and ``rejected/`` (records the daemon refused,
+kept for an admin) is not a backlog.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+
+RECORD_SUFFIX = ".charge.json"
 
 
 def spool_backlog(path: str | os.PathLike) -> int | None:
@@ -22,7 +25,7 @@ def spool_backlog(path: str | os.PathLike) -> int | None:
     try:
         with os.scandir(Path(path)) as it:
             for entry in it:
-                if entry.name.startswith(".") or entry.name.endswith(".tmp"):
+                if entry.name.startswith(".") or not entry.name.endswith(RECORD_SUFFIX):
                     continue
                 try:
                     if stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):

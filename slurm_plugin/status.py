@@ -30,8 +30,8 @@ from ledger.errors import LedgerError
 from ledger.spoolcount import spool_backlog
 
 TIMEOUT = 5.0  # s any one check may take
-TIMERS = ("gpuledger-reconcile", "gpuledger-verify", "gpuledger-report", "gpuledger-alerts",
-          "gpuledger-idle")
+TIMERS = ("gpuledger-reconcile", "gpuledger-verify", "gpuledger-spool-flush",
+          "gpuledger-report", "gpuledger-alerts", "gpuledger-idle")
 VERIFY_MAX_AGE = 2 * 86400  # s: the verify timer runs daily; older than two days is stale
 OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
 
@@ -232,12 +232,19 @@ def check_verify(cfg: Config, now: float | None = None) -> Check:
 
 
 def check_spool(cfg: Config) -> Check | None:
-    if not cfg.metrics.spool:
-        return None
-    backlog = spool_backlog(cfg.metrics.spool)
+    """The charge spool's backlog, where this host has one (a node: ``[hooks] spool_dir``).
+    Records waiting are not a failure by themselves (the flush timer delivers them; its own
+    line says whether it runs)."""
+    where = cfg.hooks.spool_dir
+    backlog = spool_backlog(where)
     if backlog is None:
-        return Check("spool", SKIP, f"no spool at {cfg.metrics.spool}")
-    return Check("spool", OK, f"{backlog} charge record(s) waiting in {cfg.metrics.spool}")
+        return None
+    rejected = spool_backlog(os.path.join(where, "rejected")) or 0
+    if rejected:
+        return Check("spool", FAIL, f"{backlog} charge record(s) waiting in {where}; "
+                                    f"{rejected} rejected by the daemon in {where}/rejected "
+                                    f"(see the hooks' log)")
+    return Check("spool", OK, f"{backlog} charge record(s) waiting in {where}")
 
 
 EXPECTABLE = ("daemon", "agent")

@@ -92,9 +92,10 @@ def test_metrics_after_real_operations(ledger, clock, tmp_path):
     token = ledger.mint("physics", 10 * 3600)[0]
     spool = tmp_path / "spool"
     spool.mkdir()
-    for name in ("a.json", "b.json", ".c.json.123", "d.tmp"):
+    for name in ("a.charge.json", "b.charge.json", ".c.charge.json.123", "d.tmp"):
         (spool / name).write_text("{}")
-    (spool / "failed").mkdir()
+    (spool / "rejected").mkdir()
+    (spool / "rejected" / "e.charge.json").write_text("{}")
     s = Served(ledger, spool=str(spool))
     try:
         with Client(s.daemon.path) as c:
@@ -140,7 +141,7 @@ def test_metrics_after_real_operations(ledger, clock, tmp_path):
     assert value(got, "gpuledger_verify_last_success") == 1
     assert value(got, "gpuledger_verify_last_head_sequence") == result.head_seq
     assert time.time() - value(got, "gpuledger_verify_last_timestamp_seconds") < 60
-    assert value(got, "gpuledger_spool_backlog_records") == 2  # temporaries and dirs are not
+    assert value(got, "gpuledger_spool_backlog_records") == 2  # not temporaries, not rejected/
     assert value(got, "gpuledger_database_up") == 1
     assert value(got, "gpuledger_process_up", process="main") == 1
     # nothing per user, and per account only when asked

@@ -54,7 +54,7 @@ def full_output(ledger, tmp_path) -> str:
     with a spool and the per-account figures on: every metric it can serve."""
     spool = tmp_path / "spool"
     spool.mkdir()
-    (spool / "r1.json").write_text("{}")
+    (spool / "r1.charge.json").write_text("{}")
     token = ledger.mint("physics", 10 * 3600)[0]
     s = Served(ledger, spool=str(spool), per_account=True, fast=FastReserve(ledger))
     try:
@@ -117,3 +117,21 @@ def test_the_logrotate_rules_parse(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"rotating pattern: {logs}/*.log" in r.stdout + r.stderr
     assert "copytruncate" in rules.read_text()
+
+
+def test_the_metrics_count_the_spool_as_the_spool_does(tmp_path):
+    """ledger.spoolcount (the daemon's gauge, `gpuledger status`) counts what
+    slurm_plugin.chargespool leaves for delivery, without importing it."""
+    from ledger.nodecharge import NodeCharge
+    from ledger.spoolcount import RECORD_SUFFIX, spool_backlog
+    from slurm_plugin import chargespool
+
+    assert chargespool.SUFFIX == RECORD_SUFFIX
+    spool = tmp_path / "charges"
+    assert spool_backlog(spool) is None
+    for job in ("11", "12", "13"):
+        chargespool.put(spool, NodeCharge(job_id=job, restart=0, node="n1", start=1.0, end=2.0),
+                        durable=False)
+    (spool / "rejected").mkdir(mode=0o700)
+    (spool / ".partial.charge.json").write_text("{}")
+    assert spool_backlog(spool) == chargespool.backlog(spool) == 3

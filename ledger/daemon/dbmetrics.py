@@ -140,6 +140,7 @@ class LedgerFigures:
             backlog = spool_backlog(self.spool)
             if backlog is not None:
                 out.append(GaugeMetricFamily(
-                    "gpuledger_spool_backlog_records", "Charge records waiting in the "
-                    "spool to be posted to the ledger.", value=backlog))
+                    "gpuledger_spool_backlog_records", "Charge records waiting in this "
+                    "host's spool ([hooks] spool_dir) to be delivered to the daemon.",
+                    value=backlog))
         return out

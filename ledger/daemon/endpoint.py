@@ -355,7 +355,7 @@ def start(cfg, ledger, instruments: Instruments, process: str, log,
     privileged socket), that process's counters are fetched from it for each fresh scrape."""
     from .client import Client
 
-    figures = LedgerFigures(ledger, keys_dir=cfg.keys_dir, spool=cfg.metrics.spool,
+    figures = LedgerFigures(ledger, keys_dir=cfg.keys_dir, spool=cfg.hooks.spool_dir,
                             per_account=cfg.metrics.per_account)
     peer = ping = None
     if peer_socket:

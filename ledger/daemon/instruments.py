@@ -29,7 +29,7 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # Every label value comes from a closed set: an op or reason the daemon does not know is
 # counted as "other", so a client cannot grow the series.
 OPS = frozenset({"hello", "ping", "reserve", "resize", "void", "quote", "balance", "jobs",
-                 "bind", "finish", "metrics"})
+                 "bind", "finish", "charge", "metrics"})
 REASONS = frozenset({r.value for r in Reason} | {
     "accepted", "bad_request", "forbidden", "invalid", "not_found", "state", "conflict",
     "unavailable", "error", "internal", "busy", "timeout", "too_long"})
