@@ -101,32 +101,38 @@ class Systemd:
 
 
 def check_daemon(cfg: Config, systemd: Systemd | None, expect: bool = False) -> list[Check]:
-    from ledger.daemon.client import Client
+    """The daemon's sockets on this host, and the way this host's epilog reaches it
+    (``[hooks] daemon``: a node's ``host:port`` of the daemon's node door)."""
+    from ledger.daemon.nodedoor import is_address, node_client
 
-    def ping(path: str) -> str:
+    def ping(where: str) -> str:
         start = time.perf_counter()
-        with Client(path, timeout=TIMEOUT) as c:
+        with node_client(where, timeout=TIMEOUT) as c:
             resp = c.call("ping")
         if resp.get("ok") != "1":
             raise LedgerError(f"answered {resp.get('reason')}: {resp.get('message')}")
-        return f"{path} answered in {(time.perf_counter() - start) * 1000:.1f} ms"
+        return f"{where} answered in {(time.perf_counter() - start) * 1000:.1f} ms"
 
     unit = systemd.installed("gpuledger.service") if systemd else None
-    sockets = [("daemon", cfg.daemon.socket)]
+    places = [("daemon", cfg.daemon.socket)]
     if cfg.daemon.privileged_socket:
-        sockets.append(("daemon (slurmctld socket)", cfg.daemon.privileged_socket))
+        places.append(("daemon (slurmctld socket)", cfg.daemon.privileged_socket))
+    if cfg.hooks.daemon and cfg.hooks.daemon not in {w for _n, w in places}:
+        places.append(("daemon (from this node)", cfg.hooks.daemon))
     out = []
-    for name, path in sockets:
-        if not os.path.exists(path) and unit is None and not expect:
-            out.append(Check(name, SKIP, f"no daemon on this host (no socket at {path})"))
+    for name, where in places:
+        remote = is_address(where)
+        if not remote and not os.path.exists(where) and unit is None and not expect:
+            out.append(Check(name, SKIP, f"no daemon on this host (no socket at {where})"))
             continue
-        if name != "daemon" and os.geteuid() != 0:
-            out.append(Check(name, SKIP, f"{path} is for root and the Slurm user"))
+        if name == "daemon (slurmctld socket)" and os.geteuid() != 0:
+            out.append(Check(name, SKIP, f"{where} is for root and the Slurm user"))
             continue
         try:
-            out.append(Check(name, OK, ping(path)))
+            out.append(Check(name, OK, ping(where)))
         except LedgerError as exc:
-            state = f" (gpuledger.service is {unit.get('ActiveState')})" if unit else ""
+            state = f" (gpuledger.service is {unit.get('ActiveState')})" if unit and not remote \
+                else ""
             out.append(Check(name, FAIL, f"{exc}{state}"))
     return out
 

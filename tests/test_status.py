@@ -202,3 +202,27 @@ def test_the_verify_line_reads_the_last_verify(sqlite_ledger, tmp_path):
     check = status.check_verify(cfg)
     assert check.status == "FAIL" and "row 4: hash does not match" in check.detail
     assert os.stat(cfg.keys_dir / verifyrecord.RECORD).st_mode & 0o777 == 0o644
+
+
+def test_a_node_checks_its_way_to_the_daemons_node_door(sqlite_ledger, tmp_path):
+    from ledger.daemon.auth import Policy
+    from ledger.daemon.handlers import Handlers
+    from ledger.daemon.nodedoor import NodeDoor
+
+    door = NodeDoor(Handlers(sqlite_ledger, Policy("slurm"), accounts=lambda u: frozenset()),
+                    "127.0.0.1:0")
+    door.bind()
+    door.start()
+    try:
+        path = write_config(tmp_path, sqlite_ledger, tmp_path / "none.sock",
+                            hooks={"daemon": f"127.0.0.1:{door.port}"})
+        got = lines(run(path).output)
+        state, detail = got["daemon (from this node)"]
+        assert state == "OK" and detail.startswith(f"127.0.0.1:{door.port} answered in")
+        assert got["daemon"][0] == "SKIP"  # no daemon socket on this host
+    finally:
+        door.stop()
+    r = run(path)
+    assert r.exit_code == 1
+    state, detail = lines(r.output)["daemon (from this node)"]
+    assert state == "FAIL" and "cannot reach the gpuledger daemon" in detail
