@@ -41,6 +41,9 @@ def serve(app, socket_path, socket_group, inherited_fd, inherited_metrics_fd):
     from .processes import TwoProcesses, as_users_process
     from .server import RequestLog, Server, tune_threads
 
+    from .. import logformat
+
+    logformat.setup("ts=%(asctime)s level=%(levelname)s %(message)s")  # the ledger's own log
     cfg = app.config
     ledger = app.ledger
     ledger.reload_keys()  # fail early on an unreachable database

@@ -61,13 +61,23 @@ class Instruments:
             "gpuledger_connections_refused", "Connections turned away (limits, no thread).",
             registry=self.registry)
         self.fast = None  # the process's FastReserve, when it answers reserves from memory
+        self._latency: dict[str, object] = {}  # op -> its histogram child
+        self._decisions: dict[str, object] = {}  # reason -> its counter child
 
     def request(self, request: dict, response: dict, seconds: float) -> None:
-        """One answered request (called after its reply is sent)."""
+        """One answered request (called after its reply is sent, off the reply's time;
+        the labelled children are looked up once and kept: a few microseconds a call)."""
         op = op_label(request.get("op"))
-        self.latency.labels(op).observe(seconds)
+        child = self._latency.get(op)
+        if child is None:
+            child = self._latency.setdefault(op, self.latency.labels(op))
+        child.observe(seconds)
         if op == "reserve":
-            self.decisions.labels(reason_label(response)).inc()
+            reason = reason_label(response)
+            counter = self._decisions.get(reason)
+            if counter is None:
+                counter = self._decisions.setdefault(reason, self.decisions.labels(reason))
+            counter.inc()
 
     def snapshot(self) -> list[dict]:
         """The registry as JSON-able families: name, type, help and samples (name, labels,
