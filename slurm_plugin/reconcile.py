@@ -81,8 +81,10 @@ class Summary:
     # per pending hold: what this pass did with it (Decision.action) and why
     decisions: list[Decision] = field(default_factory=list)
 
-    def decide(self, hold: HoldView, action: str, why: str, charged: int = 0) -> None:
-        self.decisions.append(Decision(hold.id, hold.job_id, action, why, charged))
+    def decide(self, hold: HoldView, action: str, why: str, charged: int = 0,
+               job: str | None = None) -> None:
+        """``job``: the Slurm job found for the hold, where the hold names none yet."""
+        self.decisions.append(Decision(hold.id, hold.job_id or job, action, why, charged))
 
     def to_dict(self) -> dict:
         return {"examined": self.examined, "voided": self.voided, "settled": self.settled,
@@ -229,7 +231,7 @@ class Reconciler:
         if active:
             s.skipped_active += 1
             s.decide(hold, "running", f"job {active[0].job_id} is {active[0].state}: its "
-                                      f"epilogs settle it")
+                                      f"epilogs settle it", job=active[0].job_id)
             return
         runs = merge_runs(live, acct)
         before = s.charged
@@ -257,12 +259,14 @@ class Reconciler:
             settlement.close(self.ledger, hold.id,
                              "settled by the reconciler from Slurm accounting")
         states = ", ".join(sorted({f"{r.job_id} {r.state}" for r in runs}))
+        job = runs[0].job_id if runs else None
         if ran:
             s.decide(hold, "settle", f"job over ({states}); charged the runs no epilog "
                                      f"charged, from Slurm accounting, and returned the rest",
-                     s.charged - before)
+                     s.charged - before, job=job)
         else:
-            s.decide(hold, "void", f"job over without running ({states}); released whole")
+            s.decide(hold, "void", f"job over without running ({states}); released whole",
+                     job=job)
 
 
     def _deferred(self, live: list[JobRecord], acct: list[JobRecord], s: Summary,
