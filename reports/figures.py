@@ -170,6 +170,13 @@ class JobLine:
     gpu_type: str
     held_ms: int
     busy_ms: int
+    cluster: str = ""  # where it ran ("" where the site names no cluster)
+
+    @property
+    def where(self) -> str:
+        """The job as a person finds it: its id, and its cluster where there is one (the
+        clusters sharing a ledger reuse job ids)."""
+        return f"{self.job_id} on {self.cluster}" if self.cluster else self.job_id
 
     @property
     def busy_ratio(self) -> float:
@@ -197,6 +204,12 @@ class AccountReport:
     previous_settlements: int
     had_activity: bool
     by_tier: list[UsageLine] = field(default_factory=list)  # what each tier cost
+    by_cluster: list[UsageLine] = field(default_factory=list)  # where the jobs ran
+
+    @property
+    def clustered(self) -> bool:
+        """Whether the site names its clusters (the holds carry one)."""
+        return any(u.key != "-" for u in self.by_cluster)
 
     @property
     def tiered(self) -> bool:
@@ -242,6 +255,11 @@ class SiteReport:
     jobs: int
     returned: int
     previous_charged: int
+    by_cluster: list[UsageLine] = field(default_factory=list)  # every account, per cluster
+
+    @property
+    def clustered(self) -> bool:
+        return any(u.key != "-" for u in self.by_cluster)
 
     def account(self, name: str) -> AccountReport:
         for r in self.accounts:
@@ -263,6 +281,7 @@ class _Acc:
         self.users: dict[str, UsageLine] = {}
         self.types: dict[str, UsageLine] = {}
         self.tiers: dict[str, UsageLine] = {}
+        self.clusters: dict[str, UsageLine] = {}
         self.measure = Measure()
         self.worst: list[JobLine] = []  # min-heap on idle_ms, size TOP_N
         self.jobs = 0
@@ -387,10 +406,11 @@ def _fold_charges(conn: Connection, d: q.Directory, month: Month, accs: dict[str
         if a is None:
             continue
         user, typ = a.line(a.users, c.user), a.line(a.types, c.gpu_type)
-        for line in (user, typ):
+        where = a.line(a.clusters, c.cluster)
+        for line in (user, typ, where):
             line.charged += c.amount
         m = Measure.of_usage(c.usage)
-        for target in (user.measure, typ.measure, a.measure):
+        for target in (user.measure, typ.measure, where.measure, a.measure):
             target.add(m)
         for key, amount in tier_costs(c.usage, c.amount).items():
             tier = a.line(a.tiers, key)
@@ -402,6 +422,7 @@ def _fold_charges(conn: Connection, d: q.Directory, month: Month, accs: dict[str
             a.jobs += 1
             user.jobs += 1
             typ.jobs += 1
+            where.jobs += 1
         if not m.held_ms:
             continue
         if c.hold_id in multi:  # a job of several charges: rank it on its totals
@@ -412,10 +433,11 @@ def _fold_charges(conn: Connection, d: q.Directory, month: Month, accs: dict[str
             else:
                 partial[c.hold_id] = (a, JobLine(0, c.job_id or "-", c.hold_id, c.user or "-",
                                                  c.gpus, c.gpu_type or "-", m.held_ms,
-                                                 m.busy_ms))
+                                                 m.busy_ms, c.cluster or ""))
             continue
         a.offer(JobLine(m.held_ms - m.busy_ms, c.job_id or "-", c.hold_id, c.user or "-",
-                        c.gpus, c.gpu_type or "-", m.held_ms, m.busy_ms), top_n)
+                        c.gpus, c.gpu_type or "-", m.held_ms, m.busy_ms, c.cluster or ""),
+                top_n)
     for a, job in partial.values():
         job.idle_ms = job.held_ms - job.busy_ms
         a.offer(job, top_n)
@@ -438,7 +460,8 @@ def build(conn: Connection, month: Month, now: datetime, account: str | None = N
         a = accs.get(r.account)
         if a is None:
             continue
-        for line in (a.line(a.users, r.user), a.line(a.types, r.gpu_type)):
+        for line in (a.line(a.users, r.user), a.line(a.types, r.gpu_type),
+                     a.line(a.clusters, r.cluster)):
             if r.kind == "refund":
                 line.refunded += r.amount
             else:
@@ -480,6 +503,7 @@ def build(conn: Connection, month: Month, now: datetime, account: str | None = N
             previous_charged=pc - prev_refunds.get(name, 0), previous_settlements=pn,
             had_activity=a.rows > 0 or a.jobs > 0,
             by_tier=sorted(a.tiers.values(), key=lambda u: (-u.charged, u.key)),
+            by_cluster=sorted(a.clusters.values(), key=lambda u: (-u.charged, u.key)),
         ))
     return _site(month, as_of, reports, d, bal_end, top_n)
 
@@ -555,11 +579,21 @@ def _site(month: Month, as_of: datetime, reports: list[AccountReport], d: q.Dire
         if not closed and left > 0 and as_of < t.expires <= as_of + EXPIRY_WINDOW:
             expiring.append(ExpiringToken(t.id, t.account, left, t.expires, t.users))
     expiring.sort(key=lambda e: (e.expires, e.account, e.id))
+    clusters: dict[str, UsageLine] = {}
+    for r in reports:
+        for u in r.by_cluster:
+            line = clusters.setdefault(u.key, UsageLine(u.key))
+            line.jobs += u.jobs
+            line.charged += u.charged
+            line.returned += u.returned
+            line.refunded += u.refunded
+            line.measure.add(u.measure)
     return SiteReport(
         month=month, as_of=as_of, accounts=reports, top_accounts=active[:top_n],
         top_users=users[:top_n], measure=measure, expiring=expiring, totals=totals,
         jobs=sum(r.jobs for r in reports), returned=sum(r.returned for r in reports),
         previous_charged=sum(r.previous_charged for r in reports),
+        by_cluster=sorted(clusters.values(), key=lambda u: (-u.charged, u.key)),
     )
 
 

@@ -147,23 +147,26 @@ class ReturnLine:
     gpu_type: str | None
     kind: str
     amount: int
+    cluster: str | None = None
 
 
 def returns_query(d: Directory, since_us: int, until_us: int):
-    """Held-but-not-charged amounts leaving escrow, and refunds, per account, user, GPU type."""
-    q = (select(HO.c.account, HO.c.user, HO.c.gpu_type, J.c.kind, func.sum(J.c.amount))
+    """Held-but-not-charged amounts leaving escrow, and refunds, per account, user, GPU type
+    and cluster."""
+    q = (select(HO.c.account, HO.c.user, HO.c.gpu_type, J.c.kind, func.sum(J.c.amount),
+                HO.c.cluster)
          .select_from(J.join(HO, HO.c.id == J.c.hold_id))
          .where(J.c.ts >= since_us, J.c.ts < until_us, J.c.kind.in_(RETURN_KINDS),
                 J.c.amount > 0,
                 J.c.debit_wallet_id.in_([d.system["system:escrow"], d.system["system:usage"]]))
-         .group_by(HO.c.account, HO.c.user, HO.c.gpu_type, J.c.kind))
+         .group_by(HO.c.account, HO.c.user, HO.c.gpu_type, J.c.kind, HO.c.cluster))
     if d.only is not None:
         q = q.where(HO.c.account == d.only)
     return q
 
 
 def returns(conn: Connection, d: Directory, since_us: int, until_us: int) -> list[ReturnLine]:
-    return [ReturnLine(r[0], r[1], r[2], r[3], int(r[4]))
+    return [ReturnLine(r[0], r[1], r[2], r[3], int(r[4]), r[5])
             for r in conn.execute(returns_query(d, since_us, until_us))]
 
 
@@ -197,12 +200,13 @@ class ChargeRow:
     job_id: str | None
     amount: int
     usage: dict | None
+    cluster: str | None = None  # where the job ran (the hold's cluster)
 
 
 def charges_query(d: Directory, since: datetime, until: datetime):
-    """Every charge in the window with its hold's account, user, GPU type."""
+    """Every charge in the window with its hold's account, user, GPU type and cluster."""
     q = (select(HO.c.account, HO.c.user, HO.c.gpu_type, HO.c.gpus, CH.c.hold_id, CH.c.job_id,
-                CH.c.amount, CH.c.usage)
+                CH.c.amount, CH.c.usage, HO.c.cluster)
          .select_from(CH.join(HO, HO.c.id == CH.c.hold_id)))
     return _charge_window(q, d, since, until)
 

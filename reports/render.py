@@ -282,12 +282,14 @@ def account_json(r: AccountReport) -> dict:
         "by_user": [_usage(u) for u in r.by_user],
         "by_gpu_type": [_usage(u) for u in r.by_gpu_type],
         "by_tier": [_usage(u) for u in r.by_tier],
+        "by_cluster": [_usage(u) for u in r.by_cluster],
         "efficiency": {"busy_ms": r.measure.busy_ms, "measured_held_ms": r.measure.held_ms,
                        "held_ms": r.measure.held_all_ms,
                        "unmeasured_charges": r.measure.unmeasured_charges,
                        "ratio": _ratio(r.measure.efficiency),
                        "coverage": _ratio(r.measure.coverage)},
-        "least_efficient_jobs": [{"job_id": j.job_id, "hold_id": j.hold_id, "user": j.user,
+        "least_efficient_jobs": [{"job_id": j.job_id, "cluster": j.cluster or None,
+                                  "hold_id": j.hold_id, "user": j.user,
                                   "gpus": j.gpus, "gpu_type": j.gpu_type, "held_ms": j.held_ms,
                                   "busy_ms": j.busy_ms, "busy_ratio": _ratio(j.busy_ratio)}
                                  for j in r.worst_jobs],
@@ -328,6 +330,7 @@ def site_json(s: SiteReport) -> dict:
                      for r in s.accounts],
         "top_accounts": [r.account for r in s.top_accounts],
         "top_users": [{"account": a, "user": u, **_usage(line)} for a, u, line in s.top_users],
+        "by_cluster": [_usage(u) for u in s.by_cluster],
         "expiring": [{"token": e.id, "account": e.account, "users": list(e.users), **_amounts(remaining=e.remaining),
                       "expires": iso(e.expires)} for e in s.expiring],
     }

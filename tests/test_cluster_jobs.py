@@ -299,3 +299,48 @@ def test_the_reader_reads_clusters_and_a_null_job_id():
     acct = json.loads((fixtures / "sacct.json").read_text())
     acct["jobs"][0]["cluster"] = "alpha"
     assert slurmjson.parse_sacct(json.dumps(acct))[0].cluster == "alpha"
+
+
+# -- reports: where the jobs ran --------------------------------------------------------------
+
+
+def test_reports_and_the_site_summary_show_the_cluster(site):
+    """An account's report has its usage by cluster and names the cluster of each least
+    efficient job (job ids repeat across clusters); the site summary totals every cluster."""
+    from datetime import timedelta
+
+    from ledger import db
+    from ledger.charge_record import ChargeRecord
+    from reports.figures import build
+    from reports.period import Month
+    from reports.render import render_account, render_site
+
+    def run(cluster, job, seconds, busy):
+        hold = site.reserve(cluster)
+        site.base.bind(hold.id, job, cluster=cluster)
+        usage = ChargeRecord.from_dict({
+            "version": 3, "source": "agent", "policy": "allocated", "node": "n",
+            "gpus": [{"index": 0, "gpu_type": "h100", "held_ms": seconds * 1000,
+                      "busy_ms": busy * 1000, "measured": True, "rate_ppm": 1_000_000,
+                      "charge": seconds}]})
+        site.base.post(hold.id, seconds, usage=usage, key=f"{hold.id}:{job}:0:n",
+                       job_id=job, node="n", restart=0)
+
+    run("alpha", "7", 300, 30)
+    run("beta", "7", 120, 120)
+    run("beta", "8", 60, 60)
+    now = site.clock() + timedelta(minutes=5)
+    with db.read(site.base.engine) as conn:
+        s = build(conn, Month.containing(now), now)
+    r = s.account("physics")
+    lines = {u.key: (u.jobs, u.charged, u.returned) for u in r.by_cluster}
+    assert lines == {"alpha": (1, 300, 300), "beta": (2, 180, 1020)}
+    assert r.clustered and s.clustered
+    assert {u.key: u.charged for u in s.by_cluster} == {"alpha": 300, "beta": 180}
+    assert r.worst_jobs[0].where == "7 on alpha"  # the idlest: 270 s idle
+    text, html = render_account(r).text, render_account(r).html
+    assert "USAGE BY CLUSTER" in text and "7 on alpha" in text and "Usage by cluster" in html
+    summary = render_site(s)
+    assert "CLUSTERS (GPU-h)" in summary.text and "beta" in summary.text
+    assert ">Clusters<" in summary.html
+    assert [u["key"] for u in summary.json["by_cluster"]] == ["alpha", "beta"]
