@@ -170,3 +170,8 @@ def sqlite_ledger(tmp_path, clock):
     lg = seeded(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path / "keys", clock)
     yield lg
     lg.engine.dispose()
+
+
+# The two-cluster lane's tests (tests/twocluster) start real Slurm daemons as root and take
+# minutes: collected only when the lane (tests/lanes/twocluster) asks for them.
+collect_ignore = [] if os.environ.get("GPULEDGER_TWOCLUSTER") == "1" else ["twocluster"]
