@@ -32,7 +32,7 @@ BUILTIN = {
     "item", "omit", "ansible_check_mode", "ansible_service_mgr", "ansible_managed",
     "ansible_hostname", "playbook_dir", "inventory_hostname", "lookup", "query", "dict",
     "ansible_os_family", "ansible_distribution_major_version", "ansible_pkg_mgr", "role_path",
-    "group_names", "groups",
+    "group_names", "groups", "hostvars",
     "range", "true", "false", "none", "True", "False", "None",
 }
 # Task keys whose strings are Jinja expressions without {{ }}.
@@ -514,3 +514,20 @@ def test_single_node_cgroup_conf_default_follows_the_slurm_version(tmp_path, slu
                         "-e", extra], env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(out.read_text()) == lines
+
+
+def test_each_clusters_nodes_send_charges_to_their_own_controller():
+    """inventory.clusters.example.ini (two clusters on one ledger): every node's
+    gpuledger_node_daemon is its own cluster's controller, from the role's default."""
+    env = {**_env(), "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"), "ANSIBLE_LOCAL_TEMP": "/tmp",
+           "ANSIBLE_FORKS": "2"}
+    out = subprocess.run([_ansible_playbook(), "-i", str(ANSIBLE / "inventory.clusters.example.ini"),
+                          str(FIXTURES / "clusters.yml"), "--limit",
+                          "gpu-a01.example.org,gpu-b08.example.org,login1.example.org"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    shown = dict((h, (c, d)) for h, c, d in
+                 re.findall(r'"msg": "daemon (\S+) (\S+) (\S+)"', out.stdout))
+    assert shown == {"gpu-a01.example.org": ("alpha", "ctl-alpha.example.org:6830"),
+                     "gpu-b08.example.org": ("beta", "ctl-beta.example.org:6830"),
+                     "login1.example.org": ("alpha", "ctl-alpha.example.org:6830")}
