@@ -218,6 +218,10 @@ class Cluster:
         return ROOT / self.name
 
     @property
+    def backup_host(self) -> str:
+        return f"{self.name}-backup"
+
+    @property
     def conf(self) -> Path:
         return self.dir / "etc" / "slurm.conf"
 
@@ -273,8 +277,8 @@ class Cluster:
             (d / sub).chmod(0o755)
         d.chmod(0o755)
         hosts = f"SlurmctldHost={host}(127.0.0.1)"
-        if self.backup:
-            hosts += f"\nSlurmctldHost={host}(127.0.0.1)"
+        if self.backup:  # the backup: its own host name (a UTS namespace), address 127.0.0.2
+            hosts += f"\nSlurmctldHost={self.backup_host}(127.0.0.2)"
         (d / "etc" / "slurm.conf").write_text(SLURM_CONF.format(
             name=self.name, ctld_hosts=hosts, ctld_port=self.ctld_port,
             slurmd_port=self.slurmd_port, dir=d, node=self.node, host=host, gpus=self.gpus,
