@@ -47,6 +47,10 @@ PG_ADMIN = os.environ.get("GPULEDGER_TEST_PG", "postgresql+psycopg://postgres@12
 DB_NAME = "gl_twocluster"
 FEDERATION = "gltwofed"
 HOST_CLUSTER = "gpuledger"  # the host's own test cluster: never touched, never federated
+# A cluster with a backup controller: the veth pair between this host and the backup's
+# network namespace, on a documentation range (RFC 5737) that leads nowhere.
+VETH = "glbk0"
+HOST_ADDR, BACKUP_ADDR = "198.51.100.1", "198.51.100.2"
 ACCOUNTS = ("physics", "chemistry")
 USERS = ("alice", "bob")
 RATES = (("h100", "1.0"), ("a100", "0.6"), ("default", "0.5"))
@@ -96,14 +100,14 @@ EpilogSlurmctld={dir}/hooks/gpuledger-epilog-slurmctld
 JobSubmitPlugins=lua
 PlugStackConfig={dir}/etc/plugstack.conf
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost={addr}
 AccountingStoragePort=6819
 AccountingStorageEnforce=associations
 AccountingStorageTRES=gres/gpu,gres/gpu:h100
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
-NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={slurmd_port} CPUs=4 RealMemory=500 Gres=gpu:h100:{gpus} State=UNKNOWN
+NodeName={node} NodeHostname={host} NodeAddr={addr} Port={slurmd_port} CPUs=4 RealMemory=500 Gres=gpu:h100:{gpus} State=UNKNOWN
 PartitionName=gpu Nodes={node} Default=YES DefaultTime=01:00:00 MaxTime=1-00:00:00 State=UP
 PartitionName=short Nodes={node} MaxTime=04:00:00 State=UP
 """
@@ -276,13 +280,14 @@ class Cluster:
             shutil.chown(d / sub, "slurm", "slurm")
             (d / sub).chmod(0o755)
         d.chmod(0o755)
-        hosts = f"SlurmctldHost={host}(127.0.0.1)"
-        if self.backup:  # the backup: its own host name (a UTS namespace), address 127.0.0.2
-            hosts += f"\nSlurmctldHost={self.backup_host}(127.0.0.2)"
+        addr = HOST_ADDR if self.backup else "127.0.0.1"
+        hosts = f"SlurmctldHost={host}({addr})"
+        if self.backup:  # the backup: its own host name, network, mounts (start_backup)
+            hosts += f"\nSlurmctldHost={self.backup_host}({BACKUP_ADDR})"
         (d / "etc" / "slurm.conf").write_text(SLURM_CONF.format(
             name=self.name, ctld_hosts=hosts, ctld_port=self.ctld_port,
             slurmd_port=self.slurmd_port, dir=d, node=self.node, host=host, gpus=self.gpus,
-            first_job_id=self.first_job_id))
+            first_job_id=self.first_job_id, addr=addr))
         devices = []
         for i in range(self.gpus):  # fake GPUs: character devices (regular files are refused)
             dev = d / "dev" / f"nvidia{i}"
@@ -307,7 +312,7 @@ class Cluster:
                          f"exec {hook_entry} {hook}\n")
             w.chmod(0o755)
 
-    def configure_ledger(self, url: str, keys_dir: Path, first: bool) -> None:
+    def configure_ledger(self, url: str, keys_dir: Path) -> None:
         """This cluster's gpuledger.toml (``gpuledger init`` on the shared database), the
         nodes' file and job_submit.conf."""
         self.gl("init", "--database", url, "--cluster", self.name)
@@ -404,8 +409,72 @@ class Cluster:
 
     def stop_slurm(self) -> None:
         _stop_pid(self.dir / "run" / f"slurmd-{self.node}.pid", "slurmd")
-        for pid_file in sorted((self.dir / "run").glob("slurmctld*.pid")):
+        for pid_file in sorted((self.dir / "run").glob("slurmctld*.pid")) + sorted(
+                (self.dir / "backup" / "run").glob("slurmctld*.pid")):
             _stop_pid(pid_file, "slurmctld")
+        _stop_pid(self.dir / "backup" / "holder.pid", "sleep", wait_s=5)
+        if Path(f"/sys/class/net/{VETH}").exists():
+            sh(["ip", "link", "del", VETH])
+
+    # -- a backup controller --------------------------------------------------------------------
+
+    def backup_namespace(self) -> str:
+        """The backup controller's host, as a second controller host would be: its own host
+        name (UTS namespace) and network (a veth pair: this host is HOST_ADDR, the backup
+        BACKUP_ADDR; both controllers listen on SlurmctldPort). Made before either
+        controller starts (they reach slurmdbd and each other at these addresses). The pid
+        of the process holding the namespaces."""
+        b = self.dir / "backup"
+        b.mkdir(exist_ok=True)
+        holder = subprocess.Popen(["unshare", "--net", "--uts", "--mount",
+                                   "--propagation", "private", "sleep", "infinity"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        (b / "holder.pid").write_text(str(holder.pid))
+        pid = str(holder.pid)
+        for _ in range(50):  # until unshare has exec'ed sleep in the new namespaces
+            if _comm(b / "holder.pid") == (holder.pid, "sleep"):
+                break
+            time.sleep(0.05)
+        must(sh(["ip", "link", "add", VETH, "type", "veth", "peer", "name", f"{VETH}p",
+                 "netns", pid]))
+        must(sh(["ip", "addr", "add", f"{HOST_ADDR}/30", "dev", VETH]))
+        must(sh(["ip", "link", "set", VETH, "up"]))
+        for cmd in (["ip", "addr", "add", f"{BACKUP_ADDR}/30", "dev", f"{VETH}p"],
+                    ["ip", "link", "set", f"{VETH}p", "up"], ["ip", "link", "set", "lo", "up"]):
+            must(sh(["nsenter", "-t", pid, "-n", *cmd]))
+        must(sh(["nsenter", "-t", pid, "-u", "hostname", self.backup_host]))
+        return pid
+
+    def start_backup(self, pid: str) -> None:
+        """The backup slurmctld in the namespaces of ``pid`` (backup_namespace), with, in its
+        mount namespace, its own run/ and log/ and its own gpuledger.toml (the controller
+        hooks' file, naming the backup's daemon; its job_submit.conf too): a daemon per
+        controller host, one ledger."""
+        b = self.dir / "backup"
+        for sub in ("run", "log", "sock"):
+            (b / sub).mkdir(parents=True, exist_ok=True)
+            (b / sub).chmod(0o755)
+            if sub != "sock":
+                shutil.chown(b / sub, "slurm", "slurm")
+        cfg = b / "gpuledger.toml"
+        cfg.write_text(set_keys(self.cfg.read_text(), {"daemon": {
+            "socket": str(b / "sock" / "gl.sock"), "node_listen": f"127.0.0.1:{free_port()}"}}))
+        cfg.chmod(0o644)
+        must(sh([GL, "--config", str(cfg), "config", "render-submit-conf", "-o",
+                 str(b / "job_submit.conf")], env=self.env()))
+        self.start_daemon("backup", cfg, b / "sock" / "gl.sock")
+        for src, dst in ((b / "run", self.dir / "run"), (b / "log", self.dir / "log"),
+                         (cfg, self.cfg)):
+            must(sh(["nsenter", "-t", pid, "-m", "mount", "--bind", str(src), str(dst)]))
+        env = self.env(GPULEDGER_JOB_SUBMIT_CONF=str(b / "job_submit.conf"))
+        must(sh(["nsenter", "-t", pid, "-n", "-u", "-m", "/usr/sbin/slurmctld"], env=env))
+
+    def ping(self) -> dict[str, str]:
+        """``scontrol ping``: controller → UP/DOWN (primary first)."""
+        out = self.run("scontrol", "ping").stdout
+        return {m.group(1): m.group(2) for m in
+                re.finditer(r"Slurmctld\((?:primary|backup)\) at (\S+) is (\w+)", out)}
 
     def unregister(self) -> None:
         if self.name == HOST_CLUSTER:  # never the host's cluster
@@ -569,18 +638,14 @@ class Site:
         teardown()  # what a killed run left
         ROOT.mkdir(parents=True)
         ROOT.chmod(0o755)
-        host = socket.gethostname().split(".")[0]
         entry = ROOT / "gpuledger-hook"
         shutil.copy(REPO / "slurm_plugin" / "hooks" / "gpuledger-hook", entry)
         entry.chmod(0o755)
-        venv, spank = ctld_venv(), build_spank()
+        self.venv, self.spank = ctld_venv(), build_spank()
         self.url = create_database()
-        keys = ROOT / "keys"
-        (ROOT / "state.json").write_text(json.dumps(
-            {"clusters": {c.name: {"node": c.node} for c in self.clusters.values()}}))
-        for i, c in enumerate(self.clusters.values()):
-            c.render(host, entry, venv, spank)
-            c.configure_ledger(self.url, keys, first=i == 0)
+        self._save()
+        for c in self.clusters.values():
+            self._configure(c)
         first = self.first
         first.gl("keys", "generate", "--kid", "k1")
         for account in ACCOUNTS:
@@ -591,6 +656,29 @@ class Site:
             c.start_daemon()
             c.register()
             c.start_slurm()
+
+    def _save(self) -> None:
+        """What teardown() needs to find everything, even after a killed run."""
+        (ROOT / "state.json").write_text(json.dumps(
+            {"clusters": {c.name: {"node": c.node} for c in self.clusters.values()}}))
+
+    def _configure(self, c: Cluster) -> None:
+        c.render(socket.gethostname().split(".")[0], ROOT / "gpuledger-hook", self.venv,
+                 self.spank)
+        c.configure_ledger(self.url, ROOT / "keys")
+
+    def add(self, c: Cluster) -> Cluster:
+        """One more cluster on the same ledger, up (with its backup controller, if any)."""
+        self.clusters[c.name] = c
+        self._save()
+        self._configure(c)
+        c.start_daemon()
+        c.register()
+        pid = c.backup_namespace() if c.backup else None
+        c.start_slurm()
+        if pid:
+            c.start_backup(pid)
+        return c
 
     def ledger(self):
         from ledger import config as config_mod
@@ -669,8 +757,6 @@ def teardown() -> None:
     for name, info in clusters.items():
         c = Cluster(name, info["node"], 0, 0, 1)
         c.stop_slurm()
-        for pid_file in (c.dir / "run").glob("gl-daemon-*.pid"):
-            _stop_pid(pid_file, "gpuledger")
         c.unregister()
     _kill_daemons()
     if ROOT.exists():
