@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
-from .errors import ConfigError
+from .amounts import SECONDS_PER_HOUR, parse_rate
+from .errors import ConfigError, InvalidInput
 from .idle import IdlePolicy
 from .idle import parse as parse_idle
+from .limits import Limits
 from .schema import setting
 from .shares import DEFAULT_GRES_CONF
 
@@ -268,6 +270,33 @@ class ReportsSection:
                                       doc="addresses that get every account's report")
 
 
+def _plain_decimal(v: str) -> str | None:
+    try:
+        parse_rate(v)
+    except InvalidInput as exc:
+        return f"must be a positive decimal number ({exc})"
+    return None
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Caps on what one admin command may set: a value with a digit too many is refused,
+    naming the cap (raise it here when a larger value is meant)."""
+
+    max_token_hours: int = setting(
+        1_000_000, kind=schema.INTEGER, check=lambda v: None if v > 0 else "must be above 0",
+        doc="largest face value of a minted token, in GPU-hours at the reference rate")
+    max_rate: str = setting("100", kind=schema.DECIMAL, check=_plain_decimal,
+                            doc="largest rate of a GPU type (the reference GPU's is 1)")
+    max_multiplier: str = setting("10", kind=schema.DECIMAL, check=_plain_decimal,
+                                  doc="largest tier multiplier (partition, QOS, off-peak)")
+
+    def limits(self) -> Limits:
+        return Limits(max_token=self.max_token_hours * SECONDS_PER_HOUR,
+                      max_rate_ppm=parse_rate(self.max_rate),
+                      max_multiplier_ppm=parse_rate(self.max_multiplier))
+
+
 @dataclass(frozen=True)
 class Section:
     name: str  # "" for the top level
@@ -287,6 +316,7 @@ SECTIONS = (
     Section("agent", AgentSection),
     Section("smtp", SmtpSection, optional=True),
     Section("reports", ReportsSection),
+    Section("limits", LimitsSection),
 )
 TABLES = {s.name: s for s in SECTIONS if s.name}
 TOP_KEYS = {i.key for i in schema.items(TopLevel)}
@@ -306,6 +336,7 @@ class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     smtp: SmtpSection | None = None  # None: no [smtp] table (dry runs only)
     reports: ReportsSection = field(default_factory=ReportsSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
 
     @property
     def submit_socket(self) -> str:

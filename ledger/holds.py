@@ -34,7 +34,7 @@ from .pricing import hold_cost, unpriced
 from .rawsql import FOR_UPDATE, JSONText, Raw
 from .reserve import ReserveItem, ReserveOps, _scope_refusal, new_hold_id  # noqa: F401
 from .tokens import Scopes
-from .views import HoldRequest, HoldView
+from .views import HoldRequest, HoldView, iso
 
 HO, CH = Hold.__table__, Charge.__table__
 
@@ -417,7 +417,7 @@ class HoldOps(ReserveOps):
         with self._read() as conn:
             rows = conn.execute(select(CH).where(CH.c.hold_id == hold_id).order_by(CH.c.id)).all()
         return [{"key": r.key, "amount": r.amount, "job_id": r.job_id, "node": r.node,
-                 "restart": r.restart, "usage": r.usage, "created": r.created_at.isoformat()}
+                 "restart": r.restart, "usage": r.usage, "created": iso(r.created_at)}
                 for r in rows]
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from .advice import partition_hint, shortfall
 from .amounts import PPM, fmt_hours
 from .errors import LedgerError, NotFound, Reason, Refusal
 from .facts import DATA_VERSION
@@ -67,8 +68,9 @@ def _scope_refusal(token_id: str, account: str, s: Scopes, req: HoldRequest,
          f"token {token_id} is not valid for GPU type {req.gpu_type or 'any'} "
          f"(only {', '.join(s.gpu_types)})"),
         (bool(s.partitions) and bool(outside), Reason.WRONG_PARTITION,
-         f"token {token_id} is not valid in partition {', '.join(outside)} "
-         f"(only {', '.join(s.partitions)})"),
+         (f"token {token_id} is not valid in partition {', '.join(outside)}"
+          if req.partitions else f"token {token_id} is not valid without a partition")
+         + f" (only {', '.join(s.partitions)}): {partition_hint(s.partitions)}"),
         (bool(s.clusters) and (req.cluster or cluster) not in s.clusters, Reason.WRONG_CLUSTER,
          f"token {token_id} is not valid on cluster {req.cluster or cluster} "
          f"(only {', '.join(s.clusters)})"),
@@ -202,20 +204,30 @@ class ReserveOps:
         rate = self._rate(tx.conn, request.gpu_type)
         if rate is None:
             raise unpriced(request.gpu_type, claims.id)
-        multiplier = self.tiers(tx.conn).hold_ppm(request.partitions, request.qos)
+        tiers = self.tiers(tx.conn)
+        multiplier = tiers.hold_ppm(request.partitions, request.qos)
         amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share, multiplier)
         available = row.balance
         if amount > available:
-            held = self._held(tx.conn, claims.id)
-            reason = Reason.EXHAUSTED if available == 0 and held == 0 else \
-                Reason.INSUFFICIENT
-            tail = "is exhausted" if reason is Reason.EXHAUSTED else \
-                f"has {fmt_hours(available)} GPU-h left"
-            raise Refusal(reason, f"needs {fmt_hours(amount)} GPU-h ({request.describe()}), "
-                          f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
-                          available=available)
+            raise short_refusal(claims, request, amount, available,
+                                self._held(tx.conn, claims.id), rate, share, multiplier, tiers)
         return self._reserve_insert(tx, claims, request, job_id, row.account, row.wallet_id,
                                     rate, amount, share, multiplier, hold_id)
+
+    def covers(self, token: str, request: HoldRequest):
+        """Whether ``token`` would pay for ``request`` now: (view, None) or (view, the
+        Refusal a reserve would raise: revoked with its reason, short by how much and what
+        would fit). Signature, validity and scope refusals are raised (``check``)."""
+        claims = self.check(token, request)
+        view = self.inspect(token)
+        if view.status in ("revoked", "expired"):
+            return view, refusal(Liveness(view.status), claims.id, expires=view.expires,
+                                 reason=view.status_reason)
+        amount, rate, share, multiplier = self.price_tiered(request)
+        if amount <= view.remaining:
+            return view, None
+        return view, short_refusal(claims, request, amount, view.remaining, view.held, rate,
+                                   share, multiplier, self.tiers())
 
     def _reserve_insert(self, tx: Tx, claims: Claims, request: HoldRequest, job_id, account: str,
                         wallet_id: int, rate: int, amount: int, share: int,
@@ -250,6 +262,20 @@ class ReserveOps:
             gres=request.gres, per_node=request.per_node, share=share, qos=request.qos,
             multiplier_ppm=multiplier,
         ).to_dict()
+
+
+def short_refusal(claims: Claims, request: HoldRequest, amount: int, available: int, held: int,
+                  rate: int, share: int, multiplier: int, tiers: Tiers) -> Refusal:
+    """The refusal of a token that has ``available`` of the ``amount`` a request needs:
+    exhausted, or short by how much, with the ``-t`` or the tier that would fit."""
+    reason = Reason.EXHAUSTED if available == 0 and held == 0 else Reason.INSUFFICIENT
+    tail = "is exhausted" if reason is Reason.EXHAUSTED else \
+        f"has {fmt_hours(available)} GPU-h left: " + shortfall(
+            request, amount, available, rate, share, multiplier, tiers,
+            claims.scopes.partitions)
+    return Refusal(reason, f"needs {fmt_hours(amount)} GPU-h ({request.describe()}), "
+                   f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
+                   available=available)
 
 
 def _fast_reserve_row(tx: Tx, token_id: str, request: HoldRequest, token_digest: str):

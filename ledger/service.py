@@ -34,10 +34,13 @@ from .holds import HoldOps
 from .idempotency import fingerprint, idempotency_row
 from .joblinks import JobLinkOps
 from .journal import Tx, ensure_head, now_utc
+from .limits import Limits
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
 from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
+from .pool import PoolOps
 from .rawsql import Raw
 from .shares import GresFile
+from .views import iso
 from .tiers import TierOps
 from .token_ops import TokenOps
 from .tokens import Verifier
@@ -58,8 +61,9 @@ class LedgerBase:
 
     def __init__(self, engine: Engine, *, keys_dir: Path | None = None,
                  clock: Callable[[], datetime] = now_utc, cluster: str | None = None,
-                 gres_conf: str | Path | None = None):
+                 gres_conf: str | Path | None = None, limits: Limits | None = None):
         self.engine = engine
+        self.limits = limits or Limits()  # caps on what an admin command may set
         self.gres = GresFile(gres_conf)  # the GPUs' shard counts (``ledger.shares``)
         self.keys_dir = keys_dir
         self.clock = clock
@@ -72,6 +76,7 @@ class LedgerBase:
     def from_config(cls, config: Config, **kw):
         engine = db.make_engine(db.resolve_url(config))
         kw.setdefault("gres_conf", config.hooks.gres_conf)
+        kw.setdefault("limits", config.limits.limits())
         return cls(engine, keys_dir=config.keys_dir, cluster=config.cluster, **kw)
 
     # -- transactions -------------------------------------------------------------------------
@@ -229,8 +234,10 @@ class AdminOps(LedgerBase):
 
         self._write(run)
 
-    def set_rate(self, gpu_type: str, rate_ppm: int) -> None:
+    def set_rate(self, gpu_type: str, rate_ppm: int) -> int | None:
+        """Set a GPU type's rate (journaled); returns the rate it replaces, None if new."""
         check_gpu_type(gpu_type)
+        self.limits.check_rate(rate_ppm)
 
         def run(tx: Tx):
             old = tx.conn.execute(select(R.c.rate_ppm).where(R.c.gpu_type == gpu_type)).scalar()
@@ -242,8 +249,25 @@ class AdminOps(LedgerBase):
                                 .values(rate_ppm=rate_ppm, updated_at=tx.now))
             tx.event("rate_set", data={"gpu_type": gpu_type, "rate_ppm": rate_ppm,
                                        "previous_ppm": old})
+            return old
 
-        self._write(run)
+        return self._write(run)
+
+    def unset_rate(self, gpu_type: str) -> int:
+        """Remove a GPU type's rate (journaled); returns the rate removed. The type is then
+        priced at ``default`` (``ledger.pricing``), and untyped requests at the highest rate
+        left."""
+        def run(tx: Tx):
+            old = tx.conn.execute(select(R.c.rate_ppm).where(R.c.gpu_type == gpu_type)).scalar()
+            if old is None:
+                known = tx.conn.execute(select(R.c.gpu_type).order_by(R.c.gpu_type)).scalars()
+                raise NotFound(f"no rate for GPU type {gpu_type!r} (rates: "
+                               f"{', '.join(known) or 'none'})")
+            tx.conn.execute(R.delete().where(R.c.gpu_type == gpu_type))
+            tx.event("rate_unset", data={"gpu_type": gpu_type, "previous_ppm": old})
+            return old
+
+        return self._write(run)
 
     def rates(self) -> dict[str, int]:
         with self._read() as conn:
@@ -313,7 +337,7 @@ class AdminOps(LedgerBase):
         from datetime import UTC
 
         def when(ts: int) -> str:
-            return datetime.fromtimestamp(ts / 1e6, UTC).isoformat()
+            return iso(datetime.fromtimestamp(ts / 1e6, UTC))
 
         self.seal_pending()
         with self._read() as conn:
@@ -349,8 +373,8 @@ class AdminOps(LedgerBase):
         rows = conn.execute(select(K).order_by(K.c.created_at, K.c.kid)).all()
         have = self.keys_dir
         return [{
-            "kid": r.kid, "public_key": r.public_key, "created": r.created_at.isoformat(),
-            "retired": r.retired_at.isoformat() if r.retired_at else None,
+            "kid": r.kid, "public_key": r.public_key, "created": iso(r.created_at),
+            "retired": iso(r.retired_at),
             "private_key_here": bool(have and keys.private_path(have, r.kid).exists()),
         } for r in rows]
 
@@ -378,15 +402,21 @@ class AdminOps(LedgerBase):
             attest.check_replay(result, heads, last)
         return result
 
-    def export_head(self, against: Sequence[tuple[str, dict]] = ()
+    def export_head(self, against: Sequence[tuple[str, dict]] = (),
+                    publish: Callable[[dict], None] | None = None
                     ) -> tuple[VerifyResult, dict | None]:
         """Verify; when the ledger is sound, sign its head with this host's head-attestation
-        key, record the export in the journal and remember it here. (result, head or None)"""
+        key, record the export in the journal and remember it here. (result, head or None)
+
+        ``publish`` gets the signed head before the export is recorded: if it fails (the
+        file cannot be written), nothing is recorded."""
         result = self.verify_journal(against)
         if not result.ok:
             return result, None
         kid, private = attest.signing_key(self.keys_dir, result, result.attest_retired)
         head = attest.sign_head(kid, private, result, self.clock())
+        if publish is not None:
+            publish(head)
         self._write(lambda tx: tx.event(HEAD_EXPORT_KIND, data={
             "seq": head["seq"], "hash": head["hash"], "kid": kid, "at": head["at"]}),
             chain_now=True)
@@ -407,16 +437,20 @@ class AdminOps(LedgerBase):
         if since is not None:
             from .journal import micros
             q = q.where(J.c.ts >= micros(since))
-        if limit:
-            q = q.limit(limit)
+        if limit is not None:  # the newest rows, shown oldest first
+            if limit <= 0:
+                raise InvalidInput(f"--limit must be at least 1, got {limit}")
+            q = q.order_by(None).order_by(J.c.seq.desc()).limit(limit)
         self.seal_pending()
         with self._read() as conn:
             codes = dict(conn.execute(select(W.c.id, W.c.code)).all())
             rows = conn.execute(q).all()
+        if limit is not None:
+            rows.reverse()
         from datetime import UTC
         return [{
             "seq": r.seq,
-            "time": datetime.fromtimestamp(r.ts / 1e6, UTC).isoformat().replace("+00:00", "Z"),
+            "time": iso(datetime.fromtimestamp(r.ts / 1e6, UTC)),
             "kind": r.kind, "from": codes.get(r.debit_wallet_id),
             "to": codes.get(r.credit_wallet_id), "amount": r.amount, "account": r.account,
             "token_id": r.token_id, "hold_id": r.hold_id, "reason": r.reason,
@@ -443,5 +477,5 @@ class AdminOps(LedgerBase):
 
 
 
-class Ledger(HoldOps, TokenOps, DebtOps, JobLinkOps, TierOps, ChargeReadOps, AdminOps):
+class Ledger(HoldOps, TokenOps, PoolOps, DebtOps, JobLinkOps, TierOps, ChargeReadOps, AdminOps):
     """The whole service API."""

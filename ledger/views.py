@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from .amounts import check_amount, fmt_duration, hours
 from .errors import InvalidInput
@@ -11,7 +11,13 @@ from .names import check_user_name
 
 
 def iso(dt: datetime | None) -> str | None:
-    return dt.isoformat().replace("+00:00", "Z") if dt else None
+    """RFC 3339 in UTC, whole seconds, ``Z``: the one timestamp format of every JSON the
+    ledger shows (the CLI's ``--json``, the daemon's answers)."""
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # stored as UTC; some drivers hand it back naive
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -186,3 +192,10 @@ class AccountView:
             "pool": self.pool, "remaining": self.remaining, "held": self.held,
             "report_to": self.report_to, "created": iso(self.created),
         }
+
+    def member_dict(self) -> dict:
+        """What a member of the account sees (``gpuledger balance``): its tokens' sums, not
+        the pool, which pays for nothing until an admin mints a token from it."""
+        return {"name": self.name, "tokens": self.tokens, "remaining": self.remaining,
+                "held": self.held, "remaining_hours": hours(self.remaining),
+                "held_hours": hours(self.held)}

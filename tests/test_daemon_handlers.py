@@ -60,7 +60,7 @@ def test_insufficient_refusal_carries_ledger_message_and_numbers(handlers, token
     resp = reserve(handlers, SLURM, token, gpus=2, seconds=4 * 3600 * 2, key="k-big")
     assert resp["ok"] == 0 and resp["reason"] == "insufficient"
     assert resp["message"].startswith("needs 16.000 GPU-h (2 x h100 x 8:00:00), token tok_")
-    assert resp["message"].endswith("has 10.000 GPU-h left")
+    assert resp["message"].endswith("has 10.000 GPU-h left: 6.000 GPU-h short; -t 5:00:00 would fit")
     assert resp["needed"] == 16 * 3600 and resp["available"] == 10 * 3600
 
 

@@ -7,11 +7,65 @@ from pathlib import Path
 
 import click
 
-from ..amounts import fmt_duration, fmt_hours, fmt_rate
-from ..cli.context import echo_fields, echo_json, echo_table, pass_app, read_token_arg
+from ..amounts import fmt_duration, fmt_hours, fmt_rate, hours
+from ..cli import objects
+from ..cli.context import pass_app, read_token_arg
+from ..cli.output import (
+    echo_fields,
+    echo_json,
+    echo_table,
+    json_output,
+    no_json,
+    ppm_number,
+    table_output,
+)
+from ..cli.shapes import obj
 from ..errors import InvalidInput
 from ..slurmsyntax import array_size, parse_gpus, parse_gres, time_limit_seconds
 from .client import connect, response_error
+
+MEMBER_ACCOUNT = obj("member-account", "An account as its members see it (no pool: that "
+                                        "is the admins').", [
+    ("name", "string", "Slurm account"),
+    ("tokens", "integer", "tokens it holds"),
+    ("remaining", "integer", f"sum of its tokens' remaining, {objects.AMOUNT}"),
+    ("held", "integer", f"sum held for pending jobs, {objects.AMOUNT}"),
+    ("remaining_hours", "number", "remaining in GPU-hours"),
+    ("held_hours", "number", "held in GPU-hours"),
+])
+BALANCE = obj("balance", "A user's tokens and Slurm accounts.", [
+    ("user", "string", "the user"),
+    ("slurm_accounts", "list of string", "their Slurm accounts"),
+    ("accounts", "list of member-account", "those accounts known to the ledger"),
+    ("tokens", "list of token", "tokens scoped to the user or to those accounts"),
+])
+JOBS = obj("jobs", "A user's holds.", [
+    ("user", "string", "the user"),
+    ("holds", "list of hold", "their holds, oldest first"),
+])
+QUOTE = obj("quote", "What a job would hold, and whether the token covers it (exit status 1 "
+                     "when it does not).", [
+    ("ok", "boolean", "true: priced (a refusal prints a [refusal](#refusal) instead)"),
+    ("request", "string", "the request in words (`2 x h100 x 4:00:00`)"),
+    ("user", "string", "whose job"),
+    ("amount", "integer", f"what it would hold, {objects.AMOUNT}"),
+    ("hours", "number", "the same in GPU-hours"),
+    ("rate", "number", "the rate it is priced at"),
+    ("rate_ppm", "integer", "the same in parts per million"),
+    ("share", "integer", "shares per GPU it is priced at (1: whole GPUs)"),
+    ("multiplier", "number", "the tier multiplier it is held at"),
+    ("multiplier_ppm", "integer", "the same in parts per million"),
+    ("cheapest", "string?", "a cheaper tier (`partition scavenger`), if any"),
+    ("cheapest_multiplier_ppm", "integer?", "its multiplier"),
+    ("cheapest_amount", "integer?", f"what it would hold there, {objects.AMOUNT}"),
+    ("token_id", "string?", "the token checked (null: none given)"),
+    ("status", "string?", "its status"),
+    ("remaining", "integer?", f"what it has left, {objects.AMOUNT}"),
+    ("remaining_hours", "number?", "the same in GPU-hours"),
+    ("covers", "boolean?", "whether it would pay (null: no token given)"),
+    ("reason", "string?", "why not (the [refusal](#refusal) reasons)"),
+    ("message", "string?", "why not, and what would fit"),
+])
 
 socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET",
                              help="Daemon socket (default: config, else "
@@ -23,6 +77,7 @@ socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET
 @click.option("--socket-group", help="Group owning the socket (default: [daemon] socket_group).")
 @click.option("--inherited-fd", type=int, hidden=True,
               help="Internal: serve this already bound socket as the users' process.")
+@no_json("runs the daemon in the foreground")
 @pass_app
 def serve(app, socket_path, socket_group, inherited_fd):
     """Run the ledger daemon on its Unix socket (foreground; systemd runs this).
@@ -104,7 +159,8 @@ def _token_arg(value: str | None) -> str | None:
 @click.command("balance")
 @socket_option
 @click.option("--user", help="Another user (root and the Slurm user only).")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(BALANCE)
+@table_output
 @pass_app
 def balance(app, socket_path, user, as_json):
     """Your tokens and your Slurm accounts' balances."""
@@ -120,9 +176,9 @@ def balance(app, socket_path, user, as_json):
                 for t in data["tokens"]])
     if data["accounts"]:
         click.echo("")
-        echo_table(["ACCOUNT", "TOKENS", "REMAINING GPU-H", "HELD", "POOL"],
-                   [[a["name"], a["tokens"], fmt_hours(a["remaining"]), fmt_hours(a["held"]),
-                     fmt_hours(a["pool"])] for a in data["accounts"]])
+        echo_table(["ACCOUNT", "TOKENS", "REMAINING GPU-H", "HELD"],
+                   [[a["name"], a["tokens"], fmt_hours(a["remaining"]), fmt_hours(a["held"])]
+                    for a in data["accounts"]])
 
 
 @click.command("quote")
@@ -138,7 +194,7 @@ def balance(app, socket_path, user, as_json):
 @click.option("--partition", "-p")
 @click.option("--qos", "-q", help="The job's QOS (tier multipliers by QOS).")
 @click.option("--token", help="TOKEN or @FILE (default: $GPU_TOKEN, ~/.config/gpuledger/token).")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(QUOTE)
 @pass_app
 def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array, account,
           partition, qos, token, as_json):
@@ -162,33 +218,64 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
                            account=account, partition=partition, qos=qos,
                            token=_token_arg(token),
                            **({"gres": kind, "per_node": per_node} if kind != "gpu" else {}))
+    if resp.get("ok") != "1":  # refused before pricing or by the token's own checks
+        error = response_error(resp)
+        if as_json:
+            echo_json(_refusal_json(resp))
+        raise error
+    data = quote_json(resp)
     if as_json:
-        return echo_json(resp)
-    if "amount" not in resp:
-        raise response_error(resp)
-    pairs = [("request", resp["desc"]), ("would hold", f"{resp['hours']} GPU-h")]
+        echo_json(data)
+    else:
+        _show_quote(data, resp, kind, per_node, seconds)
+    if data["covers"] is False:  # the Error: line says why and what would fit; exit 1
+        raise response_error({**resp, "ok": "0"})
+
+
+def _refusal_json(resp: dict[str, str]) -> dict:
+    return {"ok": False, "reason": resp.get("reason", "error"),
+            "message": resp.get("message", ""), "token_id": resp.get("token_id") or None,
+            "needed": _int(resp.get("needed")), "available": _int(resp.get("available"))}
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text not in (None, "") else None
+
+
+def quote_json(resp: dict[str, str]) -> dict:
+    """The daemon's quote (text fields on the wire) as typed JSON (the ``quote`` object)."""
+    rate, mult = _int(resp.get("rate")), _int(resp.get("multiplier"))
+    amount, remaining = _int(resp.get("amount")), _int(resp.get("remaining"))
+    token = resp.get("token_id") or None
+    return {"ok": True, "request": resp["desc"], "user": resp.get("user", ""),
+            "amount": amount, "hours": hours(amount), "rate": ppm_number(rate), "rate_ppm": rate,
+            "share": _int(resp.get("share")) or 1, "multiplier": ppm_number(mult),
+            "multiplier_ppm": mult, "cheapest": resp.get("cheapest") or None,
+            "cheapest_multiplier_ppm": _int(resp.get("cheapest_multiplier_ppm")),
+            "cheapest_amount": _int(resp.get("cheapest_amount")), "token_id": token,
+            "status": resp.get("status") or None, "remaining": remaining,
+            "remaining_hours": hours(remaining) if remaining is not None else None,
+            "covers": resp.get("covers") == "1" if token else None,
+            "reason": resp.get("reason") if resp.get("covers") == "0" else None,
+            "message": resp.get("message") if resp.get("covers") == "0" else None}
+
+
+def _show_quote(data: dict, resp: dict, kind: str, per_node, seconds: int) -> None:
+    pairs = [("request", data["request"]), ("would hold", f"{fmt_hours(data['amount'])} GPU-h")]
     if kind != "gpu":
-        pairs.append(("priced as", f"{per_node} of {resp['share']} {kind}s of a GPU "
-                                   f"at rate {fmt_rate(int(resp['rate']))}"))
-    if resp.get("multiplier") not in (None, "1000000") or resp.get("cheapest"):
-        pairs.append(("tier multiplier", fmt_rate(int(resp["multiplier"]))))
-    if resp.get("cheapest"):
-        pairs.append(("cheapest tier", f"{resp['cheapest']} "
-                      f"(x{fmt_rate(int(resp['cheapest_multiplier_ppm']))}): "
-                      f"{fmt_hours(int(resp['cheapest_amount']))} GPU-h"))
-    if resp.get("ok") != "1":
-        pairs.append(("token", resp.get("token_id") or "-"))
-        pairs.append(("covers", f"no: {resp.get('message')}"))
+        pairs.append(("priced as", f"{per_node} of {data['share']} {kind}s of a GPU "
+                                   f"at rate {fmt_rate(data['rate_ppm'])}"))
+    if data["multiplier_ppm"] not in (None, 1_000_000) or data["cheapest"]:
+        pairs.append(("tier multiplier", fmt_rate(data["multiplier_ppm"])))
+    if data["cheapest"]:
+        pairs.append(("cheapest tier", f"{data['cheapest']} "
+                      f"(x{fmt_rate(data['cheapest_multiplier_ppm'])}): "
+                      f"{fmt_hours(data['cheapest_amount'])} GPU-h"))
+    if data["token_id"]:
+        pairs += [("token", data["token_id"]), ("status", data["status"]),
+                  ("remaining", f"{fmt_hours(data['remaining'])} GPU-h"),
+                  ("covers", "yes" if data["covers"] else "no")]
         echo_fields(pairs)
-        raise SystemExit(1)
-    if resp.get("token_id"):
-        covers = resp.get("covers") == "1"
-        pairs += [("token", resp["token_id"]), ("status", resp["status"]),
-                  ("remaining", f"{resp['remaining_hours']} GPU-h"),
-                  ("covers", "yes" if covers else "no")]
-        echo_fields(pairs)
-        if not covers:
-            raise SystemExit(1)
         return
     echo_fields(pairs + [("time limit", fmt_duration(seconds))])
 
@@ -197,7 +284,8 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
 @socket_option
 @click.option("--state", type=click.Choice(["pending", "posted", "voided"]))
 @click.option("--user", help="Another user (root and the Slurm user only).")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(JOBS)
+@table_output
 @pass_app
 def jobs(app, socket_path, state, user, as_json):
     """Your jobs' holds: what each held, charged and returned."""

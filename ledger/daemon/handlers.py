@@ -267,17 +267,14 @@ class Handlers:
         if not token:
             return out
 
-        def check():
-            claims = self.ledger.check(token, request)
-            return claims, self.ledger.inspect(token)
-
         try:
-            claims, view = self._with_keys(check)
+            view, short = self._with_keys(lambda: self.ledger.covers(token, request))
         except Refusal as exc:
             return {**out, **error_response(exc), "amount": amount, "hours": fmt_hours(amount)}
-        covers = view.status == "active" and amount <= view.remaining
-        out.update(token_id=claims.id, status=view.status, remaining=view.remaining,
-                   remaining_hours=fmt_hours(view.remaining), covers=covers)
+        out.update(token_id=view.id, status=view.status, remaining=view.remaining,
+                   remaining_hours=fmt_hours(view.remaining), covers=short is None)
+        if short is not None:  # the same words a reserve would refuse with
+            out.update(reason=str(short.reason), message=short.message)
         return out
 
     def balance(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
@@ -286,7 +283,7 @@ class Handlers:
         accounts = self.accounts(user)
         tokens = [t.to_dict() for t in user_tokens(self.ledger, user, accounts)]
         known = {a.name: a for a in account_views(self.ledger)}
-        views = [known[a].to_dict() for a in sorted(accounts) if a in known]
+        views = [known[a].member_dict() for a in sorted(accounts) if a in known]
         return with_json({"user": user, "slurm_accounts": sorted(accounts), "accounts": views,
                           "tokens": tokens})
 
