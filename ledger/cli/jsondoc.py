@@ -24,9 +24,10 @@ JSON document on standard output. The contract:
   (`rate_ppm`); flags are `true`/`false`; an unknown or unset value is `null`.
 - **Errors**: exit status 1, nothing on standard output, one line `Error: <what and what to
   do>` on standard error, in `--json` mode as in text mode. Nothing was changed.
-- **Refusals** (a token that cannot pay, in `quote` and `hold reserve`): exit status 1, the
-  `Error:` line on standard error, and on standard output a [refusal](#refusal) object
-  with the numbers, so a script need not parse the text.
+- **Refusals** (a token that cannot pay): exit status 1 and the `Error:` line on standard
+  error, and on standard output the numbers, so a script need not parse the text: `hold
+  reserve` prints a [refusal](#refusal), `quote` its [quote](#quote) with `covers: false`,
+  `reason` and `message`.
 - Fields may be added in later versions; none is removed or changes type without a note in
   the release's changes.
 
@@ -75,7 +76,7 @@ def reference(root: click.Group) -> str:
     out += ["", "Commands without `--json`:", ""]
     out += [f"- `{path}`: {why}" for path, why in without]
     out += ["", "## Objects", ""]
-    for name in sorted(named):
+    for name in sorted(set(named) | {"refusal"}):
         spec = shapes.OBJECTS[name]
         out += [f"### {name}", "", spec.doc, "", "| field | type | meaning |", "|---|---|---|"]
         for f in spec.fields:

@@ -152,7 +152,8 @@ JOURNAL_ROW = obj("journal-row", "One journal row: a movement or a state change.
     ("hold_id", "string?", "hold concerned"),
     ("reason", "string?", "why (given by the admin)"),
     ("detail", "string?", "a state change in words: `h100: 1 -> 2`"),
-    ("data", "object", "the row's recorded data (free-form per kind)"),
+    ("data", "object", "the row's data as recorded and hashed (free-form per kind; its "
+                       "times are as they were written)"),
     ("hash", "string?", "the row's chain hash (null while waiting to be chained)"),
 ])
 

@@ -20,7 +20,7 @@ from ..cli.output import (
     table_output,
 )
 from ..cli.shapes import obj
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Refusal
 from ..slurmsyntax import array_size, parse_gpus, parse_gres, time_limit_seconds
 from .client import connect, response_error
 
@@ -45,7 +45,8 @@ JOBS = obj("jobs", "A user's holds.", [
 ])
 QUOTE = obj("quote", "What a job would hold, and whether the token covers it (exit status 1 "
                      "when it does not).", [
-    ("ok", "boolean", "true: priced (a refusal prints a [refusal](#refusal) instead)"),
+    ("ok", "boolean", "true: priced (a request that cannot be priced prints a "
+                      "[refusal](#refusal) instead)"),
     ("request", "string", "the request in words (`2 x h100 x 4:00:00`)"),
     ("user", "string", "whose job"),
     ("amount", "integer", f"what it would hold, {objects.AMOUNT}"),
@@ -62,9 +63,11 @@ QUOTE = obj("quote", "What a job would hold, and whether the token covers it (ex
     ("status", "string?", "its status"),
     ("remaining", "integer?", f"what it has left, {objects.AMOUNT}"),
     ("remaining_hours", "number?", "the same in GPU-hours"),
-    ("covers", "boolean?", "whether it would pay (null: no token given)"),
-    ("reason", "string?", "why not (the [refusal](#refusal) reasons)"),
-    ("message", "string?", "why not, and what would fit"),
+    ("covers", "boolean?", "whether it would pay (null: no token given); false: exit status 1, "
+                           "`message` on the `Error:` line"),
+    ("reason", "string?", "why not (the [refusal](#refusal) reasons: insufficient, revoked, "
+                          "wrong_partition, …)"),
+    ("message", "string?", "why not, and what would fit (the words sbatch would refuse with)"),
 ])
 
 socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET",
@@ -218,9 +221,9 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
                            account=account, partition=partition, qos=qos,
                            token=_token_arg(token),
                            **({"gres": kind, "per_node": per_node} if kind != "gpu" else {}))
-    if resp.get("ok") != "1":  # refused before pricing or by the token's own checks
+    if "desc" not in resp:  # refused before it was priced (no rate for its GPU type, ...)
         error = response_error(resp)
-        if as_json:
+        if as_json and isinstance(error, Refusal):
             echo_json(_refusal_json(resp))
         raise error
     data = quote_json(resp)
@@ -247,6 +250,8 @@ def quote_json(resp: dict[str, str]) -> dict:
     rate, mult = _int(resp.get("rate")), _int(resp.get("multiplier"))
     amount, remaining = _int(resp.get("amount")), _int(resp.get("remaining"))
     token = resp.get("token_id") or None
+    covers = resp.get("ok") == "1" and resp.get("covers") == "1"
+    why = (lambda k: None) if covers or not token else resp.get
     return {"ok": True, "request": resp["desc"], "user": resp.get("user", ""),
             "amount": amount, "hours": hours(amount), "rate": ppm_number(rate), "rate_ppm": rate,
             "share": _int(resp.get("share")) or 1, "multiplier": ppm_number(mult),
@@ -255,9 +260,8 @@ def quote_json(resp: dict[str, str]) -> dict:
             "cheapest_amount": _int(resp.get("cheapest_amount")), "token_id": token,
             "status": resp.get("status") or None, "remaining": remaining,
             "remaining_hours": hours(remaining) if remaining is not None else None,
-            "covers": resp.get("covers") == "1" if token else None,
-            "reason": resp.get("reason") if resp.get("covers") == "0" else None,
-            "message": resp.get("message") if resp.get("covers") == "0" else None}
+            "covers": covers if token else None, "reason": why("reason"),
+            "message": why("message")}
 
 
 def _show_quote(data: dict, resp: dict, kind: str, per_node, seconds: int) -> None:
@@ -272,9 +276,11 @@ def _show_quote(data: dict, resp: dict, kind: str, per_node, seconds: int) -> No
                       f"(x{fmt_rate(data['cheapest_multiplier_ppm'])}): "
                       f"{fmt_hours(data['cheapest_amount'])} GPU-h"))
     if data["token_id"]:
-        pairs += [("token", data["token_id"]), ("status", data["status"]),
-                  ("remaining", f"{fmt_hours(data['remaining'])} GPU-h"),
-                  ("covers", "yes" if data["covers"] else "no")]
+        pairs.append(("token", data["token_id"]))
+        if data["status"] is not None:
+            pairs += [("status", data["status"]),
+                      ("remaining", f"{fmt_hours(data['remaining'])} GPU-h")]
+        pairs.append(("covers", "yes" if data["covers"] else "no"))
         echo_fields(pairs)
         return
     echo_fields(pairs + [("time limit", fmt_duration(seconds))])
