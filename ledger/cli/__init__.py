@@ -47,12 +47,21 @@ class ErrorHandlingGroup(click.Group):
         self._ensure()
         return super().get_command(ctx, cmd_name)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:  # the root's own options
+            usage_error(exc)
+
     def invoke(self, ctx):
-        """Every failure is one ``Error: …`` line on stderr and exit status 1: typed
-        library errors by their text, a database or file error by what failed, anything
-        else as an internal error (its traceback with $GPULEDGER_DEBUG set)."""
+        """Every failure is one ``Error: …`` line on stderr and exit status 1: a usage
+        mistake (with the --help to read), typed library errors by their text, a database
+        or file error by what failed, anything else as an internal error (its traceback with
+        $GPULEDGER_DEBUG set)."""
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            usage_error(exc)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except LedgerError as exc:
@@ -70,6 +79,16 @@ class ErrorHandlingGroup(click.Group):
                 raise
             fail(ctx, f"internal error ({type(exc).__name__}: {exc}); this is a bug: "
                       f"rerun with {DEBUG_ENV}=1 and report the traceback")
+
+
+def usage_error(exc: click.UsageError) -> None:
+    """A usage mistake as one line, exit status 1 (click prints four, exit 2); a group
+    named without a command shows its help, as click does."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        raise exc
+    where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+    click.echo(f"Error: {' '.join(exc.format_message().split())}{where}", err=True)
+    sys.exit(1)
 
 
 def fail(ctx: click.Context, message: str) -> None:
