@@ -20,7 +20,7 @@ MAX_AMOUNT = 2**53
 _DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 
 
-def parse_decimal(text: str | float | int | Decimal, what: str) -> Decimal:
+def parse_decimal(text: str | float | Decimal, what: str) -> Decimal:
     """A plain decimal number (``2``, ``2.5``, ``-1``), else InvalidInput naming ``what``."""
     s = str(text).strip()
     if not _DECIMAL.match(s) or len(s) > 40:

@@ -42,9 +42,9 @@ from .audit_columns import (
     check_tokens,
 )
 from .facts import BIRTH_KINDS, CLOSE_KINDS, HoldFacts
-from .pool import BURN_KIND
 from .journal import row_hash
 from .models import GENESIS_HASH, Account, ChainHead, JournalPending, Wallet
+from .pool import BURN_KIND
 
 A, W, H, P = (m.__table__ for m in (Account, Wallet, ChainHead, JournalPending))
 

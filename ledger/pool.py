@@ -23,9 +23,10 @@ class PoolOps:
         with self._read() as conn:
             return self._balance(conn, self._account_row(conn, account).wallet_id)
 
-    def burn_pool(self, account: str, amount: int | None, reason: str) -> dict:
+    def burn_pool(self, account: str, amount: int | None, reason: str,
+                  key: str | None = None) -> dict:
         """Return ``amount`` (None: all) of the account's pool to ``system:issuance``.
-        {account, amount, pool (left)}."""
+        {account, amount, pool (left)}; with ``key``, a replay returns the first result."""
         if not (reason or "").strip():
             raise InvalidInput("burning pool value needs a reason (--reason)")
         if amount is not None:
@@ -45,4 +46,5 @@ class PoolOps:
             tx.flush()
             return {"account": account, "amount": burn, "pool": held - burn}
 
-        return self._write(run)
+        return self._idempotent("burn", key, {"account": account, "amount": amount,
+                                              "reason": reason}, run)

@@ -40,10 +40,10 @@ from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported
 from .pool import PoolOps
 from .rawsql import Raw
 from .shares import GresFile
-from .views import iso
 from .tiers import TierOps
 from .token_ops import TokenOps
 from .tokens import Verifier
+from .views import iso
 
 A, W, T, R, K, HO, IDEM = (m.__table__ for m in (Account, Wallet, Token, Rate, SigningKey, Hold,
                                                   IdempotencyRecord))

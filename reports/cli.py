@@ -21,7 +21,6 @@ from . import deliver, sendlog
 from .period import Month
 from .render import FORMATS, render_account
 
-
 RENDERED = obj("report-files", "Reports `report render` wrote.", [
     ("month", "string", "YYYY-MM"),
     ("format", "string", "html, text or json"),

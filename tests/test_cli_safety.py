@@ -111,21 +111,16 @@ def test_force_keeps_the_old_token_recoverable(run):
     assert len(ids) == 3  # three tokens, each still in a file
 
 
-@pytest.mark.parametrize("where", ["missing-dir/tok", "a-dir", "ro/tok"])
-def test_an_unwritable_out_mints_nothing(run, where):
+@pytest.mark.parametrize("where,says", [
+    ("missing-dir/tok", "No such file or directory"),
+    ("a-dir", "is a directory"),
+    ("/sys/gpuledger-test.tok", "Permission denied"),  # no one may create files there
+])
+def test_an_unwritable_out_mints_nothing(run, where, says):
     (run.tmp / "a-dir").mkdir()
-    ro = run.tmp / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    if where == "ro/tok" and os.access(ro, os.W_OK):
-        ro.chmod(0o700)
-        pytest.skip("root writes into a read-only directory")
-    try:
-        refused(run, "token", "mint", "--account", "physics", "--hours", "1", "--out",
-                str(run.tmp / where), says="Error: ")
-    finally:
-        ro.chmod(0o700)
-    assert not [p for p in run.tmp.rglob("*.tmp")]
+    refused(run, "token", "mint", "--account", "physics", "--hours", "1", "--out",
+            str(run.tmp / where), says=says)
+    assert not [p for p in run.tmp.rglob("*.tmp")] and not Path(where).exists()
 
 
 def test_a_mint_that_fails_after_the_file_was_written_leaves_no_file(run, monkeypatch):
@@ -327,7 +322,7 @@ def test_the_token_docs_commands_parse():
     import click
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "tokens.md").read_text()
-    lines = [ln.strip() for block in re.findall(r"```sh\n(.*?)```", text, re.S)
+    lines = [ln.strip() for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL)
              for ln in block.splitlines()]
     lines += re.findall(r"`(gpuledger [^`]*)`", text)
     checked = 0

@@ -182,7 +182,7 @@ def _wallet_id(ledger, code):
 
 
 def test_a_burn_that_pays_anything_but_the_issuer_is_named(busy):
-    token, view = busy.mint("physics", 10_000)
+    _, view = busy.mint("physics", 10_000)
     busy.revoke(view.id, reason="leaked")
     busy.burn_pool("physics", 4_000, "policy")
     seq = rows(busy)[-1].seq
@@ -196,9 +196,9 @@ def test_a_burn_that_pays_anything_but_the_issuer_is_named(busy):
 
 
 def test_value_taken_out_of_a_pool_by_a_mint_not_from_it_is_named(busy):
-    token, view = busy.mint("physics", 10_000)
+    _, view = busy.mint("physics", 10_000)
     busy.revoke(view.id, reason="leaked")  # the pool holds 10000
-    again, new = busy.mint("physics", 3_000)  # from system:issuance; rewritten to the pool
+    _, new = busy.mint("physics", 3_000)  # from system:issuance; rewritten to the pool
     seq = rows(busy)[-1].seq
     rewrite(busy, seq, debit_wallet_id=_wallet_id(busy, "account:physics"))
     sql(busy, "UPDATE wallets SET balance = 7000 WHERE code = 'account:physics'")
@@ -210,10 +210,12 @@ def test_value_taken_out_of_a_pool_by_a_mint_not_from_it_is_named(busy):
 
 
 def test_mint_from_the_pool_and_burn_verify(busy):
-    token, view = busy.mint("physics", 10_000)
+    _, view = busy.mint("physics", 10_000)
     busy.revoke(view.id, reason="leaked")
     busy.mint("physics", 6_000, from_pool=True)
-    busy.burn_pool("physics", None, "the rest")
+    first = busy.burn_pool("physics", None, "the rest", key="burn-1")
+    assert busy.burn_pool("physics", None, "the rest", key="burn-1") == first  # a retry
+    assert first["amount"] == 4_000
     assert busy.verify_journal().ok and busy.pool("physics") == 0
 
 

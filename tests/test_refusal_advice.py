@@ -35,7 +35,7 @@ def test_a_partition_scoped_token_says_which_partition(sqlite_ledger):
                                                       partition="gpu,short"))
     assert short.message == (f"token {view.id} is not valid in partition short (only gpu): "
                              "submit with -p gpu")
-    two, v2 = sqlite_ledger.mint("physics", H, scopes=Scopes.parse(partitions="a,b"))
+    two, _ = sqlite_ledger.mint("physics", H, scopes=Scopes.parse(partitions="a,b"))
     assert refusal(sqlite_ledger, two, HoldRequest(gpus=1, seconds=60)).message.endswith(
         "(only a, b): submit with -p a or -p b")
 
@@ -49,7 +49,7 @@ def test_short_by_how_much_and_the_time_limit_that_fits(sqlite_ledger):
     array = refusal(sqlite_ledger, token, HoldRequest(gpus=1, seconds=H, tasks=10,
                                                       gpu_type="a100"))
     assert array.message.endswith("3.500 GPU-h short; -t 0:25:00 would fit")  # 10 x 0.6 x 25 m
-    crumbs, v2 = sqlite_ledger.mint("physics", 30)  # not even a minute of 2 GPUs
+    crumbs, _ = sqlite_ledger.mint("physics", 30)  # not even a minute of 2 GPUs
     assert refusal(sqlite_ledger, crumbs, HoldRequest(gpus=2, seconds=H)).message.endswith(
         "has 0.008 GPU-h left: 1.992 GPU-h short")
 
@@ -58,15 +58,15 @@ def test_the_cheaper_tier_that_would_fit(sqlite_ledger):
     lg = sqlite_ledger
     lg.set_multiplier("partition", "scavenger", 250_000)
     lg.set_multiplier("qos", "low", 500_000)
-    token, view = lg.mint("physics", int(2.5 * H))
+    token, _ = lg.mint("physics", int(2.5 * H))
     r = refusal(lg, token, HoldRequest(gpus=2, seconds=4 * H, gpu_type="h100", partition="gpu"))
     assert r.message.endswith("5.500 GPU-h short; -t 1:15:00 would fit, or -p scavenger "
                               "(x0.25) would hold 2.000 GPU-h")
-    scoped, v2 = lg.mint("physics", int(2.5 * H), scopes=Scopes.parse(partitions="gpu"))
+    scoped, _ = lg.mint("physics", int(2.5 * H), scopes=Scopes.parse(partitions="gpu"))
     r = refusal(lg, scoped, HoldRequest(gpus=2, seconds=4 * H, gpu_type="h100",
                                         partition="gpu"))
     assert "scavenger" not in r.message  # its token may not go there
-    poor, v3 = lg.mint("physics", int(1.5 * H))
+    poor, _ = lg.mint("physics", int(1.5 * H))
     r = refusal(lg, poor, HoldRequest(gpus=1, seconds=2 * H, gpu_type="h100", partition="gpu"))
     assert r.message.endswith("-t 1:30:00 would fit, or -p scavenger (x0.25) would hold "
                               "0.500 GPU-h")  # the cheapest that fits, not the first

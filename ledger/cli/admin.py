@@ -294,13 +294,14 @@ def pool_group():
 @click.argument("name")
 @click.option("--hours", help="GPU-hours to burn (default: all of the pool).")
 @click.option("--reason", required=True, help="Why (journaled).")
+@click.option("--key", help="Idempotency key: a retry with it burns once.")
 @json_output(objects.BURN)
 @pass_app
-def pool_burn(app, name, hours, reason, as_json):
+def pool_burn(app, name, hours, reason, key, as_json):
     """Return pool value to the issuer (the reverse of a mint), journaled: it is gone from
     the account."""
     amount = parse_hours(hours) if hours is not None else None
-    done = app.ledger.burn_pool(name, amount, reason)
+    done = app.ledger.burn_pool(name, amount, reason, key=key)
     if as_json:
         return echo_json({**done, "hours": gpu_hours(done["amount"]),
                           "pool_hours": gpu_hours(done["pool"])})

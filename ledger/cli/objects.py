@@ -20,8 +20,8 @@ TOKEN = obj("token", "A token's ledger state (`ledger.views.TokenView`).", [
     ("status", "string", "active, exhausted, revoked or expired"),
     ("status_reason", "string?", "why it was revoked or expired"),
     ("not_before", "timestamp", "start of validity"),
-    ("expires", "timestamp", "end of validity (a date given to `--expires` is 23:59:59 UTC "
-                             "of that day)"),
+    ("expires", "timestamp", ("end of validity (a date given to `--expires` is 23:59:59 UTC "
+                             "of that day)")),
     ("scopes", "map of list of string",
      "restrictions: `users`, `gpu_types`, `partitions`, `clusters` (absent: any)"),
     ("parent", "string?", "the token it was split from"),
@@ -29,8 +29,8 @@ TOKEN = obj("token", "A token's ledger state (`ledger.views.TokenView`).", [
 ])
 
 ISSUED = obj("issued-token", "A token just minted or split off.", [
-    ("token", "string?", "the token itself (a secret: hand it to its user); null when "
-                         "written to `file`"),
+    ("token", "string?", ("the token itself (a secret: hand it to its user); null when "
+                         "written to `file`")),
     ("file", "string?", "the file it was written to (`--out`, mode 0600)"),
     ("backup", "string?", "with `--force`: where the file's old token was kept"),
     ("view", "token", "its ledger state"),
@@ -141,10 +141,10 @@ TIER_CHANGE = obj("tier-change", "A multiplier set or removed.", [
 JOURNAL_ROW = obj("journal-row", "One journal row: a movement or a state change.", [
     ("seq", "integer", "position in the chain"),
     ("time", "timestamp", "when it was written"),
-    ("kind", "string", "mint, split, transfer, reserve, charge, release, void, refund, "
-                       "revoke, expire, burn, rate_set, rate_unset, multiplier_set, …"),
-    ("from", "string?", "debited wallet (`system:issuance`, `token:tok_…`, `account:NAME` "
-                        "— an account's pool, …)"),
+    ("kind", "string", ("mint, split, transfer, reserve, charge, release, void, refund, "
+                       "revoke, expire, burn, rate_set, rate_unset, multiplier_set, …")),
+    ("from", "string?", ("debited wallet (`system:issuance`, `token:tok_…`, `account:NAME` "
+                        "— an account's pool, …)")),
     ("to", "string?", "credited wallet"),
     ("amount", "integer", f"moved, {AMOUNT} (0 for a state change)"),
     ("account", "string?", "account concerned"),
@@ -152,8 +152,8 @@ JOURNAL_ROW = obj("journal-row", "One journal row: a movement or a state change.
     ("hold_id", "string?", "hold concerned"),
     ("reason", "string?", "why (given by the admin)"),
     ("detail", "string?", "a state change in words: `h100: 1 -> 2`"),
-    ("data", "object", "the row's data as recorded and hashed (free-form per kind; its "
-                       "times are as they were written)"),
+    ("data", "object", ("the row's data as recorded and hashed (free-form per kind; its "
+                       "times are as they were written)")),
     ("hash", "string?", "the row's chain hash (null while waiting to be chained)"),
 ])
 
@@ -206,8 +206,8 @@ SCHEMA = obj("schema-revision", "A database schema revision.", [
 REFUSAL = obj("refusal", "Why a token cannot pay for a request (`quote`, `hold reserve`: "
                          "printed with exit status 1).", [
     ("ok", "boolean", "false"),
-    ("reason", "string", "insufficient, exhausted, revoked, expired, not_yet_valid, "
-                         "wrong_partition, wrong_user, … (stable words)"),
+    ("reason", "string", ("insufficient, exhausted, revoked, expired, not_yet_valid, "
+                         "wrong_partition, wrong_user, … (stable words)")),
     ("message", "string", "the sentence shown to people, with what to do"),
     ("token_id", "string?", "the token"),
     ("needed", "integer?", f"what the request needs, {AMOUNT}"),

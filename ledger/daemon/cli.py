@@ -45,8 +45,8 @@ JOBS = obj("jobs", "A user's holds.", [
 ])
 QUOTE = obj("quote", "What a job would hold, and whether the token covers it (exit status 1 "
                      "when it does not).", [
-    ("ok", "boolean", "true: priced (a request that cannot be priced prints a "
-                      "[refusal](#refusal) instead)"),
+    ("ok", "boolean", ("true: priced (a request that cannot be priced prints a "
+                      "[refusal](#refusal) instead)")),
     ("request", "string", "the request in words (`2 x h100 x 4:00:00`)"),
     ("user", "string", "whose job"),
     ("amount", "integer", f"what it would hold, {objects.AMOUNT}"),
@@ -63,10 +63,10 @@ QUOTE = obj("quote", "What a job would hold, and whether the token covers it (ex
     ("status", "string?", "its status"),
     ("remaining", "integer?", f"what it has left, {objects.AMOUNT}"),
     ("remaining_hours", "number?", "the same in GPU-hours"),
-    ("covers", "boolean?", "whether it would pay (null: no token given); false: exit status 1, "
-                           "`message` on the `Error:` line"),
-    ("reason", "string?", "why not (the [refusal](#refusal) reasons: insufficient, revoked, "
-                          "wrong_partition, …)"),
+    ("covers", "boolean?", ("whether it would pay (null: no token given); false: exit status 1, "
+                           "`message` on the `Error:` line")),
+    ("reason", "string?", ("why not (the [refusal](#refusal) reasons: insufficient, revoked, "
+                          "wrong_partition, …)")),
     ("message", "string?", "why not, and what would fit (the words sbatch would refuse with)"),
 ])
 
@@ -267,14 +267,14 @@ def quote_json(resp: dict[str, str]) -> dict:
 def _show_quote(data: dict, resp: dict, kind: str, per_node, seconds: int) -> None:
     pairs = [("request", data["request"]), ("would hold", f"{fmt_hours(data['amount'])} GPU-h")]
     if kind != "gpu":
-        pairs.append(("priced as", f"{per_node} of {data['share']} {kind}s of a GPU "
-                                   f"at rate {fmt_rate(data['rate_ppm'])}"))
+        pairs.append(("priced as", (f"{per_node} of {data['share']} {kind}s of a GPU "
+                                    f"at rate {fmt_rate(data['rate_ppm'])}")))
     if data["multiplier_ppm"] not in (None, 1_000_000) or data["cheapest"]:
         pairs.append(("tier multiplier", fmt_rate(data["multiplier_ppm"])))
     if data["cheapest"]:
-        pairs.append(("cheapest tier", f"{data['cheapest']} "
-                      f"(x{fmt_rate(data['cheapest_multiplier_ppm'])}): "
-                      f"{fmt_hours(data['cheapest_amount'])} GPU-h"))
+        pairs.append(("cheapest tier", (f"{data['cheapest']} "
+                                        f"(x{fmt_rate(data['cheapest_multiplier_ppm'])}): "
+                                        f"{fmt_hours(data['cheapest_amount'])} GPU-h")))
     if data["token_id"]:
         pairs.append(("token", data["token_id"]))
         if data["status"] is not None:
