@@ -95,16 +95,14 @@ class TopLevel:
 class DatabaseConfig:
     """The ledger database (daemon, CLI, hooks that settle)."""
 
-    url: str = setting(
-        None, kind=schema.STRING, default_doc="(required)",
+    url: str | None = setting(
+        None, kind=schema.STRING, default_doc="(required where the ledger is opened)",
         doc="SQLAlchemy URL: sqlite:///ledger.db (relative to this file), "
-            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db")
+            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db; "
+            "unset on compute nodes (their epilogs send charges to the daemon)")
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
-
-    def problem(self) -> str | None:
-        return None if self.url else "url is required"
 
 
 @dataclass(frozen=True)
@@ -133,6 +131,13 @@ class DaemonConfig:
     max_line: int = setting(16384, kind=schema.INTEGER,
                             check=lambda v: None if v >= 256 else "must be at least 256",
                             doc="longest request line (bytes) the daemon reads")
+    node_listen: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="0.0.0.0:6830",
+        doc="host:port where compute nodes' epilogs send charges (TCP, each proven with a "
+            "MUNGE credential of root on the node); unset: nodes use this host's socket")
+    node_check_address: bool = setting(
+        True, kind=schema.BOOLEAN,
+        doc="a node's charge must come from the address its node name resolves to")
     fast_reserve: bool = setting(
         False, kind=schema.BOOLEAN,
         doc="answer slurmctld's reserves from memory and write them in batches "
@@ -203,6 +208,13 @@ class HooksSection:
     close_wait_seconds: float = setting(
         30.0, kind=schema.NUMBER, check=lambda v: None if v >= 0 else "must be at least 0",
         doc="EpilogSlurmctld waits this long for the nodes' charges")
+    spool_dir: str = setting("/var/spool/gpuledger/charges", kind=schema.STRING,
+                             doc="a node's charge records wait here while the daemon is away")
+    daemon: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="ctl1:6830",
+        default_doc="[daemon] privileged_socket, else [daemon] socket (this host)",
+        doc='where the epilog sends its charges: a socket path, or "host:port" of the '
+            "daemon's [daemon] node_listen (MUNGE-authenticated)")
 
 
 @dataclass(frozen=True)
@@ -262,12 +274,78 @@ class SmtpSection:
                              doc="seconds per SMTP operation")
 
 
+def _percents(values: tuple[int, ...]) -> str | None:
+    if not values or any(not 0 < v <= 100 for v in values) or len(set(values)) != len(values):
+        return "must be one or more different whole percents above 0 and at most 100"
+    return None
+
+
+def _reminder_days(values: tuple[int, ...]) -> str | None:
+    if any(not 0 <= v <= 366 for v in values) or len(set(values)) != len(values):
+        return "must be different whole numbers of days from 0 to 366"
+    return None
+
+
 @dataclass(frozen=True)
 class ReportsSection:
-    """Monthly reports (`gpuledger report send`)."""
+    """Monthly reports (`gpuledger report send`) and budget alerts (`gpuledger alerts send`).
+    Each recipient gets one mail per run with everything due to them (every account they
+    get reports or alerts for, and the alerts of the tokens scoped to them)."""
 
     admins: tuple[str, ...] = setting((), kind=schema.STRINGS,
                                       doc="addresses that get every account's report")
+    alert_thresholds: tuple[int, ...] = setting(
+        (80, 90, 100), kind=schema.INTEGERS, check=_percents,
+        doc="alert when a token (or an account, all its tokens) has used this % of its GPU-h")
+    expiry_reminders: tuple[int, ...] = setting(
+        (30, 14, 7, 0), kind=schema.INTEGERS, check=_reminder_days,
+        doc="remind this many days before a token with GPU-h left expires (0: that day)")
+    alert_digest_s: int = setting(
+        86400, kind=schema.SECONDS,
+        check=lambda v: "is more than a week" if v > 7 * 86400 else None,
+        doc="a recipient gets at most one alert digest in this time; alerts raised meanwhile "
+            "wait for the next run after it (0: one each run)")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) → (host, port); ValueError saying why not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError("must name the address to listen on (127.0.0.1:PORT, [::1]:PORT, "
+                         "0.0.0.0:PORT)")
+    return host, int(port)
+
+
+def _listen(v: str) -> str | None:
+    if v == "":
+        return None
+    try:
+        parse_listen(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """The daemon's HTTP endpoint: Prometheus metrics at /metrics, /livez and /readyz
+    (docs/operations.md). Aggregate figures only, unless per_account says otherwise."""
+
+    listen: str = setting(
+        "127.0.0.1:9847", kind=schema.STRING, check=_listen,
+        doc='address:port of the endpoint ("": off); loopback by default: set an address '
+            "Prometheus reaches (and firewall it) to scrape from another host")
+    per_account: bool = setting(
+        False, kind=schema.BOOLEAN,
+        doc="also expose per-account figures (escrow, token balances, charges by account "
+            "name); never per user")
+    cache_s: float = setting(
+        10.0, kind=schema.NUMBER, check=_between(0, 3600, unit=" seconds"),
+        doc="seconds a scrape's database figures are reused (scrapes in between read nothing)")
 
 
 def _plain_decimal(v: str) -> str | None:
@@ -314,6 +392,7 @@ SECTIONS = (
     Section("idle", IdlePolicy),
     Section("hooks", HooksSection),
     Section("agent", AgentSection),
+    Section("metrics", MetricsSection),
     Section("smtp", SmtpSection, optional=True),
     Section("reports", ReportsSection),
     Section("limits", LimitsSection),
@@ -334,6 +413,7 @@ class Config:
     idle: IdlePolicy = field(default_factory=IdlePolicy)
     hooks: HooksSection = field(default_factory=HooksSection)
     agent: AgentSection = field(default_factory=AgentSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     smtp: SmtpSection | None = None  # None: no [smtp] table (dry runs only)
     reports: ReportsSection = field(default_factory=ReportsSection)
     limits: LimitsSection = field(default_factory=LimitsSection)

@@ -1,4 +1,4 @@
-"""``gpuledger reconcile`` and ``gpuledger job show`` (registered by slurm_plugin.climain)."""
+"""``gpuledger reconcile``, ``job show`` and ``spool`` (registered by slurm_plugin.climain)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ DEBT = obj("debt", "A run of a deferred job that had no hold, charged to its acc
     ("charged", "integer", f"charged so far, {objects.AMOUNT}"),
     ("unpaid", "integer", f"still owed, {objects.AMOUNT}"),
 ])
+DECISION = obj("reconcile-decision", "What `reconcile` did with one pending hold, and why.", [
+    ("hold", "string", "hold id"),
+    ("job", "string?", "its Slurm job"),
+    ("action", "string", "settle, void, wait (within the grace period), running, error"),
+    ("why", "string", "the reason, in words"),
+    ("charged", "integer", f"charged by this pass, {objects.AMOUNT}"),
+])
 RECONCILE = obj("reconcile", "What `reconcile` did (or, with --dry-run, would do).", [
     ("examined", "integer", "pending holds examined"),
     ("voided", "list of string", "holds released (their jobs never ran)"),
@@ -37,6 +44,7 @@ RECONCILE = obj("reconcile", "What `reconcile` did (or, with --dry-run, would do
     ("debts", "list of debt", "deferred runs that had no hold"),
     ("errors", "list of string", "what went wrong (exit status 1)"),
     ("dry_run", "boolean", "whether nothing was changed"),
+    ("holds", "list of reconcile-decision", "each pending hold examined: what and why"),
 ])
 RECEIPT_RUN = obj("receipt-run", "One node's run of a job, as its settlement recorded it.", [
     ("job_id", "string?", "Slurm job id (array task: its own)"),
@@ -88,10 +96,14 @@ RECEIPT = obj("receipt", "A job's receipt.", [
 
 @click.command("reconcile")
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also a line for each hold left alone (still running, or within the grace "
+                   "period).")
 @json_output(RECONCILE)
 @pass_app
-def reconcile(app, dry_run, as_json):
-    """Settle or release holds whose jobs are over; expire tokens."""
+def reconcile(app, dry_run, as_json, verbose):
+    """Settle or release holds whose jobs are over; expire tokens. One line per hold it
+    settles or voids (and, with --verbose, per hold it leaves), saying why."""
     from .reconcile import Reconciler
 
     hooks = hook_config(app.config)
@@ -128,6 +140,15 @@ def reconcile(app, dry_run, as_json):
                    f"{prefix}charge {summary.charged_runs} node run(s), "
                    f"{fmt_hours(summary.charged)} GPU-h; expired {summary.expired_tokens} "
                    f"token(s)")
+        for d in summary.decisions:
+            if d.action in ("wait", "running") and not verbose:
+                continue
+            verb = {"void": "void", "settle": "settle", "wait": "leave", "running": "leave",
+                    "error": "error"}[d.action]
+            if dry_run and d.action in ("void", "settle"):
+                verb = f"would {verb}"
+            amount = f", {fmt_hours(d.charged)} GPU-h charged" if d.action == "settle" else ""
+            click.echo(f"{d.hold} (job {d.job or '-'}): {verb}{amount}: {d.why}")
         for e in summary.errors:
             click.echo(f"error: {e}", err=True)
     if summary.errors:
@@ -191,10 +212,85 @@ def _gpu_row(c: dict, g: dict) -> list:
             fmt_hours(g.get("charge") or 0)]
 
 
+@click.group("spool")
+def spool_group():
+    """A node's charge records waiting for the daemon (see ``gpuledger-epilog``)."""
+
+
+SPOOL = obj("spool", "A node's charge spool.", [
+    ("spool_dir", "string", "the spool directory ([hooks] spool_dir)"),
+    ("waiting", "list of string", "records waiting for delivery, oldest first"),
+    ("rejected", "list of string", "records the daemon rejected (kept under rejected/)"),
+])
+FLUSHED = obj("spool-flush", "What `spool flush` delivered.", [
+    ("delivered", "integer", "records charged now"),
+    ("already", "integer", "records charged before (a retry)"),
+    ("rejected", "integer", "records the daemon rejected (exit status 1)"),
+    ("left", "integer", "records still waiting (the daemon away)"),
+    ("why", "string", "why delivery stopped (empty: it did not)"),
+])
+
+
+@spool_group.command("list")
+@json_output(SPOOL)
+@pass_app
+def spool_list(app, as_json):
+    """Records waiting for delivery, oldest first, and those the daemon rejected."""
+    from . import chargespool
+
+    hooks = hook_config(app.config)
+    waiting = chargespool.pending(hooks.spool_dir)
+    rejected = chargespool.pending(hooks.spool_dir / chargespool.REJECTED)
+    if as_json:
+        echo_json({"spool_dir": str(hooks.spool_dir), "waiting": waiting, "rejected": rejected})
+        return
+    click.echo(f"{len(waiting)} waiting, {len(rejected)} rejected in {hooks.spool_dir}")
+    for name in waiting:
+        click.echo(f"waiting   {name}")
+    for name in rejected:
+        click.echo(f"rejected  {name}")
+
+
+@spool_group.command("flush")
+@click.option("--limit", type=click.IntRange(1), help="Deliver at most this many records.")
+@json_output(FLUSHED)
+@pass_app
+def spool_flush(app, limit, as_json):
+    """Deliver waiting records to the daemon (the node's timer runs this every minute).
+
+    Exit 0 when the spool is empty or the daemon is away (the records stay for the next
+    try); exit 1 when records were rejected (they are kept under rejected/)."""
+    from dataclasses import asdict
+
+    from ledger.daemon.nodedoor import node_client
+
+    from . import chargespool
+
+    hooks = hook_config(app.config)
+    with node_client(hooks.daemon) as client:
+        r = chargespool.flush(hooks.spool_dir,
+                              lambda rec: client.request("charge", record=rec.to_json()),
+                              limit=limit)
+    if as_json:
+        echo_json(asdict(r))
+    else:
+        click.echo(f"{r.delivered} delivered, {r.already} charged before, {r.rejected} "
+                   f"rejected, {r.left} left" + (f" ({r.why})" if r.why else ""))
+    if r.rejected:
+        raise LedgerError(f"{r.rejected} record(s) rejected by the daemon, kept under "
+                          f"{hooks.spool_dir / chargespool.REJECTED}")
+
+
 def _agent():
     from .agent.cli import agent
 
     return agent
 
 
-COMMANDS = [reconcile, job_group, _agent()]
+def _status():
+    from .status import status
+
+    return status
+
+
+COMMANDS = [reconcile, job_group, spool_group, _agent(), _status()]

@@ -327,7 +327,7 @@ def test_the_token_docs_commands_parse():
     lines += re.findall(r"`(gpuledger [^`]*)`", text)
     checked = 0
     for line in lines:
-        args = shlex.split(line.replace("…", "x"))[1:]
+        args = shlex.split(re.split(r" [<|] ", line)[0].replace("…", "x"))[1:]
         command, ctx = cli, click.Context(cli, info_name="gpuledger")
         while isinstance(command, click.Group) and args:
             command, args = command.get_command(ctx, args[0]), args[1:]
