@@ -51,7 +51,8 @@ def serve(app, socket_path, socket_group, inherited_fd):
         fast.start()
 
     def server(where, **kw) -> Server:
-        return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast), where,
+        return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast,
+                               free_accounts=cfg.submit.free_accounts), where,
                       max_line=cfg.daemon.max_line, log=RequestLog(), **kw)
 
     public = server(path, group=socket_group or cfg.daemon.socket_group)
