@@ -271,7 +271,8 @@ def minutes(job: SlurmJob, partitions: tuple[Partition, ...]) -> int:
                           f"{_NO_TIME}", TIME_LIMIT)
         most = max(most or 0, m)
     if not most:
-        raise Refused(f"the job has no time limit; {_NO_TIME}", TIME_LIMIT)
+        raise Refused("the job has no time limit; give it one with -t/--time (e.g. -t 2:00:00)",
+                      TIME_LIMIT)
     return most
 
 
