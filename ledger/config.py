@@ -131,6 +131,13 @@ class DaemonConfig:
     max_line: int = setting(16384, kind=schema.INTEGER,
                             check=lambda v: None if v >= 256 else "must be at least 256",
                             doc="longest request line (bytes) the daemon reads")
+    node_listen: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="0.0.0.0:6830",
+        doc="host:port where compute nodes' epilogs send charges (TCP, each proven with a "
+            "MUNGE credential of root on the node); unset: nodes use this host's socket")
+    node_check_address: bool = setting(
+        True, kind=schema.BOOLEAN,
+        doc="a node's charge must come from the address its node name resolves to")
     fast_reserve: bool = setting(
         False, kind=schema.BOOLEAN,
         doc="answer slurmctld's reserves from memory and write them in batches "
@@ -201,6 +208,13 @@ class HooksSection:
     close_wait_seconds: float = setting(
         30.0, kind=schema.NUMBER, check=lambda v: None if v >= 0 else "must be at least 0",
         doc="EpilogSlurmctld waits this long for the nodes' charges")
+    spool_dir: str = setting("/var/spool/gpuledger/charges", kind=schema.STRING,
+                             doc="a node's charge records wait here while the daemon is away")
+    daemon: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="ctl1:6830",
+        default_doc="[daemon] privileged_socket, else [daemon] socket (this host)",
+        doc='where the epilog sends its charges: a socket path, or "host:port" of the '
+            "daemon's [daemon] node_listen (MUNGE-authenticated)")
 
 
 @dataclass(frozen=True)
