@@ -153,7 +153,8 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class SubmitConfig:
     """job_submit.lua, through the job_submit.conf rendered from this table
-    (`gpuledger config render-submit-conf`); the Lua reads nothing else."""
+    (`gpuledger config render-submit-conf`); the Lua reads nothing else. The daemon reads
+    free_accounts too: its job-request reader decides free accounts."""
 
     socket: str | None = setting(
         None, kind=schema.STRING, check=_conf_text,
@@ -168,7 +169,8 @@ class SubmitConfig:
             "deferred (the prolog reserves)")
     free_accounts: tuple[str, ...] = setting(
         (), kind=schema.STRINGS, check=_accounts,
-        doc="Slurm accounts whose GPU jobs need no token")
+        doc="Slurm accounts whose GPU jobs need no token (the daemon decides from this "
+            "list; job_submit.lua, from the same list, only while the daemon cannot answer)")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import click
 from ..amounts import fmt_duration, fmt_hours, fmt_rate
 from ..cli.context import echo_fields, echo_json, echo_table, pass_app, read_token_arg
 from ..errors import InvalidInput
-from ..slurmsyntax import array_size, parse_gpus, parse_gres, time_limit_seconds
+from ..jobrequest import SlurmJob, asks_gpu
+from ..slurmsyntax import time_limit_seconds
 from .client import connect, response_error
 
 socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET",
@@ -154,30 +155,31 @@ def balance(app, socket_path, user, as_json):
 @pass_app
 def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array, account,
           partition, qos, token, as_json):
-    """What a job would hold, and whether the token covers it."""
-    count, gpu_type, kind, per_node = 0, None, "gpu", None
-    if gres:
-        count, gpu_type, kind = parse_gres(gres)
-        per_node = count if kind != "gpu" else None
-        count *= nodes
-    elif gpus_per_node:
-        per, gpu_type = parse_gpus(gpus_per_node)
-        count = per * nodes
-    elif gpus:
-        count, gpu_type = parse_gpus(gpus)
-    if count <= 0:
-        raise InvalidInput("say how many GPUs: --gres=gpu:h100:4, --gpus=4 or --gpus-per-node=2")
-    seconds = time_limit_seconds(time_limit)
-    tasks = array_size(array) if array else 1
+    """What a job would hold, and whether the token covers it.
+
+    The options become the request fields sbatch gives Slurm, and the daemon reads them
+    with the job-request reader that job_submit uses (ledger/jobrequest.py)."""
+    job = {"tres_per_node": ",".join(
+               [*([gres] if gres else []),
+                *([f"gres/gpu:{gpus_per_node}"] if gpus_per_node else [])]) or None,
+           "tres_per_job": f"gres/gpu:{gpus}" if gpus else None,
+           "min_nodes": nodes, "max_nodes": nodes,
+           "time_limit": time_limit_seconds(time_limit) // 60, "array_inx": array}
+    if not asks_gpu(SlurmJob(**job)):
+        raise InvalidInput((f"--gres={gres} asks for no GPU (gpu, shard or mps); " if gres else "")
+                           + "say how many GPUs: --gres=gpu:h100:4, --gpus=4 or "
+                           "--gpus-per-node=2")
     with connect(socket_path, app.config_path) as client:
-        resp = client.call("quote", gpus=count, seconds=seconds, type=gpu_type, tasks=tasks,
-                           account=account, partition=partition, qos=qos,
-                           token=_token_arg(token),
-                           **({"gres": kind, "per_node": per_node} if kind != "gpu" else {}))
+        resp = client.call("quote", **job, account=account, partition=partition, qos=qos,
+                           token=_token_arg(token))
     if as_json:
         return echo_json(resp)
+    if resp.get("result") == "free":
+        free = f"account {account} is free: its GPU jobs need no token"
+        return echo_fields([("request", free), ("would hold", "0.000 GPU-h")])
     if "amount" not in resp:
         raise response_error(resp)
+    kind, per_node, seconds = resp.get("gres") or "gpu", resp.get("per_node"), int(resp["seconds"])
     pairs = [("request", resp["desc"]), ("would hold", f"{resp['hours']} GPU-h")]
     if kind != "gpu":
         pairs.append(("priced as", f"{per_node} of {resp['share']} {kind}s of a GPU "

@@ -351,6 +351,8 @@ class Handlers:
         quote = self.ledger.tier_quote(request)
         out: dict[str, object] = {"ok": 1, "amount": amount, "hours": fmt_hours(amount),
                                   "rate": rate, "share": share, "desc": request.describe(),
+                                  "gres": request.gres, "per_node": request.per_node,
+                                  "seconds": request.seconds,
                                   "user": user, "multiplier": quote["multiplier_ppm"],
                                   **{k: v for k, v in quote.items() if k.startswith("cheapest")}}
         token = fields.get("token")
