@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 from .errors import InvalidInput
+from .names import is_identifier
 from .slurmsyntax import SHARED_GRES, SlurmSyntaxError, array_size, gres_name, parse_gres
 from .views import HoldRequest
 
@@ -69,8 +72,7 @@ class Refused(InvalidInput):
 
 # -- Slurm's fields ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Partition:
+class Partition(NamedTuple):
     """One candidate partition's limits (minutes, node counts; None: unset or unlimited)."""
 
     name: str
@@ -89,15 +91,17 @@ def _limit(text: str, what: str) -> int | None:
     return None if value in (NO_VAL, INFINITE) else value
 
 
+@lru_cache(maxsize=256)
 def candidates(text: str | None) -> tuple[Partition, ...]:
-    """``gpu:60:1440::4,short::240:2:3`` → the partitions a job may run in, in order."""
+    """``gpu:60:1440::4,short::240:2:3`` → the partitions a job may run in, in order (the
+    same few strings come with every job: read once each)."""
     items = [i for i in (text or "").split(",") if i]
     if len(items) > 64:
         raise InvalidInput("candidates: more than 64 partitions")
     out = []
     for item in items:
         parts = item.rsplit(":", 4)
-        if len(parts) != 5 or not parts[0]:
+        if len(parts) != 5 or not is_identifier(parts[0]):
             raise InvalidInput(f"candidates: not name:default:max:max_nodes:nodes: {item[:60]!r}")
         name, *limits = parts
         out.append(Partition(name, *(_limit(v, w) for v, w in zip(
@@ -105,8 +109,7 @@ def candidates(text: str | None) -> tuple[Partition, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class SlurmJob:
+class SlurmJob(NamedTuple):
     """Slurm's request fields (job_desc), as job_submit.lua forwards them: GRES strings as
     Slurm wrote them, numbers as integers (None: not sent)."""
 
@@ -128,21 +131,27 @@ class SlurmJob:
     def from_fields(cls, fields: dict[str, str], prefix: str = "") -> SlurmJob:
         """The fields a wire request carries (``prefix``: the job record's, ``rec_``)."""
         values: dict[str, object] = {}
-        for name in TRES_FIELDS:
-            v = fields.get(prefix + name)
-            if v is not None:
-                values[name] = v  # "" kept: an update that clears the GRES
-        for name in NUMBER_FIELDS:
-            v = fields.get(prefix + name)
-            if v is not None and v != "":
-                if not _NUMBER.match(v):
-                    raise InvalidInput(f"field {prefix + name} is not a non-negative integer")
-                values[name] = int(v)
-        for name in ("array_inx", "account", "partition"):
-            v = fields.get(prefix + name)
-            if v:
+        wire = _WIRE[prefix]
+        for key, v in fields.items():
+            spec = wire.get(key)
+            if spec is None:
+                continue
+            name, kind = spec
+            if kind is int:
+                if v:
+                    if not _NUMBER.match(v):
+                        raise InvalidInput(f"field {key} is not a non-negative integer")
+                    values[name] = int(v)
+            elif v or kind is None:  # a GRES string "" is kept: an update that clears it
                 values[name] = v
         return cls(**values)
+
+
+# wire key -> (field, kind: None GRES text, int number, str other text), per prefix
+_WIRE = {prefix: {prefix + name: (name, kind) for names, kind in (
+    (TRES_FIELDS, None), (tuple(NUMBER_FIELDS), int), (("array_inx", "account", "partition"),
+                                                       str)) for name in names}
+    for prefix in ("", RECORD_PREFIX)}
 
 
 def _num(value: int | None, none: int = NO_VAL) -> int | None:
@@ -168,8 +177,9 @@ def asks_gpu(job: SlurmJob) -> bool:
     return False
 
 
+@lru_cache(maxsize=256)
 def _gres(text: str | None) -> tuple[int, str | None, str | None]:
-    """(count, type, shared GRES or None) of one ``tres_per_*`` string."""
+    """(count, type, shared GRES or None) of one ``tres_per_*`` string (read once each)."""
     if not text:
         return 0, None, None
     try:
@@ -191,8 +201,7 @@ def node_cap(partitions: tuple[Partition, ...]) -> int | None:
     return cap
 
 
-@dataclass(frozen=True)
-class Count:
+class Count(NamedTuple):
     """What one job (one array task) asks for: ``gpus`` over all its nodes (shares: shares
     over all nodes, ``per_node`` on each), their type, which GRES, and the nodes counted."""
 
@@ -210,25 +219,24 @@ def count(job: SlurmJob, partitions: tuple[Partition, ...] = (),
     nodes) up to the candidates' MaxNodes, else ``-N``'s lower end. PrologSlurmctld
     re-prices a hold to what the run got. In an update (``record``: the job as it is), what
     the update leaves unset is the record's."""
-    def field(name: str):
-        v = getattr(job, name)
-        if record is not None and (v is None or (isinstance(v, int)
-                                                 and _num(v, NO_VAL16) is None)):
-            v = getattr(record, name)
-        return v
-
-    tasks = _num(field("num_tasks"))
-    nodes = _num(field("max_nodes"))
+    if record is not None:
+        job = over(job, record)
+    tasks = _num(job.num_tasks)
+    nodes = _num(job.max_nodes)
     if not nodes:
-        low = _num(field("min_nodes")) or 1
+        low = _num(job.min_nodes) or 1
         nodes = max(low, min(tasks or 1, node_cap(partitions) or INFINITE))
     if not tasks:
-        tasks = (_num(field("ntasks_per_node"), NO_VAL16) or 1) * nodes
-    sockets = _num(field("sockets_per_node"), NO_VAL16) or 1
+        tasks = (_num(job.ntasks_per_node, NO_VAL16) or 1) * nodes
+    sockets = _num(job.sockets_per_node, NO_VAL16) or 1
     best, gtype, shared, per_node = 0, None, None, None
-    for name, times in (("tres_per_node", nodes), ("tres_per_job", 1),
-                        ("tres_per_task", tasks), ("tres_per_socket", sockets * nodes)):
-        n, t, sh = _gres(field(name))
+    for name, text, times in (("tres_per_node", job.tres_per_node, nodes),
+                              ("tres_per_job", job.tres_per_job, 1),
+                              ("tres_per_task", job.tres_per_task, tasks),
+                              ("tres_per_socket", job.tres_per_socket, sockets * nodes)):
+        if not text:
+            continue
+        n, t, sh = _gres(text)
         if sh:
             if name != "tres_per_node":
                 raise Refused(f"shares of a GPU are asked per node, with --gres={sh}:N")
@@ -245,6 +253,13 @@ def count(job: SlurmJob, partitions: tuple[Partition, ...] = (),
 
 
 _NOT_BOTH = "a job asks for whole GPUs or for shares of one (shard, mps), not both"
+
+
+def over(update: SlurmJob, record: SlurmJob) -> SlurmJob:
+    """An update over the job record: what the update leaves unset (None; a number that is
+    not a count) is the record's."""
+    return SlurmJob(*(r if u is None or (isinstance(u, int) and _num(u, NO_VAL16) is None)
+                      else u for u, r in zip(update, record)))
 
 
 def minutes(job: SlurmJob, partitions: tuple[Partition, ...]) -> int:
@@ -292,8 +307,7 @@ FREE = "free"  # the account's GPU jobs need no token
 NO_GPU = "none"  # the job asks for no GPU
 
 
-@dataclass(frozen=True)
-class JobRequest:
+class JobRequest(NamedTuple):
     """What a job asks the ledger to hold: ``gpus`` (or shares) per array task × ``seconds``
     × ``tasks``, over ``nodes``, in the candidate ``partition`` list."""
 

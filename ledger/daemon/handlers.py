@@ -210,8 +210,6 @@ class Handlers:
         if "gpus" in fields or "seconds" in fields:
             raise BadRequest("a request gives Slurm's fields or gpus/seconds, not both")
         parts = jobrequest.candidates(fields.get("candidates"))
-        if any(not is_identifier(p.name) for p in parts):
-            raise BadRequest("field candidates names a partition that is not a valid name")
         if not parts and fields.get("partition"):  # names only (gpuledger quote -p a,b)
             parts = tuple(jobrequest.Partition(p) for p in _names(fields, "partition")
                           .split(","))

@@ -171,17 +171,20 @@ local function esc(v)
 	return s
 end
 
+-- A reply line -> its fields as sent: what the script reads of a reply is plain (ids,
+-- numbers, words) but a message, which text() decodes where one is shown.
 local function parse(line)
 	local t = {}
 	for k, v in line:gmatch("([%w_]+)=(%S*)") do
-		if v:find("%", 1, true) then
-			v = v:gsub("%%(%x%x)", function(h)
-				return string.char(tonumber(h, 16))
-			end)
-		end
 		t[k] = v
 	end
 	return t
+end
+
+local function text(v)
+	return v and (v:gsub("%%(%x%x)", function(h)
+		return string.char(tonumber(h, 16))
+	end))
 end
 
 -- the connection, kept open across calls (the Lua state persists between jobs) --------
@@ -373,7 +376,7 @@ local function unavailable(d, what, why, logged, token, account)
 end
 
 local function refused(r)
-	refuse("gpu-token: " .. (r.message or r.reason or "refused"),
+	refuse("gpu-token: " .. (text(r.message) or r.reason or "refused"),
 		code(REASON_CODES[r.reason] or "ESLURM_ACCESS_DENIED"))
 end
 
@@ -403,7 +406,7 @@ local function submit(d, part_list)
 	if r.ok == "1" and r.hold and r.token_id then
 		d.admin_comment = HOLD_MARK .. "hold=" .. r.hold .. ";token=" .. r.token_id
 		slurm.log_info("gpuledger: result=held hold=%s token=%s amount=%s hours=%s desc=%s %s us=%d",
-			r.hold, r.token_id, r.amount or "", r.hours or "", esc(r.desc or ""), logged, us)
+			r.hold, r.token_id, r.amount or "", r.hours or "", r.desc or "", logged, us)
 		return slurm.SUCCESS
 	end
 	if r.ok == "1" and (r.result == "free" or r.result == "none") then
@@ -411,7 +414,7 @@ local function submit(d, part_list)
 		return slurm.SUCCESS
 	end
 	if UNAVAILABLE[r.reason or ""] or r.ok ~= "0" then
-		return unavailable(d, "submit", r.message or "bad reply", logged, token, account)
+		return unavailable(d, "submit", text(r.message) or "bad reply", logged, token, account)
 	end
 	slurm.log_info("gpuledger: result=refused reason=%s token=%s %s us=%d", esc(r.reason or ""),
 		esc(r.token_id or ""), logged, us)
@@ -458,7 +461,7 @@ local function modify(d, rec, part_list, uid)
 		.. (rec.account and (" rec_account=" .. esc(rec.account)) or "")
 		.. candidates((d.partition ~= "" and d.partition) or rec.partition, part_list) .. "\n"
 	local resp, err = call(line)
-	local r = resp and parse(resp) or { reason = "unavailable", message = err }
+	local r = resp and parse(resp) or { reason = "unavailable", message = tostring(err) }
 	if r.ok == "1" then
 		if r.state == "voided" then
 			d.admin_comment = ""
@@ -473,7 +476,7 @@ local function modify(d, rec, part_list, uid)
 	slurm.log_info("gpuledger: result=refused op=modify job=%s%s hold=%s reason=%s", id_text(rec.job_id),
 		sluid_text(rec), hold or "", esc(r.reason or ""))
 	if UNAVAILABLE[r.reason or ""] then
-		return unavailable(d, "modify", tostring(r.message), "job=" .. id_text(rec.job_id), true,
+		return unavailable(d, "modify", text(r.message) or "bad reply", "job=" .. id_text(rec.job_id), true,
 			not hold and (d.account or rec.account) or nil)
 	end
 	refused(r)
