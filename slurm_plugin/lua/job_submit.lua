@@ -1,54 +1,39 @@
 --[[
-gpuledger job_submit.lua (Slurm 22.05+, Lua 5.1): every GPU job must carry a token
-that pays for its maximum cost; the cost is held in escrow by the gpuledger daemon.
+gpuledger job_submit.lua (Slurm 22.05+, Lua 5.1-5.4): every GPU job must carry a token that
+pays for its maximum cost, held in escrow by the gpuledger daemon.
 
-This script is a pipe. It forwards Slurm's request as Slurm has it — the tres_per_* strings,
-time limit, node and task counts, array spec, account, QOS, and the candidate partitions'
-DefaultTime/MaxTime/MaxNodes/TotalNodes — to the daemon, whose job-request reader
-(ledger/jobrequest.py) decides everything else: GPUs or shares, their type, nodes,
-seconds, array tasks, free accounts, and each refusal's text. What stays here:
+A pipe. A job that asks for no GPU (asks_gpu: the one rule decided here) passes untouched
+and nothing is contacted. For any other, ONE request over the daemon's Unix socket (kept
+open across calls, strict total timeout) forwards Slurm's fields as Slurm has them — the
+tres_per_* strings, time limit, node and task counts, array spec, account, QOS, the token
+(GPULEDGER_TOKEN in spank_job_env, from the SPANK plugin) and the candidate partitions'
+DefaultTime/MaxTime/MaxNodes/TotalNodes — and the daemon's job-request reader
+(ledger/jobrequest.py) decides the rest: GPUs or shares, type, nodes, seconds, array tasks,
+free accounts, and each refusal's text. On a hold, AdminComment becomes exactly
+"gpuledger:hold=<hold_id>;token=<token_id>" (never the token); only root may change ours.
+scontrol update of a held job forwards the update and the job record: the daemon re-prices
+the hold (or voids it: no GPU any more) and re-checks the token's scopes, or refuses.
+Refusals return an ESLURM code (by the daemon's reason) and tell the user why with
+slurm.log_user("gpu-token: ..."). The daemon away or slow: a free account's job runs, a job
+without a token is refused, the others are refused (on_ledger_unavailable = reject) or
+accepted as "gpuledger:deferred" (= accept; PrologSlurmctld reserves). A Lua error anywhere
+refuses the job (everything runs under pcall).
 
-* The CPU-job shortcut: a job that asks for no GPU (asks_gpu below: the one rule both
-  sides apply) passes untouched; nothing is contacted.
-* The token (GPULEDGER_TOKEN in spank_job_env, put there by the SPANK plugin), ONE request
-  per job over the daemon's Unix socket (connection kept open across calls) with a strict
-  total timeout.
-* AdminComment: on a hold it becomes exactly "gpuledger:hold=<hold_id>;token=<token_id>"
-  (never the token itself); only root may change one of ours. scontrol update of a held
-  job (time, GRES incl. the GPU type, nodes, partition, account) forwards the update and
-  the job record; the daemon re-prices the hold (or voids it: no GPU any more) and
-  re-checks the token's scopes, or refuses.
-* Refusals return an ESLURM code (by the daemon's reason) and tell the user why with
-  slurm.log_user("gpu-token: ...").
-* Daemon unreachable/slow: a free account's job runs, a job without a token is refused;
-  others: on_ledger_unavailable=reject refuses, =accept accepts the job with AdminComment
-  "gpuledger:deferred" (PrologSlurmctld reserves it later).
-* A Lua error anywhere refuses the job (everything runs under pcall).
+Slurm releases (docs/slurm-facts.md; tests/fixtures/slurm/<release>/lua.json): GPU requests
+say "gres:gpu" before 23.11, "gres/gpu" from it (both forwarded as they are); log_user() in
+slurm_job_modify reaches the user from 23.02 (22.05 drops it: the refusal goes to slurmctld's
+log), told apart by slurm.ESLURM_INVALID_JOB_ID (every ESLURM_* from 23.02); --qos is a
+comma list from 24.11 (the ledger holds at the largest multiplier; no --qos: held at 1,
+PrologSlurmctld re-prices); job_rec.original_sluid (26.05) is named in the modify log line.
 
-Slurm releases (22.05 to 26.05; tests/fixtures/slurm/<release>/lua.json, each naming the tag
-and source file it was read from):
-* GPU requests in tres_per_* say "gres:gpu" before 23.11 and "gres/gpu" from 23.11
-  (src/common/slurm_opt.c); both are forwarded as they are, and both ask for a GPU.
-* slurm.log_user() in slurm_job_modify reaches the user from 23.02 (job_submit_lua.c
-  job_modify(..., err_msg)); 22.05 drops the text and logs an error for each call, so
-  there a refused change is explained in slurmctld's log only. 23.02 is also the release
-  that puts every ESLURM_* of slurm_errtab in the slurm table (src/lua/slurm_lua.c), which
-  is how the script tells the two apart (slurm.ESLURM_INVALID_JOB_ID).
-* job_desc.qos (--qos) is sent as it is (a comma list of QOS from 24.11): the ledger
-  prices the hold at the largest QOS multiplier among them. A job without --qos runs in
-  its association's default QOS, which this script cannot see: it is held at 1, and
-  PrologSlurmctld re-prices the hold to the QOS the job starts in.
-* job_rec.original_sluid (26.05) is the job's SLUID: named in the modify log line.
-
-Settings: key = value lines in /etc/gpuledger/job_submit.conf (or the file named by
-$GPULEDGER_JOB_SUBMIT_CONF in slurmctld's environment), read when this script loads.
-slurmctld reloads the script when its mtime changes: after editing the conf file,
-`touch /etc/slurm/job_submit.lua`. Keys (defaults):
+Settings: key = value lines in /etc/gpuledger/job_submit.conf (or $GPULEDGER_JOB_SUBMIT_CONF),
+rendered from gpuledger.toml [submit] (`gpuledger config render-submit-conf`), read when
+this script loads: `touch /etc/slurm/job_submit.lua` after a change. Keys (defaults):
   socket = /run/gpuledger/gpuledger.sock
   timeout = 1.0                      seconds, whole round trip including connect
   on_ledger_unavailable = reject     or accept
-  free_accounts =                    comma list of Slurm accounts whose jobs need no token
-                                     (the daemon decides; this list serves while it cannot)
+  free_accounts =                    Slurm accounts whose jobs need no token (the daemon
+                                     decides; this list serves only while it cannot)
   cluster =                          sent with requests (default: the daemon's cluster)
 Needs lua-socket (Debian package lua-socket) for socket.unix.
 --]]
@@ -172,7 +157,7 @@ local function esc(v)
 end
 
 -- A reply line -> its fields as sent: what the script reads of a reply is plain (ids,
--- numbers, words) but a message, which text() decodes where one is shown.
+-- numbers, words) but a message, which unesc() decodes where one is shown.
 local function parse(line)
 	local t = {}
 	for k, v in line:gmatch("([%w_]+)=(%S*)") do
@@ -181,7 +166,7 @@ local function parse(line)
 	return t
 end
 
-local function text(v)
+local function unesc(v)
 	return v and (v:gsub("%%(%x%x)", function(h)
 		return string.char(tonumber(h, 16))
 	end))
@@ -278,23 +263,19 @@ end
 
 -- Slurm's request fields, forwarded as Slurm has them for the daemon's job-request reader
 -- (ledger/jobrequest.py), which decides GPUs, shares, nodes, seconds, array tasks, free
--- accounts and every refusal. A number Slurm left unset (nil, or the field's NO_VAL
--- marker) is not sent.
-local NUMBERS = { { "time_limit", NO_VAL }, { "min_nodes", NO_VAL }, { "max_nodes", NO_VAL },
-	{ "num_tasks", NO_VAL }, { "ntasks_per_node", NO_VAL16 }, { "sockets_per_node", NO_VAL16 } }
+-- accounts and every refusal: the GRES strings, and the numbers Slurm set (one left unset —
+-- nil, or the field's NO_VAL marker — is not sent).
+local FORWARDED = { { "tres_per_node" }, { "tres_per_job" }, { "tres_per_task" },
+	{ "tres_per_socket" }, { "time_limit", NO_VAL }, { "min_nodes", NO_VAL },
+	{ "max_nodes", NO_VAL }, { "num_tasks", NO_VAL }, { "ntasks_per_node", NO_VAL16 },
+	{ "sockets_per_node", NO_VAL16 } }
 
 local function forward(d, prefix)
 	local out = ""
-	for _, f in ipairs(TRES_FIELDS) do
-		local v = d[f]
-		if v ~= nil then
-			out = out .. " " .. prefix .. f .. "=" .. esc(v)
-		end
-	end
-	for _, f in ipairs(NUMBERS) do
+	for _, f in ipairs(FORWARDED) do
 		local v = d[f[1]]
 		if v ~= nil and v ~= f[2] then
-			out = out .. " " .. prefix .. f[1] .. "=" .. id_text(v)
+			out = out .. " " .. prefix .. f[1] .. "=" .. (f[2] and id_text(v) or esc(v))
 		end
 	end
 	return out
@@ -376,7 +357,7 @@ local function unavailable(d, what, why, logged, token, account)
 end
 
 local function refused(r)
-	refuse("gpu-token: " .. (text(r.message) or r.reason or "refused"),
+	refuse("gpu-token: " .. (unesc(r.message) or r.reason or "refused"),
 		code(REASON_CODES[r.reason] or "ESLURM_ACCESS_DENIED"))
 end
 
@@ -414,7 +395,7 @@ local function submit(d, part_list)
 		return slurm.SUCCESS
 	end
 	if UNAVAILABLE[r.reason or ""] or r.ok ~= "0" then
-		return unavailable(d, "submit", text(r.message) or "bad reply", logged, token, account)
+		return unavailable(d, "submit", unesc(r.message) or "bad reply", logged, token, account)
 	end
 	slurm.log_info("gpuledger: result=refused reason=%s token=%s %s us=%d", esc(r.reason or ""),
 		esc(r.token_id or ""), logged, us)
@@ -476,7 +457,7 @@ local function modify(d, rec, part_list, uid)
 	slurm.log_info("gpuledger: result=refused op=modify job=%s%s hold=%s reason=%s", id_text(rec.job_id),
 		sluid_text(rec), hold or "", esc(r.reason or ""))
 	if UNAVAILABLE[r.reason or ""] then
-		return unavailable(d, "modify", text(r.message) or "bad reply", "job=" .. id_text(rec.job_id), true,
+		return unavailable(d, "modify", unesc(r.message) or "bad reply", "job=" .. id_text(rec.job_id), true,
 			not hold and (d.account or rec.account) or nil)
 	end
 	refused(r)
