@@ -23,9 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LUA = Path("slurm_plugin") / "lua" / "job_submit.lua"
 # the gpuledger command of a tree: its packages first, checked, then its CLI root
-_RUN = ("import sys; t = sys.argv.pop(1); sys.path.insert(0, t); import ledger, slurm_plugin; "
-        "assert ledger.__file__.startswith(t) and slurm_plugin.__file__.startswith(t), "
-        "(ledger.__file__, t); from slurm_plugin.climain import main; sys.exit(main())")
+_RUN = ("import sys; t = sys.argv.pop(1); sys.path.insert(0, t); "
+        "import slurm_plugin.climain as c, ledger; "
+        "assert all(m.__file__.startswith(t) for m in (ledger, c)), (c.__file__, t); "
+        "sys.exit(c.main())")
 
 
 def gpuledger(tree: Path) -> list[str]:
@@ -62,7 +63,7 @@ def baseline_tree(args: argparse.Namespace) -> Iterator[Path | None]:
     tmp = Path(tempfile.mkdtemp(prefix="gl-baseline-"))
     tree = tmp / "tree"
     out = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree),
-                          args.baseline_rev], capture_output=True, text=True)
+                          args.baseline_rev], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"git worktree add {args.baseline_rev}: {out.stderr.strip()}")
@@ -70,5 +71,5 @@ def baseline_tree(args: argparse.Namespace) -> Iterator[Path | None]:
         yield tree
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
