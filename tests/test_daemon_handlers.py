@@ -259,3 +259,33 @@ def test_quote_from_slurms_fields(sqlite_ledger, token):
                             "account": "ops"})["result"] == "free"
     none = h.handle(ALICE, {"op": "quote", "tres_per_node": "gres:nic:1", "time_limit": "5"})
     assert none["reason"] == "bad_request" and "asks for no GPU" in none["message"]
+
+
+def test_slurms_fields_never_fault_on_hostile_values(sqlite_ledger, token):
+    """Whatever Slurm's fields say (a user writes most of them), the reader answers with a
+    typed refusal or a result, never an internal fault."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ledger.jobrequest import SLURM_KEYS
+
+    h = Handlers(sqlite_ledger, Policy("slurm"), free_accounts=("ops",))
+    faults = []
+    h.on_fault = lambda peer, fields, exc: faults.append((fields, exc))
+    value = st.one_of(st.text("gres:/pushardm0129=,.-+x()% ", max_size=24),
+                      st.integers(0, 2**33).map(str), st.sampled_from(["", "4294967295"]))
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from(["reserve", "resize", "quote"]),
+           st.dictionaries(st.sampled_from(sorted(SLURM_KEYS)), value, min_size=1, max_size=6),
+           st.booleans())
+    def check(op, fields, held):
+        extra = {"token": token, "key": "fuzz"} if op == "reserve" else {}
+        if op == "resize" and held:
+            extra["hold"] = "hold_00"
+        resp = h.handle(SLURM, {"op": op, **extra, **fields})
+        assert resp["ok"] in (0, 1) and resp.get("reason") != "internal", (fields, resp)
+
+    check()
+    assert faults == []
