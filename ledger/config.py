@@ -93,16 +93,14 @@ class TopLevel:
 class DatabaseConfig:
     """The ledger database (daemon, CLI, hooks that settle)."""
 
-    url: str = setting(
-        None, kind=schema.STRING, default_doc="(required)",
+    url: str | None = setting(
+        None, kind=schema.STRING, default_doc="(required where the ledger is opened)",
         doc="SQLAlchemy URL: sqlite:///ledger.db (relative to this file), "
-            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db")
+            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db; "
+            "unset on compute nodes (their epilogs send charges to the daemon)")
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
-
-    def problem(self) -> str | None:
-        return None if self.url else "url is required"
 
 
 @dataclass(frozen=True)
@@ -276,12 +274,37 @@ class SmtpSection:
                              doc="seconds per SMTP operation")
 
 
+def _percents(values: tuple[int, ...]) -> str | None:
+    if not values or any(not 0 < v <= 100 for v in values) or len(set(values)) != len(values):
+        return "must be one or more different whole percents above 0 and at most 100"
+    return None
+
+
+def _reminder_days(values: tuple[int, ...]) -> str | None:
+    if any(not 0 <= v <= 366 for v in values) or len(set(values)) != len(values):
+        return "must be different whole numbers of days from 0 to 366"
+    return None
+
+
 @dataclass(frozen=True)
 class ReportsSection:
-    """Monthly reports (`gpuledger report send`)."""
+    """Monthly reports (`gpuledger report send`) and budget alerts (`gpuledger alerts send`).
+    Each recipient gets one mail per run with everything due to them (every account they
+    get reports or alerts for, and the alerts of the tokens scoped to them)."""
 
     admins: tuple[str, ...] = setting((), kind=schema.STRINGS,
                                       doc="addresses that get every account's report")
+    alert_thresholds: tuple[int, ...] = setting(
+        (80, 90, 100), kind=schema.INTEGERS, check=_percents,
+        doc="alert when a token (or an account, all its tokens) has used this % of its GPU-h")
+    expiry_reminders: tuple[int, ...] = setting(
+        (30, 14, 7, 0), kind=schema.INTEGERS, check=_reminder_days,
+        doc="remind this many days before a token with GPU-h left expires (0: that day)")
+    alert_digest_s: int = setting(
+        86400, kind=schema.SECONDS,
+        check=lambda v: "is more than a week" if v > 7 * 86400 else None,
+        doc="a recipient gets at most one alert digest in this time; alerts raised meanwhile "
+            "wait for the next run after it (0: one each run)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_settle_logic import DirectClient
 
-from ledger.daemon.client import Client, DaemonUnavailable
+from ledger.daemon.client import DaemonUnavailable
 from ledger.errors import InvalidInput
 from ledger.nodecharge import GpuUse, NodeCharge
 from ledger.views import HoldRequest
@@ -139,7 +139,7 @@ def test_daemon_away_the_record_waits_durably_and_lands_once(sqlite_ledger, tmp_
     assert (spool.stat().st_mode & 0o777) == 0o700
     assert sqlite_ledger.charges(hold.id) == []
     client = DirectClient(sqlite_ledger)
-    deliver = lambda rec: client.request("charge", record=rec.to_json())  # noqa: E731
+    deliver = lambda rec: client.request("charge", record=rec.to_json())
     r = chargespool.flush(spool, deliver)
     assert (r.delivered, r.already, r.rejected, r.left) == (1, 0, 0, 0)
     assert chargespool.pending(spool) == []
