@@ -69,7 +69,7 @@ def node(tmp_path):
     env.pop("FAKE_GPUS", None)
     started: list[int] = []
     yield root, env, started
-    subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60)
+    subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60, check=False)
     pidfile = root / "real.pid"
     if pidfile.exists():
         started.append(int(pidfile.read_text()))
@@ -80,7 +80,7 @@ def node(tmp_path):
 
 def script(env: dict, *args: str) -> str:
     run = subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
 
@@ -147,9 +147,11 @@ def test_leave_never_touches_the_real_agent_and_bad_input_is_one_line(node):
     assert (root / "real.pid").read_text() == f"{os.getpid()}\n"
     assert "started" not in script(env, "stop")
 
-    bad = subprocess.run([str(SCRIPT), "restart"], env=env, capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr == f"quickstart-agent: usage: {SCRIPT} start|stop|status\n"
+    bad = subprocess.run([str(SCRIPT), "restart"], env=env, capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 1
+    assert bad.stderr == f"quickstart-agent: usage: {SCRIPT} start|stop|status\n"
     bad = subprocess.run([str(SCRIPT), "start"], env=dict(env, REAL_AGENT="maybe"),
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert bad.stderr == "quickstart-agent: REAL_AGENT is 'maybe', not take-over or leave\n"
