@@ -24,7 +24,7 @@ IDS = re.compile(r"\b(tok|hold)_[0-9a-f]{20}\b")
 
 def blocks(kind: str, text: str | None = None) -> list[str]:
     return re.findall(rf"```{kind}\n(.*?)```", README.read_text() if text is None else text,
-                      re.S)
+                      re.DOTALL)
 
 
 def readme_commands() -> list[str]:
@@ -65,7 +65,7 @@ def test_readme_command_parses(line):
 
 def test_quickstart_is_two_commands_that_exist():
     text = README.read_text()
-    block = re.search(r"## Quickstart.*?```sh\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"## Quickstart.*?```sh\n(.*?)```", text, re.DOTALL).group(1)
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
     assert len(commands) == 2
     for c in commands:
@@ -73,7 +73,7 @@ def test_quickstart_is_two_commands_that_exist():
 
 
 def test_the_readme_leads_with_users_then_quickstart_install_configure_operate():
-    heads = re.findall(r"^## (.+)$", README.read_text(), re.M)
+    heads = re.findall(r"^## (.+)$", README.read_text(), re.MULTILINE)
     assert heads[:6] == ["What users see", "Quickstart", "Install on an existing cluster",
                          "Configure", "Operate", "More"], heads
 
@@ -100,7 +100,7 @@ def test_every_link_leads_somewhere(doc):
         target = (doc.parent / path).resolve() if path else doc
         assert target.exists(), f"{doc.name}: {link} does not exist"
         if frag:
-            heads = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+            heads = re.findall(r"^#+ (.+)$", target.read_text(), re.MULTILINE)
             assert frag in {anchor(h) for h in heads}, f"{doc.name}: no heading for #{frag}"
     for path in re.findall(r"`((?:docs|ansible|slurm_plugin|tests|benchmarks)/[\w./-]+)`", text):
         assert (ROOT / path).exists(), f"{doc.name} names {path}, which does not exist"
