@@ -137,11 +137,25 @@ start_real() {
       systemctl start "$unit"
       echo "started $unit again" ;;
     direct)
+      local pid sock
+      sock=$(agent_socket) || die "cannot read $config"
       mkdir -p "$(dirname "$real_pidfile")" "$(dirname "$real_log")"
       nohup setsid "$venv/bin/gpuledger" agent --config "$config" \
         >> "$real_log" 2>&1 < /dev/null &
-      echo $! > "$real_pidfile"
-      echo "started the real agent again (pid $!, $real_pidfile)" ;;
+      pid=$!
+      echo "$pid" > "$real_pidfile"
+      rm -f "$stopped"
+      for _ in $(seq 1 300); do
+        if ping "$sock"; then
+          echo "started the real agent again (pid $pid, $real_pidfile)"
+          return 0
+        fi
+        alive "$pid" || break
+        sleep 0.1
+      done
+      echo "$me: the real agent did not come back on $sock; the end of $real_log:" >&2
+      tail -n 20 "$real_log" >&2
+      exit 1 ;;
   esac
   rm -f "$stopped"
 }
