@@ -125,7 +125,7 @@ def error_response(exc: BaseException) -> dict[str, object]:
     return {"ok": 0, "reason": "internal", "message": f"internal error ({type(exc).__name__})"}
 
 
-_UNQUEUED = frozenset({"reserve", "ping", "hello"})  # ops that need not wait for the writer
+_UNQUEUED = frozenset({"reserve", "ping", "hello", "metrics"})  # ops that need not wait for the writer
 
 
 class Handlers:
@@ -133,10 +133,12 @@ class Handlers:
 
     def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None,
                  on_fault: Callable[[Peer, dict[str, str], BaseException], None] | None = None,
-                 fast=None, charge: ChargeConfig | None = None,
+                 fast=None, charge: ChargeConfig | None = None, instruments=None,
                  free_accounts: Iterable[str] = ()):
         self.ledger = ledger
         self.charge_config = charge or ChargeConfig()  # the site's policy, for node records
+        # this process's counters (ledger.daemon.instruments), for op metrics
+        self.instruments = instruments
         # [submit] free_accounts: Slurm accounts whose GPU jobs need no token (the reader
         # decides; job_submit.lua falls back on the same list only when this cannot answer)
         self.free_accounts = frozenset(free_accounts)
@@ -156,7 +158,7 @@ class Handlers:
             "hello": self.hello, "ping": self.ping, "reserve": self.reserve,
             "resize": self.resize, "void": self.void, "quote": self.quote,
             "balance": self.balance, "jobs": self.jobs, "bind": self.bind,
-            "finish": self.finish, "charge": self.charge,
+            "finish": self.finish, "charge": self.charge, "metrics": self.metrics,
         }
 
     def handle(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
@@ -235,6 +237,14 @@ class Handlers:
 
     def ping(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         return {"ok": 1}
+
+    def metrics(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """This process's in-memory counters (``Instruments.snapshot``), for the process that
+        serves the metrics endpoint. Root and the Slurm user only."""
+        self.policy.require_privileged(peer, "metrics")
+        if self.instruments is None:
+            raise BadRequest("this daemon process keeps no metrics")
+        return with_json(self.instruments.snapshot())
 
     def reserve(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         """Hold a job's maximum cost: ``token`` and the request (Slurm's fields, or ``gpus
