@@ -384,9 +384,9 @@ def read_modify(update: SlurmJob, record: SlurmJob, partitions: tuple[Partition,
     """An update of a pending job (``scontrol update``): the hold's :class:`Change`, or
     :class:`Refused`. ``partitions``: the candidates after the update (for the node cap).
 
-    A job without a hold may not start asking for GPUs (unless its account is free: a
-    deferred job, which has no hold yet either, is priced by PrologSlurmctld and never asks
-    here). A held job that asks GPUs per task or per socket cannot change its GPUs, nodes or
+    A job without a hold may not start asking for GPUs, unless its account is free (a
+    deferred job has no hold either, but job_submit.lua does not ask for one: PrologSlurmctld
+    prices it when it starts). A held job that asks GPUs per task or per socket cannot change its GPUs, nodes or
     tasks: the job record carries no task or socket counts to recount them with."""
     new_time = _num(update.time_limit) is not None or update.time_limit == INFINITE
     new_gpus = any(getattr(update, f) is not None for f in TRES_FIELDS)
