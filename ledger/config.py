@@ -185,8 +185,9 @@ class ChargeConfig:
 class HooksSection:
     """Prolog, epilog, the controller hooks and `gpuledger reconcile`."""
 
-    state_dir: str = setting("/var/lib/gpuledger/jobs", kind=schema.STRING,
-                             doc="per-node prolog records")
+    state_dir: str = setting("/var/spool/gpuledger/jobs", kind=schema.STRING,
+                             doc="per-node prolog records (root's: not under the ledger's "
+                                 "data directory, which the daemon's user owns)")
     log_file: str = setting("/var/log/gpuledger/hooks.log", kind=schema.STRING,
                             doc='the hooks\' log file ("": none)')
     syslog: bool = setting(True, kind=schema.BOOLEAN, doc="log to syslog too")
