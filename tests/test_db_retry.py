@@ -17,12 +17,12 @@ import time
 import psycopg
 import pymysql
 import pytest
+from conftest import PG_ADMIN_URL, _server_db, seeded
+from faultproxy import AFTER_COMMIT, BEFORE_COMMIT, FaultProxy
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from conftest import PG_ADMIN_URL, _server_db, seeded
-from faultproxy import AFTER_COMMIT, BEFORE_COMMIT, FaultProxy
 from ledger import db
 from ledger.dbretry import Verdict, commit_warning, verdict
 from ledger.errors import OutcomeUnknown, StorageError
