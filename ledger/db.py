@@ -22,6 +22,7 @@ sign) makes the outcome unknown too.
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 import time
@@ -41,6 +42,7 @@ BUSY_TIMEOUT_MS = 10_000
 PING_IDLE_S = 1.0  # a server connection idle this long is pinged before it is used
 UNAVAILABLE_WAIT_S = 0.5  # default of [database] unavailable_wait
 NOTICES = "gpuledger_notices"  # the connection record's list of the server's notices
+log = logging.getLogger("gpuledger.db")
 
 
 def resolve_url(config: Config) -> URL:
@@ -295,11 +297,13 @@ def run_write(engine: Engine, fn, *, attempts: int = 8, replay_safe: bool = Fals
                 why = "the connection was lost during COMMIT: " + _first_line(exc)
                 if not replay_safe:
                     raise outcome_unknown(why) from None
+                _replaying(why)
                 unknown = why
             error = exc
         except _Unknown as exc:
             if not replay_safe:
                 raise outcome_unknown(str(exc)) from None
+            _replaying(str(exc))
             unknown, error = str(exc), None
         now = clock()
         waiting_since = now if waiting_since is None else waiting_since
@@ -310,6 +314,11 @@ def run_write(engine: Engine, fn, *, attempts: int = 8, replay_safe: bool = Fals
             raise storage_error(error, waited=wait_s) from None
         sleep(min(pause, max(0.0, waiting_since + wait_s - now)))
         pause = min(pause * 2, 0.5)
+
+
+def _replaying(why: str) -> None:
+    log.warning("gpuledger: COMMIT outcome unknown (%s); running the operation again, which "
+                "is safe to replay (its idempotency key, or a state it finds set)", why)
 
 
 class _Unknown(Exception):
