@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.localdaemon import LocalDaemon
 from ledger import config as config_mod
 from ledger import db, migrate, settlement
 from ledger.service import Ledger
@@ -52,7 +53,8 @@ def run_array(tasks: int, tmp: Path) -> tuple[list[float], list[float]]:
     cfg = config_mod.parse({"database": {"url": url}}, tmp / "gpuledger.toml")
     hooks = HookConfig(state_dir=tmp / f"state-{tasks}", log_file=None, syslog=False,
                        agent_socket="/nonexistent/agent.sock",
-                       agent_spool="/nonexistent/agent-spool")
+                       agent_spool="/nonexistent/agent-spool",
+                       spool_dir=tmp / f"spool-{tasks}")
     log = logging.getLogger("bench")
     log.disabled = True
     for name in ("gpuledger", "gpuledger.agent", "gpuledger.hook.usage"):
@@ -69,7 +71,7 @@ def run_array(tasks: int, tmp: Path) -> tuple[list[float], list[float]]:
         env = HookEnv(job_id=job_id, node="n1", restart=0, gpus=[0], token=None, user="alice",
                       nodes=["n1"])
         t0 = time.perf_counter()
-        epilog(Hook(env, cfg, hooks, log, now), lg, now=now)
+        epilog(Hook(env, cfg, hooks, log, now), LocalDaemon(lg), now=now)
         t1 = time.perf_counter()
         state, _ = settlement.finish(lg, [job_id, array_id], job_id, ["n1"])
         t2 = time.perf_counter()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import create_engine, text
 
+from benchmarks.localdaemon import LocalDaemon
 from ledger import config as config_mod
 from ledger import db, migrate, settlement
 from ledger.service import Ledger
@@ -101,7 +102,8 @@ def worker(args) -> list[float]:
     lg = ledger_at(url, Path(keys))
     cfg = config_mod.parse({"database": {"url": url}}, Path(keys) / "gpuledger.toml")
     hooks = HookConfig(state_dir=Path(state_root), log_file=None, syslog=False,
-                       agent_socket="/nonexistent/agent.sock")
+                       agent_socket="/nonexistent/agent.sock",
+                       spool_dir=Path(state_root) / "spool")
     log = logging.getLogger("bench")
     log.disabled = True
     logging.getLogger("gpuledger.agent").disabled = True
@@ -115,7 +117,7 @@ def worker(args) -> list[float]:
         env = HookEnv(job_id=job_id, node="n1", restart=0, gpus=[0, 1], token=None,
                       user=None, nodes=["n1"])
         t0 = time.perf_counter()
-        epilog(Hook(env, cfg, hooks, log, now), lg, now=now)
+        epilog(Hook(env, cfg, hooks, log, now), LocalDaemon(lg), now=now)
         settlement.finish(lg, [job_id], job_id, ["n1"])  # EpilogSlurmctld's work, in the daemon
         times.append(time.perf_counter() - t0)
     lg.engine.dispose()

@@ -93,10 +93,11 @@ class TopLevel:
 class DatabaseConfig:
     """The ledger database (daemon, CLI, hooks that settle)."""
 
-    url: str = setting(
-        None, kind=schema.STRING, default_doc="(required)",
+    url: str | None = setting(
+        None, kind=schema.STRING, default_doc="(required where the ledger is opened)",
         doc="SQLAlchemy URL: sqlite:///ledger.db (relative to this file), "
-            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db")
+            "postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db; "
+            "unset on compute nodes (their epilogs send charges to the daemon)")
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
@@ -106,9 +107,6 @@ class DatabaseConfig:
             "failing over (nothing committed), or after a COMMIT whose outcome is unknown; "
             "then it fails as unavailable (keep it under [submit] timeout: job_submit.lua "
             "waits for the daemon's answer)")
-
-    def problem(self) -> str | None:
-        return None if self.url else "url is required"
 
 
 @dataclass(frozen=True)
@@ -137,6 +135,13 @@ class DaemonConfig:
     max_line: int = setting(16384, kind=schema.INTEGER,
                             check=lambda v: None if v >= 256 else "must be at least 256",
                             doc="longest request line (bytes) the daemon reads")
+    node_listen: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="0.0.0.0:6830",
+        doc="host:port where compute nodes' epilogs send charges (TCP, each proven with a "
+            "MUNGE credential of root on the node); unset: nodes use this host's socket")
+    node_check_address: bool = setting(
+        True, kind=schema.BOOLEAN,
+        doc="a node's charge must come from the address its node name resolves to")
     fast_reserve: bool = setting(
         False, kind=schema.BOOLEAN,
         doc="answer slurmctld's reserves from memory and write them in batches "
@@ -207,6 +212,13 @@ class HooksSection:
     close_wait_seconds: float = setting(
         30.0, kind=schema.NUMBER, check=lambda v: None if v >= 0 else "must be at least 0",
         doc="EpilogSlurmctld waits this long for the nodes' charges")
+    spool_dir: str = setting("/var/spool/gpuledger/charges", kind=schema.STRING,
+                             doc="a node's charge records wait here while the daemon is away")
+    daemon: str | None = setting(
+        None, kind=schema.STRING, check=_conf_text, example="ctl1:6830",
+        default_doc="[daemon] privileged_socket, else [daemon] socket (this host)",
+        doc='where the epilog sends its charges: a socket path, or "host:port" of the '
+            "daemon's [daemon] node_listen (MUNGE-authenticated)")
 
 
 @dataclass(frozen=True)
@@ -266,12 +278,37 @@ class SmtpSection:
                              doc="seconds per SMTP operation")
 
 
+def _percents(values: tuple[int, ...]) -> str | None:
+    if not values or any(not 0 < v <= 100 for v in values) or len(set(values)) != len(values):
+        return "must be one or more different whole percents above 0 and at most 100"
+    return None
+
+
+def _reminder_days(values: tuple[int, ...]) -> str | None:
+    if any(not 0 <= v <= 366 for v in values) or len(set(values)) != len(values):
+        return "must be different whole numbers of days from 0 to 366"
+    return None
+
+
 @dataclass(frozen=True)
 class ReportsSection:
-    """Monthly reports (`gpuledger report send`)."""
+    """Monthly reports (`gpuledger report send`) and budget alerts (`gpuledger alerts send`).
+    Each recipient gets one mail per run with everything due to them (every account they
+    get reports or alerts for, and the alerts of the tokens scoped to them)."""
 
     admins: tuple[str, ...] = setting((), kind=schema.STRINGS,
                                       doc="addresses that get every account's report")
+    alert_thresholds: tuple[int, ...] = setting(
+        (80, 90, 100), kind=schema.INTEGERS, check=_percents,
+        doc="alert when a token (or an account, all its tokens) has used this % of its GPU-h")
+    expiry_reminders: tuple[int, ...] = setting(
+        (30, 14, 7, 0), kind=schema.INTEGERS, check=_reminder_days,
+        doc="remind this many days before a token with GPU-h left expires (0: that day)")
+    alert_digest_s: int = setting(
+        86400, kind=schema.SECONDS,
+        check=lambda v: "is more than a week" if v > 7 * 86400 else None,
+        doc="a recipient gets at most one alert digest in this time; alerts raised meanwhile "
+            "wait for the next run after it (0: one each run)")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ log = logging.getLogger("gpuledger.db")
 
 def resolve_url(config: Config) -> URL:
     """The configured URL, relative SQLite paths made absolute, the password read from its file."""
+    if not config.database.url:
+        raise ConfigError(f"{config.path}: [database] url is not set: no ledger on this host "
+                          "(compute nodes send their charges to the daemon)")
     try:
         url = make_url(config.database.url)
     except Exception as exc:  # sqlalchemy raises ArgumentError with little context

@@ -73,7 +73,8 @@ class IdlePolicy:
         doc="the agent cancels a wholly idle job this long after its flag (0: never)")
     user_mail: str | None = setting(
         None, kind=schema.STRING, check=_user_mail, example="{user}@example.org",
-        doc="where a user's idle digest goes (else the account's report_to)")
+        doc="a user's mail address: their idle digests and the budget alerts of tokens "
+            "scoped to them go there (else only to the account's report_to)")
 
     def problem(self) -> str | None:
         if self.cancel_after_s and not self.flag_after_s:

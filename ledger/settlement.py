@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .charge_record import ChargeRecord
+from .charging import charge_gpus
 from .errors import IdempotencyConflict, NotFound, StateError
+from .nodecharge import NodeCharge
+from .shares import node_shares
 from .views import HoldView
 
 if TYPE_CHECKING:
@@ -58,6 +61,43 @@ class PostResult:
     amount: int
     hold: HoldView | None
     note: str = ""
+    hold_id: str | None = None  # the hold the charge went to (or would have)
+
+
+def charge_node(ledger: Ledger, rec: NodeCharge, policy: str, floor) -> PostResult:
+    """Price and post one node's record of one run (``ledger.nodecharge``): the hold the
+    ledger links to the run, the GPUs' types (the node's gres.conf, else the hold's), a
+    share's fraction, the tiers of the partition it ran in and the hours it ran, the site's
+    charge policy; then ``post_node`` under the run's key. Exactly once per (job, run, node):
+    a record delivered twice (a spool replay, a lost answer) charges nothing the second time.
+    Never raises for a business reason: the result's note says why nothing was charged."""
+    owners = list(dict.fromkeys([rec.job_id] + ([rec.array_job_id] if rec.array_job_id
+                                                  else []) + list(rec.owners)))
+    hold = run_hold(ledger, rec.job_id, rec.restart, owners, user=rec.user, sluid=rec.sluid)
+    if hold is None:
+        other = [x for o in owners for x in ledger.holds(job_id=o)]
+        if other:
+            return PostResult(False, 0, None, f"REFUSED: hold {other[-1].id} of job "
+                              f"{rec.job_id} belongs to user {other[-1].user}, not {rec.user}")
+        return PostResult(False, 0, None, f"no hold bound to job {'/'.join(owners)}")
+    types = {i: t for i, t in rec.gpu_types.items() if t}
+    usage = list(rec.usage)
+    if not types and hold.gpu_type:
+        types = {u.index: hold.gpu_type for u in usage}
+    shares = node_shares(hold.gres, hold.per_node, hold.gpus, hold.share, list(rec.gpus),
+                         rec.gpu_shards)
+    if shares:  # a share of one GPU: only that GPU's line is charged
+        usage = [u for u in usage if u.index in shares]
+    # tiers: the partition it ran in (Slurm says; else the hold's candidates, the largest),
+    # the QOS it was held for, each second of the run by time of use
+    run_ppm, split = ledger.tiers().terms(rec.partition or hold.partition, hold.qos,
+                                          rec.start, rec.end)
+    charged = charge_gpus(usage, types, ledger.rates(), hold.rate_ppm, policy, floor,
+                          shares=shares, run_ppm=run_ppm, split=split, source=rec.source,
+                          node=rec.node, restart=rec.restart, start=rec.start, end=rec.end)
+    result = post_node(ledger, hold.id, rec.job_id, rec.restart, rec.node, charged.amount,
+                       charged, sluid=rec.sluid)
+    return PostResult(result.charged, result.amount, result.hold, result.note, hold.id)
 
 
 def post_node(ledger: Ledger, hold_id: str, job_id: str, restart: int, node: str, amount: int,

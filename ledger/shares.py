@@ -17,6 +17,7 @@ is priced at the worst case over the candidate GPUs (smallest S_g, see
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,26 @@ class GresFile:
             except OSError:
                 return Inventory()
         return self._seen[1]
+
+
+def node_shares(gres: str, per_node: int | None, gpus_held: int, share: int,
+                gpus: list[int] | tuple[int, ...], shards: Mapping[int, int]
+                ) -> dict[int, tuple[int, int]]:
+    """GPU index → (s, S) on one node for a hold of shares (``{}`` for whole GPUs).
+
+    Slurm gives a job its shards (or MPS share) on ONE GPU per node, the one in
+    SLURM_JOB_GPUS, and exactly the count asked per node (``GRES=shard:3(IDX:0)``), so s is
+    the hold's ``per_node`` and S that GPU's shard count from gres.conf (100 for MPS; the
+    hold's own share when gres.conf does not say). Were several GPUs listed, the whole share
+    is put on the one cut into the fewest shards (the others are not charged): the split is
+    unknown there, and the charge never undercuts the hold's price.
+    """
+    if gres == GPU or not gpus:
+        return {}
+    per = per_node or gpus_held
+
+    def share_of(i: int) -> int:
+        return MPS_PER_GPU if gres == MPS else (shards.get(i) or share)
+
+    gpu = min(gpus, key=lambda i: (share_of(i), i))
+    return {gpu: (min(per, share_of(gpu)), share_of(gpu))}

@@ -14,7 +14,7 @@ from ledger.cli.context import echo_json, echo_table, pass_app
 from . import alerts as alerts_mod
 from . import deliver, sendlog
 from .period import Month
-from .render import FORMATS, render_account
+from .render import FORMATS, ms_hours, render_account
 
 
 def _sealed(app):
@@ -130,6 +130,14 @@ def _report_summary(d: dict, as_json: bool, dry_run: bool) -> None:
                + (f", {d['already_sent']} already sent" if "already_sent" in d else ""))
 
 
+def _every(seconds: int) -> str:
+    if seconds % 86400 == 0:
+        return "day" if seconds == 86400 else f"{seconds // 86400} days"
+    if seconds % 3600 == 0:
+        return "hour" if seconds == 3600 else f"{seconds // 3600} hours"
+    return f"{seconds} s"
+
+
 def _shown(text: str) -> str:
     """A stored name or recipient for one output line: as it is when printable, else
     escaped (a name with a line break must not forge a line of the summary)."""
@@ -153,7 +161,8 @@ def report_log(app, month, as_json):
 
 @click.group("alerts")
 def alerts_group():
-    """Budget alerts (80 / 90 / 100 % used, expiry within 30 days), sent as a digest."""
+    """Budget alerts (80 / 90 / 100 % used, 30 / 14 / 7 / 0 days before a token expires, by
+    default; [reports] in the config), one digest per recipient."""
 
 
 @alerts_group.command("send")
@@ -164,7 +173,8 @@ def alerts_group():
 @click.option("--json", "as_json", is_flag=True, help="JSON summary.")
 @pass_app
 def alerts_send(app, dry_run, out, account, as_json):
-    """Raise newly crossed thresholds and mail each account one digest."""
+    """Raise newly crossed thresholds and reminders ([reports] in the config) and mail each
+    recipient one digest of what is due to them."""
     ledger = _sealed(app)
     if account:
         from ledger.queries import account_views
@@ -173,8 +183,14 @@ def alerts_send(app, dry_run, out, account, as_json):
     settings = None if dry_run and app.config.smtp is None else _settings(app)
     summary = alerts_mod.send_alerts(ledger, settings=settings, dry_run=dry_run,
                                      out=Path(out or "gpuledger-alerts") if dry_run else None,
-                                     account=account)
-    _report_summary(summary.to_dict(), as_json, dry_run)
+                                     account=account, rules=app.config.reports,
+                                     user_mail=app.config.idle.user_mail)
+    d = summary.to_dict()
+    _report_summary(d, as_json, dry_run)
+    if d["waiting"] and not as_json:
+        every = app.config.reports.alert_digest_s
+        click.echo(f"Waiting ({'one digest' if every else 'a digest'} per "
+                   f"{_every(every)}): {', '.join(_shown(r) for r in d['waiting'])}")
     if summary.failures:
         sys.exit(1)
 
@@ -191,7 +207,7 @@ def alerts_list(app, account, as_json):
 
     ledger = _sealed(app)
     with db.read(ledger.engine) as conn:
-        conds = alerts_mod.evaluate(conn, ledger.clock(), account)
+        conds = alerts_mod.evaluate(conn, ledger.clock(), account, app.config.reports)
         raised = {tuple(r[:4]): r[4] for r in conn.execute(select(
             alerts_mod.AL.c.account, alerts_mod.AL.c.subject, alerts_mod.AL.c.kind,
             alerts_mod.AL.c.threshold, alerts_mod.AL.c.created_at))}
@@ -228,7 +244,10 @@ def idle_send(app, days, dry_run, out, as_json):
                                  dry_run=dry_run,
                                  out=Path(out or "gpuledger-idle") if dry_run else None)
     d = summary.to_dict()
-    if not as_json:
+    if not as_json and dry_run:
+        click.echo(f"{d['flagged']} newly flagged, would refund {fmt_hours(d['would_refund'])} "
+                   "GPU-h (dry run: nothing refunded or recorded)")
+    elif not as_json:
         click.echo(f"{d['flagged']} newly flagged, {fmt_hours(d['refunded'])} GPU-h refunded")
     _report_summary(d, as_json, dry_run)
     if summary.failures:
@@ -259,8 +278,8 @@ def idle_list(app, days, account, as_json):
                            "idle_cost": n.idle_cost, "refund": n.refund,
                            "charged_at": n.charged_at.isoformat(), "mailed_to": n.mailed_to}
                           for n in rows])
-    echo_table(["JOB", "ACCOUNT", "USER", "IDLE_GPU_H", "COST_GPU_H", "REFUND_GPU_H", "MAILED"],
-               [[n.job_id or "-", n.account, _shown(n.user or "-"), fmt_hours(n.idle_ms // 1000),
+    echo_table(["JOB", "ACCOUNT", "USER", "IDLE_RAW_H", "COST_GPU_H", "REFUND_GPU_H", "MAILED"],
+               [[n.job_id or "-", n.account, _shown(n.user or "-"), ms_hours(n.idle_ms),
                  fmt_hours(n.idle_cost), fmt_hours(n.refund), ", ".join(n.mailed_to) or "-"]
                 for n in rows])
 

@@ -12,6 +12,7 @@ from ledger import db
 from ledger.errors import InvalidInput
 
 from . import sendlog
+from .bundle import render_bundle
 from .figures import AccountReport, SiteReport, build
 from .mail import (
     MAX_ADDRESS,
@@ -154,41 +155,44 @@ def send_reports(ledger, month: Month, *, settings: SmtpSettings | None,
     sender = settings.sender if settings else "gpuledger@localhost"
     mailer = Mailer(settings) if settings and not dry_run else None
     accepted_before = 0
+    outcomes: list[Outcome] = []
+    due: dict[str, list[int]] = {}  # recipient -> the jobs it still lacks, in order
+    for i, job in enumerate(jobs):
+        outcome = Outcome(job.kind, job.scope, job.recipients,
+                          already=[x for x in job.recipients if x not in job.pending])
+        outcomes.append(outcome)
+        summary.outcomes.append(outcome)
+        _, bad = sort_recipients(job.recipients)
+        outcome.failed = {x: bad[x] for x in job.pending if x in bad}
+        for x in job.pending:
+            if x not in bad:
+                due.setdefault(x, []).append(i)
+        if outcome.failed and not dry_run:  # logged once, as failed, with why
+            _record(ledger, job, period, {}, outcome.failed,
+                    message_id(job.kind, job.scope, period, sender))
+    # one message per recipient for all it lacks; recipients lacking the same share one
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for rcpt, idx in due.items():
+        groups.setdefault(tuple(idx), []).append(rcpt)
     try:
-        for job in progress(jobs, len(jobs), "Sending" if not dry_run else "Writing"):
-            outcome = Outcome(job.kind, job.scope, job.recipients,
-                              already=[x for x in job.recipients if x not in job.pending])
-            summary.outcomes.append(outcome)
-            if not job.pending:
-                continue
-            valid, bad = sort_recipients(job.recipients)
-            pending = [x for x in job.pending if x not in bad]
-            outcome.failed = {x: bad[x] for x in job.pending if x in bad}
-            if not pending:
-                if not dry_run:
-                    _record(ledger, job, period, {}, outcome.failed,
-                            message_id(job.kind, job.scope, period, sender))
-                continue
-            msg_id = message_id(job.kind, job.scope, period, sender)
-            if job.kind == "site":
-                rendered = render_site(job.report, generated=now)
-                cid = None
-            else:
-                cid = chart_cid(f"{job.scope}-{period}", sender)
-                rendered = render_account(job.report, chart_src=f"cid:{cid}", generated=now)
-            msg = build_message(rendered, sender=sender, recipients=valid,
-                                msg_id=msg_id, when=now, cid=cid,
-                                headers={"X-Gpuledger-Report": f"{job.kind} {job.scope} {period}"})
+        for key, rcpts in progress(list(groups.items()), len(groups),
+                                   "Sending" if not dry_run else "Writing"):
+            group = [jobs[i] for i in key]
+            msg, msg_id, name = _message(group, month, period, sender, now, rcpts)
             if dry_run:
-                outcome.file = str(write_eml(msg, out / f"{rendered.name}.eml"))
-                outcome.sent = pending
+                path = str(write_eml(msg, out / f"{name}.eml"))
+                for i in key:
+                    outcomes[i].file = path
+                    outcomes[i].sent += rcpts
                 continue
-            refused = mailer.send(msg, pending)
-            results = {x: refused.get(x) for x in pending}
-            _record(ledger, job, period, results, outcome.failed, msg_id)
-            outcome.sent = [x for x, e in results.items() if e is None]
-            outcome.failed.update({x: e for x, e in results.items() if e is not None})
-            accepted_before += len(outcome.sent)
+            refused = mailer.send(msg, rcpts)
+            results = {x: refused.get(x) for x in rcpts}
+            for i in key:
+                o = outcomes[i]
+                _record(ledger, jobs[i], period, results, {}, msg_id)
+                o.sent += [x for x, e in results.items() if e is None]
+                o.failed.update({x: e for x, e in results.items() if e is not None})
+            accepted_before += sum(1 for e in results.values() if e is None)
     except MailError as exc:
         if accepted_before:
             raise MailError(f"{exc} ({accepted_before} recipients were accepted before this "
@@ -198,6 +202,30 @@ def send_reports(ledger, month: Month, *, settings: SmtpSettings | None,
         if mailer is not None:
             mailer.close()
     return summary
+
+
+def _message(group: list[_Job], month: Month, period: str, sender: str, now: datetime,
+             rcpts: list[str]):
+    """(the message, its id, a file stem) for one recipient group: a job alone is the
+    report as it always was; several are one bundle (reports.bundle)."""
+    if len(group) == 1:
+        job = group[0]
+        msg_id = message_id(job.kind, job.scope, period, sender)
+        if job.kind == "site":
+            rendered, cid = render_site(job.report, generated=now), None
+        else:
+            cid = chart_cid(f"{job.scope}-{period}", sender)
+            rendered = render_account(job.report, chart_src=f"cid:{cid}", generated=now)
+        header = f"{job.kind} {job.scope} {period}"
+    else:
+        msg_id = message_id("bundle", "\0".join(j.scope for j in group), period, sender)
+        rendered = render_bundle([j.report for j in group], month, sender=sender,
+                                 generated=now)
+        cid = None
+        header = f"bundle {' '.join(j.scope for j in group)} {period}"
+    msg = build_message(rendered, sender=sender, recipients=rcpts, msg_id=msg_id, when=now,
+                        cid=cid, headers={"X-Gpuledger-Report": header})
+    return msg, msg_id, rendered.name
 
 
 def _record(ledger, job: _Job, period: str, results: dict[str, str | None],

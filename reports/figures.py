@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +27,7 @@ from ledger.token_ops import token_status
 
 from . import queries as q
 from .period import Month
+from .projection import Projection, Spendable, project
 
 HOUR_MS = 3_600_000
 EXPIRY_WINDOW = timedelta(days=30)
@@ -98,6 +99,11 @@ class TokenLine:
     expires: datetime
     status: str
     expires_soon: bool
+    users: tuple[str, ...] = ()  # its owners (scoped users); empty: any user of the account
+
+    @property
+    def owners(self) -> str:
+        return ", ".join(self.users) if self.users else "any user"
 
 
 @dataclass
@@ -171,13 +177,6 @@ class JobLine:
 
 
 @dataclass
-class Projection:
-    rate_per_day: int  # net GPU-seconds charged per day in the month
-    exhaustion: date | None  # None: not at the current rate
-    exhausted: bool
-
-
-@dataclass
 class AccountReport:
     account: str
     month: Month
@@ -223,6 +222,11 @@ class ExpiringToken:
     account: str
     remaining: int
     expires: datetime
+    users: tuple[str, ...] = ()
+
+    @property
+    def owners(self) -> str:
+        return ", ".join(self.users) if self.users else "any user"
 
 
 @dataclass
@@ -471,7 +475,7 @@ def build(conn: Connection, month: Month, now: datetime, account: str | None = N
             by_gpu_type=sorted(a.types.values(), key=lambda u: (-u.charged, u.key)),
             measure=a.measure,
             worst_jobs=sorted(a.worst, reverse=True),
-            series=series, projection=_projection(st, month, as_of),
+            series=series, projection=_projection(st, tokens, month, as_of),
             jobs=a.jobs, settlements=a.settlements,
             previous_charged=pc - prev_refunds.get(name, 0), previous_settlements=pn,
             had_activity=a.rows > 0 or a.jobs > 0,
@@ -502,7 +506,8 @@ def _token_lines(rows: list[q.TokenRow], month: Month, as_of: datetime,
         lines.append(TokenLine(
             id=t.id, parent=t.parent_id, face=t.face, remaining=remaining, held=held,
             expires=t.expires, status=status,
-            expires_soon=status == "active" and t.expires <= as_of + EXPIRY_WINDOW))
+            expires_soon=status == "active" and t.expires <= as_of + EXPIRY_WINDOW,
+            users=t.users))
     return lines
 
 
@@ -519,18 +524,15 @@ def _series(opening: int, day_net: dict[int, int], month: Month, as_of: datetime
     return points
 
 
-def _projection(st: Statement, month: Month, as_of: datetime) -> Projection:
+def _projection(st: Statement, tokens: list[TokenLine], month: Month, as_of: datetime
+                ) -> Projection:
+    """The month's net charge rate, spent from the active tokens each until its expiry."""
     elapsed_days = max((as_of - month.start).total_seconds() / 86400, 1 / 24)
     net = st.charged - st.refunded
     rate = int(net / elapsed_days) if net > 0 else 0
-    if st.closing <= 0:
-        return Projection(rate, as_of.date() if st.charged else None, True)
-    if rate <= 0:
-        return Projection(0, None, False)
-    days = st.closing / rate
-    if days > 3650:
-        return Projection(rate, None, False)
-    return Projection(rate, (as_of + timedelta(days=days)).date(), False)
+    live = [Spendable(t.id, t.users, t.remaining, t.expires) for t in tokens
+            if t.status == "active" and t.remaining > 0 and t.expires > as_of]
+    return project(live, rate, as_of, unspendable=st.closing - sum(x.remaining for x in live))
 
 
 def _site(month: Month, as_of: datetime, reports: list[AccountReport], d: q.Directory,
@@ -551,7 +553,7 @@ def _site(month: Month, as_of: datetime, reports: list[AccountReport], d: q.Dire
         closed = t.closed_at is not None and t.closed_at < month.end
         left = bal_end.get(t.wallet_id, 0)
         if not closed and left > 0 and as_of < t.expires <= as_of + EXPIRY_WINDOW:
-            expiring.append(ExpiringToken(t.id, t.account, left, t.expires))
+            expiring.append(ExpiringToken(t.id, t.account, left, t.expires, t.users))
     expiring.sort(key=lambda e: (e.expires, e.account, e.id))
     return SiteReport(
         month=month, as_of=as_of, accounts=reports, top_accounts=active[:top_n],

@@ -20,6 +20,7 @@ address is reported as failed on every run until it is fixed; the others get the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import defaultdict
@@ -48,7 +49,7 @@ from .mail import (
     write_eml,
 )
 from .models import IdleNotice
-from .render import Rendered, environment, iso
+from .render import Rendered, environment, iso, ms_hours
 
 CH, HO, A, IN = Charge.__table__, Hold.__table__, Account.__table__, IdleNotice.__table__
 log = logging.getLogger(__name__)
@@ -69,14 +70,18 @@ class Notice:
     charged_at: datetime
     mailed_to: list[str] = field(default_factory=list)
 
-    def describe(self) -> str:
+    def describe(self, would: bool = False) -> str:
+        """One line: idle and held *raw* hours (time on the GPUs, whatever their type) and
+        what the idle time cost and gets back in GPU-h (the reference rate the ledger
+        charges in)."""
         text = (f"Job {self.job_id or '-'} ({self.account}"
                 + (f", {self.user}" if self.user else "") + (f", {self.node}" if self.node else "")
-                + f"): {fmt_hours(self.idle_ms // 1000)} of {fmt_hours(self.held_ms // 1000)} "
-                f"GPU-h idle (longest {_duration(self.idle_max_ms)}), costing "
+                + f"): GPUs idle {ms_hours(self.idle_ms)} of {ms_hours(self.held_ms)} raw "
+                f"hours held (longest stretch {_duration(self.idle_max_ms)}), costing "
                 f"{fmt_hours(self.idle_cost)} GPU-h")
         if self.refund:
-            text += f"; {fmt_hours(self.refund)} GPU-h refunded"
+            text += (f"; {fmt_hours(self.refund)} GPU-h "
+                     + ("would be refunded" if would else "refunded"))
         return text + "."
 
 
@@ -166,7 +171,7 @@ def record(ledger, policy: IdlePolicy, flagged: list[Flagged]) -> int:
 
 def _reason(f: Flagged) -> str:
     return (f"idle GPUs on job {f.job_id or '-'} (charge {f.charge_id}): "
-            f"{fmt_hours(f.idle_ms // 1000)} GPU-h idle costing {fmt_hours(f.idle_cost)} GPU-h")
+            f"GPUs idle {ms_hours(f.idle_ms)} raw hours, costing {fmt_hours(f.idle_cost)} GPU-h")
 
 
 # -- digests ------------------------------------------------------------------------------------
@@ -188,19 +193,24 @@ def pending(conn: Connection) -> dict[str, list[Notice]]:
     return out
 
 
-def render_digest(owner: str, notices: list[Notice], policy: IdlePolicy, now: datetime
-                  ) -> Rendered:
+def render_digest(owner: str, notices: list[Notice], policy: IdlePolicy, now: datetime,
+                  would_refund: frozenset[int] = frozenset()) -> Rendered:
+    """One owner's digest; ``would_refund``: the charges a dry run has not refunded (their
+    lines say "would be refunded")."""
     kind, _, name = owner.partition(":")
-    idle = sum(n.idle_ms for n in notices) // 1000
+    idle_ms = sum(n.idle_ms for n in notices)
     cost = sum(n.idle_cost for n in notices)
     refund = sum(n.refund for n in notices)
     subject = (f"Idle GPUs: {len(notices)} job{'s' if len(notices) != 1 else ''} of "
                f"{'user' if kind == 'user' else 'account'} {name}, "
-               f"{fmt_hours(idle)} GPU-h idle")
-    ctx = dict(owner=name, kind=kind, items=[n.describe() for n in notices], subject=subject,
-               idle=fmt_hours(idle), cost=fmt_hours(cost), refund=fmt_hours(refund),
-               refunded=refund > 0, threshold=str(policy.threshold_pct),
-               flag_after=_duration(policy.flag_after_s * 1000), generated=now, iso=iso)
+               f"{ms_hours(idle_ms)} raw GPU hours idle")
+    ctx = {"owner": name, "kind": kind, "subject": subject, "generated": now, "iso": iso,
+           "items": [n.describe(would=n.charge_id in would_refund) for n in notices],
+           "idle": ms_hours(idle_ms), "cost": fmt_hours(cost), "refund": fmt_hours(refund),
+           "refunded": refund > 0,
+           "would": any(n.refund and n.charge_id in would_refund for n in notices),
+           "threshold": str(policy.threshold_pct),
+           "flag_after": _duration(policy.flag_after_s * 1000)}
     env = environment()
     return Rendered(f"idle-{kind}-{name}-{now:%Y%m%dT%H%M%S}", subject,
                     env.get_template("idle.html").render(ctx),
@@ -208,7 +218,8 @@ def render_digest(owner: str, notices: list[Notice], policy: IdlePolicy, now: da
                     {"owner": owner, "jobs": [n.__dict__ | {"charged_at": n.charged_at
                                                              .isoformat(), "mailed_to": None}
                                               for n in notices],
-                     "idle_s": idle, "idle_cost": cost, "refund": refund}, None)
+                     "idle_ms": idle_ms, "idle_s": idle_ms // 1000, "idle_cost": cost,
+                     "refund": refund}, None)
 
 
 class IdleOutcome(DigestOutcome):
@@ -221,6 +232,9 @@ class IdleSummary(DigestSummary):
     refunded: int = 0
 
     def totals(self) -> dict:
+        """A dry run refunds nothing: what it found is ``would_refund``."""
+        if self.dry_run:
+            return {"flagged": self.flagged, "refunded": 0, "would_refund": self.refunded}
         return {"flagged": self.flagged, "refunded": self.refunded}
 
 
@@ -247,12 +261,15 @@ def send_idle(ledger, policy: IdlePolicy, *, settings: SmtpSettings | None, days
     with db.read(ledger.engine) as conn:
         flagged = scan(conn, policy, since)
     summary.flagged = len(flagged)
+    would_refund: frozenset[int] = frozenset()
     if dry_run:
-        waiting = _as_notices(flagged, policy)
         with db.read(ledger.engine) as conn:
+            flagged = _capped(conn, flagged)
+            waiting = _as_notices(flagged, policy)
             for owner, items in pending(conn).items():
                 waiting[owner] = items + waiting.get(owner, [])
         summary.refunded = sum(f.refund for f in flagged)
+        would_refund = frozenset(f.charge_id for f in flagged if f.refund)
     else:
         record(ledger, policy, flagged)
         new = {f.charge_id for f in flagged}
@@ -291,7 +308,7 @@ def send_idle(ledger, policy: IdlePolicy, *, settings: SmtpSettings | None, days
                     groups[lacking].append(rcpt)
             for lacking, rcpts in groups.items():
                 subset = [n for n in notices if n.charge_id in lacking]
-                rendered = render_digest(owner, subset, policy, now)
+                rendered = render_digest(owner, subset, policy, now, would_refund)
                 outcome = IdleOutcome(owner, [n.job_id or "-" for n in subset])
                 summary.outcomes.append(outcome)
                 msg = build_message(rendered, sender=sender, recipients=rcpts,
@@ -327,6 +344,22 @@ def _recipients(policy: IdlePolicy, kind: str, name: str, report_to: dict[str, l
     if not is_account_name(name):
         raise BadAddress("not a valid account name")
     return report_to.get(name, [])
+
+
+def _capped(conn: Connection, flagged: list[Flagged]) -> list[Flagged]:
+    """What a real run would refund: each hold's refunds capped, in charge order, at what
+    it still has refundable (charged less refunded), as ``record`` caps them."""
+    holds = sorted({f.hold_id for f in flagged if f.refund})
+    left = {h: int(c or 0) - int(r or 0) for h, c, r in conn.execute(
+        select(HO.c.id, HO.c.charged, HO.c.refunded).where(HO.c.id.in_(holds)))} if holds else {}
+    out = []
+    for f in flagged:
+        if f.refund:
+            give = max(0, min(f.refund, left.get(f.hold_id, 0)))
+            left[f.hold_id] = left.get(f.hold_id, 0) - give
+            f = dataclasses.replace(f, refund=give)
+        out.append(f)
+    return out
 
 
 def _as_notices(flagged: list[Flagged], policy: IdlePolicy) -> dict[str, list[Notice]]:

@@ -173,12 +173,16 @@ def build_message(r: Rendered, *, sender: str, recipients: list[str], msg_id: st
         msg[k] = v
     msg.set_content(r.text)
     msg.add_alternative(r.html, subtype="html")
+    images = list(r.images)
     if r.chart is not None:
         if cid is None:
             raise ValueError("a report with a chart needs its content id")
+        images.insert(0, (cid, r.chart, f"{r.name}.png"))
+    if images:
         html_part = msg.get_payload()[1]
-        html_part.add_related(r.chart, maintype="image", subtype="png", cid=f"<{cid}>",
-                              filename=f"{r.name}.png", disposition="inline")
+        for image_cid, png, filename in images:
+            html_part.add_related(png, maintype="image", subtype="png", cid=f"<{image_cid}>",
+                                  filename=filename, disposition="inline")
     return msg
 
 

@@ -1,47 +1,18 @@
 """A small palette-based raster canvas and PNG encoder (zlib only, no imaging library).
 
 Enough for a line chart in an email: rectangles, lines of a given width (solid
-or dashed), and text in a built-in 5×7 bitmap font (digits and a few letters).
+or dashed), and text in a built-in 10×20 bitmap font (printable ASCII, reports.glyphs).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from functools import lru_cache
 
-# 5x7 glyphs, one string per row, '#' = ink.
-FONT: dict[str, tuple[str, ...]] = {
-    "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
-    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
-    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
-    "3": ("####.", "....#", "....#", ".###.", "....#", "....#", "####."),
-    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
-    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
-    "6": ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
-    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
-    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
-    "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
-    ".": (".....", ".....", ".....", ".....", ".....", ".##..", ".##.."),
-    ",": (".....", ".....", ".....", ".....", ".##..", "..#..", ".#..."),
-    "-": (".....", ".....", ".....", "#####", ".....", ".....", "....."),
-    ":": (".....", ".##..", ".##..", ".....", ".##..", ".##..", "....."),
-    "/": (".....", "....#", "...#.", "..#..", ".#...", "#....", "....."),
-    "%": ("##...", "##..#", "...#.", "..#..", ".#...", "#..##", "...##"),
-    " ": (".....",) * 7,
-    "k": ("#....", "#....", "#..#.", "#.#..", "##...", "#.#..", "#..#."),
-    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
-    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
-    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
-    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
-    "h": ("#....", "#....", "#.##.", "##..#", "#...#", "#...#", "#...#"),
-    "e": (".....", ".....", ".###.", "#...#", "#####", "#....", ".###."),
-    "n": (".....", ".....", "#.##.", "##..#", "#...#", "#...#", "#...#"),
-    "d": ("....#", "....#", ".##.#", "#..##", "#...#", "#...#", ".####"),
-    "o": (".....", ".....", ".###.", "#...#", "#...#", "#...#", ".###."),
-    "w": (".....", ".....", "#...#", "#...#", "#.#.#", "#.#.#", ".#.#."),
-    "x": (".....", ".....", "#...#", ".#.#.", "..#..", ".#.#.", "#...#"),
-}
-GLYPH_W, GLYPH_H = 5, 7
+from . import glyphs
+
+GLYPH_W, GLYPH_H, GLYPH_ASCENT = glyphs.WIDTH, glyphs.HEIGHT, glyphs.ASCENT
 
 
 class Canvas:
@@ -99,18 +70,27 @@ class Canvas:
             step += 1
 
     def text(self, x: int, y: int, text: str, colour: int, scale: int = 1) -> None:
+        """``text`` with its cell's top left at (x, y); characters outside printable ASCII
+        draw as blanks."""
+        ink = bytes([colour]) * (GLYPH_W * scale)
+        w = self.width
         for ch in text:
-            glyph = FONT.get(ch, FONT[" "])
-            for gy, row in enumerate(glyph):
-                for gx, cell in enumerate(row):
-                    if cell == "#":
-                        self.rect(x + gx * scale, y + gy * scale, x + (gx + 1) * scale,
+            inside = (0 <= x and x + GLYPH_W * scale <= w and 0 <= y
+                      and y + GLYPH_H * scale <= self.height)
+            for gy, runs in enumerate(_runs(ch)):
+                for a, b in runs:
+                    if not inside:
+                        self.rect(x + a * scale, y + gy * scale, x + b * scale,
                                   y + (gy + 1) * scale, colour)
-            x += (GLYPH_W + 1) * scale
+                        continue
+                    for dy in range(scale):
+                        off = (y + gy * scale + dy) * w + x
+                        self.px[off + a * scale:off + b * scale] = ink[:(b - a) * scale]
+            x += GLYPH_W * scale
 
     @staticmethod
     def text_width(text: str, scale: int = 1) -> int:
-        return max(0, len(text) * (GLYPH_W + 1) * scale - scale)
+        return len(text) * GLYPH_W * scale
 
     def png(self) -> bytes:
         w = self.width
@@ -121,6 +101,23 @@ class Canvas:
                 + _chunk(b"PLTE", palette)
                 + _chunk(b"IDAT", zlib.compress(raw, 6))
                 + _chunk(b"IEND", b""))
+
+
+@lru_cache(maxsize=256)
+def _runs(ch: str) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row of ``ch``'s glyph, its runs of ink as (first, past-last) pixel columns."""
+    out = []
+    for bits in glyphs.rows(ch):
+        runs, start = [], None
+        for gx in range(GLYPH_W + 1):
+            on = gx < GLYPH_W and bits >> (GLYPH_W - 1 - gx) & 1
+            if on and start is None:
+                start = gx
+            elif not on and start is not None:
+                runs.append((start, gx))
+                start = None
+        out.append(tuple(runs))
+    return tuple(out)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -46,6 +46,12 @@ class TokenRow:
     status: str
     closed_at: datetime | None
     created_at: datetime
+    users: tuple[str, ...] = ()  # the users the token is scoped to (empty: any of the account)
+
+
+def _scoped_users(scopes) -> tuple[str, ...]:
+    users = (scopes or {}).get("users") if isinstance(scopes, dict) else None
+    return tuple(str(u) for u in users) if isinstance(users, (list, tuple)) else ()
 
 
 @dataclass
@@ -71,7 +77,7 @@ class Directory:
 def directory(conn: Connection, account: str | None = None) -> Directory:
     qa = select(A.c.id, A.c.name, A.c.wallet_id, A.c.report_to, A.c.created_at)
     qt = (select(T.c.id, A.c.name, T.c.wallet_id, T.c.parent_id, T.c.face, T.c.not_before,
-                 T.c.expires, T.c.status, T.c.closed_at, T.c.created_at)
+                 T.c.expires, T.c.status, T.c.closed_at, T.c.created_at, T.c.scopes)
           .join(A, A.c.id == T.c.account_id))
     if account is not None:
         qa = qa.where(A.c.name == account)
@@ -80,7 +86,7 @@ def directory(conn: Connection, account: str | None = None) -> Directory:
                                    r.created_at) for r in conn.execute(qa)}
     if account is not None and account not in accounts:
         raise NotFound(f"unknown account {account!r}")
-    tokens = {r[0]: TokenRow(*r) for r in conn.execute(qt)}
+    tokens = {r[0]: TokenRow(*r[:-1], users=_scoped_users(r[-1])) for r in conn.execute(qt)}
     system = dict(conn.execute(select(W.c.code, W.c.id).where(W.c.kind == "system")).all())
     return Directory(accounts, tokens, system, only=account)
 

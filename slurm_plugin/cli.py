@@ -1,4 +1,4 @@
-"""``gpuledger reconcile`` and ``gpuledger job show`` (registered by slurm_plugin.climain)."""
+"""``gpuledger reconcile``, ``job show`` and ``spool`` (registered by slurm_plugin.climain)."""
 
 from __future__ import annotations
 
@@ -113,10 +113,64 @@ def _gpu_row(c: dict, g: dict) -> list:
             fmt_hours(g.get("charge") or 0)]
 
 
+@click.group("spool")
+def spool_group():
+    """A node's charge records waiting for the daemon (see ``gpuledger-epilog``)."""
+
+
+@spool_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@pass_app
+def spool_list(app, as_json):
+    """Records waiting for delivery, oldest first, and those the daemon rejected."""
+    from . import chargespool
+
+    hooks = hook_config(app.config)
+    waiting = chargespool.pending(hooks.spool_dir)
+    rejected = chargespool.pending(hooks.spool_dir / chargespool.REJECTED)
+    if as_json:
+        echo_json({"spool_dir": str(hooks.spool_dir), "waiting": waiting, "rejected": rejected})
+        return
+    click.echo(f"{len(waiting)} waiting, {len(rejected)} rejected in {hooks.spool_dir}")
+    for name in waiting:
+        click.echo(f"waiting   {name}")
+    for name in rejected:
+        click.echo(f"rejected  {name}")
+
+
+@spool_group.command("flush")
+@click.option("--limit", type=click.IntRange(1), help="Deliver at most this many records.")
+@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@pass_app
+def spool_flush(app, limit, as_json):
+    """Deliver waiting records to the daemon (the node's timer runs this every minute).
+
+    Exit 0 when the spool is empty or the daemon is away (the records stay for the next
+    try); exit 1 when records were rejected (they are kept under rejected/)."""
+    from dataclasses import asdict
+
+    from ledger.daemon.nodedoor import node_client
+
+    from . import chargespool
+
+    hooks = hook_config(app.config)
+    with node_client(hooks.daemon) as client:
+        r = chargespool.flush(hooks.spool_dir,
+                              lambda rec: client.request("charge", record=rec.to_json()),
+                              limit=limit)
+    if as_json:
+        echo_json(asdict(r))
+    else:
+        click.echo(f"{r.delivered} delivered, {r.already} charged before, {r.rejected} "
+                   f"rejected, {r.left} left" + (f" ({r.why})" if r.why else ""))
+    if r.rejected:
+        sys.exit(1)
+
+
 def _agent():
     from .agent.cli import agent
 
     return agent
 
 
-COMMANDS = [reconcile, job_group, _agent()]
+COMMANDS = [reconcile, job_group, spool_group, _agent()]

@@ -22,6 +22,8 @@ class HookConfig:
     lookback_days: int = _D.lookback_days
     gres_conf: str = _D.gres_conf
     close_wait_s: float = _D.close_wait_seconds
+    spool_dir: Path = Path(_D.spool_dir)
+    daemon: str | None = None  # None: this host's daemon socket (see ``daemon_address``)
 
 
 def hook_config(config: Config) -> HookConfig:
@@ -36,4 +38,6 @@ def hook_config(config: Config) -> HookConfig:
         lookback_days=h.lookback_days,
         gres_conf=h.gres_conf,
         close_wait_s=h.close_wait_seconds,
+        spool_dir=Path(h.spool_dir),
+        daemon=h.daemon or config.daemon.privileged_socket or config.daemon.socket,
     )

@@ -10,10 +10,6 @@ reports show both figures and the policy used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-
-from ledger.shares import GPU, MPS, MPS_PER_GPU
-from ledger.views import HoldView
 
 from .agent.models import GpuUsage
 
@@ -45,26 +41,3 @@ def node_usage(job_id: str, restart: int, gpus: list[int], held_ms: int,
     usage = list(summary.gpus)
     usage += held_only([i for i in gpus if i not in seen], held_ms, "not reported by agent")
     return usage, summary.source
-
-
-def node_shares(hold: HoldView, gpus: list[int], shards: Mapping[int, int]
-                ) -> dict[int, tuple[int, int]]:
-    """GPU index → (s, S) on this node for a hold of shares (``{}`` for whole GPUs).
-
-    Slurm 22.05 gives a job its shards (or MPS share) on ONE GPU per node, the one in
-    SLURM_JOB_GPUS, and exactly the count asked per node (``scontrol show job -d``:
-    ``GRES=shard:3(IDX:0)``), so s is the hold's ``per_node`` and S that GPU's shard count
-    from gres.conf (100 for MPS; the hold's own share when gres.conf does not say). Were
-    several GPUs listed, the whole share is put on the one cut into the fewest shards (the
-    others are not charged): the split is unknown here, and the charge never undercuts the
-    hold's price.
-    """
-    if hold.gres == GPU or not gpus:
-        return {}
-    per = hold.per_node or hold.gpus
-
-    def share_of(i: int) -> int:
-        return MPS_PER_GPU if hold.gres == MPS else (shards.get(i) or hold.share)
-
-    gpu = min(gpus, key=lambda i: (share_of(i), i))
-    return {gpu: (min(per, share_of(gpu)), share_of(gpu))}

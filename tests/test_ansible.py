@@ -32,7 +32,7 @@ BUILTIN = {
     "item", "omit", "ansible_check_mode", "ansible_service_mgr", "ansible_managed",
     "ansible_hostname", "playbook_dir", "inventory_hostname", "lookup", "query", "dict",
     "ansible_os_family", "ansible_distribution_major_version", "ansible_pkg_mgr", "role_path",
-    "group_names",
+    "group_names", "groups",
     "range", "true", "false", "none", "True", "False", "None",
 }
 # Task keys whose strings are Jinja expressions without {{ }}.
@@ -428,12 +428,25 @@ def test_no_node_file_holds_the_database_password(tmp_path):
              if p.is_file() and CONTROLLER_SECRET in p.read_text(errors="replace")]
     assert not leaks, leaks
     assert not (root / "node/etc/db.password").exists()
+    from ledger import config
+
     code = "import json, sys, tomllib; print(json.dumps(tomllib.load(open(sys.argv[1], 'rb'))))"
     node = json.loads(subprocess.run([sys.executable, "-c", code, str(root / "node/etc/gpuledger.toml")],
                                      check=True, capture_output=True, text=True).stdout)
-    assert set(node) == {"cluster", "database", "daemon", "charge"}, node
-    assert node["database"] == {"url": "postgresql+psycopg://gpuledger@db.example.org/gpuledger"}
-    assert node["charge"]["policy"] == "allocated" and node["cluster"] == "hpc1"
+    # no database at all: the epilog sends what it measured to the daemon (MUNGE over TCP)
+    assert set(node) == {"cluster", "daemon", "hooks"}, node
+    assert node["cluster"] == "hpc1"
+    assert node["hooks"] == {"daemon": "localhost:6830",
+                             "spool_dir": str(root / "node/spool/charges")}
+    spool = root / "node/spool/charges"
+    assert spool.is_dir() and (spool.stat().st_mode & 0o777) == 0o700
+    named = [p for p in (root / "node").rglob("*")  # nothing names the database server
+             if p.is_file() and "db.example.org" in p.read_text(errors="replace")]
+    assert not named, named
+    from slurm_plugin.hookconf import hook_config
+
+    node_cfg = config.load(root / "node/etc/gpuledger.toml")
+    assert hook_config(node_cfg).daemon == "localhost:6830"
     ctl = (root / "controller/etc/gpuledger.toml").read_text()
     assert "[smtp]" in ctl and "password_file" in ctl and "[keys]" in ctl
     # the controller (idle digests) and the nodes' agent (idle counting, cancel) read one
@@ -443,9 +456,8 @@ def test_no_node_file_holds_the_database_password(tmp_path):
 
     agent = AgentConfig.load(str(root / "node/etc/agent.toml"))
     assert agent.idle == IdlePolicy() and "[idle]" in ctl
-    from ledger import config
-
     controller = config.load(root / "controller/etc/gpuledger.toml")  # the real parser
+    assert controller.daemon.node_listen is None  # no compute node besides this host
     assert controller.idle == IdlePolicy() and controller.daemon.fast_reserve is False
     # job_submit.lua's settings are rendered from the controller's [submit]
     submit = (root / "controller/etc/job_submit.conf").read_text()

@@ -66,11 +66,15 @@ def test_a_bad_file_is_an_error_naming_file_section_and_key(tmp_path, text, says
     assert str(exc.value).startswith(str(path))
 
 
-def test_a_missing_database_url_is_named(tmp_path):
+def test_a_missing_database_url_is_named_where_the_ledger_is_opened(tmp_path):
+    """A compute node's file has no database; opening the ledger from it says why it can't."""
+    from ledger import db
+
     path = tmp_path / "gpuledger.toml"
-    path.write_text("[keys]\ndir = \"k\"\n")
-    with pytest.raises(ConfigError, match=r"\[database\]: url is required"):
-        config.load(path)
+    path.write_text("[hooks]\ndaemon = \"ctl1:6830\"\n")
+    cfg = config.load(path)
+    with pytest.raises(ConfigError, match=r"\[database\] url is not set: no ledger on this host"):
+        db.resolve_url(cfg)
 
 
 def test_the_file_init_writes_lists_every_section_and_reads_back_as_the_defaults(tmp_path):

@@ -5,6 +5,8 @@ time cost per user."""
 
 from __future__ import annotations
 
+from email import message_from_bytes
+from email import policy as email_policy
 from fractions import Fraction
 
 import pytest
@@ -258,14 +260,18 @@ def test_one_digest_per_user_refunds_once_and_a_rerun_repeats_nothing(ledger, cl
     (alice,) = smtp.handler.to("alice@hpc.example")
     (bob,) = smtp.handler.to("bob@hpc.example")
     text = alice.get_body(("plain",)).get_content()
-    assert alice["Subject"] == "Idle GPUs: 2 jobs of user alice, 3.667 GPU-h idle"
-    assert ("Job 101 (physics, alice, gpu01): 1.667 of 4.000 GPU-h idle (longest 1 h 20 min),"
-            " costing 1.667 GPU-h; 0.833 GPU-h refunded.") in text
-    assert ("Job 102 (physics, alice, gpu01): 2.000 of 4.000 GPU-h idle (longest 1 h 01 min),"
-            " costing 2.000 GPU-h; 1.000 GPU-h refunded.") in text
+    assert alice["Subject"] == "Idle GPUs: 2 jobs of user alice, 3.667 raw GPU hours idle"
+    text = " ".join(text.split())  # the text part wraps at 78 columns
+    assert all(len(ln) <= 78 for ln in alice.get_body(("plain",)).get_content().splitlines())
+    assert ("Job 101 (physics, alice, gpu01): GPUs idle 1.667 of 4.000 raw hours held (longest"
+            " stretch 1 h 20 min), costing 1.667 GPU-h; 0.833 GPU-h refunded.") in text
+    assert ("Job 102 (physics, alice, gpu01): GPUs idle 2.000 of 4.000 raw hours held (longest"
+            " stretch 1 h 01 min), costing 2.000 GPU-h; 1.000 GPU-h refunded.") in text
+    assert "Raw hours are time on the GPUs, whatever their type; GPU-h are GPU-hours at " \
+        "the reference rate" in text
     assert "Job 103" not in text and "bob" not in text
-    assert "Job 201 (physics, bob, gpu01): 1.500 of 1.500 GPU-h idle" in \
-        bob.get_body(("plain",)).get_content()
+    assert "Job 201 (physics, bob, gpu01): GPUs idle 1.500 of 1.500 raw hours held" in \
+        " ".join(bob.get_body(("plain",)).get_content().split())
     # refunds: half the idle cost of each flagged settlement, journaled on its hold
     assert [lg.hold(h.id).refunded for h in (a1, a2, busy, b1)] == [3000, 3600, 0, 2700]
     assert lg.wallet_balance("system:usage") == usage - 6600 - 2700
@@ -296,7 +302,7 @@ def test_without_user_mail_the_accounts_recipients_get_one_digest(ledger, clock,
                         settings=SmtpSettings.from_section(smtp.settings(tmp_path)))
     assert [o.scope for o in summary.outcomes] == ["account:physics"]
     (msg,) = smtp.handler.to("lead@physics.example")
-    assert msg["Subject"] == "Idle GPUs: 2 jobs of account physics, 3.000 GPU-h idle"
+    assert msg["Subject"] == "Idle GPUs: 2 jobs of account physics, 3.000 raw GPU hours idle"
     assert summary.refunded == 0
 
 
@@ -311,8 +317,13 @@ def test_the_refund_is_capped_at_what_the_hold_has_refundable(ledger, clock, tmp
     lg.refund(h.id, 7000, "a late job: refunded by hand")  # 200 GPU-s left refundable
     summary = send_idle(lg, parse({"flag_after_s": 60, "refund_share": 1}), settings=None,
                         dry_run=True, out=tmp_path / "eml")
-    assert summary.refunded == 7200 and lg.hold(h.id).refunded == 7000  # a dry run moves nothing
-    assert len(list((tmp_path / "eml").glob("idle-account-physics-*.eml"))) == 1
+    # a dry run moves nothing, and says what a real run would refund: the 200 GPU-s left
+    assert summary.refunded == 200 and lg.hold(h.id).refunded == 7000
+    assert summary.to_dict()["would_refund"] == 200 and summary.to_dict()["refunded"] == 0
+    (eml,) = (tmp_path / "eml").glob("idle-account-physics-*.eml")
+    body = message_from_bytes(eml.read_bytes(), policy=email_policy.default)
+    plain = " ".join(body.get_body(("plain",)).get_content().split())
+    assert "; 0.056 GPU-h would be refunded." in plain and "GPU-h refunded" not in plain
     with pytest.raises(Exception, match="no \\[smtp\\] settings"):
         send_idle(lg, parse({"flag_after_s": 60, "refund_share": 1}), settings=None)
     from reports.idle import record, scan
@@ -348,9 +359,10 @@ def test_the_report_shows_idle_gpu_hours_and_their_cost_per_user(ledger, clock):
     assert figures == {"alice": (100 * MIN, 6000), "bob": (15 * MIN, 900)}
     r = render_account(p)
     assert {u["key"]: u["idle_cost"] for u in r.json["by_user"]} == {"alice": 6000, "bob": 900}
-    line = next(ln for ln in r.text.splitlines() if ln.strip().startswith("alice"))
-    assert line.split()[-2:] == ["1.667", "1.667"]  # idle GPU-h, idle cost
-    assert "Idle cost" in r.html
+    idle = r.text[r.text.index("IDLE GPUs BY USER"):]
+    line = next(ln for ln in idle.splitlines() if ln.strip().startswith("alice"))
+    assert line.split()[-2:] == ["1.667", "1.667"]  # idle raw hours, idle cost GPU-h
+    assert "cost 0.250 GPU-h" in r.html  # bob's 900 GPU-s
 
 
 def test_the_pricing_doc_idle_example_is_what_the_rules_compute():
@@ -376,3 +388,28 @@ def test_the_pricing_doc_idle_example_is_what_the_rules_compute():
             charged, cost, refund = (int(x) for x in rows[i][4:])
             assert (g.charge, idle_cost(g), int(idle_cost(g) * share)) == (charged, cost, refund)
         assert policy.refund(rec) == sum(int(rows[i][6]) for i, _ in items)
+
+
+def test_the_cli_dry_run_says_would_refund_and_moves_nothing(sqlite_ledger, clock, tmp_path):
+    from click.testing import CliRunner
+
+    from slurm_plugin.climain import cli
+
+    lg = sqlite_ledger
+    lg.set_report_to("physics", ["lead@physics.example"])
+    tok, _ = lg.mint("physics", 100 * H, expires=at(12, 31, year=2027))
+    h = _job(lg, tok, "alice", "101", [_usage(0, 120, 90, 80)], clock)
+    conf = tmp_path / "gpuledger.toml"
+    url = lg.engine.url.render_as_string(hide_password=False)
+    conf.write_text(f'[database]\nurl = "{url}"\n[keys]\ndir = "{tmp_path / "keys"}"\n'
+                    "[idle]\nflag_after_s = 3600\nrefund_share = 0.5\n")
+    args = ["--config", str(conf), "idle", "send", "--dry-run", "--days", "366",
+            "--out", str(tmp_path / "eml")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    # 90 idle minutes of a 2 h h100 job: 1.5 GPU-h idle cost, half of it refunded
+    assert r.output.splitlines()[0] == ("1 newly flagged, would refund 0.750 GPU-h (dry run: "
+                                        "nothing refunded or recorded)")
+    assert lg.hold(h.id).refunded == 0
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert '"would_refund": 2700' in r.output and '"refunded": 0' in r.output

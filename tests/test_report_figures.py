@@ -8,15 +8,17 @@ from collections import defaultdict
 
 import pytest
 from conftest import Clock
-from report_fixtures import CHEMISTRY, PHYSICS, H, at, seed_month
+from report_fixtures import CHEMISTRY, PHYSICS, H, at, gpus, seed_month
 
 from ledger import db
+from ledger.charge_record import ChargeRecord
 from ledger.errors import InvalidInput, NotFound
+from ledger.tokens import Scopes
+from ledger.views import HoldRequest
 from reports.figures import build
 from reports.period import Month
 from reports.png import read_png_size
 from reports.render import render_account, render_site
-from ledger.charge_record import ChargeRecord
 
 NOV = Month(2026, 11)
 HMS = 3_600_000  # ms in an hour
@@ -133,22 +135,71 @@ def test_idle_gpu_hours_per_user(month_site):
     assert idle == {"alice": int(9.9 * HMS), "bob": int(1.5 * HMS), "carol": 0}
     assert sum(idle.values()) == p.measure.held_ms - p.measure.busy_ms
     rendered = render_account(p)
-    assert "idle GPU-h" in rendered.text and "Idle GPU-h" in rendered.html
+    assert "idle raw hours" in rendered.text and "Idle, raw hours" in rendered.html
     assert {u["key"]: u["idle_ms"] for u in rendered.json["by_user"]} == idle
 
 
 def test_burn_down_projection_and_month_over_month(month_site):
-    _, site = month_site
+    s, site = month_site
     p = site.account("physics")
     assert p.series[0] == (NOV.start, PHYSICS["opening"])
     assert p.series[-1] == (NOV.end, PHYSICS["closing"])
     assert len(p.series) == 31
     assert p.series[1][1] == PHYSICS["opening"] + 5 * H  # Nov 1: boundary job returns 5 h
     net = PHYSICS["charged"] - PHYSICS["refunded"]
-    assert p.projection.rate_per_day == net // 30
-    assert p.projection.exhaustion is not None and not p.projection.exhausted
+    proj = p.projection
+    assert proj.rate_per_day == net // 30 == 2880  # 0.8 GPU-h a day
+    # T0 (50 h) expires on Dec 20 at noon: 19.5 days at 0.8 = 15.6 h used, 34.4 h lost;
+    # then T1 (808 h) to 2027-06-30 noon: 192 days = 153.6 h used, 654.4 h lost
+    assert proj.main.id == s.ids["T1"] and proj.main.remaining == 808 * H
+    assert [(x.token.id, x.amount) for x in proj.losses] == [
+        (s.ids["T0"], int(34.4 * H)), (s.ids["T1"], int(654.4 * H))]
+    assert proj.run_out is None and not proj.exhausted and not proj.runs_short
+    assert proj.spare == int(34.4 * H) + int(654.4 * H)
+    assert proj.spendable == (50 + 808) * H and proj.unspendable == 90 * H  # revoked T2
     assert p.previous_charged == 6 * H and p.change == pytest.approx((net - 6 * H) / (6 * H))
     assert site.account("chemistry").previous_charged == 0
+
+
+def test_a_token_that_expires_soon_is_not_counted_past_its_expiry(sqlite_ledger, clock):
+    """300 h expiring in two weeks and a main token of 1000 h: at 10 h a day the first
+    loses 160 h when it expires, so the money runs out on 2027-03-25 — not on 2027-04-10,
+    as the closing balance over the rate would say — 97 days (13 weeks) before the main
+    token expires; 970 h short. The decision line says so in every form."""
+    lg = sqlite_ledger
+    clock.now = at(11, 1, 0)
+    main, main_view = lg.mint("physics", 1300 * H, expires=at(6, 30, 0, year=2027),
+                              scopes=Scopes.parse(users="alice,bob"))
+    _, soon_view = lg.mint("physics", 300 * H, expires=at(12, 15, 0))
+    lg.set_report_to("physics", ["pi@physics.example"])
+    hold = lg.reserve(main, HoldRequest(gpus=3, seconds=100 * H, gpu_type="h100",
+                                        user="alice"))
+    clock.now = at(11, 29)
+    lg.post(hold.id, 300 * H)  # 300 GPU-h in November: 10 a day
+    clock.now = at(12, 1, 0)
+    with db.read(lg.engine) as conn:
+        r = build(conn, NOV, clock()).account("physics")
+    p = r.projection
+    assert (p.rate_per_day, p.main.id, p.main.remaining) == (10 * H, main_view.id, 1000 * H)
+    assert p.run_out == at(3, 25, 0, year=2027) and p.runs_short
+    assert [(x.token.id, x.amount) for x in p.losses] == [(soon_view.id, 160 * H)]
+    assert (p.gap_days, p.short) == (97, 970 * H)
+    line = ("Runs out on 2027-03-25, 13 weeks before your main token expires (2027-06-30); "
+            "about 970.000 GPU-h short at 10.000 GPU-h/day.")
+    rendered = render_account(r)
+    assert rendered.json["projection"]["decision"] == line
+    assert rendered.json["projection"]["short"] == 970 * H
+    assert " ".join(rendered.text.split()).count(line) == 1
+    assert line in rendered.html and 'data-figure="decision"' in rendered.html
+    assert f"Token {soon_view.id} (any user) expires on 2026-12-15 with about 160.000" \
+        in " ".join(rendered.text.split())
+    # tokens show their owners, not only their ids
+    assert f"Main token {main_view.id} (alice, bob): 1000.000 GPU-h left" in rendered.text
+    assert f"{main_view.id} (alice, bob): active, expires 2027-06-30" in rendered.text
+    assert "alice, bob · active" in rendered.html
+    assert {t["id"]: t["users"] for t in rendered.json["tokens"]} == {
+        main_view.id: ["alice", "bob"], soon_view.id: []}
+    assert rendered.json["projection"]["main_token"]["users"] == ["alice", "bob"]
 
 
 def test_single_account_gives_the_same_figures(ledger, month_site):
@@ -199,7 +250,8 @@ def test_rendered_forms_carry_the_figures(month_site):
     assert data["statement"]["closing"] == PHYSICS["closing"]
     assert data["efficiency"]["ratio"] == round(9.6 / 21, 4)
     width, height = read_png_size(r.chart)
-    assert (width, height) == (640, 260)
+    assert (width, height) == (1280, 600)  # twice the 640 x 300 it is shown at
+    assert 'width="640" height="300"' in r.html
     site_r = render_site(site)
     assert "physics" in site_r.text and "chemistry" in site_r.text
     assert site_r.json["totals"]["charged"] == PHYSICS["charged"] + CHEMISTRY["charged"]
@@ -209,7 +261,6 @@ def test_names_are_escaped_in_html(sqlite_ledger, clock):
     from sqlalchemy import update
 
     from ledger.models import Hold
-    from ledger.views import HoldRequest
 
     lg = sqlite_ledger
     clock.now = at(11, 2)
@@ -253,8 +304,8 @@ def test_png_pixels_decode():
     from reports.chart import LINE, burndown_png
 
     data = burndown_png([(NOV.start, 100 * H), (NOV.day_start(15), 60 * H)], NOV.start,
-                        NOV.end, 4 * H, None)
-    assert read_png_size(data) == (640, 260)
+                        NOV.end, None)
+    assert read_png_size(data) == (1280, 600)
     pos, idat = 8, b""
     while pos < len(data):
         n = int.from_bytes(data[pos:pos + 4], "big")
@@ -262,7 +313,7 @@ def test_png_pixels_decode():
             idat += data[pos + 8:pos + 8 + n]
         pos += 12 + n
     raw = zlib.decompress(idat)
-    assert len(raw) == 260 * (640 + 1)
+    assert len(raw) == 600 * (1280 + 1)
     assert raw.count(bytes([LINE])) > 100  # the balance line is drawn
 
 
@@ -271,7 +322,6 @@ def test_the_report_shows_what_each_tier_cost(ledger, clock):
     lists each tier's GPU-hours, summing to what was charged."""
     from ledger.charging import charge_gpus
     from ledger.tiers import Tiers
-    from ledger.views import HoldRequest
 
     clock.now = at(11, 3)
     token, _ = ledger.mint("physics", 10 * H)
@@ -296,3 +346,72 @@ def test_the_report_shows_what_each_tier_cost(ledger, clock):
     assert 'data-figure="tiers"' in rendered.html
     assert {t["key"] for t in rendered.json["by_tier"]} == {"standard x0.25",
                                                            "22:00-06:00 x0.125"}
+
+
+def test_text_lines_fit_78_columns_even_with_the_longest_names(sqlite_ledger, clock):
+    """The plain-text part of every report keeps to 78 columns: tables wrap a name that
+    does not fit its column, sentences wrap at words."""
+    from reports.render import TEXT_WIDTH
+
+    lg = sqlite_ledger
+    seed_month(lg, clock)
+    long_account, long_user = "a" * 60, "u" * 31 + "@" + "d" * 32  # longest names allowed
+    clock.now = at(11, 10)
+    lg.create_account(long_account)
+    tok, _ = lg.mint(long_account, 100 * H, expires=at(12, 10),
+                     scopes=Scopes.parse(users=f"{long_user},alice,bob,carol,dave,erin"))
+    hold = lg.reserve(tok, HoldRequest(gpus=2, seconds=2 * H, gpu_type="h100", user=long_user),
+                      job_id="4294967294_4000")
+    lg.post(hold.id, 3 * H, usage=gpus((2, 0.5), (2, 0.1)))
+    clock.now = at(12, 5)
+    with db.read(lg.engine) as conn:
+        site = build(conn, NOV, clock())
+    texts = {r.account: render_account(r).text for r in site.accounts}
+    texts["site"] = render_site(site).text
+    for name, text in texts.items():
+        long = [ln for ln in text.splitlines() if len(ln) > TEXT_WIDTH]
+        assert long == [], (name, long)
+    mine = texts[long_account]
+    assert long_user in mine and "4294967294_4000" in mine
+    assert f"(alice, bob, carol, dave, erin, {long_user})" in " ".join(mine.split())
+
+
+def _pixels(data: bytes) -> tuple[int, int, bytes]:
+    width, height = read_png_size(data)
+    pos, idat = 8, b""
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        if data[pos + 4:pos + 8] == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    rows = b"".join(raw[y * (width + 1) + 1:(y + 1) * (width + 1)] for y in range(height))
+    return width, height, rows
+
+
+def test_chart_marks_the_run_out_and_the_main_tokens_expiry_with_a_legend():
+    """Drawn at twice its size: the legend (one entry per mark), the projection dropping
+    where a token expires with GPU-h left, the run-out dot and the main token's expiry."""
+    from datetime import timedelta
+
+    from reports.chart import EXPIRY, LEFT, PROJ, RED, SCALE, TOP, burndown_png, legend_items
+    from reports.projection import Spendable, project
+
+    soon = Spendable("tok_soon", (), 40 * H, NOV.end + timedelta(days=5))
+    main = Spendable("tok_main", ("alice",), 100 * H, NOV.end + timedelta(days=60))
+    p = project([soon, main], 4 * H, NOV.end)
+    assert p.losses[0].amount == 20 * H and p.run_out == NOV.end + timedelta(days=30)
+    assert p.horizon == main.expires and p.short == 120 * H
+    labels = [label for _, _, label in legend_items(p)]
+    assert labels == ["Balance", "Projection at 4.000 GPU-h/day", "Runs out 2026-12-31",
+                      "Main token expires 2027-01-30"]
+    series = [(NOV.day_start(d), (200 - 2 * d) * H) for d in range(1, 31)] + [(NOV.end, 140 * H)]
+    width, height, px = _pixels(burndown_png(series, NOV.start, NOV.end, p))
+    assert (width, height) == (1280, 600)
+    legend = px[:TOP * SCALE * width]
+    plot = px[TOP * SCALE * width:]
+    for colour in (PROJ, RED, EXPIRY):
+        assert colour in legend and colour in plot, colour
+    # the expiry line is one column pair of the plot: every few rows carry it
+    cols = {i % width for i in range(len(plot)) if plot[i] == EXPIRY}
+    assert max(cols) - min(cols) <= 4 and min(cols) > LEFT * SCALE

@@ -75,7 +75,7 @@ def test_reports_arrive_with_headers_parts_and_figures(ledger, clock, smtp, tmp_
                         msg["Message-ID"])
     assert msg["Date"]
     text, html, png, cid = parts(msg)
-    assert read_png_size(png) == (640, 260)
+    assert read_png_size(png) == (1280, 600)
     assert f'src="cid:{cid.strip("<>")}"' in html
     for body in (text, html):
         assert f"{PHYSICS['opening'] // H}.000" in body  # 1034.000
@@ -243,3 +243,39 @@ def test_cli_send_dry_run_and_errors(sqlite_ledger, clock, smtp, tmp_path):
     assert res.exit_code == 1 and "Error: unknown account 'nope'" in res.output
     res = run(cli, ["--config", str(conf), "report", "log", "--month", "2026-11"])
     assert res.exit_code == 0 and res.output.count(" sent ") == 4
+
+
+def test_a_recipient_of_several_reports_gets_them_in_one_mail(ledger, clock, smtp, tmp_path):
+    """A PI of both accounts who is also an admin: one message with both reports (each chart
+    inline under its own content id) and the site summary; the send log has a row per report,
+    so a re-run sends nothing and the others still get theirs alone."""
+    seed_month(ledger, clock)
+    both = "pi@hpc.example"
+    ledger.set_report_to("physics", [*PHYS, both])
+    ledger.set_report_to("chemistry", [*CHEM, both])
+    summary = send_reports(ledger, NOV, settings=settings(smtp, tmp_path), admins=[both, ADMIN])
+    assert summary.failures == 0
+    (msg,) = smtp.handler.to(both)
+    assert msg["Subject"].strip() == ("GPU budget 2026-11: 2 accounts — chemistry 50.000, "
+                                      "physics 948.000 GPU-h left — and the site summary")
+    assert msg["To"] == both
+    plain, related = msg.get_payload()
+    html, *images = related.get_payload()
+    assert len(images) == 2 and all(i.get_content_type() == "image/png" for i in images)
+    body = html.get_content()
+    for image in images:
+        assert read_png_size(image.get_content()) == (1280, 600)
+        assert f'src="cid:{image["Content-ID"].strip("<>")}"' in body
+    text = plain.get_content()
+    assert all(len(line) <= 78 for line in text.splitlines())
+    for needle in ("account chemistry", "account physics", "GPU site summary", "948.000",
+                   f"{CHEMISTRY['expired'] // H}.000"):
+        assert needle in text and needle.split()[-1] in body
+    assert [m["Subject"] for m in smtp.handler.to(PHYS[0])] == [
+        "GPU budget 2026-11: physics — 948.000 GPU-h left"]
+    assert len(smtp.handler.to(CHEM[0])) == len(smtp.handler.to(ADMIN)) == 1
+    log = {(r.scope, r.recipient) for r in sendlog.entries(ledger.engine, "2026-11")
+           if r.status == "sent"}
+    assert {("physics", both), ("chemistry", both), ("*site*", both)} <= log
+    again = send_reports(ledger, NOV, settings=settings(smtp, tmp_path), admins=[both, ADMIN])
+    assert not any(o.sent for o in again.outcomes) and len(smtp.handler.to(both)) == 1

@@ -111,7 +111,8 @@ def hook(world, job_id, node="n1", gpus=(0,), restart=0, token=None, started=0.0
     return Hook(env, cfg, HookConfig(state_dir=tmp / "state" / node, log_file=None,
                                      agent_socket=str(tmp / "no-agent.sock"),
                                      agent_spool=str(tmp / "no-agent-spool"),
-                                     gres_conf=str(tmp / "gres.conf"), close_wait_s=0),
+                                     gres_conf=str(tmp / "gres.conf"), close_wait_s=0,
+                                     spool_dir=tmp / "spool" / node),
                 logging.getLogger("test"), started)
 
 
@@ -146,13 +147,13 @@ def test_multi_node_job_settles_once_when_every_node_reported(world):
                          clock=clock)
     assert start(world, "7", nodes=("n1", "n2"), started=1000.0) == 0
     assert ledger.hold(hold.id).job_id == "7"
-    epilog(hook(world, "7", "n1"), ledger, now=1030.0)
+    epilog(hook(world, "7", "n1"), DirectClient(ledger), now=1030.0)
     end(world, "7", nodes=["n1", "n2"])  # n2 has not charged: the hold stays open
     h = ledger.hold(hold.id)
     assert (h.state, h.charged) == ("pending", 30)
-    epilog(hook(world, "7", "n1"), ledger, now=1090.0)  # a repeat: charges nothing
+    epilog(hook(world, "7", "n1"), DirectClient(ledger), now=1090.0)  # a repeat: charges nothing
     assert ledger.hold(hold.id).charged == 30
-    epilog(hook(world, "7", "n2"), ledger, now=1031.0)
+    epilog(hook(world, "7", "n2"), DirectClient(ledger), now=1031.0)
     end(world, "7", nodes=["n1", "n2"])
     h = ledger.hold(hold.id)
     assert (h.state, h.charged, h.returned) == ("posted", 61, 1200 - 61)
@@ -176,7 +177,7 @@ def test_node_hooks_call_no_slurm_command(world, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no)
     monkeypatch.setattr(subprocess, "Popen", no)
     prolog(hook(world, "8", gpus=(2,), started=0.0))
-    epilog(hook(world, "8", gpus=(2,)), ledger, now=10.0)
+    epilog(hook(world, "8", gpus=(2,)), DirectClient(ledger), now=10.0)
     charge = ledger.charges(hold.id)[0]
     assert charge["usage"]["gpus"][0]["gpu_type"] == "a100"  # from gres.conf, not scontrol
 
@@ -190,10 +191,10 @@ def test_array_remainder_returns_after_the_last_task(world):
     assert ledger.hold(hold.id).job_id == "20"
     assert fake.asked == ["20", "21", "22"]  # each task by its own id, never the whole array
     for jid, now in (("20", 10.0), ("21", 20.0)):
-        epilog(hook(world, jid), ledger, now=now)  # the task's own id only, as on 22.05
+        epilog(hook(world, jid), DirectClient(ledger), now=now)  # the task's own id only, as on 22.05
         end(world, jid, array="20")
         assert ledger.hold(hold.id).state == "pending"
-    epilog(hook(world, "22"), ledger, now=30.0)
+    epilog(hook(world, "22"), DirectClient(ledger), now=30.0)
     end(world, "22", array="20")
     h = ledger.hold(hold.id)
     assert (h.state, h.charged, h.returned) == ("posted", 60, 1800 - 60)
@@ -205,14 +206,14 @@ def test_requeued_run_is_paid_from_a_hold_of_its_own(world):
     hold = reserve(world)
     fake.live["30"] = rec("30", "RUNNING", hold, clock=clock)
     start(world, "30", restart=0, started=0.0, token=token)
-    epilog(hook(world, "30", restart=1, token=token), ledger, now=40.0)
+    epilog(hook(world, "30", restart=1, token=token), DirectClient(ledger), now=40.0)
     end(world, "30", restart=1)  # run 0 ends (slurmctld has counted the requeue already)
     first = ledger.hold(hold.id)
     assert (first.state, first.charged) == ("posted", 40)
     assert start(world, "30", restart=1, started=100.0, token=token) == 0
     second = settle.job_hold(ledger, ["30"])
     assert second.id != hold.id and (second.amount, second.job_id) == (600, "30")
-    epilog(hook(world, "30", restart=1, token=token), ledger, now=150.0)
+    epilog(hook(world, "30", restart=1, token=token), DirectClient(ledger), now=150.0)
     end(world, "30", restart=1)
     h = ledger.hold(second.id)
     assert (h.state, h.charged) == ("posted", 50)
@@ -366,7 +367,7 @@ def test_a_forged_user_comment_binds_and_charges_nothing(world):
     h = hook(world, "80")
     ctld.prolog_slurmctld(h, fake, DirectClient(ledger))
     prolog(h)
-    epilog(hook(world, "80"), ledger, now=50.0)
+    epilog(hook(world, "80"), DirectClient(ledger), now=50.0)
     ctld.epilog_slurmctld(hook(world, "80"), DirectClient(ledger))
     b = ledger.hold(bobs.id)
     assert (b.state, b.job_id, b.charged) == ("pending", None, 0)
@@ -374,7 +375,7 @@ def test_a_forged_user_comment_binds_and_charges_nothing(world):
     ledger.bind(bobs.id, "81")
     fake.live["81"] = rec("81", "RUNNING", comment="", clock=clock)
     prolog(hook(world, "81"))
-    epilog(hook(world, "81"), ledger, now=50.0)
+    epilog(hook(world, "81"), DirectClient(ledger), now=50.0)
     assert ledger.hold(bobs.id).charged == 0
     # ... and the ledger binds a hold only to its own user's and account's job, once.
     with pytest.raises(StateError, match="reserved for user bob, not alice"):
@@ -502,7 +503,7 @@ def test_a_run_reported_after_the_hold_closed_is_logged_uncollected(world, caplo
     start(world, "41", started=1000.0)
     ledger.void(hold.id, reason="closed by hand")
     with caplog.at_level(logging.INFO):
-        epilog(hook(world, "41", "n1"), ledger, now=1030.0)
+        epilog(hook(world, "41", "n1"), DirectClient(ledger), now=1030.0)
     assert ledger.hold(hold.id).charged == 0 and ledger.charges(hold.id) == []
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("UNCOLLECTED: 30 GPU-s not charged" in m and hold.id in m for m in errors), errors
@@ -536,7 +537,7 @@ def test_a_shard_job_is_charged_its_share_of_the_gpu_it_ran_on(world, gpu, charg
     fake.live["90"] = rec("90", "RUNNING", hold, clock=clock, gpus={})
     fake.live["90"].tres_per_node = "gres:shard:3"  # Slurm's TRES count no gres/gpu for shards
     start(world, "90", gpus=(gpu,), started=1000.0)
-    epilog(hook(world, "90", gpus=(gpu,)), ledger, now=1100.0)
+    epilog(hook(world, "90", gpus=(gpu,)), DirectClient(ledger), now=1100.0)
     [c] = ledger.charges(hold.id)
     [line] = c["usage"]["gpus"]
     assert c["amount"] == charge and line["index"] == gpu
@@ -571,7 +572,7 @@ def test_a_run_pays_the_tiers_of_the_partition_it_ran_in_and_its_qos(world):
     assert (hold.amount, hold.multiplier_ppm) == (1200, 2_000_000)
     fake.live["95"] = rec("95", "RUNNING", hold, clock=clock)
     start(world, "95", started=1000.0)
-    epilog(hook(world, "95", partition="scavenger"), ledger, now=1100.0)
+    epilog(hook(world, "95", partition="scavenger"), DirectClient(ledger), now=1100.0)
     [c] = ledger.charges(hold.id)
     assert c["amount"] == 50
     assert c["usage"]["gpus"][0]["tiers"] == [

@@ -52,8 +52,8 @@ def test_a_run_with_a_sluid_is_linked_and_charged_by_it(world):
     assert start(world, "7", S1, started=1000.0) == 0
     assert ledger.linked_hold("7", 0, sluid=S1) == hold.id
     assert ledger.linked_hold("7", 0) is None  # no job-id link written
-    epilog(shook(world, "7", S1), ledger, now=1030.0)
-    epilog(shook(world, "7", S1), ledger, now=1090.0)  # a repeat charges nothing
+    epilog(shook(world, "7", S1), DirectClient(ledger), now=1030.0)
+    epilog(shook(world, "7", S1), DirectClient(ledger), now=1090.0)  # a repeat charges nothing
     ctld.epilog_slurmctld(shook(world, "7", S1), DirectClient(ledger))
     h = ledger.hold(hold.id)
     assert (h.state, h.charged) == ("posted", 30)
@@ -69,14 +69,14 @@ def test_a_job_id_seen_again_pays_from_its_own_hold(world):
     old = reserve(world)
     fake.live["123"] = rec("123", "RUNNING", old, clock=clock)
     assert start(world, "123", None) == 0  # before the upgrade: no SLUID, job:123:0 link
-    epilog(hook(world, "123"), ledger, now=40.0)
+    epilog(hook(world, "123"), DirectClient(ledger), now=40.0)
     ctld.epilog_slurmctld(hook(world, "123"), DirectClient(ledger))
     assert ledger.hold(old.id).state == "posted"
     new = reserve(world)
     fake.live["123"] = rec("123", "RUNNING", new, clock=clock)
     assert start(world, "123", S2, started=100.0) == 0
     assert ledger.linked_hold("123", 0, sluid=S2) == new.id
-    epilog(shook(world, "123", S2), ledger, now=160.0)
+    epilog(shook(world, "123", S2), DirectClient(ledger), now=160.0)
     ctld.epilog_slurmctld(shook(world, "123", S2), DirectClient(ledger))
     assert (ledger.hold(new.id).state, ledger.hold(new.id).charged) == ("posted", 60)
     assert ledger.hold(old.id).charged == 40  # untouched
@@ -149,6 +149,6 @@ def test_epilog_does_not_take_an_earlier_jobs_measurements(world):
     hold = reserve(world, seconds=7200)
     fake.live["7"] = rec("7", "RUNNING", hold, clock=clock)
     start(world, "7", S1, started=1000.0)
-    epilog(shook(world, "7", S1), ledger, now=1030.0)
+    epilog(shook(world, "7", S1), DirectClient(ledger), now=1030.0)
     (charge,) = ledger.charges(hold.id)
     assert charge["amount"] == 30 and charge["usage"]["source"] == "held"

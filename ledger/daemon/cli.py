@@ -51,10 +51,17 @@ def serve(app, socket_path, socket_group, inherited_fd):
         fast.start()
 
     def server(where, **kw) -> Server:
-        return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast), where,
+        return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast, charge=cfg.charge), where,
                       max_line=cfg.daemon.max_line, log=RequestLog(), **kw)
 
     public = server(path, group=socket_group or cfg.daemon.socket_group)
+    door = None
+    if cfg.daemon.node_listen and inherited_fd is None:  # the privileged process serves nodes
+        from .nodedoor import NodeDoor
+
+        door = NodeDoor(public.handlers, cfg.daemon.node_listen,
+                        check_address=cfg.daemon.node_check_address, log=public.log)
+        door.bind()
     if inherited_fd is not None:
         as_users_process()
         public.adopt(inherited_fd)
@@ -69,9 +76,13 @@ def serve(app, socket_path, socket_group, inherited_fd):
     if inherited_fd is None:  # the users' process just ends on SIGTERM (from its parent)
         install_signal_handlers(runner, public.log)
     tune_threads()
+    if door is not None:
+        door.start()
     try:
         runner.serve_forever()
     finally:
+        if door is not None:
+            door.stop()
         runner.stop()
         if fast is not None:
             fast.stop()  # write what was answered before exiting

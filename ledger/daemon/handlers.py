@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .. import settlement
 from ..amounts import fmt_hours
+from ..config import ChargeConfig
 from ..errors import (
     ConfigError,
     IdempotencyConflict,
@@ -27,6 +28,7 @@ from ..errors import (
     StorageError,
 )
 from ..names import is_account_name, is_identifier, is_user_name
+from ..nodecharge import NodeCharge
 from ..queries import account_views, user_tokens
 from ..slurmsyntax import sluid
 from ..views import HoldRequest
@@ -119,8 +121,9 @@ class Handlers:
 
     def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None,
                  on_fault: Callable[[Peer, dict[str, str], BaseException], None] | None = None,
-                 fast=None):
+                 fast=None, charge: ChargeConfig | None = None):
         self.ledger = ledger
+        self.charge_config = charge or ChargeConfig()  # the site's policy, for node records
         # reserves answered from memory and written in batches (ledger.daemon.fastpath);
         # every other operation waits for them to be written first
         self.fast = fast
@@ -137,7 +140,7 @@ class Handlers:
             "hello": self.hello, "ping": self.ping, "reserve": self.reserve,
             "resize": self.resize, "void": self.void, "quote": self.quote,
             "balance": self.balance, "jobs": self.jobs, "bind": self.bind,
-            "finish": self.finish,
+            "finish": self.finish, "charge": self.charge,
         }
 
     def handle(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
@@ -369,3 +372,20 @@ class Handlers:
         if view is not None:
             out.update(hold=view.id, charged=view.charged, returned=view.returned)
         return out
+
+    # -- the nodes' epilogs (slurm_plugin.epilog, slurm_plugin.chargespool) ---------------
+
+    def charge(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """One node's record of one run (``record``: ``ledger.nodecharge`` JSON), priced and
+        posted by the ledger (``settlement.charge_node``), at most once per job, run and node.
+        ``ok=1`` whether this call charged or the run was charged before (``charged=0``): the
+        node may forget the record. Bad records are ``bad_request``: retrying cannot help."""
+        self.policy.require_privileged(peer, "charge")
+        raw = fields.get("record")
+        if not raw:
+            raise BadRequest("charge needs record")
+        rec = NodeCharge.from_json(raw)
+        c = self.charge_config
+        result = settlement.charge_node(self.ledger, rec, c.policy, c.floor)
+        return {"ok": 1, "charged": int(result.charged), "amount": result.amount,
+                "hold": result.hold_id, "note": result.note or None}

@@ -287,6 +287,30 @@ class Settle:
         self.jobs.clear()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_conf(cfg: Path, door: str, spool: Path) -> str:
+    """A compute node's gpuledger.toml made from the controller's: its cluster, daemon
+    sockets and hooks, where the daemon's node listener is and the spool; no [database],
+    [keys], [smtp] or [reports] (what the gpuledger_node role renders)."""
+    import tomllib
+
+    from ledger.schema import toml_value
+
+    data = tomllib.loads(cfg.read_text())
+    hooks = {**data.get("hooks", {}), "daemon": door, "spool_dir": str(spool)}
+    out = [f"cluster = {toml_value(data.get('cluster', ''))}"]
+    for section, keys in (("daemon", data.get("daemon", {})), ("hooks", hooks)):
+        out += ["", f"[{section}]"] + [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+    return "\n".join(out) + "\n"
+
+
 @contextmanager
 def settle_session(prefix: str = "gl-settle-") -> Iterator[Settle]:
     """A throwaway ledger and its daemon, with job_submit.lua and the hooks pointed at it;
@@ -299,7 +323,11 @@ def settle_session(prefix: str = "gl-settle-") -> Iterator[Settle]:
     try:
         ensure_hooks()
         s.setup()
-        NODE_CONF.write_text(set_keys(s.cfg.read_text(), {"keys": {"dir": str(root / "keys")}}))
+        # the nodes' door, as on a cluster of many hosts: the hooks' file has no database;
+        # the epilog sends its record to the daemon over TCP with a MUNGE credential
+        door = f"127.0.0.1:{free_port()}"
+        s.cfg.write_text(set_keys(s.cfg.read_text(), {"daemon": {"node_listen": door}}))
+        NODE_CONF.write_text(node_conf(s.cfg, door, root / "spool"))
         s.start_daemon()
         s.submit_conf()
         yield s

@@ -21,10 +21,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from settlekit import NODE_CONF, REPO, s, sh, st  # noqa: F401 - st and s are fixtures
 
 from ledger import config as config_mod
 from ledger.schema import set_keys
-from settlekit import NODE_CONF, REPO, s, sh, st  # noqa: F401 - st and s are fixtures
 
 sys.path.insert(0, str(REPO / "tests"))
 from fakenvml.live import read_phases
@@ -87,15 +87,21 @@ def agent(st):
         f.unlink()
     a = FakeAgent(st.root)
     a.start()
-    good = NODE_CONF.read_text()
+    good, daemon_good = NODE_CONF.read_text(), st.cfg.read_text()
     NODE_CONF.write_text(set_keys(good, {
-        "charge": {"policy": "measured"},
         "hooks": {"agent_socket": str(AGENT_SOCKET), "agent_spool": str(a.spool)}}))
-    assert config_mod.load(NODE_CONF).charge.policy == "measured"
+    # the charge policy is the ledger's (the daemon prices what the nodes measured)
+    st.cfg.write_text(set_keys(daemon_good, {"charge": {"policy": "measured"}}))
+    assert config_mod.load(st.cfg).charge.policy == "measured"
+    st.stop_daemon()
+    st.start_daemon()
     try:
         yield a
     finally:
         NODE_CONF.write_text(good)
+        st.cfg.write_text(daemon_good)
+        st.stop_daemon()
+        st.start_daemon()
         a.kill()
 
 

@@ -19,11 +19,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from settlekit import (  # noqa: F401 - st and s are fixtures
+    GL,
+    LUA,
+    NODE_CONF,
+    cluster_up,
+    field,
+    node_name,
+    s,
+    sh,
+    st,
+)
 
 from ledger.schema import set_keys
-from settlekit import (  # noqa: F401 - st and s are fixtures
-    LUA, NODE_CONF, cluster_up, field, node_name, s, sh, st,
-)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
@@ -233,24 +241,63 @@ def test_array_charges_every_task_and_returns_the_rest_after_the_last(s):
 
 
 def test_epilog_failure_is_settled_by_reconcile_from_sacct(s):
+    """The node cannot reach the daemon: its record waits in the spool, the reconciler
+    charges the run from sacct, and the record delivered afterwards charges nothing more."""
     token, _ = s.mint()
     job = s.sbatch(token, "--gres=gpu:h100:2", "-t", "10", wrap="sleep 3")
     hold = s.hold_of(job)
     s.wait(job, ("RUNNING",))
     good = NODE_CONF.read_text()
-    NODE_CONF.write_text(good.replace("sqlite:///", "sqlite:////nonexistent/"))
+    NODE_CONF.write_text(set_keys(good, {"hooks": {"daemon": "127.0.0.1:9"}}))  # nobody there
     try:
         s.wait(job)
+        time.sleep(1)
     finally:
         NODE_CONF.write_text(good)
     assert s.ledger.hold(hold.id).state == "pending"
-    assert "left for the reconciler" in s.log()
+    assert "kept in the spool for later" in s.log()
     out = s.reconcile()
     assert hold.id in out["settled"] and out["charged_runs"] >= 1, out
     h = s.ledger.hold(hold.id)
     assert h.charged == 2 * s.elapsed(job) and h.state == "posted"
+    flushed = json.loads(sh([str(GL), "--config", str(NODE_CONF), "spool", "flush",
+                             "--json"]).stdout)
+    assert flushed == {"delivered": 0, "already": 1, "rejected": 0, "left": 0, "why": ""}
+    assert s.ledger.hold(hold.id).charged == h.charged and len(s.ledger.charges(hold.id)) == 1
     s.epilog_by_hand(job, "0,1", token)  # a late epilog charges nothing more
     assert s.ledger.hold(hold.id).charged == h.charged and len(s.ledger.charges(hold.id)) == 1
+    s.verify()
+
+
+def test_a_charge_waits_in_the_node_spool_while_the_daemon_is_down(s):
+    """The daemon dies mid-job: the epilog keeps its record (fsynced, 0600 root) and, once
+    the daemon is back, `gpuledger spool flush` delivers it — charged once, at the node's
+    own figures — and the reconciler closes the hold."""
+    token, _ = s.mint()
+    job = s.sbatch(token, "--gres=gpu:h100:1", "-t", "10", wrap="sleep 4")
+    hold = s.hold_of(job)
+    s.wait(job, ("RUNNING",))
+    s.stop_daemon()
+    try:
+        s.wait(job)
+        time.sleep(1)
+        spool = s.root / "spool"
+        waiting = [p for p in spool.iterdir() if p.name.endswith(".charge.json")]
+        assert len(waiting) == 1 and (waiting[0].stat().st_mode & 0o777) == 0o600, waiting
+        assert f".{job}.0." in waiting[0].name
+        assert s.ledger.charges(hold.id) == []
+    finally:
+        s.start_daemon()
+    flushed = json.loads(sh([str(GL), "--config", str(NODE_CONF), "spool", "flush",
+                             "--json"]).stdout)
+    assert (flushed["delivered"], flushed["left"]) == (1, 0), flushed
+    charges = s.ledger.charges(hold.id)
+    assert len(charges) == 1 and abs(charges[0]["amount"] - s.elapsed(job)) <= 2, charges
+    assert not [p for p in (s.root / "spool").iterdir() if p.name.endswith(".charge.json")]
+    out = s.reconcile()
+    h = s.ledger.hold(hold.id)
+    assert h.state == "posted" and out["charged_runs"] == 0, out
+    assert h.charged == charges[0]["amount"]
     s.verify()
 
 
