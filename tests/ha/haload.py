@@ -3,13 +3,16 @@ each answer recorded with its time.
 
 Per cluster (one ``gpuledger serve`` each, standing in for its slurmctld host):
 
-* client threads speak the daemon's protocol as job_submit.lua and the controller hooks
-  do: ``reserve`` (with a key, as the Lua sends one), then the job's settlement — a third
-  of the jobs are cancelled (``void``), the others run: ``bind`` (PrologSlurmctld), a
-  charge of their node posted straight to the ledger as the node's epilog does (``post``
-  under the node's charge key), and ``finish`` (EpilogSlurmctld closes the hold).
-  Settlement steps are repeated until they are answered OK, as the hooks and the
-  reconciler repeat them; submits are not (a refused job is refused).
+* submitter and settler threads speak the daemon's protocol as job_submit.lua and the controller hooks
+  do: ``reserve`` (with a key, as the Lua sends one), then, in a settler, the job's
+  settlement — a third
+  of the jobs are cancelled (``void``), the others run: ``bind`` (PrologSlurmctld), the
+  node's record of the run handed to the daemon through the node's durable spool as the
+  epilog does (``charge``: ``slurm_plugin.chargespool.submit``; a record the daemon cannot
+  take waits in the spool, and a flusher thread — the ``gpuledger spool flush`` timer —
+  delivers it later), and ``finish`` (EpilogSlurmctld closes the hold once the node has
+  charged). Controller steps are repeated until they are answered OK, as the hooks and
+  the reconciler repeat them; submits are not (a refused job is refused).
 * one job_submit.lua process (the real script under lua5.1, as slurmctld runs it) submits
   GPU jobs through the same daemon: its answers show what a user sees during the gap.
 
@@ -19,18 +22,24 @@ the answers that said OK.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.daemon.client import Client, DaemonUnavailable
-from ledger.errors import LedgerError
-from ledger.settlement import charge_key
+from ledger.nodecharge import GpuUse, NodeCharge
+from slurm_plugin import chargespool
 
 SETTLE_PAUSE_S = 0.2
+FLUSH_EVERY_S = 0.5
 JOB_SECONDS = 600
-CHARGE = 300  # GPU-s each run charges for its one node
+RAN_S = 300  # each run held its one GPU this long: the node charges 300 GPU-s at rate 1
+RUNNING_S = 1.0  # between bind and epilog: jobs are running when the primary dies
+SUBMIT_PAUSE_S = 0.05
+BACKLOG = 12  # reserved jobs waiting to be settled beyond this are cancelled
 
 
 @dataclass
@@ -68,37 +77,50 @@ class Record:
 
 
 class Cluster:
-    """One cluster's controller side: its daemon socket and its load."""
+    """One cluster's controller side: its daemon socket and its load. Submitters and the
+    jobs' settlement run in threads of their own, so that submits go on while settlements
+    wait for the database (slurmctld keeps taking jobs while others end)."""
 
-    def __init__(self, name: str, socket: Path, job_base: int, record: Record,
-                 epilog_ledger, tokens: list[str], stop: threading.Event,
-                 drain: threading.Event):
+    def __init__(self, name: str, socket: Path, job_base: int, record: Record, spool: Path,
+                 tokens: list[str], stop: threading.Event, drain: threading.Event):
         self.name, self.socket, self.job_base = name, socket, job_base
-        self.record, self.epilog = record, epilog_ledger
+        self.record, self.spool = record, spool
         self.tokens, self.stop, self.drain = tokens, stop, drain
-        self.threads: list[threading.Thread] = []
+        self.jobs: queue.Queue = queue.Queue()  # (hold, job, n) reserved, to settle
+        self.submitters: list[threading.Thread] = []
+        self.settlers: list[threading.Thread] = []
+        self.flushed = Counter()  # what the flusher's deliveries found: charged | already
 
-    def start(self, clients: int, lua=None, lua_token: str | None = None) -> None:
-        for i in range(clients):
-            t = threading.Thread(target=self._client, args=(i, self.tokens[i % len(self.tokens)]),
-                                 name=f"{self.name}-{i}", daemon=True)
+    def start(self, submitters: int, settlers: int, lua=None, lua_token: str | None = None
+              ) -> None:
+        def spawn(into, target, name, *args):
+            t = threading.Thread(target=target, args=args, name=f"{self.name}-{name}",
+                                 daemon=True)
             t.start()
-            self.threads.append(t)
+            into.append(t)
+
+        for i in range(submitters):
+            spawn(self.submitters, self._submitter, f"submit{i}", i,
+                  self.tokens[i % len(self.tokens)])
         if lua is not None:
-            t = threading.Thread(target=self._lua, args=(lua, lua_token),
-                                 name=f"{self.name}-lua", daemon=True)
-            t.start()
-            self.threads.append(t)
+            spawn(self.submitters, self._lua, "lua", lua, lua_token)
+        for i in range(settlers):
+            spawn(self.settlers, self._settler, f"settle{i}", i)
+        self.flusher = threading.Thread(target=self._flusher, name=f"{self.name}-flush",
+                                        daemon=True)
+        self.flusher.start()
 
     def join(self, timeout: float) -> bool:
+        """Wait for the submitters (they stop with ``stop``), then for every reserved job to
+        be settled (the flusher ends with the drain); False when that took longer."""
         end = time.monotonic() + timeout
-        for t in self.threads:
+        for t in self.submitters + self.settlers:
             t.join(max(0.0, end - time.monotonic()))
-        return not any(t.is_alive() for t in self.threads)
+        return not any(t.is_alive() for t in self.submitters + self.settlers)
 
-    # -- one client thread -------------------------------------------------------------
+    # -- submitters and settlers --------------------------------------------------------
 
-    def _client(self, i: int, token: str) -> None:
+    def _submitter(self, i: int, token: str) -> None:
         src = f"{self.name}/{i}"
         client = Client(self.socket, timeout=2.0)
         n = 0
@@ -109,10 +131,25 @@ class Cluster:
             a = self._call(client, src, "reserve", key=key, job=job, token=token, gpus=1,
                            seconds=JOB_SECONDS, type="h100", user="alice", account="physics",
                            partition="gpu", cluster=self.name)
-            if not a.ok:
-                time.sleep(0.05)
+            if a.ok:
+                self.jobs.put((a.hold, job, n))
+            time.sleep(SUBMIT_PAUSE_S)
+        client.close()
+
+    def _settler(self, i: int) -> None:
+        src = f"{self.name}/settle{i}"
+        client = Client(self.socket, timeout=2.0)
+        while not self.drain.is_set():
+            try:
+                hold, job, n = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop.is_set() and all(not t.is_alive() for t in self.submitters):
+                    break
                 continue
-            self._settle(client, src, a.hold, job, cancelled=n % 3 == 0)
+            # a third of the jobs are cancelled; so is any beyond what the settlers can
+            # run (a queue that only grows would never drain)
+            cancelled = n % 3 == 0 or self.jobs.qsize() > BACKLOG
+            self._settle(client, src, hold, job, cancelled)
         client.close()
 
     def _settle(self, client: Client, src: str, hold: str, job: str, cancelled: bool) -> None:
@@ -122,7 +159,8 @@ class Cluster:
             return
         self._until_ok(lambda: self._call(client, src, "bind", hold=hold, job=job,
                                           user="alice", account="physics"))
-        self._until_ok(lambda: self._post(src, hold, job))
+        time.sleep(RUNNING_S)
+        self._epilog(src, job)  # charged now, or spooled and flushed later
         self._until_ok(lambda: self._call(client, src, "finish", hold=hold, job=job,
                                           nodes="n1"),
                        done=lambda a: a.ok and a.state in ("closed", "none"))
@@ -155,18 +193,34 @@ class Cluster:
             src, op, t0, time.time(), ok, "" if ok else resp.get("reason", "?"),
             resp.get("message", ""), resp.get("hold") or hold, key, job, resp.get("state")))
 
-    def _post(self, src: str, hold: str, job: str) -> Answer:
-        """The node's epilog: one charge under the node's key, straight to the ledger."""
-        key = charge_key(hold, job, 0, "n1")
-        t0 = time.time()
-        try:
-            self.epilog.post(hold, CHARGE, key=key, final=False, cap=True, job_id=job,
-                             node="n1", restart=0)
-        except LedgerError as exc:
-            return self.record.add(Answer(src, "post", t0, time.time(), False,
-                                          type(exc).__name__, str(exc), hold, key, job))
-        return self.record.add(Answer(src, "post", t0, time.time(), True, hold=hold, key=key,
-                                      job=job))
+    # -- the node: its epilog and its spool ----------------------------------------------
+
+    def _deliver(self, client: Client):
+        return lambda rec: client.request("charge", record=rec.to_json())
+
+    def _epilog(self, src: str, job: str) -> Answer:
+        """The node's epilog: its record of the run into the spool, then to the daemon."""
+        end = time.time()
+        rec = NodeCharge(job_id=job, restart=0, node="n1", start=end - RAN_S, end=end,
+                         user="alice", partition="gpu", owners=(job,), gpus=(0,),
+                         gpu_types={0: "h100"}, usage=(GpuUse(index=0, held_ms=RAN_S * 1000),),
+                         source="held", cluster=self.name)
+        with Client(self.socket, timeout=2.0) as node:
+            out = chargespool.submit(self.spool, rec, self._deliver(node))
+        ok = out.state in ("charged", "already")
+        return self.record.add(Answer(src, "charge", end, time.time(), ok,
+                                      "" if ok else out.state, out.why, key=rec.key, job=job,
+                                      state=out.state))
+
+    def _flusher(self) -> None:
+        """``gpuledger spool flush`` on a timer: spooled records, oldest first."""
+        with Client(self.socket, timeout=2.0) as node:
+            while not self.drain.is_set():
+                report = chargespool.flush(self.spool, self._deliver(node))
+                # "already": the epilog's own delivery got there first (a record is in the
+                # spool from before it is sent), or the flusher's earlier answer was lost
+                self.flushed.update(charged=report.delivered, already=report.already)
+                time.sleep(FLUSH_EVERY_S)
 
     # -- job_submit.lua ------------------------------------------------------------------
 

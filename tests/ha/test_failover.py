@@ -5,7 +5,9 @@ killed (``kill -9`` of its PostgreSQL and its Patroni at once), then the etcd le
 
 Asserted: every operation answered OK — reserve (the daemon's and job_submit.lua's),
 void, bind, the node's charge, the close — is in the ledger exactly once afterwards (lost
-and doubled both 0); no wallet below zero; ``gpuledger verify`` passes; submits during the
+and doubled both 0); every node charge the daemon could not take waited in the node's
+spool and landed afterwards, once, and no spool is left with a record; no wallet below
+zero; ``gpuledger verify`` passes; submits during the
 gap fail closed with the ledger's reason (the daemon: ``unavailable``, "the ledger database
 is unavailable …"; job_submit.lua: "the GPU ledger is unavailable (…); job refused"); no
 answer was an internal error. Reported (``GPULEDGER_HA_REPORT``, default
@@ -45,6 +47,7 @@ from ledger.daemon.client import Client, DaemonUnavailable
 from ledger.schema import set_keys
 from ledger.service import Ledger
 from ledger.views import HoldRequest
+from slurm_plugin import chargespool
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -53,7 +56,7 @@ AFTER_RECOVERY_S = 8  # load after writes are back, before the etcd leader is ki
 AFTER_ETCD_S = 12  # load after the etcd leader is killed
 RECOVERY_LIMIT_S = 150  # writes must be back within this after the kill
 DRAIN_S = 90  # settlements of jobs started before the stop finish within this
-CLIENTS = 3  # client threads per cluster (each also settles its jobs)
+SUBMITTERS, SETTLERS = 2, 3  # threads per cluster (besides job_submit.lua and the flusher)
 LATENCY_BLOCKS, LATENCY_PER_BLOCK = 8, 25
 GL = str(Path(sys.executable).with_name("gpuledger"))
 CLEAR_DAEMON = re.compile(r"^the ledger database (is unavailable|is read-only|may or may not)")
@@ -213,16 +216,18 @@ def test_failover_loses_and_doubles_nothing(lab, tmp_path):
         clusters = []
         for i, name in enumerate(("alpha", "beta")):
             procs.append(daemon(ha, name, logs))
-            ample = [lg.mint("physics", 10_000 * JOB_SECONDS) for _ in range(CLIENTS - 1)]
+            ample = [lg.mint("physics", 10_000 * JOB_SECONDS) for _ in range(SUBMITTERS - 1)]
             lua_token, lua_view = lg.mint("physics", 10_000 * JOB_SECONDS)
             minted.update({v.id: 10_000 * JOB_SECONDS for _, v in ample + [(0, lua_view)]})
             (tmp_path / name).mkdir()
             lua = Lua(tmp_path / name, socket=ha.root / f"{name}.sock", timeout=1.0,
                       cluster=name)
             luas.append(lua)
-            c = Cluster(name, ha.root / f"{name}.sock", (i + 1) * 10_000_000, record,
-                        ha.open(f"{name}-epilog"), [tight] + [t for t, _ in ample], halt, drain)
-            c.start(CLIENTS, lua, lua_token)
+            spool = tmp_path / name / "spool"
+            spool.mkdir(mode=0o700)
+            c = Cluster(name, ha.root / f"{name}.sock", (i + 1) * 10_000_000, record, spool,
+                        [tight] + [t for t, _ in ample], halt, drain)
+            c.start(SUBMITTERS, SETTLERS, lua, lua_token)
             clusters.append(c)
 
         timeline: list[tuple[float, str | None, list[str]]] = []
@@ -276,6 +281,9 @@ def test_failover_loses_and_doubles_nothing(lab, tmp_path):
         report.update(run(lab, ha, answers, timeline, old, t_kill, recovered, etcd, t_etcd,
                           t_stop, minted))
         report["drained"] = drained
+        report["counts"]["flusher_deliveries"] = dict(sum((c.flushed for c in clusters),
+                                                          Counter()))
+        report["counts"]["left_in_spools"] = sum(chargespool.backlog(c.spool) for c in clusters)
         report["counts"]["commits_replayed_after_unknown_outcome"] = sum(
             (logs / f"daemon-{c.name}.log").read_text().count("COMMIT outcome unknown")
             for c in clusters)
@@ -292,6 +300,7 @@ def test_failover_loses_and_doubles_nothing(lab, tmp_path):
         assert counts["lost"] == {}, counts["lost"]
         assert counts["doubled"] == {}, counts["doubled"]
         assert counts["overdrawn_wallets"] == 0
+        assert counts["left_in_spools"] == 0, "node charges never landed"
         assert counts["internal_errors"] == 0, report["unclear_gap_answers"]
         gap = report["gap_submits"]
         assert gap["daemon_refused"] + gap["lua_refused"] > 0, "no submit fell in the gap"
@@ -317,7 +326,8 @@ def run(lab, ha: Site, answers, timeline, old, t_kill, recovered, etcd, t_etcd, 
         holds = {r.id: r for r in rows("SELECT id, state, job_id FROM holds")}
         per_kind = Counter((r.kind, r.hold_id) for r in rows(
             "SELECT kind, hold_id FROM journal WHERE hold_id IS NOT NULL"))
-        charges = Counter(r.key for r in rows('SELECT "key" FROM charges'))
+        charges = Counter((r.job_id, r.restart, r.node) for r in rows(
+            "SELECT job_id, restart, node FROM charges"))
         idem = {r.key: r.result for r in rows(
             "SELECT \"key\", result FROM idempotency WHERE op = 'reserve'")}
         overdrawn = conn.execute(text("SELECT count(*) FROM wallets WHERE balance < 0 "
@@ -342,17 +352,21 @@ def run(lab, ha: Site, answers, timeline, old, t_kill, recovered, etcd, t_etcd, 
             miss("void", a.hold)
         elif a.op == "bind" and (h is None or h.job_id != a.job or per_kind[("bind", a.hold)] != 1):
             miss("bind", a.hold)
-        elif a.op == "post" and charges[a.key] != 1:
-            miss("post", a.key)
+        elif a.op == "charge" and charges[(a.job, 0, "n1")] != 1:
+            miss("charge", a.key)  # charged then, or spooled and flushed later: once
         elif a.op == "finish" and a.state == "closed" and (h is None or h.state != "posted"):
             miss("finish", a.hold)
     for (kind, hold), n in per_kind.items():
         limit = {"reserve": 1, "void": 1, "release": 1, "bind": 1, "link": 1, "charge": 1}
         if n > limit.get(kind, n):
             doubled.setdefault(kind, []).append(hold)
-    for key, n in charges.items():
+    for run_node, n in charges.items():
         if n > 1:
-            doubled.setdefault("charge_key", []).append(key)
+            doubled.setdefault("charge_run_node", []).append(run_node)
+    spooled = [a for a in answers if a.op == "charge" and a.state == "spooled"]
+    for a in spooled:  # each must have landed afterwards, once
+        if charges[(a.job, 0, "n1")] != 1:
+            miss("spooled_charge", a.key)
 
     answered = {a.hold for a in ok if a.op == "reserve"} | {
         _result(r).get("id") for k, r in idem.items() if k.startswith("lat-")}
@@ -394,6 +408,7 @@ def run(lab, ha: Site, answers, timeline, old, t_kill, recovered, etcd, t_etcd, 
             "answers": dict(Counter(f"{a.op}:{'ok' if a.ok else a.reason}" for a in answers)),
             "lost": lost, "doubled": doubled,
             "present_never_answered_ok": len(unanswered),
+            "charges_spooled_by_the_epilog": len(spooled),
             "overdrawn_wallets": overdrawn,
             "internal_errors": sum(1 for a in answers if a.reason == "internal"),
             "tokens_below_zero": sum(1 for t in minted if token_balances.get(t, 0) < 0),
