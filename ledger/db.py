@@ -265,6 +265,7 @@ def run_write(engine: Engine, fn, *, attempts: int = 8, replay_safe: bool = Fals
     pause = 0.02
     while True:
         at_commit = False
+        judged: Verdict | None = None  # the verdict on this run's error, once
         try:
             with engine.connect() as conn:
                 try:
@@ -277,8 +278,9 @@ def run_write(engine: Engine, fn, *, attempts: int = 8, replay_safe: bool = Fals
                             notices.clear()
                         at_commit = True
                 except DBAPIError as exc:
-                    if not conn.invalidated and verdict(exc, at_commit=at_commit) in (
-                            Verdict.UNAVAILABLE, Verdict.UNKNOWN):
+                    judged = verdict(exc, at_commit=at_commit)
+                    if not conn.invalidated and judged in (Verdict.UNAVAILABLE,
+                                                           Verdict.UNKNOWN):
                         conn.invalidate()  # a replica, a demoted primary: connect afresh
                     raise
                 warning = commit_warning(notices) if notices else None
@@ -287,7 +289,7 @@ def run_write(engine: Engine, fn, *, attempts: int = 8, replay_safe: bool = Fals
                     raise _Unknown(f"COMMIT returned with a warning: {warning}")
             return result
         except DBAPIError as exc:
-            kind = verdict(exc, at_commit=at_commit)
+            kind = judged if judged is not None else verdict(exc, at_commit=at_commit)
             if kind is Verdict.CONFLICT:
                 conflicts += 1
                 if conflicts < attempts:
