@@ -311,6 +311,47 @@ class ReportsSection:
             "wait for the next run after it (0: one each run)")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) → (host, port); ValueError saying why not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError("must name the address to listen on (127.0.0.1:PORT, [::1]:PORT, "
+                         "0.0.0.0:PORT)")
+    return host, int(port)
+
+
+def _listen(v: str) -> str | None:
+    if v == "":
+        return None
+    try:
+        parse_listen(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """The daemon's HTTP endpoint: Prometheus metrics at /metrics, /livez and /readyz
+    (docs/operations.md). Aggregate figures only, unless per_account says otherwise."""
+
+    listen: str = setting(
+        "127.0.0.1:9847", kind=schema.STRING, check=_listen,
+        doc='address:port of the endpoint ("": off); loopback by default: set an address '
+            "Prometheus reaches (and firewall it) to scrape from another host")
+    per_account: bool = setting(
+        False, kind=schema.BOOLEAN,
+        doc="also expose per-account figures (escrow, token balances, charges by account "
+            "name); never per user")
+    cache_s: float = setting(
+        10.0, kind=schema.NUMBER, check=_between(0, 3600, unit=" seconds"),
+        doc="seconds a scrape's database figures are reused (scrapes in between read nothing)")
+
+
 @dataclass(frozen=True)
 class Section:
     name: str  # "" for the top level
@@ -328,6 +369,7 @@ SECTIONS = (
     Section("idle", IdlePolicy),
     Section("hooks", HooksSection),
     Section("agent", AgentSection),
+    Section("metrics", MetricsSection),
     Section("smtp", SmtpSection, optional=True),
     Section("reports", ReportsSection),
 )
@@ -347,6 +389,7 @@ class Config:
     idle: IdlePolicy = field(default_factory=IdlePolicy)
     hooks: HooksSection = field(default_factory=HooksSection)
     agent: AgentSection = field(default_factory=AgentSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     smtp: SmtpSection | None = None  # None: no [smtp] table (dry runs only)
     reports: ReportsSection = field(default_factory=ReportsSection)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from . import attest, audit, db, keys
+from . import attest, audit, db, keys, verifyrecord
 from .audit import ATTEST_KEY_KIND, ATTEST_RETIRE_KIND, HEAD_EXPORT_KIND, VerifyResult
 from .chargereads import ChargeReadOps
 from .config import Config
@@ -403,6 +403,8 @@ class AdminOps(LedgerBase):
             for label, head in heads + ([last] if last else []):
                 attest.check_head(result, head, label, local)
             attest.check_replay(result, heads, last)
+        verifyrecord.record(self.keys_dir, result.ok, result.rows, result.head_seq,
+                            result.problem)  # for the metrics and `gpuledger status`
         return result
 
     def export_head(self, against: Sequence[tuple[str, dict]] = ()

@@ -16,9 +16,13 @@ from .reader import CommandReader
 @click.command("reconcile")
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also a line for each hold left alone (still running, or within the grace "
+                   "period).")
 @pass_app
-def reconcile(app, dry_run, as_json):
-    """Settle or release holds whose jobs are over; expire tokens."""
+def reconcile(app, dry_run, as_json, verbose):
+    """Settle or release holds whose jobs are over; expire tokens. One line per hold it
+    settles or voids (and, with --verbose, per hold it leaves), saying why."""
     from .reconcile import Reconciler
 
     hooks = hook_config(app.config)
@@ -51,6 +55,15 @@ def reconcile(app, dry_run, as_json):
                    f"{prefix}charge {summary.charged_runs} node run(s), "
                    f"{fmt_hours(summary.charged)} GPU-h; expired {summary.expired_tokens} "
                    f"token(s)")
+        for d in summary.decisions:
+            if d.action in ("wait", "running") and not verbose:
+                continue
+            verb = {"void": "void", "settle": "settle", "wait": "leave", "running": "leave",
+                    "error": "error"}[d.action]
+            if dry_run and d.action in ("void", "settle"):
+                verb = f"would {verb}"
+            amount = f", {fmt_hours(d.charged)} GPU-h charged" if d.action == "settle" else ""
+            click.echo(f"{d.hold} (job {d.job or '-'}): {verb}{amount}: {d.why}")
         for e in summary.errors:
             click.echo(f"error: {e}", err=True)
     if summary.errors:
@@ -173,4 +186,10 @@ def _agent():
     return agent
 
 
-COMMANDS = [reconcile, job_group, spool_group, _agent()]
+def _status():
+    from .status import status
+
+    return status
+
+
+COMMANDS = [reconcile, job_group, spool_group, _agent(), _status()]

@@ -49,6 +49,23 @@ from .usage import held_only
 
 
 @dataclass
+class Decision:
+    """What the reconciler did with one pending hold: ``void`` (released whole), ``settle``
+    (charged what ran, then closed), ``wait`` (no job yet, within the grace period),
+    ``running`` (its job is not over) or ``error`` (nothing changed; see ``why``)."""
+
+    hold: str
+    job: str | None
+    action: str
+    why: str
+    charged: int = 0  # GPU-seconds this pass charged it (or would, in a dry run)
+
+    def to_dict(self) -> dict:
+        return {"hold": self.hold, "job": self.job, "action": self.action, "why": self.why,
+                "charged": self.charged}
+
+
+@dataclass
 class Summary:
     examined: int = 0
     voided: list[str] = field(default_factory=list)
@@ -61,13 +78,21 @@ class Summary:
     debts: list[dict] = field(default_factory=list)  # deferred runs that had no hold
     errors: list[str] = field(default_factory=list)
     dry_run: bool = False
+    # per pending hold: what this pass did with it (Decision.action) and why
+    decisions: list[Decision] = field(default_factory=list)
+
+    def decide(self, hold: HoldView, action: str, why: str, charged: int = 0,
+               job: str | None = None) -> None:
+        """``job``: the Slurm job found for the hold, where the hold names none yet."""
+        self.decisions.append(Decision(hold.id, hold.job_id or job, action, why, charged))
 
     def to_dict(self) -> dict:
         return {"examined": self.examined, "voided": self.voided, "settled": self.settled,
                 "charged_runs": self.charged_runs, "charged": self.charged,
                 "skipped_active": self.skipped_active, "waiting": self.waiting,
                 "expired_tokens": self.expired_tokens, "debts": self.debts,
-                "errors": self.errors, "dry_run": self.dry_run}
+                "errors": self.errors, "dry_run": self.dry_run,
+                "holds": [d.to_dict() for d in self.decisions]}
 
 
 def index_by_hold(records: Iterable[JobRecord]) -> dict[str, list[JobRecord]]:
@@ -181,27 +206,35 @@ class Reconciler:
                           by_hold_acct.get(hold.id, []) + _for_job(by_job_acct, hold))
             except LedgerError as exc:
                 s.errors.append(f"{hold.id}: {exc}")
+                s.decide(hold, "error", str(exc))
         return s
 
     def _one(self, hold: HoldView, now: datetime, rates: dict[str, int], s: Summary,
              dry_run: bool, live: list[JobRecord], acct: list[JobRecord]) -> None:
         live, acct = _unique(live), _unique(acct)
         if not live and not acct:
+            age = int((now - hold.created).total_seconds())
             if now - hold.created < self.grace:
                 s.waiting += 1
+                s.decide(hold, "wait", f"no Slurm job yet; held {age} s, within the "
+                                       f"{int(self.grace.total_seconds())} s grace period")
                 return
             s.voided.append(hold.id)
             if not dry_run:
                 settlement.close(self.ledger, hold.id, "no Slurm job: cancelled while pending or "
                              "refused after submission")
+            s.decide(hold, "void", f"no Slurm job in the live table or in accounting after "
+                                   f"{age} s: cancelled while pending, or refused after "
+                                   f"submission")
             return
-        if any(r.active for r in live):
+        active = [r for r in merge_runs(live, acct) if r.active] or [r for r in live if r.active]
+        if active:
             s.skipped_active += 1
+            s.decide(hold, "running", f"job {active[0].job_id} is {active[0].state}: its "
+                                      f"epilogs settle it", job=active[0].job_id)
             return
         runs = merge_runs(live, acct)
-        if any(r.active for r in runs):
-            s.skipped_active += 1
-            return
+        before = s.charged
         charged = settlement.charged_runs(self.ledger, hold.id)
         for run in runs:
             if not run.ran or (run.end is not None and run.end < hold.created
@@ -220,10 +253,20 @@ class Reconciler:
                 s.charged += result.amount
                 if result.note.startswith("UNCOLLECTED"):
                     s.errors.append(f"{hold.id}: {key}: {result.note}")
-        (s.settled if hold.charged or any(r.ran for r in runs) else s.voided).append(hold.id)
+        ran = hold.charged or any(r.ran for r in runs)
+        (s.settled if ran else s.voided).append(hold.id)
         if not dry_run:
             settlement.close(self.ledger, hold.id,
                              "settled by the reconciler from Slurm accounting")
+        states = ", ".join(sorted({f"{r.job_id} {r.state}" for r in runs}))
+        job = runs[0].job_id if runs else None
+        if ran:
+            s.decide(hold, "settle", f"job over ({states}); charged the runs no epilog "
+                                     f"charged, from Slurm accounting, and returned the rest",
+                     s.charged - before, job=job)
+        else:
+            s.decide(hold, "void", f"job over without running ({states}); released whole",
+                     job=job)
 
 
     def _deferred(self, live: list[JobRecord], acct: list[JobRecord], s: Summary,

@@ -21,7 +21,8 @@ from ledger.daemon.server import RequestLog, Server
 class LiveDaemon:
     """A :class:`Server` on a socket in a world-traversable directory, in a thread."""
 
-    def __init__(self, ledger, *, accounts=None, max_line: int = 16384, limits=None):
+    def __init__(self, ledger, *, accounts=None, max_line: int = 16384, limits=None,
+                 fast=None):
         self.dir = Path(tempfile.mkdtemp(prefix="gl-daemon-"))
         os.chmod(self.dir, 0o755)
         self.path = self.dir / "gpuledger.sock"
@@ -29,14 +30,16 @@ class LiveDaemon:
         self.accounts = accounts or (lambda user: frozenset())
         self.max_line = max_line
         self.limits = limits
+        self.fast = fast  # a FastReserve (ledger.daemon.fastpath), started by the caller
         self.log = StringIO()
         self.server: Server | None = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> LiveDaemon:
-        handlers = Handlers(self.ledger, Policy("slurm"), accounts=self.accounts)
+        handlers = Handlers(self.ledger, Policy("slurm"), accounts=self.accounts, fast=self.fast)
         self.server = Server(handlers, self.path, max_line=self.max_line,
                              log=RequestLog(self.log), limits=self.limits)
+        self.server.instruments.fast = self.fast
         self.server.bind()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

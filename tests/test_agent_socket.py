@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -215,6 +216,9 @@ def test_cli_agent_process_end_to_end(short_dir):
     assert not b[0].measured and b[0].uuid is None
     assert u.source == "agent" and u.gpus[0].held_ms >= 300 and not u.gpus[0].measured
     assert "gpuledger-agent: listening on" in err and not sock.exists()
+    lines = err.splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", ln) for ln in lines), err
+    assert "gpuledger-agent: stopped after" in lines[-1]
     assert json.loads((spool / "job-77.0.json").read_text())["finished"] is True
 
 

@@ -260,7 +260,7 @@ def test_refusals_reach_the_user_with_numbers(lua, token):
     r = lua.submit(token=token, tres_per_node="gres:gpu:h100:2", time_limit=8 * 60)
     assert r["rc"] == CODES["policy"]
     assert r["user"].startswith("gpu-token: needs 16.000 GPU-h (2 x h100 x 8:00:00), token tok_")
-    assert r["user"].endswith(" has 10.000 GPU-h left")
+    assert r["user"].endswith(" has 10.000 GPU-h left: 6.000 GPU-h short; -t 5:00:00 would fit")
     r = lua.submit(token=token, tres_per_node="gres:gpu:1", time_limit=5, account="chemistry")
     assert r["rc"] == CODES["account"] and "belongs to account physics, not chemistry" in r["user"]
     r = lua.submit(token="garbage", tres_per_node="gres:gpu:1", time_limit=5)

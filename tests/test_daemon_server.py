@@ -126,9 +126,10 @@ def test_overlong_line_is_refused_and_closed(sqlite_ledger):
     try:
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(d.path))
-        s.sendall(b"op=ping x=" + b"a" * 5000)
+        s.sendall(b"op=ping x=" + b"a" * 5000)  # root: up to 64 KiB (a node's charge record)
+        s.sendall(b"a" * 70_000)
         data = s.recv(4096)
-        assert decode(data)["reason"] == "too_long"
+        assert decode(data)["reason"] == "too_long" and "65536" in decode(data)["message"]
         assert s.recv(4096) == b""  # closed
         with Client(d.path) as c:
             assert c.call("ping")["ok"] == "1"

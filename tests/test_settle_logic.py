@@ -3,6 +3,7 @@ on the three databases. The controller hooks talk to the daemon's real handlers.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 
@@ -431,6 +432,73 @@ def test_reconciler_voids_settles_skips_and_is_idempotent(world):
     again = Reconciler(ledger, fake, grace_s=600).run()
     assert again.charged == 0 and again.settled == [] and again.voided == []
     assert ledger.verify_journal().ok
+
+
+def test_reconciler_says_per_hold_what_it_did_and_why(world):
+    ledger, clock, _token, _cfg, fake, _ = world
+    orphan = reserve(world)
+    running = reserve(world)
+    fake.live["71"] = rec("71", "RUNNING", running, clock=clock)
+    done = reserve(world, gpus=2)
+    fake.acct.append(rec("72", "COMPLETED", done, gpus={"h100": 2}, elapsed=30, clock=clock))
+    never = reserve(world)
+    fake.acct.append(rec("73", "CANCELLED", never, nodes=(), clock=clock))
+    clock.advance(minutes=20)
+    young = reserve(world)
+    dry = Reconciler(ledger, fake, grace_s=600).run(dry_run=True)
+    s = Reconciler(ledger, fake, grace_s=600).run()
+    for summary in (dry, s):
+        by = {d.hold: d for d in summary.decisions}
+        assert set(by) == {orphan.id, running.id, done.id, never.id, young.id}
+        assert (by[orphan.id].action, by[orphan.id].job) == ("void", None)
+        assert (by[done.id].job, by[running.id].job) == ("72", "71")
+        assert "no Slurm job in the live table or in accounting after 1200 s" in by[orphan.id].why
+        assert by[running.id].action == "running" and "job 71 is RUNNING" in by[running.id].why
+        assert (by[done.id].action, by[done.id].charged) == ("settle", 2 * 30)
+        assert "72 COMPLETED" in by[done.id].why
+        assert by[never.id].action == "void" and "without running (73 CANCELLED)" in \
+            by[never.id].why
+        assert by[young.id].action == "wait" and "within the 600 s grace period" in \
+            by[young.id].why
+    assert s.to_dict()["holds"] == [d.to_dict() for d in s.decisions]
+    assert ledger.hold(done.id).charged == 60 and ledger.hold(never.id).state == "voided"
+
+
+def test_reconcile_prints_a_line_per_hold_it_settles_or_voids(world, monkeypatch):
+    from click.testing import CliRunner
+
+    import slurm_plugin.cli as plugin_cli
+    from ledger.cli.context import App
+
+    ledger, clock, _token, cfg, fake, _ = world
+    orphan = reserve(world)
+    running = reserve(world)
+    fake.live["81"] = rec("81", "RUNNING", running, clock=clock)
+    done = reserve(world)
+    fake.acct.append(rec("82", "COMPLETED", done, elapsed=36, clock=clock))
+    clock.advance(minutes=20)
+    monkeypatch.setattr(plugin_cli, "CommandReader", lambda *a, **kw: fake)
+    app = App(None)
+    app.__dict__.update(config=cfg, ledger=ledger)
+
+    def run(*args):
+        return CliRunner().invoke(plugin_cli.reconcile, list(args), obj=app)
+
+    dry = run("--dry-run")
+    assert dry.exit_code == 0, dry.output
+    lines = dry.output.splitlines()
+    assert lines[0].startswith("3 pending hold(s): would settle 1, would void 1, 1 still running")
+    assert f"{orphan.id} (job -): would void: no Slurm job in the live table" in dry.output
+    assert f"{done.id} (job 82): would settle, 0.010 GPU-h charged: job over (82 COMPLETED)" \
+        in dry.output
+    assert running.id not in dry.output
+    verbose = run("--dry-run", "--verbose")
+    assert f"{running.id} (job 81): leave: job 81 is RUNNING" in verbose.output
+    real = run("--json")
+    holds = {h["hold"]: h for h in json.loads(real.output)["holds"]}
+    assert holds[done.id]["action"] == "settle" and holds[done.id]["charged"] == 36
+    assert holds[orphan.id]["action"] == "void" and holds[running.id]["action"] == "running"
+    assert ledger.hold(done.id).state == "posted" and ledger.hold(orphan.id).state == "voided"
 
 
 def test_reconciler_records_a_deferred_run_that_had_no_hold_as_owed(world):

@@ -23,17 +23,27 @@ socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET
 @click.option("--socket-group", help="Group owning the socket (default: [daemon] socket_group).")
 @click.option("--inherited-fd", type=int, hidden=True,
               help="Internal: serve this already bound socket as the users' process.")
+@click.option("--inherited-metrics-fd", type=int, hidden=True,
+              help="Internal: serve the metrics endpoint on this already bound socket.")
 @pass_app
-def serve(app, socket_path, socket_group, inherited_fd):
+def serve(app, socket_path, socket_group, inherited_fd, inherited_metrics_fd):
     """Run the ledger daemon on its Unix socket (foreground; systemd runs this).
 
     With [daemon] privileged_socket set, this process serves that socket (root and the
-    SlurmUser only) and starts a second, lower-priority process for the main socket."""
+    SlurmUser only) and starts a second, lower-priority process for the main socket; that
+    one also serves the metrics endpoint ([metrics] listen)."""
+    import socket as socket_mod
+
     from .auth import Policy, SlurmAccounts
+    from .endpoint import bind_or_log, start
     from .handlers import Handlers
+    from .instruments import Instruments
     from .processes import TwoProcesses, as_users_process
     from .server import RequestLog, Server, tune_threads
 
+    from .. import logformat
+
+    logformat.setup("ts=%(asctime)s level=%(levelname)s %(message)s")  # the ledger's own log
     cfg = app.config
     ledger = app.ledger
     ledger.reload_keys()  # fail early on an unreachable database
@@ -49,12 +59,17 @@ def serve(app, socket_path, socket_group, inherited_fd):
                            delay_s=cfg.daemon.fast_reserve_batch_ms / 1000,
                            writer=ProcessWriter(app.config_path))
         fast.start()
+    instruments = Instruments()  # this process's counters, shared by its servers
+    instruments.fast = fast
 
     def server(where, **kw) -> Server:
-        return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast, charge=cfg.charge), where,
-                      max_line=cfg.daemon.max_line, log=RequestLog(), **kw)
+        return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast, charge=cfg.charge,
+                               instruments=instruments), where,
+                      max_line=cfg.daemon.max_line, log=RequestLog(), instruments=instruments,
+                      **kw)
 
     public = server(path, group=socket_group or cfg.daemon.socket_group)
+    endpoint = None
     door = None
     if cfg.daemon.node_listen and inherited_fd is None:  # the privileged process serves nodes
         from .nodedoor import NodeDoor
@@ -66,13 +81,22 @@ def serve(app, socket_path, socket_group, inherited_fd):
         as_users_process()
         public.adopt(inherited_fd)
         runner = public
+        if inherited_metrics_fd is not None:
+            endpoint = start(cfg, ledger, instruments, "users", public.log,
+                             socket_mod.socket(fileno=inherited_metrics_fd),
+                             peer_socket=cfg.daemon.privileged_socket)
     elif cfg.daemon.privileged_socket:
         runner = TwoProcesses(server(cfg.daemon.privileged_socket, privileged_only=True),
                               public, app.config_path)
         runner.bind()
+        # bound here, served by the users' process (it outlives a restart of that process)
+        runner.metrics_listener = bind_or_log(cfg, public.log)
     else:
         public.bind()
         runner = public
+        listener = bind_or_log(cfg, public.log)
+        if listener is not None:
+            endpoint = start(cfg, ledger, instruments, "main", public.log, listener)
     if inherited_fd is None:  # the users' process just ends on SIGTERM (from its parent)
         install_signal_handlers(runner, public.log)
     tune_threads()
@@ -84,8 +108,12 @@ def serve(app, socket_path, socket_group, inherited_fd):
         if door is not None:
             door.stop()
         runner.stop()
+        if endpoint is not None:
+            endpoint.stop()
         if fast is not None:
             fast.stop()  # write what was answered before exiting
+        if inherited_fd is None:
+            public.log.event(event="stopped", pid=os.getpid())
 
 
 def install_signal_handlers(runner, log) -> None:

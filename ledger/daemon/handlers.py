@@ -113,7 +113,7 @@ def error_response(exc: BaseException) -> dict[str, object]:
     return {"ok": 0, "reason": "internal", "message": f"internal error ({type(exc).__name__})"}
 
 
-_UNQUEUED = frozenset({"reserve", "ping", "hello"})  # ops that need not wait for the writer
+_UNQUEUED = frozenset({"reserve", "ping", "hello", "metrics"})  # ops that need not wait for the writer
 
 
 class Handlers:
@@ -121,9 +121,11 @@ class Handlers:
 
     def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None,
                  on_fault: Callable[[Peer, dict[str, str], BaseException], None] | None = None,
-                 fast=None, charge: ChargeConfig | None = None):
+                 fast=None, charge: ChargeConfig | None = None, instruments=None):
         self.ledger = ledger
         self.charge_config = charge or ChargeConfig()  # the site's policy, for node records
+        # this process's counters (ledger.daemon.instruments), for op metrics
+        self.instruments = instruments
         # reserves answered from memory and written in batches (ledger.daemon.fastpath);
         # every other operation waits for them to be written first
         self.fast = fast
@@ -140,7 +142,7 @@ class Handlers:
             "hello": self.hello, "ping": self.ping, "reserve": self.reserve,
             "resize": self.resize, "void": self.void, "quote": self.quote,
             "balance": self.balance, "jobs": self.jobs, "bind": self.bind,
-            "finish": self.finish, "charge": self.charge,
+            "finish": self.finish, "charge": self.charge, "metrics": self.metrics,
         }
 
     def handle(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
@@ -200,6 +202,14 @@ class Handlers:
 
     def ping(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         return {"ok": 1}
+
+    def metrics(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
+        """This process's in-memory counters (``Instruments.snapshot``), for the process that
+        serves the metrics endpoint. Root and the Slurm user only."""
+        self.policy.require_privileged(peer, "metrics")
+        if self.instruments is None:
+            raise BadRequest("this daemon process keeps no metrics")
+        return with_json(self.instruments.snapshot())
 
     def reserve(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         """Hold a job's maximum cost: ``token gpus seconds [type tasks user account …] key``."""

@@ -40,6 +40,14 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _op(line: bytes) -> str:
+    """The op a request line names, for the metrics (``other`` when there is none)."""
+    for part in line.split(b" "):
+        if part.startswith(b"op="):
+            return part[3:].decode("ascii", "replace")
+    return "other"
+
+
 def is_address(text: str | None) -> bool:
     return bool(text) and not text.startswith("/") and ":" in text
 
@@ -137,7 +145,12 @@ class NodeDoor:
                         return
                     buf += chunk
                 line, _, buf = buf.partition(b"\n")
-                conn.sendall(encode(self.answer(line, addr)))
+                start = time.perf_counter()
+                answer = self.answer(line, addr)
+                conn.sendall(encode(answer))
+                instruments = getattr(self.handlers, "instruments", None)
+                if instruments is not None:  # the metrics' latency of the nodes' charges
+                    instruments.request({"op": _op(line)}, answer, time.perf_counter() - start)
         except OSError:
             return
         finally:

@@ -29,12 +29,15 @@ RESTART_DELAY = 1.0  # s before a child that died is started again
 STOP_TIMEOUT = 5.0
 
 
-def public_command(config_path: str | None, fd: int) -> list[str]:
-    """How this process starts the users' one: the same CLI, serving the inherited socket."""
+def public_command(config_path: str | None, fd: int, metrics_fd: int | None = None
+                   ) -> list[str]:
+    """How this process starts the users' one: the same CLI, serving the inherited socket
+    (and the metrics endpoint's, when there is one)."""
     args = [sys.executable, "-c", "from ledger.cli import main; main()"]
     if config_path:
         args += ["--config", config_path]
-    return [*args, "serve", "--inherited-fd", str(fd)]
+    extra = ["--inherited-metrics-fd", str(metrics_fd)] if metrics_fd is not None else []
+    return [*args, "serve", "--inherited-fd", str(fd), *extra]
 
 
 class TwoProcesses:
@@ -47,6 +50,9 @@ class TwoProcesses:
         self._stopping = threading.Event()
         self._child: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        # the metrics endpoint's listening socket (ledger.daemon.endpoint), bound here and
+        # served by the users' process; None: no endpoint
+        self.metrics_listener = None
 
     def bind(self) -> None:
         self.public.bind()
@@ -58,10 +64,12 @@ class TwoProcesses:
 
     def _start_child(self) -> None:
         fd = self.public.fileno()
+        metrics = self.metrics_listener.fileno() if self.metrics_listener is not None else None
         with self._lock:
             if self._stopping.is_set():
                 return
-            self._child = subprocess.Popen(public_command(self.config_path, fd), pass_fds=(fd,),
+            self._child = subprocess.Popen(public_command(self.config_path, fd, metrics),
+                                           pass_fds=(fd,) if metrics is None else (fd, metrics),
                                            stdin=subprocess.DEVNULL,
                                            env={**os.environ, PARENT_ENV: str(os.getpid())})
         self.public.log.event(event="started", role="users", pid=self._child.pid,
@@ -97,6 +105,8 @@ class TwoProcesses:
                 child.kill()
                 child.wait()
         self.public.stop()
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
 
 
 def set_priority(nice: int) -> None:

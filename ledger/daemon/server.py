@@ -21,12 +21,14 @@ import sys
 import threading
 import time
 import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
 from ..errors import ConfigError
 from .auth import Peer, Policy, peer_credentials
 from .handlers import Handlers, error_response
+from .instruments import Instruments
 from .limits import Admission, Limits
 from .protocol import ProtocolError, decode, encode, escape
 
@@ -44,8 +46,17 @@ def tune_threads() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 
+PRIVILEGED_LINE = 65536  # longest line root and the Slurm user may send
+
+
+def stamp() -> str:
+    """The time a log line starts with: UTC, milliseconds (``2026-11-01T12:00:00.123Z``)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class RequestLog:
-    """One ``key=value`` line per request on a stream (journald under systemd)."""
+    """One ``key=value`` line per request on a stream (journald under systemd), each line
+    starting with ``ts=`` (UTC): a log file written without journald is dated too."""
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
@@ -53,7 +64,8 @@ class RequestLog:
 
     def write(self, peer: Peer, request: dict[str, str], response: dict[str, object],
               micros: int) -> None:
-        fields: dict[str, object] = {"op": request.get("op", "-"), "peer": peer.name,
+        fields: dict[str, object] = {"ts": stamp(), "op": request.get("op", "-"),
+                                     "peer": peer.name,
                                      "pid": peer.pid, "ok": response.get("ok")}
         for key in _LOGGED:
             value = response.get(key, request.get(key))
@@ -71,7 +83,8 @@ class RequestLog:
     def event(self, **fields: object) -> None:
         with self._lock:
             try:
-                self.stream.write(" ".join(f"{k}={escape(v)}" for k, v in fields.items()) + "\n")
+                self.stream.write(" ".join(f"{k}={escape(v)}" for k, v in
+                                           {"ts": stamp(), **fields}.items()) + "\n")
                 self.stream.flush()
             except (OSError, ValueError):
                 pass
@@ -82,7 +95,7 @@ class RequestLog:
         with self._lock:
             try:
                 self.stream.write(" ".join(f"{k}={escape(v)}" for k, v in (
-                    ("event", "fault"), ("op", request.get("op", "-")), ("peer", peer.name),
+                    ("ts", stamp()), ("event", "fault"), ("op", request.get("op", "-")), ("peer", peer.name),
                     ("pid", peer.pid), ("error", f"{type(exc).__name__}: {exc}"))) + "\n")
                 self.stream.write("".join(f"  {line}\n" for line in trace.splitlines()))
                 self.stream.flush()
@@ -93,7 +106,8 @@ class RequestLog:
 class Server:
     def __init__(self, handlers: Handlers, path: str | os.PathLike, *, max_line: int = 16384,
                  group: str | None = None, log: RequestLog | None = None,
-                 limits: Limits | None = None, privileged_only: bool = False):
+                 limits: Limits | None = None, privileged_only: bool = False,
+                 instruments: Instruments | None = None):
         self.handlers = handlers
         self.policy: Policy = handlers.policy
         self.path = Path(path)
@@ -106,6 +120,10 @@ class Server:
         if handlers.on_fault is None:
             handlers.on_fault = self.log.fault
         self.limits = limits or Limits()
+        # this process's counters (submit decisions, latency); shared by its servers
+        self.instruments = instruments or handlers.instruments or Instruments()
+        if handlers.instruments is None:
+            handlers.instruments = self.instruments
         self.admission = Admission(self.limits)
         self._listener: socket.socket | None = None
         self._adopted = False
@@ -226,6 +244,7 @@ class Server:
         self._send_now(conn, {"ok": 0, "reason": "busy", "message": why})
         conn.close()
         self._refused += 1
+        self.instruments.refused.inc()
         now = time.monotonic()
         if now - self._refused_logged_at >= REFUSAL_LOG_INTERVAL:  # a flood is one line per 10 s
             self._refused_logged_at = now
@@ -249,7 +268,8 @@ class Server:
 
     def _serve(self, conn: socket.socket, peer: Peer) -> None:
         buf = b""
-        limit = self.max_line
+        # root and the Slurm user may send longer lines: a node's charge record of many GPUs
+        limit = max(self.max_line, PRIVILEGED_LINE) if peer.privileged else self.max_line
         allowed = self.limits.request_deadline
         while True:
             # A user's request must arrive whole within the deadline, however it trickles in;
@@ -303,5 +323,6 @@ class Server:
     def _reply(self, conn: socket.socket, peer: Peer, request: dict[str, str],
                response: dict[str, object], start: int) -> None:
         conn.sendall(encode(response))
-        micros = (time.perf_counter_ns() - start) // 1000 if start else 0
-        self.log.write(peer, request, response, micros)
+        nanos = time.perf_counter_ns() - start if start else 0
+        self.instruments.request(request, response, nanos / 1e9)
+        self.log.write(peer, request, response, nanos // 1000)

@@ -8,6 +8,7 @@ import signal
 
 import click
 
+from ledger import logformat
 from slurm_plugin.agent.config import AgentConfig
 from slurm_plugin.agent.core import Agent
 from slurm_plugin.agent.server import AgentServer
@@ -49,8 +50,7 @@ async def run_agent(cfg: AgentConfig) -> None:
 def agent(config_path: str | None, socket_path: str | None, spool: str | None,
           interval: float | None) -> None:
     """Run the node agent: sample GPUs with NVML and keep per-job usage."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logformat.setup()  # dated lines: a log file written without journald is dated too
     try:
         cfg = AgentConfig.load(config_path, socket=socket_path, spool=spool, interval=interval)
     except (OSError, ValueError, TypeError) as exc:
