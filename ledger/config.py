@@ -101,6 +101,12 @@ class DatabaseConfig:
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
+    unavailable_wait: float = setting(
+        0.5, kind=schema.NUMBER, check=_between(0, 600, unit=" seconds"),
+        doc="seconds a write keeps trying while the database is unreachable, read-only or "
+            "failing over (nothing committed), or after a COMMIT whose outcome is unknown; "
+            "then it fails as unavailable (keep it under [submit] timeout: job_submit.lua "
+            "waits for the daemon's answer)")
 
 
 @dataclass(frozen=True)
@@ -187,8 +193,9 @@ class ChargeConfig:
 class HooksSection:
     """Prolog, epilog, the controller hooks and `gpuledger reconcile`."""
 
-    state_dir: str = setting("/var/lib/gpuledger/jobs", kind=schema.STRING,
-                             doc="per-node prolog records")
+    state_dir: str = setting("/var/spool/gpuledger/jobs", kind=schema.STRING,
+                             doc="per-node prolog records (root's: not under the ledger's "
+                                 "data directory, which the daemon's user owns)")
     log_file: str = setting("/var/log/gpuledger/hooks.log", kind=schema.STRING,
                             doc='the hooks\' log file ("": none)')
     syslog: bool = setting(True, kind=schema.BOOLEAN, doc="log to syslog too")

@@ -16,6 +16,7 @@ Slurm allocated, and the admin tools').
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -267,7 +268,11 @@ class Handlers:
                         "amount": answer["amount"], "hours": fmt_hours(answer["amount"]),
                         "rate": answer["rate"], "desc": request.describe()}
             self.fast.flush()  # the database decides, after every answer before it
-        view = self._with_keys(lambda: self.ledger.reserve(token, request, key, job_id=job_id))
+        # A request without a key (job_submit.lua and PrologSlurmctld always send one) gets
+        # one of its own: the ledger may then run it again after a COMMIT whose outcome it
+        # does not know (a database failover) instead of answering "outcome unknown".
+        once = key or f"daemon:{secrets.token_hex(12)}"
+        view = self._with_keys(lambda: self.ledger.reserve(token, request, once, job_id=job_id))
         if self.fast is not None:
             self.fast.learn(view.token_id)
         return {"ok": 1, "hold": view.id, "token_id": view.token_id, "amount": view.amount,
