@@ -103,6 +103,12 @@ class DatabaseConfig:
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
+    unavailable_wait: float = setting(
+        0.5, kind=schema.NUMBER, check=_between(0, 600, unit=" seconds"),
+        doc="seconds a write keeps trying while the database is unreachable, read-only or "
+            "failing over (nothing committed), or after a COMMIT whose outcome is unknown; "
+            "then it fails as unavailable (keep it under [submit] timeout: job_submit.lua "
+            "waits for the daemon's answer)")
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class SubmitConfig:
     """job_submit.lua, through the job_submit.conf rendered from this table
-    (`gpuledger config render-submit-conf`); the Lua reads nothing else."""
+    (`gpuledger config render-submit-conf`); the Lua reads nothing else. The daemon reads
+    free_accounts too: its job-request reader decides free accounts."""
 
     socket: str | None = setting(
         None, kind=schema.STRING, check=_conf_text,
@@ -168,7 +175,8 @@ class SubmitConfig:
             "deferred (the prolog reserves)")
     free_accounts: tuple[str, ...] = setting(
         (), kind=schema.STRINGS, check=_accounts,
-        doc="Slurm accounts whose GPU jobs need no token")
+        doc="Slurm accounts whose GPU jobs need no token (the daemon decides from this "
+            "list; job_submit.lua, from the same list, only while the daemon cannot answer)")
 
 
 @dataclass(frozen=True)
@@ -187,8 +195,9 @@ class ChargeConfig:
 class HooksSection:
     """Prolog, epilog, the controller hooks and `gpuledger reconcile`."""
 
-    state_dir: str = setting("/var/lib/gpuledger/jobs", kind=schema.STRING,
-                             doc="per-node prolog records")
+    state_dir: str = setting("/var/spool/gpuledger/jobs", kind=schema.STRING,
+                             doc="per-node prolog records (root's: not under the ledger's "
+                                 "data directory, which the daemon's user owns)")
     log_file: str = setting("/var/log/gpuledger/hooks.log", kind=schema.STRING,
                             doc='the hooks\' log file ("": none)')
     syslog: bool = setting(True, kind=schema.BOOLEAN, doc="log to syslog too")

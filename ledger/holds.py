@@ -265,7 +265,10 @@ class HoldOps(ReserveOps):
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
-        return HoldView.from_dict(self._idempotent("resize", key, fields, run))
+        # Without a key a replay is still harmless: the figures are absolute, and a second
+        # run re-prices the hold to what it already holds (a zero resize row).
+        return HoldView.from_dict(self._idempotent("resize", key, fields, run,
+                                                   replay_safe=True))
 
     def refund(self, hold_id: str, amount: int, reason: str, *, key: str | None = None,
                cap: bool = False, also: Callable[[Connection, int], None] | None = None
@@ -345,7 +348,8 @@ class HoldOps(ReserveOps):
                 self._requalify(tx, hold_id, *requalify)
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
-        return HoldView.from_dict(self._write(run))
+        # A replay finds the job bound and the hold priced for it: it changes nothing.
+        return HoldView.from_dict(self._write(run, replay_safe=True))
 
     def _rehold(self, tx: Tx, hold_id: str, facts: HoldFacts, token_row, delta: int,
                 data: dict, needs: str) -> None:

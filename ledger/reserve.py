@@ -39,6 +39,12 @@ def new_hold_id() -> str:
     return "hold_" + secrets.token_hex(10)
 
 
+def hold_key(hold_id: str) -> str:
+    """The idempotency key of a reserve that names its hold id and has no key of its own
+    (the daemon's answered holds): the id is new, so is the key."""
+    return f"hold:{hold_id}"
+
+
 @dataclass(frozen=True)
 class ReserveItem:
     """One reserve of :meth:`ReserveOps.reserve_many`."""
@@ -139,8 +145,11 @@ class ReserveOps:
                 *, job_id: str | None = None, hold_id: str | None = None) -> HoldView:
         """Hold the request's maximum cost, or raise a Refusal saying why not (with numbers).
         ``hold_id``: the id to give the hold (one the daemon already answered), else a new
-        one."""
+        one. Without ``key`` a connection lost during COMMIT is an :class:`OutcomeUnknown`
+        (the hold may exist); with one, the reserve runs again and finds its result."""
         claims, fields, run = self._reserve_fn(token, request, job_id, hold_id)
+        if key is None and hold_id is not None:
+            key = hold_key(hold_id)
         return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
 
     def _reserve_fn(self, token: str, request: HoldRequest, job_id: str | None,
@@ -171,21 +180,23 @@ class ReserveOps:
         from memory this way (``ledger.daemon.fastpath``) — each as :meth:`reserve` with
         its own hold id and key. An item that cannot be reserved now (its token spent,
         revoked or expired since the answer) gets its error in the list and the others go
-        in: every check that refuses an item does so before it writes anything."""
+        in: every check that refuses an item does so before it writes anything. Each item
+        is stored under its key, or its hold id's (:func:`hold_key`), so the batch may run
+        again after a COMMIT whose outcome is unknown."""
         def run(tx: Tx) -> list:
             out: list = []
             for item in items:
                 try:
                     _claims, fields, body = self._reserve_fn(item.token, item.request,
                                                              item.job_id, item.hold_id)
-                    result = (self._once(tx, "reserve", item.key, fields, body) if item.key
-                              else body(tx))
+                    result = self._once(tx, "reserve", item.key or hold_key(item.hold_id),
+                                        fields, body)
                     out.append(HoldView.from_dict(result))
                 except LedgerError as exc:
                     out.append(exc)
             return out
 
-        return self._write(run)
+        return self._write(run, replay_safe=True)
 
     def _reserve_checked(self, tx: Tx, claims: Claims, token: str, request: HoldRequest,
                          job_id: str | None, share: int, hold_id: str | None = None) -> dict:

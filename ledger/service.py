@@ -27,6 +27,7 @@ from .errors import (
     InvalidInput,
     LedgerError,
     NotFound,
+    StorageError,
     UniqueViolation,
 )
 from .groupcommit import GroupCommit
@@ -61,8 +62,12 @@ class LedgerBase:
 
     def __init__(self, engine: Engine, *, keys_dir: Path | None = None,
                  clock: Callable[[], datetime] = now_utc, cluster: str | None = None,
-                 gres_conf: str | Path | None = None, limits: Limits | None = None):
+                 gres_conf: str | Path | None = None,
+                 unavailable_wait: float = db.UNAVAILABLE_WAIT_S, limits: Limits | None = None):
         self.engine = engine
+        # how long a write tries again while the database is away, read-only or failing
+        # over ([database] unavailable_wait; ledger.db.run_write)
+        self.unavailable_wait = unavailable_wait
         self.limits = limits or Limits()  # caps on what an admin command may set
         self.gres = GresFile(gres_conf)  # the GPUs' shard counts (``ledger.shares``)
         self.keys_dir = keys_dir
@@ -76,22 +81,30 @@ class LedgerBase:
     def from_config(cls, config: Config, **kw):
         engine = db.make_engine(db.resolve_url(config))
         kw.setdefault("gres_conf", config.hooks.gres_conf)
+        kw.setdefault("unavailable_wait", config.database.unavailable_wait)
         kw.setdefault("limits", config.limits.limits())
         return cls(engine, keys_dir=config.keys_dir, cluster=config.cluster, **kw)
 
     # -- transactions -------------------------------------------------------------------------
 
-    def _write(self, fn: Callable[[Tx], object], *, chain_now: bool = False):
+    def _write(self, fn: Callable[[Tx], object], *, chain_now: bool = False,
+               replay_safe: bool = False):
         """Run ``fn`` in a write transaction and seal its rows. ``chain_now``: chain them in
         this transaction even if that means waiting for the head (events that later reads
         must find in the journal itself: head exports, head-attestation keys). On SQLite,
         operations other threads ask for at the same time share the transaction and its
-        commit (``ledger.groupcommit``)."""
+        commit (``ledger.groupcommit``).
+
+        ``replay_safe``: ``fn`` may run again after a COMMIT whose outcome is unknown (a
+        connection lost during it): it carries its idempotency key (:meth:`_idempotent`),
+        or a second run finds its state set and changes nothing. Other operations raise
+        :class:`OutcomeUnknown` then (``ledger.db.run_write``)."""
         if self._group is not None and not chain_now:
             return self._group.submit(fn)
-        return self._write_alone(fn, chain_now)
+        return self._write_alone(fn, chain_now, replay_safe)
 
-    def _write_alone(self, fn: Callable[[Tx], object], chain_now: bool = False):
+    def _write_alone(self, fn: Callable[[Tx], object], chain_now: bool = False,
+                     replay_safe: bool = False):
         def run(conn: Connection):
             tx = Tx(conn, self.clock(), self._wallet_ids)
             try:
@@ -101,7 +114,8 @@ class LedgerBase:
                 tx.close()
             return result
 
-        return db.run_write(self.engine, run)
+        return db.run_write(self.engine, run, replay_safe=replay_safe,
+                            wait_s=self.unavailable_wait, confirm=_confirm)
 
     def seal_pending(self) -> int:
         """Chain every journal row other writers left pending (server databases: see
@@ -110,13 +124,15 @@ class LedgerBase:
         the rows chained (0 on SQLite, where nothing is ever pending)."""
         if db.is_sqlite(self.engine):
             return 0
-        return self._write(lambda tx: tx.seal(wait=True))
+        return self._write(lambda tx: tx.seal(wait=True), replay_safe=True)
 
     def _idempotent(self, op: str, key: str | None, fields: dict,
-                    fn: Callable[[Tx], dict]) -> dict:
-        """Run ``fn`` once per ``key``; replays get the stored result back."""
+                    fn: Callable[[Tx], dict], *, replay_safe: bool = False) -> dict:
+        """Run ``fn`` once per ``key``; replays get the stored result back. Without a key,
+        ``replay_safe`` says whether ``fn`` may run again after a COMMIT whose outcome is
+        unknown (see :meth:`_write`)."""
         if key is None:
-            return self._write(fn)
+            return self._write(fn, replay_safe=replay_safe)
 
         def stored(conn: Connection) -> dict | None:
             with Raw(conn) as raw:
@@ -127,9 +143,11 @@ class LedgerBase:
 
         for _attempt in range(3):
             try:
-                return self._write(run)
+                return self._write(run, replay_safe=True)  # the key makes a replay harmless
             except UniqueViolation:
                 continue  # a concurrent replay committed the key first: read its result
+            except StorageError:
+                raise  # the database's own trouble: not another writer's result
             except LedgerError:
                 # A concurrent replay may have committed while we waited for a row lock and
                 # changed what we saw (hold already posted, funds already held): its result
@@ -139,7 +157,7 @@ class LedgerBase:
                 if previous is None:
                     raise
                 return previous
-        return self._write(run)
+        return self._write(run, replay_safe=True)
 
     @staticmethod
     def _stored(raw: Raw, op: str, key: str, fields: dict) -> dict | None:
@@ -202,6 +220,15 @@ class LedgerBase:
         if row is None:
             raise NotFound(f"unknown account {name!r}")
         return row
+
+
+def _confirm(conn: Connection) -> None:
+    """A write in the run after a COMMIT whose outcome was unknown: its own COMMIT then
+    waits for the synchronous standby, and with it everything the primary committed
+    before — the earlier run's commit included, when it was there — even when this run
+    finds its work done and writes nothing else. The chain head's row is in every ledger;
+    the update leaves it as it was."""
+    conn.exec_driver_sql("UPDATE chain_head SET seq = seq WHERE id = 1")
 
 
 class AdminOps(LedgerBase):

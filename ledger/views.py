@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from .amounts import check_amount, fmt_duration, hours
 from .errors import InvalidInput
 from .names import check_user_name
+from .shares import GPU, check_kind
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -41,8 +42,6 @@ class HoldRequest:
     qos: str | None = None
 
     def __post_init__(self):
-        from .shares import GPU, check_kind
-
         if self.user is not None:  # where a job's user name enters the ledger (ledger.names)
             check_user_name(self.user)
         for name in ("gpus", "seconds", "tasks"):

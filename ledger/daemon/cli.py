@@ -21,7 +21,8 @@ from ..cli.output import (
 )
 from ..cli.shapes import obj
 from ..errors import InvalidInput, Refusal
-from ..slurmsyntax import array_size, parse_gpus, parse_gres, time_limit_seconds
+from ..jobrequest import SlurmJob, asks_gpu
+from ..slurmsyntax import time_limit_seconds
 from .client import connect, response_error
 
 MEMBER_ACCOUNT = obj("member-account", "An account as its members see it (no pool: that "
@@ -47,15 +48,17 @@ QUOTE = obj("quote", "What a job would hold, and whether the token covers it (ex
                      "when it does not).", [
     ("ok", "boolean", ("true: priced (a request that cannot be priced prints a "
                       "[refusal](#refusal) instead)")),
+    ("free", "boolean", "the account is free ([submit] free_accounts): it holds nothing and "
+                        "needs no token (the price fields are null)"),
     ("request", "string", "the request in words (`2 x h100 x 4:00:00`)"),
     ("user", "string", "whose job"),
     ("amount", "integer", f"what it would hold, {objects.AMOUNT}"),
     ("hours", "number", "the same in GPU-hours"),
-    ("rate", "number", "the rate it is priced at"),
-    ("rate_ppm", "integer", "the same in parts per million"),
-    ("share", "integer", "shares per GPU it is priced at (1: whole GPUs)"),
-    ("multiplier", "number", "the tier multiplier it is held at"),
-    ("multiplier_ppm", "integer", "the same in parts per million"),
+    ("rate", "number?", "the rate it is priced at"),
+    ("rate_ppm", "integer?", "the same in parts per million"),
+    ("share", "integer?", "shares per GPU it is priced at (1: whole GPUs)"),
+    ("multiplier", "number?", "the tier multiplier it is held at"),
+    ("multiplier_ppm", "integer?", "the same in parts per million"),
     ("cheapest", "string?", "a cheaper tier (`partition scavenger`), if any"),
     ("cheapest_multiplier_ppm", "integer?", "its multiplier"),
     ("cheapest_amount", "integer?", f"what it would hold there, {objects.AMOUNT}"),
@@ -122,7 +125,8 @@ def serve(app, socket_path, socket_group, inherited_fd, inherited_metrics_fd):
 
     def server(where, **kw) -> Server:
         return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast, charge=cfg.charge,
-                               instruments=instruments), where,
+                               instruments=instruments,
+                               free_accounts=cfg.submit.free_accounts), where,
                       max_line=cfg.daemon.max_line, log=RequestLog(), instruments=instruments,
                       **kw)
 
@@ -240,26 +244,27 @@ def balance(app, socket_path, user, as_json):
 @pass_app
 def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array, account,
           partition, qos, token, as_json):
-    """What a job would hold, and whether the token covers it."""
-    count, gpu_type, kind, per_node = 0, None, "gpu", None
-    if gres:
-        count, gpu_type, kind = parse_gres(gres)
-        per_node = count if kind != "gpu" else None
-        count *= nodes
-    elif gpus_per_node:
-        per, gpu_type = parse_gpus(gpus_per_node)
-        count = per * nodes
-    elif gpus:
-        count, gpu_type = parse_gpus(gpus)
-    if count <= 0:
-        raise InvalidInput("say how many GPUs: --gres=gpu:h100:4, --gpus=4 or --gpus-per-node=2")
-    seconds = time_limit_seconds(time_limit)
-    tasks = array_size(array) if array else 1
+    """What a job would hold, and whether the token covers it.
+
+    The options become the request fields sbatch gives Slurm, and the daemon reads them
+    with the job-request reader that job_submit uses (ledger/jobrequest.py)."""
+    job = {"tres_per_node": ",".join(
+               [*([gres] if gres else []),
+                *([f"gres/gpu:{gpus_per_node}"] if gpus_per_node else [])]) or None,
+           "tres_per_job": f"gres/gpu:{gpus}" if gpus else None,
+           "min_nodes": nodes, "max_nodes": nodes,
+           "time_limit": time_limit_seconds(time_limit) // 60, "array_inx": array}
+    if not asks_gpu(SlurmJob(**job)):
+        raise InvalidInput((f"--gres={gres} asks for no GPU (gpu, shard or mps); " if gres else "")
+                           + "say how many GPUs: --gres=gpu:h100:4, --gpus=4 or "
+                           "--gpus-per-node=2")
     with connect(socket_path, app.config_path) as client:
-        resp = client.call("quote", gpus=count, seconds=seconds, type=gpu_type, tasks=tasks,
-                           account=account, partition=partition, qos=qos,
-                           token=_token_arg(token),
-                           **({"gres": kind, "per_node": per_node} if kind != "gpu" else {}))
+        resp = client.call("quote", **job, account=account, partition=partition, qos=qos,
+                           token=_token_arg(token))
+    if resp.get("result") == "free":
+        data = free_json(resp, account)
+        return echo_json(data) if as_json else echo_fields(
+            [("request", data["request"]), ("would hold", "0.000 GPU-h")])
     if "desc" not in resp:  # refused before it was priced (no rate for its GPU type, ...)
         error = response_error(resp)
         if as_json and isinstance(error, Refusal):
@@ -269,7 +274,7 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
     if as_json:
         echo_json(data)
     else:
-        _show_quote(data, resp, kind, per_node, seconds)
+        _show_quote(data, resp.get("gres") or "gpu", resp.get("per_node"), int(resp["seconds"]))
     if data["covers"] is False:  # the Error: line says why and what would fit; exit 1
         raise response_error({**resp, "ok": "0"})
 
@@ -284,6 +289,16 @@ def _int(text: str | None) -> int | None:
     return int(text) if text not in (None, "") else None
 
 
+def free_json(resp: dict[str, str], account: str | None) -> dict:
+    """A job of a free account ([submit] free_accounts): it holds nothing, needs no token."""
+    return {"ok": True, "free": True, "user": resp.get("user", ""),
+            "request": f"account {account} is free: its GPU jobs need no token",
+            "amount": 0, "hours": 0.0, **dict.fromkeys((
+                "rate", "rate_ppm", "share", "multiplier", "multiplier_ppm", "cheapest",
+                "cheapest_multiplier_ppm", "cheapest_amount", "token_id", "status", "remaining",
+                "remaining_hours", "covers", "reason", "message"))}
+
+
 def quote_json(resp: dict[str, str]) -> dict:
     """The daemon's quote (text fields on the wire) as typed JSON (the ``quote`` object)."""
     rate, mult = _int(resp.get("rate")), _int(resp.get("multiplier"))
@@ -291,7 +306,7 @@ def quote_json(resp: dict[str, str]) -> dict:
     token = resp.get("token_id") or None
     covers = resp.get("ok") == "1" and resp.get("covers") == "1"
     why = (lambda k: None) if covers or not token else resp.get
-    return {"ok": True, "request": resp["desc"], "user": resp.get("user", ""),
+    return {"ok": True, "free": False, "request": resp["desc"], "user": resp.get("user", ""),
             "amount": amount, "hours": hours(amount), "rate": ppm_number(rate), "rate_ppm": rate,
             "share": _int(resp.get("share")) or 1, "multiplier": ppm_number(mult),
             "multiplier_ppm": mult, "cheapest": resp.get("cheapest") or None,
@@ -303,7 +318,7 @@ def quote_json(resp: dict[str, str]) -> dict:
             "message": why("message")}
 
 
-def _show_quote(data: dict, resp: dict, kind: str, per_node, seconds: int) -> None:
+def _show_quote(data: dict, kind: str, per_node, seconds: int) -> None:
     pairs = [("request", data["request"]), ("would hold", f"{fmt_hours(data['amount'])} GPU-h")]
     if kind != "gpu":
         pairs.append(("priced as", (f"{per_node} of {data['share']} {kind}s of a GPU "
