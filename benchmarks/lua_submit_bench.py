@@ -91,7 +91,8 @@ class Variant:
         run([*gl, "keys", "generate", "--kid", "bench"])
         run([*gl, "account", "create", "physics"])
         run([*gl, "rates", "set", "h100", "1.0"])
-        self.token = run([*gl, "token", "mint", "--account", "physics", "--hours", "100000000"])
+        # [limits] max_token_hours' default: six million 10-minute jobs
+        self.token = run([*gl, "token", "mint", "--account", "physics", "--hours", "1000000"])
         self.log = open(self.dir / "daemon.log", "w")  # noqa: SIM115 - the daemon's lifetime
         self.daemon = subprocess.Popen([*gl, "serve"], stderr=self.log, stdout=self.log)
         for _ in range(200):

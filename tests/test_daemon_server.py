@@ -116,7 +116,7 @@ def test_quote_reads_sbatchs_options_as_job_submit_does(daemon, token):
     code, out = quote("--gpus=a100:2", "-t", "1:00:00", "--array", "0-3")
     assert code == 0 and "4 tasks x 2 x a100 x 1:00:00" in out, out
     code, out = quote("--gres=gpu:h100:1,nic:1", "-t", "60", "--json")
-    assert code == 0 and json.loads(out)["amount"] == "3600", out
+    assert code == 0 and json.loads(out)["amount"] == 3600, out
     code, out = quote("--gres=shrad:2", "-t", "10")
     assert code == 1 and "--gres=shrad:2 asks for no GPU" in out, out
     code, out = quote("--gres=gpu:1,shard:1", "-t", "10")

@@ -48,8 +48,8 @@ QUOTE = obj("quote", "What a job would hold, and whether the token covers it (ex
                      "when it does not).", [
     ("ok", "boolean", ("true: priced (a request that cannot be priced prints a "
                       "[refusal](#refusal) instead)")),
-    ("free", "boolean", "the account is free ([submit] free_accounts): it holds nothing and "
-                        "needs no token (the price fields are null)"),
+    ("free", "boolean", ("the account is free ([submit] free_accounts): it holds nothing and "
+                         "needs no token (the price fields are null)")),
     ("request", "string", "the request in words (`2 x h100 x 4:00:00`)"),
     ("user", "string", "whose job"),
     ("amount", "integer", f"what it would hold, {objects.AMOUNT}"),
