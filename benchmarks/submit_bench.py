@@ -11,7 +11,14 @@
 2. Daemon round trip at the socket (persistent connection, like slurmctld's): p50/p99 of
    ``ping`` and ``reserve`` on both daemons (a real hold each time).
 
-    .venv/bin/python benchmarks/submit_bench.py [--rounds 5] [--jobs 50]
+Before and after in one run: ``--baseline-tree PATH`` (a git worktree of the older commit;
+or ``--baseline-rev REV``, benchmarks/baseline.py) adds the variant ``base`` — that tree's
+job_submit.lua and its daemon (``fast_reserve``, as ``fast``) — to every round, and reports
+CPU per job over all the processes a submission touches (slurmctld, slurmdbd, munged, the
+databases, the gpuledger daemon, the sbatch clients: benchmarks/proccpu.py) per variant,
+and the ratios this tree / baseline.
+
+    .venv/bin/python benchmarks/submit_bench.py [--rounds 5] [--jobs 50] [--baseline-tree PATH]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,9 +39,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import baseline
 from benchmarks.proccpu import cpu_by_name, cpu_s
 from ledger import config as config_mod
 from ledger.daemon.client import Client
+from ledger.errors import LedgerError
 from ledger.schema import set_keys
 from ledger.service import Ledger
 
@@ -162,17 +172,33 @@ def restart_slurmctld() -> None:
     raise SystemExit("slurmctld did not come back")
 
 
-def new_ledger(root: Path, socket_path: Path, fast: bool) -> tuple[Path, str]:
+def new_ledger(root: Path, socket_path: Path, fast: bool,
+               gl: list[str] | None = None) -> tuple[Path, str]:
+    gl = gl or [GL]
     cfg = root / "gpuledger.toml"
-    sh(GL, "--config", str(cfg), "init", "--cluster", "gpuledger")
+    sh(*gl, "--config", str(cfg), "init", "--cluster", "gpuledger")
     cfg.write_text(set_keys(cfg.read_text(), {"daemon": {
         "socket": str(socket_path), "slurm_user": "slurm", "fast_reserve": fast}}))
-    sh(GL, "--config", str(cfg), "keys", "generate", "--kid", "bench")
-    sh(GL, "--config", str(cfg), "account", "create", "physics")
-    sh(GL, "--config", str(cfg), "rates", "set", "h100", "1.0")
-    token = sh(GL, "--config", str(cfg), "token", "mint", "--account", "physics",
+    sh(*gl, "--config", str(cfg), "keys", "generate", "--kid", "bench")
+    sh(*gl, "--config", str(cfg), "account", "create", "physics")
+    sh(*gl, "--config", str(cfg), "rates", "set", "h100", "1.0")
+    token = sh(*gl, "--config", str(cfg), "token", "mint", "--account", "physics",
                "--hours", "1000000")
     return cfg, token
+
+
+# every process a submission makes work, besides the gpuledger daemon and the sbatch clients
+SIDE_PROCESSES = ("slurmctld", "slurmdbd", "munged", "mariadbd", "mysqld", "postgres")
+
+
+def side_cpu() -> float:
+    return sum(cpu_by_name(name) for name in SIDE_PROCESSES)
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that ended (the sbatch clients)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def main() -> None:
@@ -181,10 +207,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=50, help="jobs per submitter per run")
     ap.add_argument("--submitters", type=int, default=4)
     ap.add_argument("--latency-n", type=int, default=2000)
+    baseline.add_options(ap)
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("sbatch"):
         raise SystemExit("run as root on the test cluster (tests/cluster/up)")
+    with baseline.baseline_tree(args) as base:
+        run_bench(args, base)
 
+
+def run_bench(args: argparse.Namespace, base: Path | None) -> None:
     root = Path(tempfile.mkdtemp(prefix="gl-bench-"))
     old_conf = CONF.read_text() if CONF.exists() else None
     old_lua = INSTALLED.read_text() if INSTALLED.exists() else None
@@ -194,11 +225,17 @@ def main() -> None:
         SOCKET.parent.mkdir(mode=0o755, exist_ok=True)
         ledgers = {}
         pids: dict[str, int] = {}
-        for name, fast in (("durable", False), ("fast", True)):
+        scripts = {"durable": SCRIPT.read_text(), "fast": SCRIPT.read_text()}
+        trees = [("durable", False, None), ("fast", True, None)]
+        if base is not None:  # the baseline's script and daemon, as "fast" here
+            trees.append(("base", True, base))
+            scripts["base"] = baseline.lua_script(base).read_text()
+        for name, fast, tree in trees:
+            gl = baseline.gpuledger(tree) if tree is not None else [GL]
             (root / name).mkdir()
             sock = SOCKET.with_name(f"{name}.sock")
-            cfg, token = new_ledger(root / name, sock, fast)
-            daemons.append(subprocess.Popen([GL, "--config", str(cfg), "serve"],
+            cfg, token = new_ledger(root / name, sock, fast, gl)
+            daemons.append(subprocess.Popen([*gl, "--config", str(cfg), "serve"],
                                             stderr=open(root / f"{name}.log", "w")))
             pids[name] = daemons[-1].pid
             for _ in range(100):
@@ -206,7 +243,6 @@ def main() -> None:
                     break
                 time.sleep(0.05)
             ledgers[name] = (cfg, token, sock)
-        hook = SCRIPT.read_text()
         CONF.parent.mkdir(parents=True, exist_ok=True)
 
         def use(name: str) -> None:
@@ -219,25 +255,32 @@ def main() -> None:
                 return
             CONF.write_text(f"socket = {ledgers[name][2]}\ntimeout = 1.0\n"
                             "on_ledger_unavailable = reject\n")
-            install(hook)
+            install(scripts[name])
 
         runs = [("none", "gpu"), ("none", "cpu"), ("noop", "gpu"), ("durable", "gpu"),
                 ("fast", "gpu"), ("fast", "cpu")]
+        if base is not None:
+            runs += [("base", "gpu"), ("base", "cpu")]
         rates: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
-        cpu: dict[tuple[str, str], list[tuple[float, float]]] = {r: [] for r in runs}
+        # CPU µs per job: slurmctld; the gpuledger daemon; every process (side processes,
+        # the daemon, the sbatch clients)
+        cpu: dict[tuple[str, str], list[tuple[float, float, float]]] = {r: [] for r in runs}
         print(f"sbatch throughput: {args.submitters} submitters x {args.jobs} jobs (--hold), "
-              f"{args.rounds} interleaved rounds")
+              f"{args.rounds} interleaved rounds" + (f"; baseline {base}" if base else ""))
         for r in range(args.rounds):
             for name, kind in (runs if r % 2 == 0 else list(reversed(runs))):
                 use(name)
                 empty_queue()
                 token = ledgers.get(name, (None, ledgers["fast"][1]))[1]
-                before = cpu_by_name("slurmctld"), cpu_s(pids.get(name))
+                before = (cpu_by_name("slurmctld"), cpu_s(pids.get(name)), side_cpu(),
+                          children_cpu())
                 rates[(name, kind)].append(submit_run(token, args.submitters, args.jobs,
                                                       gpu=kind == "gpu"))
                 jobs = args.submitters * args.jobs
+                daemon = cpu_s(pids.get(name)) - before[1]
+                total = (side_cpu() - before[2]) + daemon + (children_cpu() - before[3])
                 cpu[(name, kind)].append(((cpu_by_name("slurmctld") - before[0]) / jobs * 1e6,
-                                          (cpu_s(pids.get(name)) - before[1]) / jobs * 1e6))
+                                          daemon / jobs * 1e6, total / jobs * 1e6))
             print(f"  round {r + 1}: " + "  ".join(
                 f"{n}/{k} {rates[(n, k)][-1]:6.1f}" for n, k in runs) + " jobs/s")
         empty_queue()
@@ -245,26 +288,46 @@ def main() -> None:
         def ratio(a, b) -> float:
             return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
 
+        def cpu_ratio(a, b, i) -> float:
+            return statistics.median(x[i] / y[i] for x, y in zip(cpu[a], cpu[b]) if y[i])
+
         print("median ratios (goal: GPU jobs >= 0.95 of no plugin, CPU jobs >= 0.99):")
-        for label, a, b in (
-                ("fast GPU jobs / no plugin", ("fast", "gpu"), ("none", "gpu")),
-                ("fast GPU jobs / no-op lua", ("fast", "gpu"), ("noop", "gpu")),
-                ("durable GPU jobs / no plugin", ("durable", "gpu"), ("none", "gpu")),
-                ("durable GPU jobs / no-op lua", ("durable", "gpu"), ("noop", "gpu")),
-                ("no-op lua / no plugin", ("noop", "gpu"), ("none", "gpu")),
-                ("CPU jobs through gpuledger / no plugin", ("fast", "cpu"), ("none", "cpu"))):
+        pairs = [
+            ("fast GPU jobs / no plugin", ("fast", "gpu"), ("none", "gpu")),
+            ("fast GPU jobs / no-op lua", ("fast", "gpu"), ("noop", "gpu")),
+            ("durable GPU jobs / no plugin", ("durable", "gpu"), ("none", "gpu")),
+            ("durable GPU jobs / no-op lua", ("durable", "gpu"), ("noop", "gpu")),
+            ("no-op lua / no plugin", ("noop", "gpu"), ("none", "gpu")),
+            ("CPU jobs through gpuledger / no plugin", ("fast", "cpu"), ("none", "cpu"))]
+        if base is not None:
+            pairs += [("baseline GPU jobs / no plugin", ("base", "gpu"), ("none", "gpu")),
+                      ("this / baseline, GPU jobs", ("fast", "gpu"), ("base", "gpu")),
+                      ("this / baseline, CPU jobs", ("fast", "cpu"), ("base", "cpu"))]
+        for label, a, b in pairs:
             print(f"  {label:<40} {ratio(a, b):.3f}")
         print("medians (jobs/s): " + ", ".join(
             f"{n}/{k} {statistics.median(v):.1f}" for (n, k), v in rates.items()))
-        print(f"CPU per job, medians (slurmctld; gpuledger daemon with its writer), "
+        print(f"CPU per job, medians (slurmctld; gpuledger daemon with its writer; all "
+              f"processes: {', '.join(SIDE_PROCESSES)}, the daemon, sbatch), "
               f"{os.cpu_count()} CPUs shared with the submitters:")
         for (n, k), v in cpu.items():
-            print(f"  {n}/{k}: slurmctld {statistics.median(c for c, _ in v):,.0f} µs"
-                  + (f"; daemon {statistics.median(d for _, d in v):,.0f} µs" if n in pids
-                     else ""))
-        for name in ("durable", "fast"):
+            print(f"  {n}/{k}: slurmctld {statistics.median(c for c, _, _ in v):,.0f} µs"
+                  + (f"; daemon {statistics.median(d for _, d, _ in v):,.0f} µs" if n in pids
+                     else "")
+                  + f"; all {statistics.median(t for _, _, t in v):,.0f} µs")
+        if base is not None:
+            for kind in ("gpu", "cpu"):
+                a, b = ("fast", kind), ("base", kind)
+                print(f"  this / baseline, {kind} jobs: slurmctld {cpu_ratio(a, b, 0):.3f}"
+                      + (f", daemon {cpu_ratio(a, b, 1):.3f}" if kind == "gpu" else "")
+                      + f", all processes {cpu_ratio(a, b, 2):.3f} (median of per-round "
+                      "ratios)")
+        for name in [n for n, _, _ in trees]:
             cfg, token, sock = ledgers[name]
-            held = len(Ledger.from_config(config_mod.load(cfg)).holds(state="pending"))
+            try:  # the baseline's ledger too: read by this tree's code (the same schema)
+                held = len(Ledger.from_config(config_mod.load(cfg)).holds(state="pending"))
+            except LedgerError as exc:
+                held = f"? ({exc})"
             print(f"holds written by the {name} daemon: {held}")
             lat = socket_latency(sock, token, args.latency_n)
             for op, (p50, p99) in lat.items():

@@ -5,6 +5,13 @@
 # `sbatch --gpu-token=@FILE`, wait for it, print its settlement receipt and render
 # the account's report for this month. Run as root. Safe to run again (each run
 # mints a new token and submits a new job).
+#
+# The measured path: the lab's GPUs are character devices with no driver, so the node
+# agent's NVML has nothing to sample. Unless a real NVML answers, the demo runs the
+# unchanged `gpuledger agent` over the fake libnvidia-ml of the tests in its place
+# (docs/quickstart-agent.sh; the real agent is started again when the demo ends). The
+# job tells its fake GPU how busy it is (90 % for 6 s, then idle) and the receipt and
+# the report show the busy time, the efficiency and the energy the agent measured.
 # Environment (defaults):
 #   GPULEDGER          /opt/gpuledger/venv/bin/gpuledger
 #   DEMO_ACCOUNT       physics      (a Slurm account alice belongs to)
@@ -13,6 +20,8 @@
 #   DEMO_GRES          gpu:h100:1
 #   DEMO_TIME          5            (job time limit, minutes)
 #   DEMO_WAIT          180          (seconds to wait for the job to finish)
+#   DEMO_FAKE_NVML     auto         (auto: the fake GPUs unless NVML initializes; yes; no)
+#   DEMO_KEEP_AGENT    0            (1: leave the fake-NVML agent running after the demo)
 set -euo pipefail
 gl=${GPULEDGER:-/opt/gpuledger/venv/bin/gpuledger}
 account=${DEMO_ACCOUNT:-physics}
@@ -21,11 +30,35 @@ hours=${DEMO_HOURS:-10}
 gres=${DEMO_GRES:-gpu:h100:1}
 minutes=${DEMO_TIME:-5}
 wait_s=${DEMO_WAIT:-180}
+fake_nvml=${DEMO_FAKE_NVML:-auto}
+keep_agent=${DEMO_KEEP_AGENT:-0}
 month=$(date -u +%Y-%m)
+here=$(cd "$(dirname "$0")" && pwd)
+venv=$(dirname "$(dirname "$gl")")
+control=${FAKE_CONTROL:-/run/gpuledger-demo/gpus}
 
 [ "$(id -u)" = 0 ] || { echo "quickstart-demo: run as root" >&2; exit 1; }
 [ -x "$gl" ] || { echo "quickstart-demo: $gl not found (run ansible/single-node.yml with the gpuledger roles first)" >&2; exit 1; }
 step() { printf '\n== %s\n' "$*"; }
+
+# The measured path: a real NVML, else the agent over fake GPUs (see the top).
+case "$fake_nvml" in
+  auto)
+    if "$venv/bin/python" -c 'import pynvml; pynvml.nvmlInit(); pynvml.nvmlShutdown()' 2>/dev/null; then
+      fake_nvml=no
+    else
+      fake_nvml=yes
+    fi ;;
+  yes|no) ;;
+  *) echo "quickstart-demo: DEMO_FAKE_NVML is '$fake_nvml', not auto, yes or no" >&2; exit 1 ;;
+esac
+if [ "$fake_nvml" = yes ]; then
+  step "Node agent over fake GPUs (no NVIDIA driver here): docs/quickstart-agent.sh start"
+  GPULEDGER_VENV=$venv FAKE_CONTROL=$control "$here/quickstart-agent.sh" start
+  if [ "$keep_agent" != 1 ]; then
+    trap 'GPULEDGER_VENV=$venv FAKE_CONTROL=$control "$here/quickstart-agent.sh" stop' EXIT
+  fi
+fi
 
 step "Account $account"
 if "$gl" account list --json | python3 -c 'import json, sys; sys.exit(0 if any(a["name"] == sys.argv[1] for a in json.load(sys.stdin)) else 1)' "$account"; then
@@ -45,10 +78,17 @@ ls -l "$token_file"
 
 step "GPU job as $user: sbatch --gpu-token=@$token_file --gres=$gres -t $minutes"
 workdir=$(runuser -u "$user" -- mktemp -d /tmp/gpuledger-demo.XXXXXX)
+# The job's first GPU: 90 % busy for 6 s at 550 W with 40 GiB in use, then idle for 2 s.
+# On the fake GPUs the job says so in its GPU's control file (Slurm's GPU index is the
+# device minor in the lab's gres.conf); on real GPUs the lines go nowhere and NVML sees
+# whatever the job does.
 job=$(cd "$workdir" && runuser -u "$user" -- sbatch --parsable -A "$account" \
   --gpu-token="@$token_file" --gres="$gres" -t "$minutes" -J gpuledger-demo \
   -o "$workdir/slurm-%j.out" \
-  --wrap 'echo "job $SLURM_JOB_ID on $(hostname -s): GPUs $CUDA_VISIBLE_DEVICES"; sleep 5')
+  --wrap 'g=${SLURM_JOB_GPUS%%,*}; f='"$control"'/gpu$g
+load() { if [ -w "$f" ]; then echo "$(date +%s%3N) $1 $2 $3" >> "$f"; fi; }
+echo "job $SLURM_JOB_ID on $(hostname -s): GPUs $CUDA_VISIBLE_DEVICES"
+load 90 550000 42949672960; sleep 6; load 0 70000 0; sleep 2')
 job=${job%%;*}
 echo "Submitted job $job"
 # Slurm read as data (squeue --json), as the hooks read it: a job name cannot fake a field
@@ -93,6 +133,12 @@ sys.exit(0 if holds and all(h["state"] == "posted" and h["charged"] > 0 for h in
 done
 "$gl" job show "$job"
 [ -n "$settled" ] || { echo "quickstart-demo: job $job was not settled (see /var/log/gpuledger/hooks.log)" >&2; exit 1; }
+if [ "$fake_nvml" = yes ] && ! "$gl" job show "$job" --json | python3 -c 'import json, sys
+sys.exit(0 if all(h["efficiency"] is not None for h in json.load(sys.stdin)["holds"]) else 1)'; then
+  echo "quickstart-demo: job $job settled on held time: the agent did not measure it" \
+    "(see /var/log/gpuledger/demo-agent.log and /var/log/gpuledger/hooks.log)" >&2
+  exit 1
+fi
 
 step "Report for $account, $month"
 "$gl" report render --month "$month" --account "$account" --format text

@@ -7,7 +7,8 @@ million so that cost = ceil(gpu_seconds * rate_ppm / 1e6) stays exact.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 
 from .errors import InvalidInput
 
@@ -15,16 +16,21 @@ SECONDS_PER_HOUR = 3600
 PPM = 1_000_000
 # Largest amount accepted anywhere: fits a signed 64-bit column with room for sums.
 MAX_AMOUNT = 2**53
+# What people type for hours, rates and multipliers: a plain decimal (no 1e3, no inf).
+_DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def parse_decimal(text: str | float | Decimal, what: str) -> Decimal:
+    """A plain decimal number (``2``, ``2.5``, ``-1``), else InvalidInput naming ``what``."""
+    s = str(text).strip()
+    if not _DECIMAL.match(s) or len(s) > 40:
+        raise InvalidInput(f"not a number of {what}: {text!r} (a decimal such as 2.5)")
+    return Decimal(s)
 
 
 def parse_hours(text: str | float | int | Decimal, *, allow_zero: bool = False) -> int:
     """``"2.5"`` GPU-hours → 9000 GPU-seconds; rejects non-positive, fractional seconds, huge."""
-    try:
-        value = Decimal(str(text).strip())
-    except (InvalidOperation, ValueError):
-        raise InvalidInput(f"not a number of hours: {text!r}") from None
-    if not value.is_finite():
-        raise InvalidInput(f"not a number of hours: {text!r}")
+    value = parse_decimal(text, "hours")
     seconds = value * SECONDS_PER_HOUR
     if seconds != seconds.to_integral_value():
         raise InvalidInput(f"{text} hours is not a whole number of GPU-seconds")
@@ -53,19 +59,20 @@ def hours(amount: int) -> float:
     return round(amount / SECONDS_PER_HOUR, 3)
 
 
-def parse_rate(text: str | float | Decimal) -> int:
-    """``"0.143"`` → 143000 ppm. Rates are positive with at most six decimals."""
+def parse_rate(text: str | float | Decimal, what: str = "rate") -> int:
+    """``"0.143"`` → 143000 ppm. Rates (and multipliers) are positive with at most six
+    decimals."""
     try:
-        value = Decimal(str(text).strip())
-    except (InvalidOperation, ValueError):
-        raise InvalidInput(f"not a rate: {text!r}") from None
-    if not value.is_finite() or value <= 0:
-        raise InvalidInput(f"rate must be a positive number, got {text}")
+        value = parse_decimal(text, what)
+    except InvalidInput:
+        raise InvalidInput(f"not a {what}: {text!r} (a decimal such as 0.5)") from None
+    if value <= 0:
+        raise InvalidInput(f"{what} must be a positive number, got {text}")
     ppm = value * PPM
     if ppm != ppm.to_integral_value():
-        raise InvalidInput(f"rate {text} has more than six decimals")
+        raise InvalidInput(f"{what} {text} has more than six decimals")
     if ppm > 1000 * PPM:
-        raise InvalidInput(f"rate {text} is implausibly large (max 1000)")
+        raise InvalidInput(f"{what} {text} is implausibly large (max 1000)")
     return int(ppm)
 
 

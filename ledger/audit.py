@@ -44,6 +44,7 @@ from .audit_columns import (
 from .facts import BIRTH_KINDS, CLOSE_KINDS, HoldFacts
 from .journal import row_hash
 from .models import GENESIS_HASH, Account, ChainHead, JournalPending, Wallet
+from .pool import BURN_KIND
 
 A, W, H, P = (m.__table__ for m in (Account, Wallet, ChainHead, JournalPending))
 
@@ -115,7 +116,9 @@ class _Walk:
         self.escrow = wallets.get("system:escrow")
         self.usage = wallets.get("system:usage")
         self.expired = wallets.get("system:expired")
+        self.issuance = wallets.get("system:issuance")
         self.pools = pools  # account name -> pool wallet id
+        self.pool_ids = set(pools.values())
         self.holds: dict[str, HoldFacts] = {}
         # id -> [account, wallet, face, status, scopes, expires (minted; else UNKNOWN)]
         self.tokens: dict[str, list] = {}
@@ -138,6 +141,9 @@ class _Walk:
             if kind not in ("charge", "refund") and self.usage in (debit, credit):
                 r.fail(f"row {seq}: {kind} moves system:usage (only charges and refunds may)",
                        seq)
+            if debit in self.pool_ids and kind not in (BURN_KIND, "mint"):
+                r.fail(f"row {seq}: {kind} pays out of an account's pool (only a burn or a "
+                       "mint from the pool may)", seq)
         if hold_id is not None:
             self.hold_row(seq, kind, debit, credit, amount, account, token_id, hold_id, data)
         elif token_id is not None:
@@ -151,6 +157,10 @@ class _Walk:
             r.exports.append({**json.loads(data), "row": seq})
         elif kind in TABLE_KINDS:
             self.recorded.table_row(seq, kind, json.loads(data))
+        elif kind == BURN_KIND and (debit != self.pools.get(account)
+                                    or credit != self.issuance):
+            r.fail(f"row {seq}: burn of account {account}'s pool does not pay from that pool "
+                   "to system:issuance", seq)
 
     def token(self, seq: int, token_id: str | None, what: str) -> list | None:
         t = self.tokens.get(token_id)
@@ -232,6 +242,12 @@ class _Walk:
             if token_id in self.tokens:
                 fail(f"row {seq}: token {token_id} is created a second time", seq)
             body = json.loads(data)
+            if kind == "mint" and amount:
+                source = self.pools.get(account) if body.get("from_pool") else self.issuance
+                if debit != source:
+                    fail(f"row {seq}: mint of token {token_id} is paid from wallet {debit}, not "
+                         + (f"the pool of account {account}" if body.get("from_pool")
+                            else "system:issuance"), seq)
             self.tokens[token_id] = [account, credit, amount, "active",
                                      body.get("scopes", UNKNOWN),
                                      body.get("expires", UNKNOWN) if kind == "mint" else UNKNOWN]

@@ -58,7 +58,8 @@ HOLD_COLUMNS = ("user", "partition", "cluster", "gpu_type", "gpus", "seconds", "
 _AT = {name: i for i, name in enumerate(HOLD_COLUMNS)}
 _HOLD_CHECKED = ("token", "account", "amount", "charged", "refunded", "state") + HOLD_COLUMNS
 PARSED_HOLD_KINDS = frozenset(("reserve", "resize", "bind", "charge"))  # rows whose data counts
-TABLE_KINDS = frozenset(("rate_set", "multiplier_set", "multiplier_unset", LINK_KIND))
+TABLE_KINDS = frozenset(("rate_set", "rate_unset", "multiplier_set", "multiplier_unset",
+                         LINK_KIND))
 _MARKS = {"reserve": "v", "resize": "cols", "charge": "usage_sha256"}  # version-2 data
 _CHARGE_DATA = ("job_id", "node", "restart", "usage_sha256")
 # A resize from before version 2 recorded what it asked for, not what the hold became:
@@ -153,6 +154,8 @@ class Recorded:
     def table_row(self, seq, kind: str, data: dict) -> None:
         if kind == "rate_set":
             self.rates[data.get("gpu_type")] = (data.get("rate_ppm"), seq)
+        elif kind == "rate_unset":
+            self.rates.pop(data.get("gpu_type"), None)
         elif kind == "multiplier_set":
             self.tiers[(data.get("kind"), data.get("name"))] = (
                 data.get("multiplier_ppm"), data.get("zone"), seq)

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
-from .errors import ConfigError
+from .amounts import SECONDS_PER_HOUR, parse_rate
+from .errors import ConfigError, InvalidInput
 from .idle import IdlePolicy
 from .idle import parse as parse_idle
+from .limits import Limits
 from .schema import setting
 from .shares import DEFAULT_GRES_CONF
 
@@ -101,6 +103,12 @@ class DatabaseConfig:
     password_file: str | None = setting(
         None, kind=schema.STRING, example="/etc/gpuledger/db.password",
         doc="a server's password is read from this file (mode 0600), never put in the URL")
+    unavailable_wait: float = setting(
+        0.5, kind=schema.NUMBER, check=_between(0, 600, unit=" seconds"),
+        doc="seconds a write keeps trying while the database is unreachable, read-only or "
+            "failing over (nothing committed), or after a COMMIT whose outcome is unknown; "
+            "then it fails as unavailable (keep it under [submit] timeout: job_submit.lua "
+            "waits for the daemon's answer)")
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,8 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class SubmitConfig:
     """job_submit.lua, through the job_submit.conf rendered from this table
-    (`gpuledger config render-submit-conf`); the Lua reads nothing else."""
+    (`gpuledger config render-submit-conf`); the Lua reads nothing else. The daemon reads
+    free_accounts too: its job-request reader decides free accounts."""
 
     socket: str | None = setting(
         None, kind=schema.STRING, check=_conf_text,
@@ -166,7 +175,8 @@ class SubmitConfig:
             "deferred (the prolog reserves)")
     free_accounts: tuple[str, ...] = setting(
         (), kind=schema.STRINGS, check=_accounts,
-        doc="Slurm accounts whose GPU jobs need no token")
+        doc="Slurm accounts whose GPU jobs need no token (the daemon decides from this "
+            "list; job_submit.lua, from the same list, only while the daemon cannot answer)")
 
 
 @dataclass(frozen=True)
@@ -185,8 +195,9 @@ class ChargeConfig:
 class HooksSection:
     """Prolog, epilog, the controller hooks and `gpuledger reconcile`."""
 
-    state_dir: str = setting("/var/lib/gpuledger/jobs", kind=schema.STRING,
-                             doc="per-node prolog records")
+    state_dir: str = setting("/var/spool/gpuledger/jobs", kind=schema.STRING,
+                             doc="per-node prolog records (root's: not under the ledger's "
+                                 "data directory, which the daemon's user owns)")
     log_file: str = setting("/var/log/gpuledger/hooks.log", kind=schema.STRING,
                             doc='the hooks\' log file ("": none)')
     syslog: bool = setting(True, kind=schema.BOOLEAN, doc="log to syslog too")
@@ -346,6 +357,33 @@ class MetricsSection:
         doc="seconds a scrape's database figures are reused (scrapes in between read nothing)")
 
 
+def _plain_decimal(v: str) -> str | None:
+    try:
+        parse_rate(v)
+    except InvalidInput as exc:
+        return f"must be a positive decimal number ({exc})"
+    return None
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Caps on what one admin command may set: a value with a digit too many is refused,
+    naming the cap (raise it here when a larger value is meant)."""
+
+    max_token_hours: int = setting(
+        1_000_000, kind=schema.INTEGER, check=lambda v: None if v > 0 else "must be above 0",
+        doc="largest face value of a minted token, in GPU-hours at the reference rate")
+    max_rate: str = setting("100", kind=schema.DECIMAL, check=_plain_decimal,
+                            doc="largest rate of a GPU type (the reference GPU's is 1)")
+    max_multiplier: str = setting("10", kind=schema.DECIMAL, check=_plain_decimal,
+                                  doc="largest tier multiplier (partition, QOS, off-peak)")
+
+    def limits(self) -> Limits:
+        return Limits(max_token=self.max_token_hours * SECONDS_PER_HOUR,
+                      max_rate_ppm=parse_rate(self.max_rate),
+                      max_multiplier_ppm=parse_rate(self.max_multiplier))
+
+
 @dataclass(frozen=True)
 class Section:
     name: str  # "" for the top level
@@ -366,6 +404,7 @@ SECTIONS = (
     Section("metrics", MetricsSection),
     Section("smtp", SmtpSection, optional=True),
     Section("reports", ReportsSection),
+    Section("limits", LimitsSection),
 )
 TABLES = {s.name: s for s in SECTIONS if s.name}
 TOP_KEYS = {i.key for i in schema.items(TopLevel)}
@@ -386,6 +425,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     smtp: SmtpSection | None = None  # None: no [smtp] table (dry runs only)
     reports: ReportsSection = field(default_factory=ReportsSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
 
     @property
     def submit_socket(self) -> str:

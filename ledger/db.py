@@ -6,13 +6,23 @@ Server databases run at READ COMMITTED with explicit row locks
 (``SELECT … FOR UPDATE``), taken in a fixed order, the chain head last.
 
 Every driver error — raised through SQLAlchemy or by the hot paths' raw driver
-cursors — is judged here by one rule: conflicts (deadlock, lock wait timeout,
-serialization failure, MariaDB's snapshot-isolation "record has changed") retry
-the whole transaction; anything else becomes a :class:`StorageError`.
+cursors — is judged by one rule (``ledger.dbretry``): conflicts (deadlock, lock wait
+timeout, serialization failure, MariaDB's snapshot-isolation "record has changed") retry
+the whole transaction; a database that is away, read-only or failing over (nothing
+committed) is tried again for ``[database] unavailable_wait`` seconds; a connection lost
+during COMMIT leaves the outcome unknown, and only an operation that is safe to replay
+(its idempotency key, or a state a second run finds set) runs again — the others raise
+:class:`OutcomeUnknown`. Anything else becomes a :class:`StorageError`.
+
+PostgreSQL sessions run with ``statement_timeout = 0`` whatever the role or database
+says: a timeout that fires while a synchronous COMMIT waits for its standby returns
+success for a commit only the primary has. A WARNING received during COMMIT (that one's
+sign) makes the outcome unknown too.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 import time
@@ -25,10 +35,14 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 
 from .config import Config
-from .errors import ConfigError, StorageError, UniqueViolation
+from .dbretry import Verdict, commit_warning, verdict
+from .errors import ConfigError, OutcomeUnknown, StorageError, UniqueViolation
 
 BUSY_TIMEOUT_MS = 10_000
 PING_IDLE_S = 1.0  # a server connection idle this long is pinged before it is used
+UNAVAILABLE_WAIT_S = 0.5  # default of [database] unavailable_wait
+NOTICES = "gpuledger_notices"  # the connection record's list of the server's notices
+log = logging.getLogger("gpuledger.db")
 
 
 def resolve_url(config: Config) -> URL:
@@ -70,11 +84,47 @@ def make_engine(url: URL | str, **kw) -> Engine:
         return engine
     if backend in ("mysql", "mariadb", "postgresql"):
         kw.setdefault("isolation_level", "READ COMMITTED")
+        if backend == "postgresql":
+            kw["connect_args"] = _no_statement_timeout(url, kw.get("connect_args"))
         engine = create_engine(url, **kw)
         if not kw.get("pool_pre_ping"):
             _ping_when_idle(engine)
+        if backend == "postgresql":
+            _keep_notices(engine)
         return engine
     raise ConfigError(f"unsupported database backend {backend!r} (sqlite, postgresql, mysql)")
+
+
+def _no_statement_timeout(url: URL, connect_args: dict | None) -> dict:
+    """libpq ``options`` that turn statement_timeout off for the session (after any the
+    URL gives): set for the role or the database, it could cancel a COMMIT's wait for the
+    synchronous standby, and PostgreSQL then reports success for a commit that is on the
+    primary alone."""
+    args = dict(connect_args or {})
+    given = args.get("options", url.query.get("options", ""))
+    if isinstance(given, tuple):
+        given = " ".join(given)
+    args["options"] = f"{given} -c statement_timeout=0".strip()
+    return args
+
+
+def _keep_notices(engine: Engine) -> None:
+    """Collect each PostgreSQL connection's notices (psycopg 3) in its record's info, so
+    that a write can tell whether COMMIT came with a WARNING (``dbretry.commit_warning``)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, record):
+        notices: list[tuple[str, str]] = []
+        record.info[NOTICES] = notices
+
+        def keep(diag) -> None:  # the Diagnostic is valid only during this call: copy it
+            if len(notices) < 100:
+                notices.append((diag.severity_nonlocalized or diag.severity or "",
+                                diag.message_primary or ""))
+
+        add = getattr(dbapi_conn, "add_notice_handler", None)
+        if add is not None:
+            add(keep)
 
 
 def _ping_when_idle(engine: Engine) -> None:
@@ -130,30 +180,6 @@ def is_sqlite(conn_or_engine: Connection | Engine) -> bool:
     return conn_or_engine.dialect.name == "sqlite"
 
 
-# Driver error codes of a transaction that lost a conflict and may simply run again.
-_PG_CONFLICTS = frozenset({
-    "40001",  # serialization_failure
-    "40P01",  # deadlock_detected
-    "55P03",  # lock_not_available (lock_timeout)
-})
-_MARIADB_CONFLICTS = frozenset({
-    1213,  # ER_LOCK_DEADLOCK
-    1205,  # ER_LOCK_WAIT_TIMEOUT
-    1020,  # ER_CHECKREAD: innodb_snapshot_isolation saw a row change since its read view
-})
-
-
-def _retryable(exc: DBAPIError) -> bool:
-    """The one retry rule: a conflict the whole transaction may be retried after."""
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) in _PG_CONFLICTS:
-        return True
-    args = getattr(orig, "args", ())
-    if args and args[0] in _MARIADB_CONFLICTS:
-        return True
-    return "database is locked" in str(orig)
-
-
 def as_dbapi_error(conn: Connection, exc: BaseException) -> DBAPIError | None:
     """A driver's own exception (from a raw driver cursor) wrapped as SQLAlchemy wraps its
     own — same classes (OperationalError, IntegrityError, …), same ``orig`` — so that one
@@ -170,15 +196,16 @@ def as_dbapi_error(conn: Connection, exc: BaseException) -> DBAPIError | None:
     return DBAPIError.instance(None, None, exc, dbapi.Error)
 
 
-def storage_error(exc: DBAPIError) -> StorageError:
-    text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+def storage_error(exc: DBAPIError, *, waited: float | None = None) -> StorageError:
+    text = _first_line(exc)
+    tail = f" (tried again for {waited:g} s)" if waited else ""
     if "readonly" in text or "read-only" in text or "read only" in text:
-        return StorageError(f"the ledger database is read-only: {text}")
+        return StorageError(f"the ledger database is read-only: {text}{tail}")
     if isinstance(exc, IntegrityError) and any(
             w in text.lower() for w in ("unique", "duplicate")):
         return UniqueViolation(f"the ledger database refused a duplicate: {text}")
-    if isinstance(exc, OperationalError):
-        return StorageError(f"the ledger database is unavailable: {text}")
+    if isinstance(exc, OperationalError) or verdict(exc, at_commit=False) is not Verdict.FINAL:
+        return StorageError(f"the ledger database is unavailable: {text}{tail}")
     return StorageError(f"the ledger database refused the operation: {text}")
 
 
@@ -213,18 +240,103 @@ def read(engine: Engine) -> Iterator[Connection]:
         raise storage_error(exc) from None
 
 
-def run_write(engine: Engine, fn, *, attempts: int = 8):
-    """Run ``fn(conn)`` in a write transaction, retrying conflicts; map driver errors.
+def run_write(engine: Engine, fn, *, attempts: int = 8, replay_safe: bool = False,
+              wait_s: float = UNAVAILABLE_WAIT_S, confirm=None, sleep=time.sleep,
+              clock=time.monotonic):
+    """Run ``fn(conn)`` in a write transaction and commit; retry what ``ledger.dbretry``
+    says may run again; map driver errors to StorageError.
 
-    Raw driver errors arrive here wrapped by :func:`write`, so every path — SQLAlchemy
-    statements and driver cursors alike — retries and maps the same way."""
-    for attempt in range(attempts):
+    * conflicts: up to ``attempts`` runs, with a short random backoff;
+    * the database away, read-only or failing over (nothing committed): again until
+      ``wait_s`` seconds have passed since the first such error;
+    * outcome unknown (connection lost during COMMIT, a WARNING with it): again within
+      the same wait when ``replay_safe`` — ``fn`` carries its idempotency key, or finds
+      its state already set —, else :class:`OutcomeUnknown` at once. The runs after an
+      unknown outcome call ``confirm(conn)`` before committing: a statement that writes,
+      so that their COMMIT waits for the synchronous standby even when ``fn`` finds its
+      work done (a replay writes nothing, and the first commit may be on a primary
+      alone).
+
+    Raw driver errors arrive here wrapped by :func:`_transaction`, so every path —
+    SQLAlchemy statements and driver cursors alike — is judged the same way."""
+    conflicts = 0
+    waiting_since: float | None = None
+    unknown: str | None = None  # why an earlier run's outcome is unknown
+    pause = 0.02
+    while True:
+        at_commit = False
+        judged: Verdict | None = None  # the verdict on this run's error, once
         try:
-            with write(engine) as conn:
-                return fn(conn)
+            with engine.connect() as conn:
+                try:
+                    with _transaction(conn):
+                        result = fn(conn)
+                        if unknown is not None and confirm is not None:
+                            confirm(conn)
+                        notices = conn.info.get(NOTICES)
+                        if notices:
+                            notices.clear()
+                        at_commit = True
+                except DBAPIError as exc:
+                    judged = verdict(exc, at_commit=at_commit)
+                    if not conn.invalidated and judged in (Verdict.UNAVAILABLE,
+                                                           Verdict.UNKNOWN):
+                        conn.invalidate()  # a replica, a demoted primary: connect afresh
+                    raise
+                warning = commit_warning(notices) if notices else None
+                if warning is not None:
+                    conn.invalidate()  # it may be a primary that lost its standby
+                    raise _Unknown(f"COMMIT returned with a warning: {warning}")
+            return result
         except DBAPIError as exc:
-            if _retryable(exc) and attempt < attempts - 1:
-                time.sleep(0.002 * (2**attempt) * random.uniform(0.5, 1.5))
-                continue
-            raise storage_error(exc) from None
-    raise AssertionError("unreachable")
+            kind = judged if judged is not None else verdict(exc, at_commit=at_commit)
+            if kind is Verdict.CONFLICT:
+                conflicts += 1
+                if conflicts < attempts:
+                    sleep(0.002 * (2**conflicts) * random.uniform(0.5, 1.5))
+                    continue
+                raise storage_error(exc) from None
+            if kind is Verdict.FINAL:
+                raise storage_error(exc) from None
+            if kind is Verdict.UNKNOWN:
+                why = "the connection was lost during COMMIT: " + _first_line(exc)
+                if not replay_safe:
+                    raise outcome_unknown(why) from None
+                _replaying(why)
+                unknown = why
+            error = exc
+        except _Unknown as exc:
+            if not replay_safe:
+                raise outcome_unknown(str(exc)) from None
+            _replaying(str(exc))
+            unknown, error = str(exc), None
+        now = clock()
+        waiting_since = now if waiting_since is None else waiting_since
+        if now - waiting_since >= wait_s:
+            if unknown is not None:
+                raise outcome_unknown(f"{unknown}; the database did not answer again within "
+                                      f"{wait_s:g} s") from None
+            raise storage_error(error, waited=wait_s) from None
+        sleep(min(pause, max(0.0, waiting_since + wait_s - now)))
+        pause = min(pause * 2, 0.5)
+
+
+def _replaying(why: str) -> None:
+    log.warning("gpuledger: COMMIT outcome unknown (%s); running the operation again, which "
+                "is safe to replay (its idempotency key, or a state it finds set)", why)
+
+
+class _Unknown(Exception):
+    """COMMIT returned, but with a warning that it may be on the primary alone."""
+
+
+def _first_line(exc: DBAPIError) -> str:
+    text = str(exc.orig).strip() if exc.orig is not None else str(exc)
+    return text.splitlines()[0] if text else type(exc.orig or exc).__name__
+
+
+def outcome_unknown(why: str) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"the ledger database may or may not have made this change ({why}); an operation "
+        "with an idempotency key may be repeated with the same key, check anything else "
+        "before repeating it")

@@ -22,6 +22,12 @@ class UniqueViolation(StorageError):
     """A unique key collided (a concurrent writer got there first)."""
 
 
+class OutcomeUnknown(StorageError):
+    """The connection was lost during COMMIT (or a synchronous commit's wait was
+    cancelled): the change may or may not have been made, and the operation was not one
+    that may simply run again (``ledger.dbretry``)."""
+
+
 class NotFound(LedgerError):
     """An account, token, hold or key that does not exist."""
 

@@ -34,7 +34,7 @@ from .pricing import hold_cost, unpriced
 from .rawsql import FOR_UPDATE, JSONText, Raw
 from .reserve import ReserveItem, ReserveOps, _scope_refusal, new_hold_id  # noqa: F401
 from .tokens import Scopes
-from .views import HoldRequest, HoldView
+from .views import HoldRequest, HoldView, iso
 
 HO, CH = Hold.__table__, Charge.__table__
 
@@ -273,7 +273,10 @@ class HoldOps(ReserveOps):
             tx.flush()
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
-        return HoldView.from_dict(self._idempotent("resize", key, fields, run))
+        # Without a key a replay is still harmless: the figures are absolute, and a second
+        # run re-prices the hold to what it already holds (a zero resize row).
+        return HoldView.from_dict(self._idempotent("resize", key, fields, run,
+                                                   replay_safe=True))
 
     def refund(self, hold_id: str, amount: int, reason: str, *, key: str | None = None,
                cap: bool = False, also: Callable[[Connection, int], None] | None = None
@@ -355,7 +358,8 @@ class HoldOps(ReserveOps):
                 self._requalify(tx, hold_id, *requalify)
             return hold_view(self._hold_row(tx.conn, hold_id)).to_dict()
 
-        return HoldView.from_dict(self._write(run))
+        # A replay finds the job bound and the hold priced for it: it changes nothing.
+        return HoldView.from_dict(self._write(run, replay_safe=True))
 
     def _rehold(self, tx: Tx, hold_id: str, facts: HoldFacts, token_row, delta: int,
                 data: dict, needs: str) -> None:
@@ -431,7 +435,7 @@ class HoldOps(ReserveOps):
         with self._read() as conn:
             rows = conn.execute(select(CH).where(CH.c.hold_id == hold_id).order_by(CH.c.id)).all()
         return [{"key": r.key, "amount": r.amount, "job_id": r.job_id, "node": r.node,
-                 "restart": r.restart, "usage": r.usage, "created": r.created_at.isoformat()}
+                 "restart": r.restart, "usage": r.usage, "created": iso(r.created_at)}
                 for r in rows]
 
 

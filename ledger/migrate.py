@@ -16,9 +16,11 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine
 
 from . import db
+from .errors import InvalidInput
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 VERSION_TABLE = "alembic_version"
@@ -73,12 +75,30 @@ def _upgrade(engine: Engine, schema: Schema, revision: str) -> tuple[str | None,
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Migrate the ledger to ``revision`` (and, at head, every registered component);
-    returns the ledger's (before, after) revision ids."""
+    returns the ledger's (before, after) revision ids. An unknown ``revision`` is an
+    InvalidInput naming the known ones, before anything runs."""
+    check_revision(revision)
     result = _upgrade(engine, LEDGER, revision)
     if revision == "head":
         for schema in components():
             _upgrade(engine, schema, "head")
     return result
+
+
+def revisions(schema: Schema = LEDGER) -> list[str]:
+    """The schema's revision ids, oldest first."""
+    return [r.revision for r in reversed(list(ScriptDirectory(str(schema.location))
+                                              .walk_revisions()))]
+
+
+def check_revision(revision: str, schema: Schema = LEDGER) -> None:
+    try:
+        found = ScriptDirectory(str(schema.location)).get_revision(revision)
+    except CommandError:
+        found = None
+    if found is None and revision != "head":
+        raise InvalidInput(f"unknown schema revision {revision!r} (this version knows "
+                           f"{', '.join(revisions(schema))}; `head` is the newest)")
 
 
 def current(engine: Engine, schema: Schema = LEDGER) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from .advice import partition_hint, shortfall
 from .amounts import PPM, fmt_hours
 from .errors import LedgerError, NotFound, Reason, Refusal
 from .facts import DATA_VERSION
@@ -36,6 +37,12 @@ HO = Hold.__table__
 
 def new_hold_id() -> str:
     return "hold_" + secrets.token_hex(10)
+
+
+def hold_key(hold_id: str) -> str:
+    """The idempotency key of a reserve that names its hold id and has no key of its own
+    (the daemon's answered holds): the id is new, so is the key."""
+    return f"hold:{hold_id}"
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,9 @@ def _scope_refusal(token_id: str, account: str, s: Scopes, req: HoldRequest,
          f"token {token_id} is not valid for GPU type {req.gpu_type or 'any'} "
          f"(only {', '.join(s.gpu_types)})"),
         (bool(s.partitions) and bool(outside), Reason.WRONG_PARTITION,
-         f"token {token_id} is not valid in partition {', '.join(outside)} "
-         f"(only {', '.join(s.partitions)})"),
+         (f"token {token_id} is not valid in partition {', '.join(outside)}"
+          if req.partitions else f"token {token_id} is not valid without a partition")
+         + f" (only {', '.join(s.partitions)}): {partition_hint(s.partitions)}"),
         (bool(s.clusters) and (req.cluster or cluster) not in s.clusters, Reason.WRONG_CLUSTER,
          f"token {token_id} is not valid on cluster {req.cluster or cluster} "
          f"(only {', '.join(s.clusters)})"),
@@ -137,8 +145,11 @@ class ReserveOps:
                 *, job_id: str | None = None, hold_id: str | None = None) -> HoldView:
         """Hold the request's maximum cost, or raise a Refusal saying why not (with numbers).
         ``hold_id``: the id to give the hold (one the daemon already answered), else a new
-        one."""
+        one. Without ``key`` a connection lost during COMMIT is an :class:`OutcomeUnknown`
+        (the hold may exist); with one, the reserve runs again and finds its result."""
         claims, fields, run = self._reserve_fn(token, request, job_id, hold_id)
+        if key is None and hold_id is not None:
+            key = hold_key(hold_id)
         return HoldView.from_dict(self._idempotent("reserve", key, fields, run))
 
     def _reserve_fn(self, token: str, request: HoldRequest, job_id: str | None,
@@ -169,21 +180,23 @@ class ReserveOps:
         from memory this way (``ledger.daemon.fastpath``) — each as :meth:`reserve` with
         its own hold id and key. An item that cannot be reserved now (its token spent,
         revoked or expired since the answer) gets its error in the list and the others go
-        in: every check that refuses an item does so before it writes anything."""
+        in: every check that refuses an item does so before it writes anything. Each item
+        is stored under its key, or its hold id's (:func:`hold_key`), so the batch may run
+        again after a COMMIT whose outcome is unknown."""
         def run(tx: Tx) -> list:
             out: list = []
             for item in items:
                 try:
                     _claims, fields, body = self._reserve_fn(item.token, item.request,
                                                              item.job_id, item.hold_id)
-                    result = (self._once(tx, "reserve", item.key, fields, body) if item.key
-                              else body(tx))
+                    result = self._once(tx, "reserve", item.key or hold_key(item.hold_id),
+                                        fields, body)
                     out.append(HoldView.from_dict(result))
                 except LedgerError as exc:
                     out.append(exc)
             return out
 
-        return self._write(run)
+        return self._write(run, replay_safe=True)
 
     def _reserve_checked(self, tx: Tx, claims: Claims, token: str, request: HoldRequest,
                          job_id: str | None, share: int, hold_id: str | None = None) -> dict:
@@ -202,20 +215,30 @@ class ReserveOps:
         rate = self._rate(tx.conn, request.gpu_type)
         if rate is None:
             raise unpriced(request.gpu_type, claims.id)
-        multiplier = self.tiers(tx.conn).hold_ppm(request.partitions, request.qos)
+        tiers = self.tiers(tx.conn)
+        multiplier = tiers.hold_ppm(request.partitions, request.qos)
         amount = hold_cost(request.gpus, request.seconds, request.tasks, rate, share, multiplier)
         available = row.balance
         if amount > available:
-            held = self._held(tx.conn, claims.id)
-            reason = Reason.EXHAUSTED if available == 0 and held == 0 else \
-                Reason.INSUFFICIENT
-            tail = "is exhausted" if reason is Reason.EXHAUSTED else \
-                f"has {fmt_hours(available)} GPU-h left"
-            raise Refusal(reason, f"needs {fmt_hours(amount)} GPU-h ({request.describe()}), "
-                          f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
-                          available=available)
+            raise short_refusal(claims, request, amount, available,
+                                self._held(tx.conn, claims.id), rate, share, multiplier, tiers)
         return self._reserve_insert(tx, claims, request, job_id, row.account, row.wallet_id,
                                     rate, amount, share, multiplier, hold_id)
+
+    def covers(self, token: str, request: HoldRequest):
+        """Whether ``token`` would pay for ``request`` now: (view, None) or (view, the
+        Refusal a reserve would raise: revoked with its reason, short by how much and what
+        would fit). Signature, validity and scope refusals are raised (``check``)."""
+        claims = self.check(token, request)
+        view = self.inspect(token)
+        if view.status in ("revoked", "expired"):
+            return view, refusal(Liveness(view.status), claims.id, expires=view.expires,
+                                 reason=view.status_reason)
+        amount, rate, share, multiplier = self.price_tiered(request)
+        if amount <= view.remaining:
+            return view, None
+        return view, short_refusal(claims, request, amount, view.remaining, view.held, rate,
+                                   share, multiplier, self.tiers())
 
     def _reserve_insert(self, tx: Tx, claims: Claims, request: HoldRequest, job_id, account: str,
                         wallet_id: int, rate: int, amount: int, share: int,
@@ -250,6 +273,20 @@ class ReserveOps:
             gres=request.gres, per_node=request.per_node, share=share, qos=request.qos,
             multiplier_ppm=multiplier,
         ).to_dict()
+
+
+def short_refusal(claims: Claims, request: HoldRequest, amount: int, available: int, held: int,
+                  rate: int, share: int, multiplier: int, tiers: Tiers) -> Refusal:
+    """The refusal of a token that has ``available`` of the ``amount`` a request needs:
+    exhausted, or short by how much, with the ``-t`` or the tier that would fit."""
+    reason = Reason.EXHAUSTED if available == 0 and held == 0 else Reason.INSUFFICIENT
+    tail = "is exhausted" if reason is Reason.EXHAUSTED else \
+        f"has {fmt_hours(available)} GPU-h left: " + shortfall(
+            request, amount, available, rate, share, multiplier, tiers,
+            claims.scopes.partitions)
+    return Refusal(reason, f"needs {fmt_hours(amount)} GPU-h ({request.describe()}), "
+                   f"token {claims.id} {tail}", token_id=claims.id, needed=amount,
+                   available=available)
 
 
 def _fast_reserve_row(tx: Tx, token_id: str, request: HoldRequest, token_digest: str):

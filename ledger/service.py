@@ -27,6 +27,7 @@ from .errors import (
     InvalidInput,
     LedgerError,
     NotFound,
+    StorageError,
     UniqueViolation,
 )
 from .groupcommit import GroupCommit
@@ -34,13 +35,16 @@ from .holds import HoldOps
 from .idempotency import fingerprint, idempotency_row
 from .joblinks import JobLinkOps
 from .journal import Tx, ensure_head, now_utc
+from .limits import Limits
 from .models import Account, Hold, IdempotencyRecord, Rate, SigningKey, Token, Wallet
 from .names import check_account_name, check_gpu_type  # noqa: F401 (re-exported)
+from .pool import PoolOps
 from .rawsql import Raw
 from .shares import GresFile
 from .tiers import TierOps
 from .token_ops import TokenOps
 from .tokens import Verifier
+from .views import iso
 
 A, W, T, R, K, HO, IDEM = (m.__table__ for m in (Account, Wallet, Token, Rate, SigningKey, Hold,
                                                   IdempotencyRecord))
@@ -58,8 +62,13 @@ class LedgerBase:
 
     def __init__(self, engine: Engine, *, keys_dir: Path | None = None,
                  clock: Callable[[], datetime] = now_utc, cluster: str | None = None,
-                 gres_conf: str | Path | None = None):
+                 gres_conf: str | Path | None = None,
+                 unavailable_wait: float = db.UNAVAILABLE_WAIT_S, limits: Limits | None = None):
         self.engine = engine
+        # how long a write tries again while the database is away, read-only or failing
+        # over ([database] unavailable_wait; ledger.db.run_write)
+        self.unavailable_wait = unavailable_wait
+        self.limits = limits or Limits()  # caps on what an admin command may set
         self.gres = GresFile(gres_conf)  # the GPUs' shard counts (``ledger.shares``)
         self.keys_dir = keys_dir
         self.clock = clock
@@ -72,21 +81,30 @@ class LedgerBase:
     def from_config(cls, config: Config, **kw):
         engine = db.make_engine(db.resolve_url(config))
         kw.setdefault("gres_conf", config.hooks.gres_conf)
+        kw.setdefault("unavailable_wait", config.database.unavailable_wait)
+        kw.setdefault("limits", config.limits.limits())
         return cls(engine, keys_dir=config.keys_dir, cluster=config.cluster, **kw)
 
     # -- transactions -------------------------------------------------------------------------
 
-    def _write(self, fn: Callable[[Tx], object], *, chain_now: bool = False):
+    def _write(self, fn: Callable[[Tx], object], *, chain_now: bool = False,
+               replay_safe: bool = False):
         """Run ``fn`` in a write transaction and seal its rows. ``chain_now``: chain them in
         this transaction even if that means waiting for the head (events that later reads
         must find in the journal itself: head exports, head-attestation keys). On SQLite,
         operations other threads ask for at the same time share the transaction and its
-        commit (``ledger.groupcommit``)."""
+        commit (``ledger.groupcommit``).
+
+        ``replay_safe``: ``fn`` may run again after a COMMIT whose outcome is unknown (a
+        connection lost during it): it carries its idempotency key (:meth:`_idempotent`),
+        or a second run finds its state set and changes nothing. Other operations raise
+        :class:`OutcomeUnknown` then (``ledger.db.run_write``)."""
         if self._group is not None and not chain_now:
             return self._group.submit(fn)
-        return self._write_alone(fn, chain_now)
+        return self._write_alone(fn, chain_now, replay_safe)
 
-    def _write_alone(self, fn: Callable[[Tx], object], chain_now: bool = False):
+    def _write_alone(self, fn: Callable[[Tx], object], chain_now: bool = False,
+                     replay_safe: bool = False):
         def run(conn: Connection):
             tx = Tx(conn, self.clock(), self._wallet_ids)
             try:
@@ -96,7 +114,8 @@ class LedgerBase:
                 tx.close()
             return result
 
-        return db.run_write(self.engine, run)
+        return db.run_write(self.engine, run, replay_safe=replay_safe,
+                            wait_s=self.unavailable_wait, confirm=_confirm)
 
     def seal_pending(self) -> int:
         """Chain every journal row other writers left pending (server databases: see
@@ -105,13 +124,15 @@ class LedgerBase:
         the rows chained (0 on SQLite, where nothing is ever pending)."""
         if db.is_sqlite(self.engine):
             return 0
-        return self._write(lambda tx: tx.seal(wait=True))
+        return self._write(lambda tx: tx.seal(wait=True), replay_safe=True)
 
     def _idempotent(self, op: str, key: str | None, fields: dict,
-                    fn: Callable[[Tx], dict]) -> dict:
-        """Run ``fn`` once per ``key``; replays get the stored result back."""
+                    fn: Callable[[Tx], dict], *, replay_safe: bool = False) -> dict:
+        """Run ``fn`` once per ``key``; replays get the stored result back. Without a key,
+        ``replay_safe`` says whether ``fn`` may run again after a COMMIT whose outcome is
+        unknown (see :meth:`_write`)."""
         if key is None:
-            return self._write(fn)
+            return self._write(fn, replay_safe=replay_safe)
 
         def stored(conn: Connection) -> dict | None:
             with Raw(conn) as raw:
@@ -122,9 +143,11 @@ class LedgerBase:
 
         for _attempt in range(3):
             try:
-                return self._write(run)
+                return self._write(run, replay_safe=True)  # the key makes a replay harmless
             except UniqueViolation:
                 continue  # a concurrent replay committed the key first: read its result
+            except StorageError:
+                raise  # the database's own trouble: not another writer's result
             except LedgerError:
                 # A concurrent replay may have committed while we waited for a row lock and
                 # changed what we saw (hold already posted, funds already held): its result
@@ -134,7 +157,7 @@ class LedgerBase:
                 if previous is None:
                     raise
                 return previous
-        return self._write(run)
+        return self._write(run, replay_safe=True)
 
     @staticmethod
     def _stored(raw: Raw, op: str, key: str, fields: dict) -> dict | None:
@@ -199,6 +222,15 @@ class LedgerBase:
         return row
 
 
+def _confirm(conn: Connection) -> None:
+    """A write in the run after a COMMIT whose outcome was unknown: its own COMMIT then
+    waits for the synchronous standby, and with it everything the primary committed
+    before — the earlier run's commit included, when it was there — even when this run
+    finds its work done and writes nothing else. The chain head's row is in every ledger;
+    the update leaves it as it was."""
+    conn.exec_driver_sql("UPDATE chain_head SET seq = seq WHERE id = 1")
+
+
 class AdminOps(LedgerBase):
     """Accounts, rates, keys, journal and verification."""
 
@@ -229,8 +261,10 @@ class AdminOps(LedgerBase):
 
         self._write(run)
 
-    def set_rate(self, gpu_type: str, rate_ppm: int) -> None:
+    def set_rate(self, gpu_type: str, rate_ppm: int) -> int | None:
+        """Set a GPU type's rate (journaled); returns the rate it replaces, None if new."""
         check_gpu_type(gpu_type)
+        self.limits.check_rate(rate_ppm)
 
         def run(tx: Tx):
             old = tx.conn.execute(select(R.c.rate_ppm).where(R.c.gpu_type == gpu_type)).scalar()
@@ -242,8 +276,25 @@ class AdminOps(LedgerBase):
                                 .values(rate_ppm=rate_ppm, updated_at=tx.now))
             tx.event("rate_set", data={"gpu_type": gpu_type, "rate_ppm": rate_ppm,
                                        "previous_ppm": old})
+            return old
 
-        self._write(run)
+        return self._write(run)
+
+    def unset_rate(self, gpu_type: str) -> int:
+        """Remove a GPU type's rate (journaled); returns the rate removed. The type is then
+        priced at ``default`` (``ledger.pricing``), and untyped requests at the highest rate
+        left."""
+        def run(tx: Tx):
+            old = tx.conn.execute(select(R.c.rate_ppm).where(R.c.gpu_type == gpu_type)).scalar()
+            if old is None:
+                known = tx.conn.execute(select(R.c.gpu_type).order_by(R.c.gpu_type)).scalars()
+                raise NotFound(f"no rate for GPU type {gpu_type!r} (rates: "
+                               f"{', '.join(known) or 'none'})")
+            tx.conn.execute(R.delete().where(R.c.gpu_type == gpu_type))
+            tx.event("rate_unset", data={"gpu_type": gpu_type, "previous_ppm": old})
+            return old
+
+        return self._write(run)
 
     def rates(self) -> dict[str, int]:
         with self._read() as conn:
@@ -313,7 +364,7 @@ class AdminOps(LedgerBase):
         from datetime import UTC
 
         def when(ts: int) -> str:
-            return datetime.fromtimestamp(ts / 1e6, UTC).isoformat()
+            return iso(datetime.fromtimestamp(ts / 1e6, UTC))
 
         self.seal_pending()
         with self._read() as conn:
@@ -349,8 +400,8 @@ class AdminOps(LedgerBase):
         rows = conn.execute(select(K).order_by(K.c.created_at, K.c.kid)).all()
         have = self.keys_dir
         return [{
-            "kid": r.kid, "public_key": r.public_key, "created": r.created_at.isoformat(),
-            "retired": r.retired_at.isoformat() if r.retired_at else None,
+            "kid": r.kid, "public_key": r.public_key, "created": iso(r.created_at),
+            "retired": iso(r.retired_at),
             "private_key_here": bool(have and keys.private_path(have, r.kid).exists()),
         } for r in rows]
 
@@ -380,15 +431,21 @@ class AdminOps(LedgerBase):
                             result.problem)  # for the metrics and `gpuledger status`
         return result
 
-    def export_head(self, against: Sequence[tuple[str, dict]] = ()
+    def export_head(self, against: Sequence[tuple[str, dict]] = (),
+                    publish: Callable[[dict], None] | None = None
                     ) -> tuple[VerifyResult, dict | None]:
         """Verify; when the ledger is sound, sign its head with this host's head-attestation
-        key, record the export in the journal and remember it here. (result, head or None)"""
+        key, record the export in the journal and remember it here. (result, head or None)
+
+        ``publish`` gets the signed head before the export is recorded: if it fails (the
+        file cannot be written), nothing is recorded."""
         result = self.verify_journal(against)
         if not result.ok:
             return result, None
         kid, private = attest.signing_key(self.keys_dir, result, result.attest_retired)
         head = attest.sign_head(kid, private, result, self.clock())
+        if publish is not None:
+            publish(head)
         self._write(lambda tx: tx.event(HEAD_EXPORT_KIND, data={
             "seq": head["seq"], "hash": head["hash"], "kid": kid, "at": head["at"]}),
             chain_now=True)
@@ -409,16 +466,20 @@ class AdminOps(LedgerBase):
         if since is not None:
             from .journal import micros
             q = q.where(J.c.ts >= micros(since))
-        if limit:
-            q = q.limit(limit)
+        if limit is not None:  # the newest rows, shown oldest first
+            if limit <= 0:
+                raise InvalidInput(f"--limit must be at least 1, got {limit}")
+            q = q.order_by(None).order_by(J.c.seq.desc()).limit(limit)
         self.seal_pending()
         with self._read() as conn:
             codes = dict(conn.execute(select(W.c.id, W.c.code)).all())
             rows = conn.execute(q).all()
+        if limit is not None:
+            rows.reverse()
         from datetime import UTC
         return [{
             "seq": r.seq,
-            "time": datetime.fromtimestamp(r.ts / 1e6, UTC).isoformat().replace("+00:00", "Z"),
+            "time": iso(datetime.fromtimestamp(r.ts / 1e6, UTC)),
             "kind": r.kind, "from": codes.get(r.debit_wallet_id),
             "to": codes.get(r.credit_wallet_id), "amount": r.amount, "account": r.account,
             "token_id": r.token_id, "hold_id": r.hold_id, "reason": r.reason,
@@ -445,5 +506,5 @@ class AdminOps(LedgerBase):
 
 
 
-class Ledger(HoldOps, TokenOps, DebtOps, JobLinkOps, TierOps, ChargeReadOps, AdminOps):
+class Ledger(HoldOps, TokenOps, PoolOps, DebtOps, JobLinkOps, TierOps, ChargeReadOps, AdminOps):
     """The whole service API."""

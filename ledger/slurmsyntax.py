@@ -191,46 +191,54 @@ def time_limit_seconds(text: str) -> int:
 
 # -- GRES and TRES strings -------------------------------------------------------------------
 
-# A GPU type is any name but a bare number (MIG profiles start with one: 3g.40gb).
-_TYPE = r"(?!\d+(?::|$))[A-Za-z0-9][A-Za-z0-9_.+-]*"
-_GRES_GPU = re.compile(rf"^(?:gres[:/])?(gpu|shard|mps)(?::({_TYPE}))?(?::(\d{{1,9}}))?$")
+# A GPU type is any name but a bare number (MIG profiles start with one: 3g.40gb). Items
+# separate their parts with ``:`` (``=`` read too, as job_submit.lua always read it).
+_TYPE = r"(?!\d+(?:[:=]|$))[A-Za-z0-9][A-Za-z0-9_.+-]*"
+_GRES_GPU = re.compile(rf"^(?:gres[:/])?(gpu|shard|mps)(?:[:=]({_TYPE}))?(?:[:=](\d{{1,9}}))?$")
 _GPUS = re.compile(rf"^(?:({_TYPE}):)?(\d{{1,9}})$")
+# A GRES name: the run of name characters after an optional ``gres:``/``gres/`` (the same
+# rule as job_submit.lua's gres_name, so both read one item alike).
+_GRES_NAME = re.compile(r"(?:gres[:/])?([A-Za-z0-9_.+-]*)")
 
 
 def gres_name(item: str) -> str:
     """The GRES name of one request item: ``gres:gpu:h100:2``, ``gres/shard:3`` → gpu, shard
     (the ``gres:`` prefix before 23.11, ``gres/`` from it: slurm-23-11-1-1
-    src/interfaces/gres.c gres_prepend_tres_type)."""
-    return re.split(r"[:=]", re.sub(r"^gres[:/]", "", item.strip()), maxsplit=1)[0]
+    src/interfaces/gres.c gres_prepend_tres_type); ``gpu(x):1`` → gpu (then unreadable)."""
+    return _GRES_NAME.match(item).group(1)
 
 
-def parse_gres(text: str, known: tuple[str, ...] = ()) -> tuple[int, str | None, str]:
+def parse_gres(text: str, known: tuple[str, ...] = (), *,
+               others: bool = False) -> tuple[int, str | None, str]:
     """A GRES request (``--gres``, TresPerNode) as slurm-22-05-8-1 src/common/gres.c reads
     ``name[:type][:count]``: ``gpu:h100:4`` → (4, "h100", "gpu"); ``gpu:2`` → (2, None,
     "gpu"); ``shard:3`` → (3, None, "shard"): a count per node, its GPU type (lowercase:
     Slurm matches types without case) and which GRES (gpu, shard, mps).
 
-    Other GRES in ``known`` (a site's NIC, say) are ignored, any other name is refused as
-    unknown; two GPU entries of different types, or whole GPUs with shares, are refused.
+    Other GRES in ``known`` (a site's NIC, say) are ignored — every other GRES with
+    ``others`` (Slurm's own request strings, where the site's GRES stand beside the GPUs) —,
+    any other name is refused as unknown; two GPU entries of different types, or whole GPUs
+    with shares, are refused.
     """
     count, gpu_type, kind = 0, None, None
     for item in (i.strip() for i in text.split(",")):
         name = gres_name(item)
         if name not in ("gpu", *SHARED_GRES):
-            if name in known:
+            if others or name in known:
                 continue
             raise SlurmSyntaxError(f"unknown GRES {name!r} in {item!r}: GPU tokens pay for "
                                    "gpu, shard and mps")
         m = _GRES_GPU.match(item)
         if not m:
-            raise SlurmSyntaxError(f"cannot read the GPU request {item!r}")
+            raise SlurmSyntaxError(f"cannot read the GPU request {item}")
         if kind and m.group(1) != kind:
             raise SlurmSyntaxError("a job asks for whole GPUs or for shares of one (shard, "
                                    "mps), not both")
         kind = m.group(1)
-        if m.group(2) and gpu_type and m.group(2).lower() != gpu_type:
-            raise SlurmSyntaxError("one GPU type per job")
-        gpu_type = (m.group(2) or "").lower() or gpu_type
+        typed = (m.group(2) or "").lower()
+        if typed and gpu_type and typed != gpu_type:
+            raise SlurmSyntaxError(f"one GPU type per job, not {gpu_type} and {typed}")
+        gpu_type = typed or gpu_type
         count += int(m.group(3) or 1)
     return count, gpu_type, kind or "gpu"
 

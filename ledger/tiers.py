@@ -166,7 +166,8 @@ class TierOps:
     """Mixin over LedgerBase: set, unset and read multipliers (journaled like rates)."""
 
     def set_multiplier(self, kind: str, name: str, ppm: int, *, zone: str | None = None
-                       ) -> None:
+                       ) -> int | None:
+        """Set a multiplier (journaled); returns the one it replaces, None if new."""
         if kind not in KINDS:
             raise InvalidInput(f"unknown tier {kind!r}: partition, qos or offpeak")
         if kind == "offpeak":
@@ -176,6 +177,7 @@ class TierOps:
             check_zone(zone)
         elif not _NAME.match(name or ""):
             raise InvalidInput(f"invalid {kind} name {name!r}")
+        self.limits.check_multiplier(ppm)
 
         def run(tx: Tx):
             rows = tx.conn.execute(select(MU)).all()
@@ -200,10 +202,11 @@ class TierOps:
             tx.event("multiplier_set", data={"kind": kind, "name": name, "multiplier_ppm": ppm,
                                              "previous_ppm": old,
                                              **({"zone": zone} if kind == "offpeak" else {})})
+            return old
 
-        self._write(run)
+        return self._write(run)
 
-    def unset_multiplier(self, kind: str, name: str) -> None:
+    def unset_multiplier(self, kind: str, name: str) -> int:
         def run(tx: Tx):
             old = tx.conn.execute(select(MU.c.multiplier_ppm).where(
                 MU.c.kind == kind, MU.c.name == name)).scalar()
@@ -211,8 +214,9 @@ class TierOps:
                 raise NotFound(f"no {kind} multiplier {name!r}")
             tx.conn.execute(delete(MU).where(MU.c.kind == kind, MU.c.name == name))
             tx.event("multiplier_unset", data={"kind": kind, "name": name, "previous_ppm": old})
+            return old
 
-        self._write(run)
+        return self._write(run)
 
     def tier_quote(self, request) -> dict:
         """The multiplier a request is held at and the cheapest tier that would run it: the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, func, insert, select, update
@@ -23,7 +24,8 @@ A, W, T, K, HO = (m.__table__ for m in (Account, Wallet, Token, SigningKey, Hold
 _TOKEN_ROW = ("SELECT t.*, a.name AS account, a.wallet_id AS pool_wallet_id, w.balance "
               "FROM tokens t JOIN accounts a ON a.id = t.account_id "
               "JOIN wallets w ON w.id = t.wallet_id WHERE t.id = ?")
-DEFAULT_VALIDITY = timedelta(days=365)
+DEFAULT_VALIDITY = timedelta(days=365)  # a token minted without --expires (docs/tokens.md)
+Publish = Callable[[str], None]  # puts a new token where it goes, inside its transaction
 
 
 def token_status(row, balance: int, held: int, now: datetime) -> str:
@@ -124,13 +126,27 @@ class TokenOps:
 
     def mint(self, account: str, amount: int, *, expires: datetime | None = None,
              not_before: datetime | None = None, scopes: Scopes = Scopes(),
-             kid: str | None = None, reason: str | None = None) -> tuple[str, TokenView]:
-        """Issue a new signed token worth ``amount`` GPU-seconds to ``account``."""
+             kid: str | None = None, reason: str | None = None, from_pool: bool = False,
+             publish: Publish | None = None) -> tuple[str, TokenView]:
+        """Issue a new signed token worth ``amount`` GPU-seconds to ``account``: new value
+        (from ``system:issuance``, at most ``[limits] max_token_hours``), or with
+        ``from_pool`` value the account's pool holds (revoked remainders). ``publish``
+        gets the token inside the transaction: if it fails, nothing is minted."""
         check_amount(amount, what="token value")
+        if not from_pool:
+            self.limits.check_token(amount)
         _check_scopes(scopes)
 
         def run(tx: Tx):
             acct = self._account_row(tx.conn, account)
+            source = tx.wallet_id("system:issuance")
+            if from_pool:
+                source = acct.wallet_id
+                pool = self._balance(tx.conn, source)
+                if amount > pool:
+                    raise InvalidInput(f"the pool of account {account} holds "
+                                       f"{fmt_hours(pool)} GPU-h; cannot mint "
+                                       f"{fmt_hours(amount)} GPU-h from it")
             nbf = not_before or tx.now.replace(microsecond=0)
             exp = expires or (nbf + DEFAULT_VALIDITY)
             if exp <= nbf:
@@ -142,18 +158,24 @@ class TokenOps:
                             not_before=nbf, expires=exp, issued=tx.now, scopes=scopes)
             token = sign(claims, private)
             wid = self._create_token(tx, claims, acct, token)
-            tx.move("mint", tx.wallet_id("system:issuance"), wid, amount, account=account,
+            tx.move("mint", source, wid, amount, account=account,
                     token_id=claims.id, reason=reason,
-                    data={"kid": key_id, "expires": exp.isoformat(), "scopes": scopes.to_dict()})
+                    data={"kid": key_id, "expires": exp.isoformat(), "scopes": scopes.to_dict(),
+                          **({"from_pool": True} if from_pool else {})})
             tx.flush()
-            return token, self._view(tx.conn, self._token_row(tx.conn, claims.id), tx.now)
+            view = self._view(tx.conn, self._token_row(tx.conn, claims.id), tx.now)
+            if publish is not None:
+                publish(token)
+            return token, view
 
         return self._write(run)
 
     def split(self, ref: str, amount: int, *, account: str | None = None,
               scopes: Scopes = Scopes(), expires: datetime | None = None,
-              kid: str | None = None, reason: str | None = None) -> tuple[str, TokenView]:
-        """Move ``amount`` from a token into a new signed token with equal or narrower scopes."""
+              kid: str | None = None, reason: str | None = None,
+              publish: Publish | None = None) -> tuple[str, TokenView]:
+        """Move ``amount`` from a token into a new signed token with equal or narrower scopes
+        (``publish`` as in :meth:`mint`)."""
         check_amount(amount, what="split value")
         _check_scopes(scopes)
         parent_id = self.token_id_of(ref)
@@ -184,13 +206,18 @@ class TokenOps:
                     data={"parent": parent.id, "from_account": parent.account,
                           "scopes": child_scopes.to_dict()})
             tx.flush()
-            return token, self._view(tx.conn, self._token_row(tx.conn, claims.id), tx.now)
+            view = self._view(tx.conn, self._token_row(tx.conn, claims.id), tx.now)
+            if publish is not None:
+                publish(token)
+            return token, view
 
         return self._write(run)
 
     # -- movements between existing tokens -----------------------------------------------------
 
-    def transfer(self, src: str, dst: str, amount: int, reason: str) -> None:
+    def transfer(self, src: str, dst: str, amount: int, reason: str
+                 ) -> tuple[TokenView, TokenView]:
+        """Move ``amount`` between two live tokens; (source, destination) afterwards."""
         check_amount(amount, what="transfer")
         if not (reason or "").strip():
             raise InvalidInput("a transfer needs a reason")
@@ -214,8 +241,11 @@ class TokenOps:
             tx.move("transfer", s.wallet_id, d.wallet_id, amount, account=d.account,
                     token_id=d.id, reason=reason, data={"from_token": s.id,
                                                         "from_account": s.account})
+            tx.flush()
+            return (self._view(tx.conn, self._token_row(tx.conn, src_id), tx.now),
+                    self._view(tx.conn, self._token_row(tx.conn, dst_id), tx.now))
 
-        self._write(run)
+        return self._write(run)
 
     def revoke(self, ref: str, reason: str) -> TokenView:
         """No new holds; pending holds still settle; the remainder returns to the account pool."""

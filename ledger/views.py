@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from .amounts import check_amount, fmt_duration, hours
 from .errors import InvalidInput
 from .names import check_user_name
+from .shares import GPU, check_kind
 
 
 def iso(dt: datetime | None) -> str | None:
-    return dt.isoformat().replace("+00:00", "Z") if dt else None
+    """RFC 3339 in UTC, whole seconds, ``Z``: the one timestamp format of every JSON the
+    ledger shows (the CLI's ``--json``, the daemon's answers)."""
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # stored as UTC; some drivers hand it back naive
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -35,8 +42,6 @@ class HoldRequest:
     qos: str | None = None
 
     def __post_init__(self):
-        from .shares import GPU, check_kind
-
         if self.user is not None:  # where a job's user name enters the ledger (ledger.names)
             check_user_name(self.user)
         for name in ("gpus", "seconds", "tasks"):
@@ -186,3 +191,10 @@ class AccountView:
             "pool": self.pool, "remaining": self.remaining, "held": self.held,
             "report_to": self.report_to, "created": iso(self.created),
         }
+
+    def member_dict(self) -> dict:
+        """What a member of the account sees (``gpuledger balance``): its tokens' sums, not
+        the pool, which pays for nothing until an admin mints a token from it."""
+        return {"name": self.name, "tokens": self.tokens, "remaining": self.remaining,
+                "held": self.held, "remaining_hours": hours(self.remaining),
+                "held_hours": hours(self.held)}

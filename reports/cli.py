@@ -3,18 +3,103 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from ledger.amounts import fmt_hours
-from ledger.cli.context import echo_json, echo_table, pass_app
+from ledger.cli.context import pass_app
+from ledger.cli.output import echo_json, echo_table, json_output, table_output
+from ledger.cli.shapes import obj
+from ledger.errors import InvalidInput
+from ledger.views import iso
 
 from . import alerts as alerts_mod
 from . import deliver, sendlog
 from .period import Month
 from .render import FORMATS, ms_hours, render_account
+
+RENDERED = obj("report-files", "Reports `report render` wrote.", [
+    ("month", "string", "YYYY-MM"),
+    ("format", "string", "html, text or json"),
+    ("accounts", "integer", "accounts rendered"),
+    ("files", "list of string", "files written"),
+    ("no_activity", "list of string", "accounts without activity that month"),
+])
+MAILED = obj("mailed", "One message of a run: to whom it went.", [
+    ("kind", "string", "report or site"),
+    ("scope", "string", "the account (or the site summary)"),
+    ("recipients", "list of string", "whom it is for"),
+    ("sent", "list of string", "sent (or, with --dry-run, written) to"),
+    ("already_sent", "list of string", "sent before (once per recipient and month)"),
+    ("failed", "map of string", "recipient -> why it failed"),
+    ("file", "string?", "--dry-run: the .eml written"),
+])
+SENT = obj("report-send", "What `report send` did.", [
+    ("month", "string", "YYYY-MM"),
+    ("dry_run", "boolean", "whether it only wrote .eml files"),
+    ("sent", "integer", "messages sent (or written)"),
+    ("already_sent", "integer", "recipients that had it already"),
+    ("failed", "integer", "recipients it failed for (exit status 1)"),
+    ("no_recipients", "list of string", "accounts with nobody to send to"),
+    ("messages", "list of mailed", "each message"),
+])
+DIGEST = obj("digest", "One digest of a run (alerts of an account, idle jobs of an owner).", [
+    ("account", "string", "the account, or the owner (`user:alice`)"),
+    ("alerts?", "list of string", "alerts: its lines"),
+    ("jobs?", "list of string", "idle: its lines"),
+    ("sent", "list of string", "sent (or written) to"),
+    ("failed", "map of string", "recipient -> why it failed"),
+    ("file", "string?", "--dry-run: the .eml written"),
+])
+DIGESTS = obj("digest-run", "What `alerts send` or `idle send` did.", [
+    ("dry_run", "boolean", "whether it only wrote .eml files"),
+    ("raised?", "integer", "alerts: newly raised"),
+    ("waiting?", "list of string", ("alerts: recipients who had a digest within [reports] "
+                                   "alert_digest_s (theirs waits)")),
+    ("flagged?", "integer", "idle: settlements newly flagged"),
+    ("refunded?", "integer", "idle: refunded, GPU-seconds at the reference rate"),
+    ("would_refund?", "integer", "idle --dry-run: what it would refund, GPU-seconds"),
+    ("sent", "integer", "digests sent (or written)"),
+    ("failed", "integer", "recipients it failed for (exit status 1)"),
+    ("no_recipients", "list of string", "accounts with nobody to send to"),
+    ("digests", "list of digest", "each digest"),
+])
+LOG = obj("send-log-row", "One recipient of one message in the send log.", [
+    ("kind", "string", "report or site"),
+    ("scope", "string", "account (or the site)"),
+    ("period", "string", "YYYY-MM"),
+    ("recipient", "string", "address"),
+    ("status", "string", "sent, failed, …"),
+    ("attempts", "integer", "tries"),
+    ("error", "string?", "the last failure"),
+    ("message_id", "string?", "Message-ID"),
+    ("updated", "timestamp", "last change"),
+])
+ALERT = obj("alert", "A threshold crossed now.", [
+    ("account", "string", "account"),
+    ("subject", "string", "what it is about (the account or a token)"),
+    ("kind", "string", "used, expiry, debt, …"),
+    ("threshold", "integer", "the threshold (percent used, days to expiry, …)"),
+    ("raised", "timestamp?", "when it was raised (null: new)"),
+    ("text", "string", "the alert in words"),
+])
+IDLE = obj("idle-notice", "A settlement flagged for idle GPUs.", [
+    ("charge", "integer", "charge id"),
+    ("account", "string", "account"),
+    ("user", "string?", "the job's user"),
+    ("job", "string?", "Slurm job id"),
+    ("node", "string?", "node"),
+    ("held_ms", "integer", "GPU-milliseconds held"),
+    ("idle_ms", "integer", "GPU-milliseconds idle"),
+    ("idle_max_ms", "integer", "longest idle stretch of a GPU, ms"),
+    ("idle_cost", "integer", "what the idle time cost, GPU-seconds at the reference rate"),
+    ("refund", "integer", "refunded, GPU-seconds at the reference rate"),
+    ("charged_at", "timestamp", "when the job was charged"),
+    ("mailed_to", "list of string", "whom the digest went to"),
+])
 
 
 def _sealed(app):
@@ -59,7 +144,7 @@ def report_group():
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory for the files (default: stdout for one account's text or JSON, "
                    "else ./gpuledger-report-MONTH).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary of what was written.")
+@json_output(RENDERED)
 @pass_app
 def report_render(app, month, account, fmt, out, as_json):
     """Render reports to files (HTML with its PNG chart, text, or JSON)."""
@@ -72,6 +157,7 @@ def report_render(app, month, account, fmt, out, as_json):
         click.echo(r.text if fmt == "text" else _dumps(r.json), nl=False)
         return
     target = Path(out or f"gpuledger-report-{m}")
+    _writable_dir(target)
     paths = deliver.render_all(site, fmt, target, include_site=account is None, now=now,
                                progress=_progress(not as_json))
     if as_json:
@@ -80,6 +166,16 @@ def report_render(app, month, account, fmt, out, as_json):
                           "no_activity": [r.account for r in site.accounts
                                           if not r.had_activity]})
     click.echo(f"Wrote {len(paths)} files for {len(site.accounts)} account(s) to {target}")
+
+
+def _writable_dir(target: Path) -> None:
+    """Make the output directory (or refuse, naming it) before anything is rendered."""
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write reports to {target}: {exc.strerror}") from None
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InvalidInput(f"cannot write reports to {target}: permission denied")
 
 
 def _dumps(data) -> str:
@@ -94,7 +190,7 @@ def _dumps(data) -> str:
 @click.option("--dry-run", is_flag=True, help="Write .eml files instead of sending.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory for --dry-run .eml files (default ./gpuledger-mail-MONTH).")
-@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@json_output(SENT)
 @pass_app
 def report_send(app, month, account, dry_run, out, as_json):
     """Email each account's report to its recipients (once per recipient and month)."""
@@ -146,17 +242,18 @@ def _shown(text: str) -> str:
 
 @report_group.command("log")
 @click.option("--month", required=True, help="YYYY-MM, or 'previous' / 'current'.")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + LOG)
+@table_output
 @pass_app
 def report_log(app, month, as_json):
     """Show the send log of a month: who got which report, and failures."""
     m = Month.parse(month, app.ledger.clock())
     rows = sendlog.entries(app.ledger.engine, str(m))
     if as_json:
-        return echo_json([r.__dict__ for r in rows])
+        return echo_json([{**r.__dict__, "updated": iso(r.updated)} for r in rows])
     echo_table(["KIND", "SCOPE", "RECIPIENT", "STATUS", "ATTEMPTS", "UPDATED", "ERROR"],
                [[r.kind, r.scope, _shown(r.recipient), r.status, r.attempts,
-                 r.updated.isoformat()[:19], r.error] for r in rows])
+                 iso(r.updated), r.error] for r in rows])
 
 
 @click.group("alerts")
@@ -170,7 +267,7 @@ def alerts_group():
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory for --dry-run .eml files (default ./gpuledger-alerts).")
 @click.option("--account", help="Only this account.")
-@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@json_output(DIGESTS)
 @pass_app
 def alerts_send(app, dry_run, out, account, as_json):
     """Raise newly crossed thresholds and reminders ([reports] in the config) and mail each
@@ -197,7 +294,8 @@ def alerts_send(app, dry_run, out, account, as_json):
 
 @alerts_group.command("list")
 @click.option("--account", help="Only this account.")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + ALERT)
+@table_output
 @pass_app
 def alerts_list(app, account, as_json):
     """Thresholds crossed now, and whether each was already raised."""
@@ -215,10 +313,10 @@ def alerts_list(app, account, as_json):
              "threshold": c.threshold, "raised": raised.get(c.key), "text": c.describe()}
             for c in conds]
     if as_json:
-        return echo_json(rows)
+        return echo_json([{**r, "raised": iso(r["raised"])} for r in rows])
     echo_table(["ACCOUNT", "SUBJECT", "ALERT", "RAISED", "DETAIL"],
                [[r["account"], r["subject"], f"{r['kind']} {r['threshold']}",
-                 r["raised"].isoformat()[:19] if r["raised"] else "new", r["text"]]
+                 iso(r["raised"]) if r["raised"] else "new", r["text"]]
                 for r in rows])
 
 
@@ -233,7 +331,7 @@ def idle_group():
 @click.option("--dry-run", is_flag=True, help="Write .eml files; refund and record nothing.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Directory for --dry-run .eml files (default ./gpuledger-idle).")
-@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@json_output(DIGESTS)
 @pass_app
 def idle_send(app, days, dry_run, out, as_json):
     """Flag idle settlements ([idle] in the config), refund, and mail the digests."""
@@ -258,7 +356,8 @@ def idle_send(app, days, dry_run, out, as_json):
 @click.option("--days", type=click.IntRange(1, 3660), default=30, show_default=True,
               help="Settlements of the last DAYS days.")
 @click.option("--account", help="Only this account.")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + IDLE)
+@table_output
 @pass_app
 def idle_list(app, days, account, as_json):
     """Settlements flagged for idle GPUs: idle time, what it cost, refund, who was told."""
@@ -276,7 +375,7 @@ def idle_list(app, days, account, as_json):
                            "job": n.job_id, "node": n.node, "held_ms": n.held_ms,
                            "idle_ms": n.idle_ms, "idle_max_ms": n.idle_max_ms,
                            "idle_cost": n.idle_cost, "refund": n.refund,
-                           "charged_at": n.charged_at.isoformat(), "mailed_to": n.mailed_to}
+                           "charged_at": iso(n.charged_at), "mailed_to": n.mailed_to}
                           for n in rows])
     echo_table(["JOB", "ACCOUNT", "USER", "IDLE_RAW_H", "COST_GPU_H", "REFUND_GPU_H", "MAILED"],
                [[n.job_id or "-", n.account, _shown(n.user or "-"), ms_hours(n.idle_ms),

@@ -7,18 +7,100 @@ import sys
 import click
 
 from ledger.amounts import fmt_hours, fmt_rate
-from ledger.cli.context import echo_fields, echo_json, echo_table, pass_app
+from ledger.cli import objects
+from ledger.cli.context import pass_app
+from ledger.cli.output import echo_fields, echo_json, echo_table, json_output, table_output
+from ledger.cli.shapes import OBJECTS, obj
+from ledger.errors import LedgerError
 
 from .hookconf import hook_config
 from .reader import CommandReader
+from .slurm import SlurmError
+
+DEBT = obj("debt", "A run of a deferred job that had no hold, charged to its account.", [
+    ("job_id", "string", "Slurm job id"),
+    ("restart", "integer", "its restart count"),
+    ("account", "string?", "the account that owes it"),
+    ("owed", "integer", f"its usage, {objects.AMOUNT}"),
+    ("charged", "integer", f"charged so far, {objects.AMOUNT}"),
+    ("unpaid", "integer", f"still owed, {objects.AMOUNT}"),
+])
+DECISION = obj("reconcile-decision", "What `reconcile` did with one pending hold, and why.", [
+    ("hold", "string", "hold id"),
+    ("job", "string?", "its Slurm job"),
+    ("action", "string", "settle, void, wait (within the grace period), running, error"),
+    ("why", "string", "the reason, in words"),
+    ("charged", "integer", f"charged by this pass, {objects.AMOUNT}"),
+])
+RECONCILE = obj("reconcile", "What `reconcile` did (or, with --dry-run, would do).", [
+    ("examined", "integer", "pending holds examined"),
+    ("voided", "list of string", "holds released (their jobs never ran)"),
+    ("settled", "list of string", "holds settled from Slurm's accounting"),
+    ("charged_runs", "integer", "node runs charged"),
+    ("charged", "integer", f"charged, {objects.AMOUNT}"),
+    ("skipped_active", "integer", "holds whose jobs still run"),
+    ("waiting", "integer", "holds with no job yet, within the grace period"),
+    ("expired_tokens", "integer", "tokens expired"),
+    ("debts", "list of debt", "deferred runs that had no hold"),
+    ("errors", "list of string", "what went wrong (exit status 1)"),
+    ("dry_run", "boolean", "whether nothing was changed"),
+    ("holds", "list of reconcile-decision", "each pending hold examined: what and why"),
+])
+RECEIPT_RUN = obj("receipt-run", "One node's run of a job, as its settlement recorded it.", [
+    ("job_id", "string?", "Slurm job id (array task: its own)"),
+    ("node", "string?", "node"),
+    ("restart", "integer?", "restart count"),
+    ("key", "string", "the charge's idempotency key"),
+    ("charged", "integer", f"charged, {objects.AMOUNT}"),
+    ("source", "string?", "agent, spool, held or sacct"),
+    ("policy", "string?", "allocated or measured"),
+    ("held_ms", "integer?", "GPU-milliseconds held"),
+    ("busy_ms", "integer?", "GPU-milliseconds busy (measured GPUs)"),
+    ("measured", "boolean?", "every GPU measured"),
+    ("measured_gpus", "integer", "GPUs measured"),
+    ("energy_mj", "integer?", "energy, millijoules"),
+    ("gpus", "list of object", "per GPU: the settlement's record (ledger/charge_record.py)"),
+    ("created", "timestamp", "when it was charged"),
+])
+RECEIPT_TIER = obj("receipt-tier", "What one tier cost over a hold's GPUs.", [
+    ("tier", "string", "the tier"),
+    ("multiplier_ppm", "integer", "its multiplier, parts per million"),
+    ("ms", "integer", "GPU-milliseconds held in it"),
+    ("amount", "integer", f"charged for it, {objects.AMOUNT}"),
+])
+RECEIPT_ROW = obj("receipt-journal-row", "A journal row that moved a hold's value.", [
+    ("seq", "integer", "row"),
+    ("kind", "string", "reserve, resize, charge, release, void, refund"),
+    ("amount", "integer", f"moved, {objects.AMOUNT}"),
+    ("hash", "string?", "its chain hash"),
+])
+RECEIPT_HOLD = obj("receipt-hold", "A hold of the job: every field of [hold](#hold), and "
+                                   "what it was charged per run.", [
+    *[(f.name + ("?" if f.optional else ""), f.shape, f.doc)
+      for f in OBJECTS[objects.HOLD].fields],
+    ("charges", "list of receipt-run", "per node run"),
+    ("policy", "string?", "charge policies used"),
+    ("tiers", "list of receipt-tier", "what each tier cost"),
+    ("busy_ms", "integer", "GPU-milliseconds busy, measured GPUs"),
+    ("measured_held_ms", "integer", "GPU-milliseconds held, measured GPUs"),
+    ("efficiency", "number?", "busy / held of the measured GPUs (null: none measured)"),
+    ("energy_mj", "integer", "energy, millijoules"),
+    ("journal", "list of receipt-journal-row", "the rows that moved its value"),
+])
+RECEIPT = obj("receipt", "A job's receipt.", [
+    ("job", "string", "the job id asked for"),
+    ("task", "string?", "the array task asked for"),
+    ("cluster", "string?", "the cluster it was asked for (null: any)"),
+    ("holds", "list of receipt-hold", "its holds"),
+])
 
 
 @click.command("reconcile")
 @click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Also a line for each hold left alone (still running, or within the grace "
                    "period).")
+@json_output(RECONCILE)
 @pass_app
 def reconcile(app, dry_run, as_json, verbose):
     """Settle or release holds whose jobs are over; expire tokens. One line per hold it
@@ -44,7 +126,11 @@ def reconcile(app, dry_run, as_json, verbose):
                 yield from bar
         return rec.run(dry_run=dry_run, progress=wrapped)
 
-    summary = run_with_bar()
+    try:
+        summary = run_with_bar()
+    except SlurmError as exc:  # Slurm could not be read: nothing was settled or voided
+        raise LedgerError(f"reconcile stopped: cannot read Slurm ({exc}); a hold is settled "
+                          "or voided only from what Slurm said, the next run retries") from None
     if as_json:
         echo_json(summary.to_dict())
     else:
@@ -79,7 +165,8 @@ def job_group():
 @click.argument("job_id")
 @click.option("--cluster", help="The cluster the job ran on (default: this config's "
               "cluster; clusters sharing a ledger reuse job ids).")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(RECEIPT)
+@table_output
 @pass_app
 def show(app, job_id, cluster, as_json):
     """What job JOB_ID held, was charged and got back, per node and GPU."""
@@ -139,8 +226,22 @@ def spool_group():
     """A node's charge records waiting for the daemon (see ``gpuledger-epilog``)."""
 
 
+SPOOL = obj("spool", "A node's charge spool.", [
+    ("spool_dir", "string", "the spool directory ([hooks] spool_dir)"),
+    ("waiting", "list of string", "records waiting for delivery, oldest first"),
+    ("rejected", "list of string", "records the daemon rejected (kept under rejected/)"),
+])
+FLUSHED = obj("spool-flush", "What `spool flush` delivered.", [
+    ("delivered", "integer", "records charged now"),
+    ("already", "integer", "records charged before (a retry)"),
+    ("rejected", "integer", "records the daemon rejected (exit status 1)"),
+    ("left", "integer", "records still waiting (the daemon away)"),
+    ("why", "string", "why delivery stopped (empty: it did not)"),
+])
+
+
 @spool_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(SPOOL)
 @pass_app
 def spool_list(app, as_json):
     """Records waiting for delivery, oldest first, and those the daemon rejected."""
@@ -161,7 +262,7 @@ def spool_list(app, as_json):
 
 @spool_group.command("flush")
 @click.option("--limit", type=click.IntRange(1), help="Deliver at most this many records.")
-@click.option("--json", "as_json", is_flag=True, help="JSON summary.")
+@json_output(FLUSHED)
 @pass_app
 def spool_flush(app, limit, as_json):
     """Deliver waiting records to the daemon (the node's timer runs this every minute).
@@ -185,7 +286,8 @@ def spool_flush(app, limit, as_json):
         click.echo(f"{r.delivered} delivered, {r.already} charged before, {r.rejected} "
                    f"rejected, {r.left} left" + (f" ({r.why})" if r.why else ""))
     if r.rejected:
-        sys.exit(1)
+        raise LedgerError(f"{r.rejected} record(s) rejected by the daemon, kept under "
+                          f"{hooks.spool_dir / chargespool.REJECTED}")
 
 
 def _agent():

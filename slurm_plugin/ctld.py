@@ -18,7 +18,8 @@ PrologSlurmctld (``gpuledger-prolog-slurmctld``):
   job. A hold no longer pending (a requeued run after its first run settled): reserve a
   new hold for this run with the job's token, or cancel the job if it cannot pay.
 * ``gpuledger:deferred`` (accepted while the ledger was down): reserve now with the job's
-  token, bound to the job. A refusal cancels the job; any other failure (ledger still
+  token, bound to the job, for what Slurm gave the run (the job-request reader's
+  :func:`ledger.jobrequest.allocation`, the same reading a one-run hold is re-priced by). A refusal cancels the job; any other failure (ledger still
   down, an ``internal`` answer) exits non-zero, and Slurm requeues the job instead of
   running it unpaid (an interactive job is cancelled).
 * No mark: not gpuledger's job, whatever its ``--comment`` says.
@@ -35,6 +36,7 @@ import time
 
 from ledger.daemon.client import Client, DaemonError, DaemonUnavailable
 from ledger.errors import LedgerError, Refusal
+from ledger.jobrequest import Allocation, allocation, run_request
 
 from . import marks
 from .hookcodes import REQUEUE
@@ -169,18 +171,14 @@ def _reserve(h: Hook, reader, client: Client, record: JobRecord, why: str) -> in
         reader.cancel(e.job_id, "gpu-token: the job carries no token and has no hold; "
                       "cancelled")
         return 0
-    gtypes = [t for t in record.gpus if t]
-    shares = _shares(record)
-    fields = dict(token=e.token, gpus=max(1, record.gpu_count),
-                  seconds=max(60, record.time_limit_s or 3600),
-                  type=gtypes[0] if len(gtypes) == 1 else "", tasks=1, user=e.user or "",
-                  account=e.account or "", partition=e.partition or "",
+    run = run_request(_given(record), record.time_limit_s)
+    fields = dict(token=e.token, gpus=run.gpus, seconds=run.seconds, type=run.gpu_type or "",
+                  tasks=run.tasks, user=e.user or "", account=e.account or "",
+                  partition=e.partition or "",
                   key=f"start:{e.sluid}" if e.sluid else f"start:{e.job_id}:{e.restart}",
                   job=e.job_id, qos=record.qos or "", **_cluster(h))
-    if shares:  # shard/mps: Slurm counts no gres/gpu for them; the request says the share
-        kind, per_node, gtype = shares
-        fields.update(gres=kind, per_node=per_node, gpus=per_node * max(1, len(record.nodes)),
-                      type=gtype or "")
+    if run.gres != "gpu":  # shard/mps: Slurm counts no gres/gpu for them
+        fields.update(gres=run.gres, per_node=run.per_node)
     try:
         resp = client.request("reserve", **fields)
     except Refusal as exc:
@@ -243,36 +241,22 @@ def _one(partition: str | None) -> str:
     return partition if partition and "," not in partition else ""
 
 
+def _given(record: JobRecord) -> Allocation:
+    """What Slurm gave this run, read by the job-request reader from squeue's record: GPUs by
+    type over its nodes, or shares per node (its ``--gres``)."""
+    return allocation(record.gpus, len(record.nodes), record.tres_per_node)
+
+
 def _alloc(record: JobRecord) -> dict[str, object]:
     """What Slurm allocated this run, for the daemon to re-price a one-run hold to it: whole
-    GPUs (count, and the type when there is one), or shares (shard/mps per node x its
+    GPUs (count, and the type when every GPU has one), or shares (shard/mps per node x its
     nodes). Nothing when the record shows no GPU allocation."""
-    shares = _shares(record)
-    if shares:
-        kind, per_node, gtype = shares
-        out: dict[str, object] = {"alloc_gres": kind, "alloc_per_node": per_node,
-                                  "alloc_gpus": per_node * max(1, len(record.nodes))}
-        if gtype:
-            out["alloc_type"] = gtype
-        return out
-    if not record.gpu_count:
+    given = _given(record)
+    if not given.gpus:
         return {}
-    types = [t for t in record.gpus if t]
-    return {"alloc_gpus": record.gpu_count,
-            **({"alloc_type": types[0]} if len(types) == 1 and None not in record.gpus else {})}
-
-
-def _shares(record: JobRecord) -> tuple[str, int, str | None] | None:
-    """(shard|mps, shares per node, GPU type) of a job asking for a share of a GPU (its
-    TresPerNode, ``gres:shard:3``), else None."""
-    from ledger.slurmsyntax import SHARED_GRES, SlurmSyntaxError, gres_name, parse_gres
-
-    items = [i for i in (record.tres_per_node or "").split(",") if gres_name(i) in SHARED_GRES]
-    if not items:
-        return None
-    try:
-        count, gtype, kind = parse_gres(",".join(items))
-    except SlurmSyntaxError:
-        return None
-    return kind, count, gtype
-
+    out: dict[str, object] = {"alloc_gpus": given.gpus}
+    if given.gpu_type:
+        out["alloc_type"] = given.gpu_type
+    if given.gres != "gpu":
+        out.update(alloc_gres=given.gres, alloc_per_node=given.per_node)
+    return out

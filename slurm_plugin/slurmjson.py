@@ -73,9 +73,19 @@ def _doc(text: str, what: str) -> list[dict]:
         raise SlurmError(f"{what}: not JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
         raise SlurmError(f"{what}: no 'jobs' list")
-    if doc.get("errors"):
-        raise SlurmError(f"{what}: {doc['errors']}")
+    errors = doc.get("errors") or []
+    if errors and not (not doc["jobs"] and all(_empty_result(e) for e in errors)):
+        raise SlurmError(f"{what}: {errors}")
     return doc["jobs"]
+
+
+# ESLURM_REST_EMPTY_RESULT (slurm_errno.h): sacct --json on 22.05 reports "Nothing found"
+# as an error when no job matches (a quiet cluster over the lookback window); no jobs.
+REST_EMPTY_RESULT = 9003
+
+
+def _empty_result(error) -> bool:
+    return isinstance(error, dict) and error.get("error_number") == REST_EMPTY_RESULT
 
 
 def _need(job: dict, keys: tuple[str, ...], what: str) -> None:

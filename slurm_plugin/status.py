@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 import click
 
 from ledger import verifyrecord
-from ledger.cli.context import echo_json, pass_app
+from ledger.cli.context import pass_app
+from ledger.cli.output import echo_json, json_output
+from ledger.cli.shapes import obj
 from ledger.config import Config, parse_listen
 from ledger.errors import LedgerError
 from ledger.spoolcount import spool_backlog
@@ -275,8 +277,19 @@ def checks(cfg: Config, systemd: Systemd | None = None,
     return out
 
 
+STATUS_CHECK = obj("status-check", "One component's health.", [
+    ("name", "string", "daemon, database, metrics, agent, spool, a timer, …"),
+    ("status", "string", "OK, FAIL or SKIP (not on this host)"),
+    ("detail", "string", "what was found"),
+])
+STATUS = obj("status", "Whether this host's parts are healthy (exit status 1 when not).", [
+    ("healthy", "boolean", "no component failed"),
+    ("components", "list of status-check", "each component"),
+])
+
+
 @click.command("status")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(STATUS)
 @click.option("--expect", multiple=True, type=click.Choice(EXPECTABLE),
               help="A component that must run on this host: absent is a failure, not a skip "
                    "(repeatable; systemd's installed units say so where it runs).")
@@ -292,7 +305,6 @@ def status(app, as_json, expect):
         width = max(len(c.name) for c in results)
         for c in results:
             click.echo(f"{c.name:<{width}}  {c.status:<4}  {c.detail}")
-    if failed:
-        if not as_json:
-            click.echo(f"Error: not healthy: {', '.join(failed)}", err=True)
+    if failed:  # the Error: line in both modes (the JSON contract)
+        click.echo(f"Error: not healthy: {', '.join(failed)}", err=True)
         raise SystemExit(1)

@@ -22,7 +22,7 @@ class LiveDaemon:
     """A :class:`Server` on a socket in a world-traversable directory, in a thread."""
 
     def __init__(self, ledger, *, accounts=None, max_line: int = 16384, limits=None,
-                 fast=None):
+                 fast=None, free_accounts=()):
         self.dir = Path(tempfile.mkdtemp(prefix="gl-daemon-"))
         os.chmod(self.dir, 0o755)
         self.path = self.dir / "gpuledger.sock"
@@ -31,12 +31,14 @@ class LiveDaemon:
         self.max_line = max_line
         self.limits = limits
         self.fast = fast  # a FastReserve (ledger.daemon.fastpath), started by the caller
+        self.free_accounts = free_accounts
         self.log = StringIO()
         self.server: Server | None = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> LiveDaemon:
-        handlers = Handlers(self.ledger, Policy("slurm"), accounts=self.accounts, fast=self.fast)
+        handlers = Handlers(self.ledger, Policy("slurm"), accounts=self.accounts, fast=self.fast,
+                            free_accounts=self.free_accounts)
         self.server = Server(handlers, self.path, max_line=self.max_line,
                              log=RequestLog(self.log), limits=self.limits)
         self.server.instruments.fast = self.fast

@@ -60,7 +60,7 @@ def test_flow_init_keys_account_mint_split_reserve_post_verify(run, tmp_path):
     info = json.loads(run("token", "inspect", token, "--json").output)
     assert (info["face_hours"], info["remaining_hours"], info["held_hours"]) == (10.0, 7.5, 0.0)
     assert info["status"] == "active" and info["scopes"] == {"users": ["alice"]}
-    assert info["expires"] == "2100-01-01T00:00:00Z"
+    assert info["expires"] == "2099-12-31T23:59:59Z"  # a date: through the end of that day
     hold = json.loads(run("hold", "reserve", f"@{out}", "--gpus", "2", "--gpu-type", "h100",
                           "--minutes", "60", "--user", "alice", "--json").output)
     assert (hold["held_hours"], hold["state"]) == (2.0, "pending")
@@ -80,7 +80,7 @@ def test_refusal_and_errors_are_one_line(run):
             ok=False)
     tid = json.loads(run("token", "inspect", token, "--json").output)["id"]
     assert r.output == (f"Error: needs 2.000 GPU-h (2 x h100 x 1:00:00), token {tid} has "
-                        "1.000 GPU-h left\n")
+                        "1.000 GPU-h left: 1.000 GPU-h short; -t 0:30:00 would fit\n")
     cases = [
         (("token", "inspect", "garbage"),
          "Error: malformed token: not a gpuledger token (expected prefix glt1.)\n"),
@@ -88,16 +88,18 @@ def test_refusal_and_errors_are_one_line(run):
         (("token", "mint", "--account", "physics", "--hours", "-1"),
          "Error: hours must be positive, got -1.000\n"),
         (("token", "mint", "--account", "physics", "--hours", "abc"),
-         "Error: not a number of hours: 'abc'\n"),
+         "Error: not a number of hours: 'abc' (a decimal such as 2.5)\n"),
         (("token", "mint", "--account", "physics", "--hours", "0.0001"),
          "Error: 0.0001 hours is not a whole number of GPU-seconds\n"),
         (("account", "create", "physics"), "Error: account physics already exists\n"),
         (("keys", "generate", "--kid", "k1"), "Error: key k1 is already registered in the ledger\n"),
         (("hold", "void", "hold_nope"), "Error: unknown hold hold_nope\n"),
-        (("rates", "set", "h100", "0"), "Error: rate must be a positive number, got 0\n"),
+        (("rates", "set", "h100", "0"),
+         "Error: a rate of 0 would make h100 free; to remove its rate: gpuledger rates unset "
+         "h100\n"),
         (("token", "revoke", tid, "--reason", " "), "Error: revoking a token needs a reason\n"),
         (("token", "inspect", "@/nonexistent"),
-         "Error: cannot read token file /nonexistent: No such file or directory\n"),
+         "Error: cannot open /nonexistent: No such file or directory\n"),
     ]
     for args, expected in cases:
         assert run(*args, ok=False).output == expected, args
@@ -141,7 +143,8 @@ def test_journal_and_json_listings(run):
     rows = json.loads(run("journal", "--json").output)
     assert [r["kind"] for r in rows] == ["key_add", "account_create", "rate_set", "mint"]
     assert rows[-1]["from"] == "system:issuance" and rows[-1]["amount"] == 3600
-    assert json.loads(run("rates", "list", "--json").output) == {"h100": "1"}
+    assert json.loads(run("rates", "list", "--json").output) == [
+        {"gpu_type": "h100", "rate": 1, "rate_ppm": 1_000_000}]
     accounts = json.loads(run("account", "list", "--json").output)
     assert accounts[0]["name"] == "physics" and accounts[0]["remaining_hours"] == 1.0
     assert json.loads(run("keys", "list", "--json").output)[0]["kid"] == "k1"

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, event
 
 from ledger import db
 from ledger.daemon.handlers import error_response
+from ledger.dbretry import Verdict
 from ledger.errors import Reason, Refusal, StorageError
 from ledger.views import HoldRequest
 
@@ -100,15 +101,15 @@ def test_concurrent_writers_only_ever_succeed_or_refuse(ledger, monkeypatch):
     no transaction even had to be retried: the lock order keeps the writers apart (no
     deadlock, no MariaDB 1020), the retry rule is only the safety net."""
     conflicts = []
-    retryable = db._retryable
+    verdict = db.verdict
 
-    def counted(exc):
-        if retryable(exc):
+    def counted(exc, *, at_commit):
+        kind = verdict(exc, at_commit=at_commit)
+        if kind is Verdict.CONFLICT:
             conflicts.append(str(exc.orig))
-            return True
-        return False
+        return kind
 
-    monkeypatch.setattr(db, "_retryable", counted)
+    monkeypatch.setattr(db, "verdict", counted)
     tokens = [ledger.mint("physics", 60 * 30 + 59) for _ in range(WRITERS)]
     request = HoldRequest(gpus=1, seconds=60, gpu_type="h100")
 

@@ -60,7 +60,7 @@ def test_insufficient_refusal_carries_ledger_message_and_numbers(handlers, token
     resp = reserve(handlers, SLURM, token, gpus=2, seconds=4 * 3600 * 2, key="k-big")
     assert resp["ok"] == 0 and resp["reason"] == "insufficient"
     assert resp["message"].startswith("needs 16.000 GPU-h (2 x h100 x 8:00:00), token tok_")
-    assert resp["message"].endswith("has 10.000 GPU-h left")
+    assert resp["message"].endswith("has 10.000 GPU-h left: 6.000 GPU-h short; -t 5:00:00 would fit")
     assert resp["needed"] == 16 * 3600 and resp["available"] == 10 * 3600
 
 
@@ -181,3 +181,111 @@ def test_key_added_after_start_is_picked_up(handlers, sqlite_ledger):
 def test_bad_requests_are_answered(handlers, fields, reason):
     resp = handlers.handle(ROOT, fields)
     assert resp["ok"] == 0 and resp["reason"] == reason
+
+
+# -- Slurm's own fields (what job_submit.lua forwards), read by ledger.jobrequest ----------
+
+def slurm_reserve(h, token=None, **kw):
+    fields = {"op": "reserve", "uid": "1001", "user": "alice", "account": "physics",
+              "candidates": "gpu:60:1440::4,short::240:2:3", "key": "js-1"}
+    if token:
+        fields["token"] = token
+    fields.update({k: str(v) for k, v in kw.items()})
+    return h.handle(SLURM, fields)
+
+
+def test_reserve_from_slurms_fields(handlers, sqlite_ledger, token):
+    resp = slurm_reserve(handlers, token, tres_per_node="gres/gpu:h100:2", num_tasks=3,
+                         time_limit=10, array_inx="0-1", qos="high")
+    assert resp["ok"] == 1, resp
+    hold = sqlite_ledger.hold(resp["hold"])
+    # -n 3 over the candidates' most nodes (gpu: 4 nodes): 3 nodes x 2 GPUs, 2 array tasks
+    assert (hold.gpus, hold.gpu_type, hold.seconds, hold.tasks, hold.partition, hold.qos,
+            hold.user) == (6, "h100", 600, 2, "gpu,short", "high", "alice")
+    assert resp["desc"] == "2 tasks x 6 x h100 x 0:10:00"
+
+
+def test_slurms_fields_answer_free_none_and_refusals_without_a_hold(sqlite_ledger, token):
+    h = Handlers(sqlite_ledger, Policy("slurm"), free_accounts=("ops",))
+    assert slurm_reserve(h, account="ops", tres_per_node="gres:gpu:8") == {"ok": 1,
+                                                                          "result": "free"}
+    assert slurm_reserve(h, token, tres_per_node="gres:gpu:0,gres:nic:1") == {
+        "ok": 1, "result": "none"}
+    bare = slurm_reserve(h, tres_per_job="gres:gpu:2", time_limit=5)
+    assert (bare["ok"], bare["reason"]) == (0, "no_token")
+    assert bare["message"].startswith("this job asks for 2 GPU(s) but carries no GPU token")
+    untimed = slurm_reserve(h, token, tres_per_node="gres:gpu:1", candidates="nolimit::::")
+    assert (untimed["reason"], untimed["message"]) == (
+        "time_limit", "partition nolimit has no default or maximum time limit; give the job "
+        "one with -t/--time (e.g. -t 2:00:00)")
+    mixed = slurm_reserve(h, token, tres_per_node="gres:gpu:1", gpus=1, seconds=60)
+    assert mixed["reason"] == "bad_request" and "not both" in mixed["message"]
+    odd = slurm_reserve(h, token, tres_per_node="gres:gpu:1", candidates="gpu:x:::")
+    assert odd["ok"] == 0 and odd["reason"] == "invalid", odd
+    assert sqlite_ledger.holds() == []
+
+
+def test_resize_from_an_update_and_its_job_record(handlers, sqlite_ledger, token):
+    hold = slurm_reserve(handlers, token, tres_per_node="gres:gpu:h100:1", time_limit=60,
+                         min_nodes=2, max_nodes=2)["hold"]
+    record = {"rec_tres_per_node": "gres:gpu:h100:1", "rec_min_nodes": "2",
+              "rec_max_nodes": "2", "rec_account": "physics"}
+
+    def update(**kw):
+        return handlers.handle(SLURM, {"op": "resize", "hold": hold, **record,
+                                       **{k: str(v) for k, v in kw.items()}})
+
+    wider = update(max_nodes=3, min_nodes=3)
+    assert (wider["ok"], wider["delta"]) == (1, 3600)  # 3 nodes x 1 GPU x 1 h
+    assert sqlite_ledger.hold(hold).gpus == 3
+    assert update(time_limit=4294967295)["reason"] == "time_limit"
+    nothing = update(min_nodes=4294967294)
+    assert nothing == {"ok": 1, "hold": hold, "amount": 3 * 3600, "hours": "3.000", "delta": 0}
+    gone = update(tres_per_node="")
+    assert (gone["ok"], gone["state"]) == (1, "voided")
+    added = handlers.handle(SLURM, {"op": "resize", "tres_per_node": "gres:gpu:1",
+                                    "rec_account": "physics"})
+    assert (added["ok"], added["reason"]) == (0, "denied")
+    assert "GPUs cannot be added" in added["message"]
+
+
+def test_quote_from_slurms_fields(sqlite_ledger, token):
+    h = Handlers(sqlite_ledger, Policy("slurm"), free_accounts=("ops",))
+    q = h.handle(ALICE, {"op": "quote", "tres_per_node": "gres/gpu:h100:2", "time_limit": "30",
+                         "partition": "gpu", "token": token})
+    assert (q["ok"], q["amount"], q["covers"], q["seconds"], q["gres"]) == (1, 3600, True,
+                                                                           1800, "gpu")
+    assert h.handle(ALICE, {"op": "quote", "tres_per_node": "gres:gpu:1", "time_limit": "5",
+                            "account": "ops"})["result"] == "free"
+    none = h.handle(ALICE, {"op": "quote", "tres_per_node": "gres:nic:1", "time_limit": "5"})
+    assert none["reason"] == "bad_request" and "asks for no GPU" in none["message"]
+
+
+def test_slurms_fields_never_fault_on_hostile_values(sqlite_ledger, token):
+    """Whatever Slurm's fields say (a user writes most of them), the reader answers with a
+    typed refusal or a result, never an internal fault."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ledger.jobrequest import SLURM_KEYS
+
+    h = Handlers(sqlite_ledger, Policy("slurm"), free_accounts=("ops",))
+    faults = []
+    h.on_fault = lambda peer, fields, exc: faults.append((fields, exc))
+    value = st.one_of(st.text("gres:/pushardm0129=,.-+x()% ", max_size=24),
+                      st.integers(0, 2**33).map(str), st.sampled_from(["", "4294967295"]))
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from(["reserve", "resize", "quote"]),
+           st.dictionaries(st.sampled_from(sorted(SLURM_KEYS)), value, min_size=1, max_size=6),
+           st.booleans())
+    def check(op, fields, held):
+        extra = {"token": token, "key": "fuzz"} if op == "reserve" else {}
+        if op == "resize" and held:
+            extra["hold"] = "hold_00"
+        resp = h.handle(SLURM, {"op": op, **extra, **fields})
+        assert resp["ok"] in (0, 1) and resp.get("reason") != "internal", (fields, resp)
+
+    check()
+    assert faults == []

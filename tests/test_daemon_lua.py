@@ -105,6 +105,7 @@ for line in io.lines() do
 end
 """ % ", ".join(f"{n} = true" for n in sorted(NUMERIC))
 
+FREE = ("freebie", "other")
 CODES = {"ok": 0, "error": -1, "denied": 2002, "policy": 2050, "account": 2045,
          "bad_time": 2051, "no_time": 2116}
 
@@ -175,7 +176,8 @@ class Lua:
 @pytest.fixture
 def daemon(sqlite_ledger):
     need(lua_available(), "lua5.1 with lua-socket (apt install lua5.1 lua-socket)")
-    d = LiveDaemon(sqlite_ledger).start()
+    # [submit] free_accounts, as the daemon reads it and job_submit.conf is rendered from it
+    d = LiveDaemon(sqlite_ledger, free_accounts=FREE).start()
     yield d
     d.close()
 
@@ -184,7 +186,7 @@ def daemon(sqlite_ledger):
 def lua(request, daemon, tmp_path):
     need(lua_available(request.param), f"{request.param} with lua-socket "
          f"(apt install {request.param} lua-socket)")
-    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts="freebie, other",
+    lu = Lua(tmp_path, socket=daemon.path, timeout=1.0, free_accounts=", ".join(FREE),
              interpreter=request.param)
     yield lu
     lu.close()
@@ -267,13 +269,39 @@ def test_refusals_reach_the_user_with_numbers(lua, token):
     assert r["rc"] == CODES["denied"] and r["user"].startswith("gpu-token: malformed token")
 
 
-def test_missing_token_and_free_accounts(lua, daemon):
-    r = lua.submit(tres_per_node="gres:gpu:1", time_limit=5)
-    assert r["rc"] == CODES["denied"] and "carries no GPU token" in r["user"]
+def test_missing_token_and_free_accounts(lua, daemon, sqlite_ledger):
+    """The reader decides both: a job without a token is refused with its GPU count, a free
+    account's job runs with no hold (job_submit.lua forwards; it holds no such rule)."""
+    r = lua.submit(tres_per_node="gres:gpu:1", num_tasks=2, time_limit=5)
+    assert r["rc"] == CODES["denied"], r
+    assert r["user"].startswith("gpu-token: this job asks for 2 GPU(s) but carries no GPU token")
     assert "--gpu-token" in r["user"]
     free = lua.submit(tres_per_node="gres:gpu:1", time_limit=5, account="freebie")
     assert free["rc"] == 0 and free["admin_comment"] == ""
-    assert "op=reserve" not in daemon.log.getvalue()
+    default_free = lua.submit(tres_per_node="gres:gpu:1", time_limit=5,
+                              default_account="other")  # no -A: the user's default account
+    assert default_free["rc"] == 0 and default_free["admin_comment"] == ""
+    assert lua.logged("gpuledger: result=refused reason=no_token")
+    assert lua.logged("gpuledger: result=free user=alice account=freebie")
+    assert lua.logged("gpuledger: result=free user=alice account=other")
+    assert sqlite_ledger.holds() == []
+
+
+def test_free_accounts_and_tokenless_jobs_while_the_ledger_is_down(tmp_path):
+    """The daemon away, the script decides alone from the same list: a free account's job
+    runs (reject mode too), a job without a token is refused, never deferred."""
+    need(lua_available(), "lua5.1 with lua-socket")
+    for mode in ("reject", "accept"):
+        lua = Lua(tmp_path, socket=tmp_path / "nothing.sock", timeout=0.3,
+                  on_ledger_unavailable=mode, free_accounts=", ".join(FREE))
+        try:
+            free = lua.submit(tres_per_node="gres:gpu:2", time_limit=5, account="freebie")
+            assert free["rc"] == 0 and free["admin_comment"] == "", free
+            bare = lua.submit(tres_per_node="gres:gpu:2", time_limit=5)
+            assert bare["rc"] == CODES["denied"] and "carries no GPU token" in bare["user"]
+            assert "ledger is unavailable" in bare["user"] and bare["admin_comment"] == ""
+        finally:
+            lua.close()
 
 
 def test_no_time_limit_anywhere_asks_for_t(lua, token):

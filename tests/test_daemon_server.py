@@ -101,6 +101,30 @@ def test_user_commands_as_alice_and_bob(daemon, sqlite_ledger, token):
     assert nosy["code"] == 1 and "may only ask about themselves" in nosy["output"]
 
 
+def test_quote_reads_sbatchs_options_as_job_submit_does(daemon, token):
+    """gpuledger quote turns its options into the fields sbatch gives Slurm; the daemon reads
+    them with job_submit's reader: -N, --gpus, --gpus-per-node, --array, shares, refusals."""
+    env = {"GPULEDGER_CONFIG": "/nonexistent/gpuledger.toml"}
+    sock = ["--socket", str(daemon.path)]
+
+    def quote(*args):
+        out = cli_as("alice", ["quote", *sock, *args], env)
+        return out["code"], out["output"]
+
+    code, out = quote("--gpus-per-node=h100:2", "-N", "3", "-t", "30")
+    assert code == 0 and "6 x h100 x 0:30:00" in out and "3.000 GPU-h" in out, out
+    code, out = quote("--gpus=a100:2", "-t", "1:00:00", "--array", "0-3")
+    assert code == 0 and "4 tasks x 2 x a100 x 1:00:00" in out, out
+    code, out = quote("--gres=gpu:h100:1,nic:1", "-t", "60", "--json")
+    assert code == 0 and json.loads(out)["amount"] == 3600, out
+    code, out = quote("--gres=shrad:2", "-t", "10")
+    assert code == 1 and "--gres=shrad:2 asks for no GPU" in out, out
+    code, out = quote("--gres=gpu:1,shard:1", "-t", "10")
+    assert code == 1 and "not both" in out, out
+    code, out = quote("--gres=gpu:1", "-t", "10", "--array", "x-1")
+    assert code == 1 and "cannot read the array spec" in out, out
+
+
 def test_default_socket_from_env(daemon, monkeypatch):
     from ledger.daemon.client import socket_path
 
@@ -126,9 +150,13 @@ def test_overlong_line_is_refused_and_closed(sqlite_ledger):
     try:
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(d.path))
-        s.sendall(b"op=ping x=" + b"a" * 5000)
+        s.settimeout(10)
+        try:  # root may send up to 64 KiB (a node's charge record); this is longer
+            s.sendall(b"op=ping x=" + b"a" * 70_000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon answered and closed before reading it all
         data = s.recv(4096)
-        assert decode(data)["reason"] == "too_long"
+        assert decode(data)["reason"] == "too_long" and "65536" in decode(data)["message"]
         assert s.recv(4096) == b""  # closed
         with Client(d.path) as c:
             assert c.call("ping")["ok"] == "1"

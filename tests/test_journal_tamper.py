@@ -176,6 +176,49 @@ def test_revoke_row_paying_the_wrong_pool_is_named(busy):
            "physics" in result.problem
 
 
+def _wallet_id(ledger, code):
+    with ledger.engine.connect() as conn:
+        return conn.execute(text("SELECT id FROM wallets WHERE code = :c"), {"c": code}).scalar()
+
+
+def test_a_burn_that_pays_anything_but_the_issuer_is_named(busy):
+    _, view = busy.mint("physics", 10_000)
+    busy.revoke(view.id, reason="leaked")
+    busy.burn_pool("physics", 4_000, "policy")
+    seq = rows(busy)[-1].seq
+    rewrite(busy, seq, credit_wallet_id=_wallet_id(busy, f"token:{view.id}"))
+    sql(busy, "UPDATE wallets SET balance = 4000 WHERE code = :c", c=f"token:{view.id}")
+    sql(busy, "UPDATE wallets SET balance = balance - 4000 WHERE code = 'system:issuance'")
+    result = busy.verify_journal()
+    assert not result.ok and result.bad_seq == seq
+    assert result.problem == (f"row {seq}: burn of account physics's pool does not pay from "
+                              "that pool to system:issuance")
+
+
+def test_value_taken_out_of_a_pool_by_a_mint_not_from_it_is_named(busy):
+    _, view = busy.mint("physics", 10_000)
+    busy.revoke(view.id, reason="leaked")  # the pool holds 10000
+    _, new = busy.mint("physics", 3_000)  # from system:issuance; rewritten to the pool
+    seq = rows(busy)[-1].seq
+    rewrite(busy, seq, debit_wallet_id=_wallet_id(busy, "account:physics"))
+    sql(busy, "UPDATE wallets SET balance = 7000 WHERE code = 'account:physics'")
+    sql(busy, "UPDATE wallets SET balance = balance + 3000 WHERE code = 'system:issuance'")
+    result = busy.verify_journal()
+    assert not result.ok and result.bad_seq == seq
+    assert f"row {seq}: mint of token {new.id} is paid from wallet " \
+           f"{_wallet_id(busy, 'account:physics')}, not system:issuance" in result.problems
+
+
+def test_mint_from_the_pool_and_burn_verify(busy):
+    _, view = busy.mint("physics", 10_000)
+    busy.revoke(view.id, reason="leaked")
+    busy.mint("physics", 6_000, from_pool=True)
+    first = busy.burn_pool("physics", None, "the rest", key="burn-1")
+    assert busy.burn_pool("physics", None, "the rest", key="burn-1") == first  # a retry
+    assert first["amount"] == 4_000
+    assert busy.verify_journal().ok and busy.pool("physics") == 0
+
+
 def test_token_status_and_wallet_edits_are_named(busy):
     token, view = busy.mint("physics", 10_000)
     other, oview = busy.mint("physics", 5)

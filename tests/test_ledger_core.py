@@ -58,7 +58,7 @@ def test_refusals_carry_reason_and_numbers(ledger, clock):
     r = exc.value
     assert r.reason is Reason.INSUFFICIENT and (r.needed, r.available) == (8 * H, 2 * H + 1800)
     assert r.message == (f"needs 8.000 GPU-h (2 x h100 x 4:00:00), token {view.id} "
-                         "has 2.500 GPU-h left")
+                         "has 2.500 GPU-h left: 5.500 GPU-h short; -t 1:15:00 would fit")
     cases = [
         (req(user="bob"), Reason.WRONG_USER),
         (req(user="alice", gpu_type="l40s"), Reason.WRONG_GPU_TYPE),

@@ -1,5 +1,7 @@
 """One rule, one place: pricing and token liveness agree on every path; the module graph
-has no cycle inside ``ledger`` and the ledger never imports the reports."""
+has no cycle inside ``ledger`` and the ledger never imports the reports; what job_submit.lua
+still decides (the CPU-job shortcut, free accounts while the daemon is away) is decided the
+same way by the job-request reader."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger.errors import Reason, Refusal
 from ledger.views import HoldRequest
@@ -175,3 +179,77 @@ def test_an_expired_token_cannot_be_revoked(ledger, clock):
     ledger.void(hold.id)
     assert ledger.wallet_balance("system:expired") == before + H
     assert ledger.verify_journal().ok
+
+
+# -- what job_submit.lua still decides, and the reader decides the same ---------------------
+
+TRES_ITEMS = st.one_of(
+    st.tuples(st.sampled_from(["", "gres:", "gres/", "gres", "gres:gres:", " "]),
+              st.sampled_from(["gpu", "shard", "mps", "gpunic", "nic", "Gpu", "gpu.x", "mpsx"]),
+              st.sampled_from(["", ":h100", ":3g.40gb", ":0g", "=a100", "(x)"]),
+              st.sampled_from(["", ":0", ":00", ":1", ":10", "=0", "=2", ":0:", "0"])).map("".join),
+    st.text("gresgpushardmpnic:/=,0123 .+-()", max_size=14))
+
+
+def test_the_cpu_job_shortcut_is_one_rule_in_lua_and_python(tmp_path):
+    """What "asks for a GPU" means, decided by job_submit.lua before it contacts anyone and by
+    the reader (ledger.jobrequest.asks_gpu) first: the same answer on generated GRES
+    strings. The Lua runs against no daemon: a job it lets pass is accepted untouched, one
+    it stops is refused as the ledger being away."""
+    from conftest import need
+    from test_daemon_lua import CODES, Lua, lua_available
+
+    from ledger import jobrequest as jr
+
+    need(lua_available(), "lua5.1 with lua-socket")
+    lua = Lua(tmp_path, socket=tmp_path / "nothing.sock", timeout=0.2)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.sampled_from(jr.TRES_FIELDS),
+                           st.lists(TRES_ITEMS, min_size=1, max_size=3).map(",".join),
+                           max_size=3))
+    def agree(tres):
+        r = lua.submit(token="tok", time_limit=5, **tres)
+        passed = r["rc"] == CODES["ok"] and r["admin_comment"] == ""
+        assert passed or "ledger is unavailable" in r["user"], (tres, r)
+        assert passed == (not jr.asks_gpu(jr.SlurmJob(**tres))), tres
+
+    try:
+        agree()
+    finally:
+        lua.close()
+
+
+def test_free_accounts_are_one_list_for_the_reader_and_the_luas_fallback(tmp_path):
+    """[submit] free_accounts: the daemon's reader decides from it, and job_submit.conf —
+    rendered from it — is what job_submit.lua falls back on while the daemon is away. Both
+    free the same accounts, found the same way (-A, else the user's default account)."""
+    from conftest import need
+    from test_daemon_lua import Lua, lua_available
+
+    from ledger import config
+    from ledger.daemon.auth import Peer, Policy
+    from ledger.daemon.handlers import Handlers
+
+    need(lua_available(), "lua5.1 with lua-socket")
+    path = tmp_path / "gpuledger.toml"
+    path.write_text('[database]\nurl = "sqlite:///x.db"\n[submit]\n'
+                    'free_accounts = ["ops", "teaching"]\n')
+    cfg = config.load(path)
+    conf = dict(line.split(" = ", 1) for line in config.render_submit_conf(cfg).splitlines()
+                if " = " in line and not line.startswith("#"))
+    lua = Lua(tmp_path, socket=tmp_path / "nothing.sock", timeout=0.2,
+              free_accounts=conf["free_accounts"])
+    daemon = Handlers(None, Policy("slurm"), free_accounts=cfg.submit.free_accounts)
+    slurm = Peer(2, 64030, 64030, "slurm", True)
+    try:
+        for how in ("account", "default_account"):
+            for account in ("ops", "teaching", "physics", "op"):
+                r = lua.submit(tres_per_node="gres:gpu:1", time_limit=5, **{how: account})
+                lua_free = r["rc"] == 0
+                answer = daemon.handle(slurm, {"op": "reserve", "tres_per_node": "gres:gpu:1",
+                                               "time_limit": "5", "account": account})
+                assert lua_free == (answer.get("result") == "free") == (
+                    account in ("ops", "teaching")), (how, account, r, answer)
+    finally:
+        lua.close()

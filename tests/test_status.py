@@ -96,8 +96,9 @@ def test_status_against_a_running_daemon_and_a_dead_one(sqlite_ledger, tmp_path)
     state, detail = lines(r.output)["daemon"]
     assert state == "FAIL" and "cannot reach the gpuledger daemon" in detail
     assert r.output.rstrip().endswith("Error: not healthy: daemon")
-    data = json.loads(run(path, "--json").output)
-    assert data["healthy"] is False
+    r = run(path, "--json")
+    data = json.loads(r.stdout)  # and the Error: line on stderr, as in text mode
+    assert data["healthy"] is False and r.stderr == "Error: not healthy: daemon\n"
     # stopped cleanly (no socket): absent here unless this host is to run one
     dead.unlink()
     assert lines(run(path).output)["daemon"][0] == "SKIP"

@@ -3,44 +3,78 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
 from .. import config as config_mod
 from .. import db, migrate
-from ..amounts import fmt_hours, fmt_rate, parse_rate
+from ..amounts import fmt_hours, fmt_rate, parse_decimal, parse_hours, parse_rate
+from ..amounts import hours as gpu_hours
 from ..errors import ConfigError, InvalidInput
-from .context import echo_fields, echo_json, echo_table, parse_when, pass_app
+from ..stagedfile import StagedFile
+from . import objects
+from .context import parse_when, pass_app
+from .output import (
+    echo_fields,
+    echo_json,
+    echo_table,
+    json_output,
+    no_json,
+    ppm_number,
+    table_output,
+)
+from .shapes import obj
+
+INIT = obj("init-result", "What `init` wrote and migrated.", [
+    ("config", "string", "the config file"),
+    ("config_written", "boolean", "false: it existed and was kept"),
+    ("submit_conf", "string?", "job_submit.conf written beside it (null: one was there)"),
+    ("database", "string", "the database URL, without password"),
+    ("schema", "string", "the schema revision now"),
+    ("previous", "string?", "the revision before (null: empty)"),
+])
+CONFIG_CHECK = obj("config-check", "A configuration that passed every check.", [
+    ("path", "string", "the file read"),
+    ("ok", "boolean", "true"),
+])
 
 
 @click.command()
 @click.option("--database", "url", help="Database URL (default: SQLite ledger.db next to the config).")
 @click.option("--cluster", help="This cluster's name, for token cluster scopes.")
+@json_output(INIT)
 @pass_app
-def init(app, url, cluster):
+def init(app, url, cluster, as_json):
     """Write a config, create the ledger database and migrate it to the latest schema."""
+    say = (lambda text: None) if as_json else click.echo
     path = config_mod.config_path(app.config_path)
-    if path.exists():
+    written = not path.exists()
+    if not written:
         existing = config_mod.load(path)
         if url and url != existing.database.url:
             raise ConfigError(f"{path} already exists with another database URL; edit it instead")
-        click.echo(f"Config {path} exists; keeping it.")
+        say(f"Config {path} exists; keeping it.")
     else:
         config_mod.write_new(path, url or "sqlite:///ledger.db", cluster)
-        click.echo(f"Wrote {path}")
+        say(f"Wrote {path}")
     app.__dict__.pop("config", None)
     submit = path.parent / config_mod.SUBMIT_CONF
-    if not submit.exists():  # job_submit.lua's settings, from [submit]; never one already there
+    wrote_submit = not submit.exists()
+    if wrote_submit:  # job_submit.lua's settings, from [submit]; never one already there
         config_mod.write_submit_conf(app.config, submit)
-        click.echo(f"Wrote {submit} (from [submit]: `gpuledger config render-submit-conf` "
-                   "after editing it)")
+        say(f"Wrote {submit} (from [submit]: `gpuledger config render-submit-conf` "
+            "after editing it)")
     ledger = app.ledger
     before, after = migrate.upgrade(ledger.engine)
     ledger.bootstrap()
-    click.echo(f"Ledger {db.resolve_url(app.config).render_as_string(hide_password=True)} "
-               f"at schema {after}" + ("" if before == after else f" (was {before or 'empty'})"))
+    url_shown = db.resolve_url(app.config).render_as_string(hide_password=True)
+    if as_json:
+        return echo_json({"config": str(path), "config_written": written,
+                          "submit_conf": str(submit) if wrote_submit else None,
+                          "database": url_shown, "schema": after, "previous": before})
+    say(f"Ledger {url_shown} at schema {after}"
+        + ("" if before == after else f" (was {before or 'empty'})"))
 
 
 @click.group("config")
@@ -49,9 +83,12 @@ def config_group():
 
 
 @config_group.command("check")
+@json_output(CONFIG_CHECK)
 @pass_app
-def config_check(app):
+def config_check(app, as_json):
     """Read the configuration with every check; say where it is."""
+    if as_json:
+        return echo_json({"path": str(app.config.path), "ok": True})
     click.echo(f"{app.config.path}: ok")
 
 
@@ -60,6 +97,7 @@ def config_check(app):
               help="Write this file (mode 0644, only when it changes) instead of printing.")
 @click.option("--check", "dry_run", is_flag=True,
               help="With --output: say whether it would change, write nothing.")
+@no_json("prints or writes job_submit.conf itself")
 @pass_app
 def config_render_submit_conf(app, output, dry_run):
     """job_submit.conf (what job_submit.lua reads) from [submit], cluster and [daemon]."""
@@ -74,6 +112,7 @@ def config_render_submit_conf(app, output, dry_run):
 
 
 @config_group.command("reference")
+@no_json("prints docs/config.md (Markdown)")
 def config_reference():
     """Every section and key with its type, default and meaning (docs/config.md)."""
     click.echo(config_mod.reference(), nl=False)
@@ -86,24 +125,32 @@ def db_group():
 
 @db_group.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
+@json_output(objects.SCHEMA)
 @pass_app
-def db_upgrade(app, revision):
+def db_upgrade(app, revision, as_json):
     """Migrate the ledger database (Alembic)."""
+    migrate.check_revision(revision)  # before the database is opened
     before, after = migrate.upgrade(app.ledger.engine, revision)
     app.ledger.bootstrap()
+    if as_json:
+        return echo_json({"component": "ledger", "revision": after, "latest": migrate.head(),
+                          "previous": before})
     click.echo(f"Schema {before or 'empty'} -> {after}" if before != after
                else f"Schema already at {after}")
 
 
 @db_group.command("current")
+@json_output("list of " + objects.SCHEMA)
 @pass_app
-def db_current(app):
-    """Show the schema revision of the ledger database."""
-    rev = migrate.current(app.ledger.engine)
-    click.echo(f"{rev or 'empty'} (latest {migrate.head()})")
-    for schema in migrate.components():
-        rev = migrate.current(app.ledger.engine, schema)
-        click.echo(f"{schema.name}: {rev or 'empty'} (latest {migrate.head(schema)})")
+def db_current(app, as_json):
+    """Show the schema revision of the ledger database (and of each component's tables)."""
+    engine = app.ledger.engine
+    rows = [("ledger", migrate.current(engine), migrate.head())] + [
+        (s.name, migrate.current(engine, s), migrate.head(s)) for s in migrate.components()]
+    if as_json:
+        return echo_json([{"component": c, "revision": r, "latest": h} for c, r, h in rows])
+    for i, (component, rev, latest) in enumerate(rows):
+        click.echo(("" if i == 0 else f"{component}: ") + f"{rev or 'empty'} (latest {latest})")
 
 
 @click.group("keys")
@@ -116,8 +163,9 @@ def keys_group():
 @click.option("--purpose", type=click.Choice(["token", "attest"]), default="token",
               show_default=True,
               help="token: mints tokens; attest: signs exported journal heads, nothing else.")
+@json_output(objects.KEY)
 @pass_app
-def keys_generate(app, kid, purpose):
+def keys_generate(app, kid, purpose, as_json):
     """Create a key: private file (0600) here, public half in the ledger."""
     from datetime import UTC, datetime
 
@@ -127,30 +175,44 @@ def keys_generate(app, kid, purpose):
         public = app.ledger.generate_attest_key(kid)
     else:
         public = app.ledger.generate_key(kid)
+    if as_json:
+        return echo_json(_key(app, kid))
     click.echo(f"Generated {purpose} key {kid} ({app.config.keys_dir / (kid + '.key')}), "
                f"public key {public}")
 
 
+def _keys(app) -> list[dict]:
+    keys = [{**k, "purpose": "token"} for k in app.ledger.list_keys()]
+    return keys + app.ledger.attest_keys()
+
+
+def _key(app, kid: str) -> dict:
+    return next(k for k in _keys(app) if k["kid"] == kid)
+
+
 @keys_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + objects.KEY)
+@table_output
 @pass_app
 def keys_list(app, as_json):
     """List keys known to the ledger (token-minting and head-attestation)."""
-    keys = [{**k, "purpose": "token"} for k in app.ledger.list_keys()]
-    keys += app.ledger.attest_keys()
+    keys = _keys(app)
     if as_json:
         return echo_json(keys)
     echo_table(["KID", "PURPOSE", "CREATED", "RETIRED", "PRIVATE HERE"],
-               [[k["kid"], k["purpose"], k["created"][:19], (k["retired"] or "")[:19] or None,
+               [[k["kid"], k["purpose"], k["created"], k["retired"],
                  "yes" if k["private_key_here"] else "no"] for k in keys])
 
 
 @keys_group.command("retire")
 @click.argument("kid")
+@json_output(objects.KEY)
 @pass_app
-def keys_retire(app, kid):
+def keys_retire(app, kid, as_json):
     """Retire a key: it signs nothing new; its tokens verify until they expire."""
     app.ledger.retire_key(kid)
+    if as_json:
+        return echo_json(_key(app, kid))
     click.echo(f"Retired {kid}")
 
 
@@ -161,10 +223,13 @@ def account_group():
 
 @account_group.command("create")
 @click.argument("name")
+@json_output(objects.ACCOUNT)
 @pass_app
-def account_create(app, name):
+def account_create(app, name, as_json):
     """Create an account."""
     app.ledger.create_account(name)
+    if as_json:
+        return echo_json(_account_rows(app, name)[0].to_dict())
     click.echo(f"Created account {name}")
 
 
@@ -175,7 +240,8 @@ def _account_rows(app, name=None):
 
 
 @account_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + objects.ACCOUNT)
+@table_output
 @pass_app
 def account_list(app, as_json):
     """List accounts with their balances."""
@@ -189,7 +255,7 @@ def account_list(app, as_json):
 
 @account_group.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(objects.ACCOUNT)
 @pass_app
 def account_show(app, name, as_json):
     """Show one account."""
@@ -205,14 +271,42 @@ def account_show(app, name, as_json):
 @account_group.command("set")
 @click.argument("name")
 @click.option("--report-to", help="Comma-separated report recipients (empty to clear).")
+@json_output(objects.ACCOUNT)
 @pass_app
-def account_set(app, name, report_to):
+def account_set(app, name, report_to, as_json):
     """Change an account's settings."""
     if report_to is None:
         raise InvalidInput("nothing to set (try --report-to a@x,b@y)")
     emails = [e.strip() for e in report_to.split(",") if e.strip()]
     app.ledger.set_report_to(name, emails)
+    if as_json:
+        return echo_json(_account_rows(app, name)[0].to_dict())
     click.echo(f"Account {name} reports go to {', '.join(emails) or 'nobody'}")
+
+
+@account_group.group("pool")
+def pool_group():
+    """An account's pool: what its revoked tokens left. Mint a token from it
+    (`gpuledger token mint --account NAME --hours H --from-pool`) or burn it."""
+
+
+@pool_group.command("burn")
+@click.argument("name")
+@click.option("--hours", help="GPU-hours to burn (default: all of the pool).")
+@click.option("--reason", required=True, help="Why (journaled).")
+@click.option("--key", help="Idempotency key: a retry with it burns once.")
+@json_output(objects.BURN)
+@pass_app
+def pool_burn(app, name, hours, reason, key, as_json):
+    """Return pool value to the issuer (the reverse of a mint), journaled: it is gone from
+    the account."""
+    amount = parse_hours(hours) if hours is not None else None
+    done = app.ledger.burn_pool(name, amount, reason, key=key)
+    if as_json:
+        return echo_json({**done, "hours": gpu_hours(done["amount"]),
+                          "pool_hours": gpu_hours(done["pool"])})
+    click.echo(f"Burned {fmt_hours(done['amount'])} GPU-h of account {name}'s pool; "
+               f"{fmt_hours(done['pool'])} GPU-h left in it")
 
 
 @click.group("rates")
@@ -220,26 +314,69 @@ def rates_group():
     """Charge rates per GPU type (reference GPU = 1.0)."""
 
 
-@rates_group.command("set")
+def _is_zero(text: str) -> bool:
+    try:
+        return parse_decimal(text, "rate") == 0
+    except InvalidInput:
+        return False  # parse_rate says what is wrong with it
+
+
+def _rate_change(gpu_type: str, now: int | None, before: int | None) -> dict:
+    return {"gpu_type": gpu_type, "rate": ppm_number(now), "rate_ppm": now,
+            "previous": ppm_number(before), "previous_ppm": before}
+
+
+@rates_group.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("gpu_type")
 @click.argument("rate")
+@json_output(objects.RATE_CHANGE)
 @pass_app
-def rates_set(app, gpu_type, rate):
+def rates_set(app, gpu_type, rate, as_json):
     """Set the rate of GPU_TYPE ("default": types without a rate); applies to new holds.
 
-    Requests that name no GPU type are held at the highest rate."""
-    app.ledger.set_rate(gpu_type, parse_rate(rate))
-    click.echo(f"Rate of {gpu_type} is {fmt_rate(parse_rate(rate))}")
+    Requests that name no GPU type are held at the highest rate. Undo with `rates unset`
+    (or set the old rate again: the change is shown)."""
+    if gpu_type != gpu_type.lower():
+        raise InvalidInput(f"GPU type {gpu_type!r}: Slurm matches GPU types without case and "
+                           f"jobs are priced by the lowercase name; use {gpu_type.lower()!r}")
+    if _is_zero(rate):
+        raise InvalidInput(f"a rate of 0 would make {gpu_type} free; to remove its rate: "
+                           f"gpuledger rates unset {gpu_type}")
+    ppm = parse_rate(rate)
+    before = app.ledger.set_rate(gpu_type, ppm)
+    if as_json:
+        return echo_json(_rate_change(gpu_type, ppm, before))
+    change = (f"{fmt_rate(before)} -> {fmt_rate(ppm)}" if before is not None
+              else f"{fmt_rate(ppm)} (new)")
+    undo = (f"gpuledger rates set {gpu_type} {fmt_rate(before)}" if before is not None
+            else f"gpuledger rates unset {gpu_type}")
+    click.echo(f"Rate of {gpu_type}: {change}; applies to new holds (undo: {undo})")
+
+
+@rates_group.command("unset")
+@click.argument("gpu_type")
+@json_output(objects.RATE_CHANGE)
+@pass_app
+def rates_unset(app, gpu_type, as_json):
+    """Remove the rate of GPU_TYPE: it is priced at "default" again (untyped requests at the
+    highest rate left)."""
+    before = app.ledger.unset_rate(gpu_type)
+    if as_json:
+        return echo_json(_rate_change(gpu_type, None, before))
+    click.echo(f"Rate of {gpu_type}: {fmt_rate(before)} -> unset (new holds price it at "
+               "'default')")
 
 
 @rates_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + objects.RATE)
+@table_output
 @pass_app
 def rates_list(app, as_json):
     """List rates."""
     rates = app.ledger.rates()
     if as_json:
-        return echo_json({k: fmt_rate(v) for k, v in rates.items()})
+        return echo_json([{"gpu_type": k, "rate": ppm_number(v), "rate_ppm": v}
+                          for k, v in rates.items()])
     echo_table(["GPU TYPE", "RATE"], [[k, fmt_rate(v)] for k, v in rates.items()])
 
 
@@ -248,65 +385,110 @@ def tiers_group():
     """Rate multipliers by partition, by QOS and by time of use (off-peak windows)."""
 
 
-@tiers_group.command("set")
+def _tier_change(kind, name, now, before, zone) -> dict:
+    return {"kind": kind, "name": name, "multiplier": ppm_number(now), "multiplier_ppm": now,
+            "previous": ppm_number(before), "previous_ppm": before,
+            "zone": (zone or "UTC") if kind == "offpeak" else None}
+
+
+@tiers_group.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("kind", type=click.Choice(["partition", "qos", "offpeak"]))
 @click.argument("name")
 @click.argument("multiplier")
 @click.option("--zone", help="offpeak: the site's time zone (default UTC), e.g. Europe/Berlin.")
+@json_output(objects.TIER_CHANGE)
 @pass_app
-def tiers_set(app, kind, name, multiplier, zone):
+def tiers_set(app, kind, name, multiplier, zone, as_json):
     """Set a multiplier: `partition scavenger 0.25`, `qos premium 2`, `offpeak 22:00-06:00 0.5`.
 
     Applies to new holds and to settlements from now on; journaled like a rate. Off-peak
     windows are in the site's time zone and may not overlap."""
-    ppm = parse_rate(multiplier)
-    app.ledger.set_multiplier(kind, name, ppm, zone=zone)
-    click.echo(f"{kind} {name} pays x{fmt_rate(ppm)}" + (f" ({zone or 'UTC'})"
-                                                           if kind == "offpeak" else ""))
+    ppm = parse_rate(multiplier, "multiplier")
+    before = app.ledger.set_multiplier(kind, name, ppm, zone=zone)
+    if as_json:
+        return echo_json(_tier_change(kind, name, ppm, before, zone))
+    click.echo(f"{kind} {name} pays x{fmt_rate(ppm)}"
+               + (f" (was x{fmt_rate(before)})" if before is not None else "")
+               + (f" ({zone or 'UTC'})" if kind == "offpeak" else ""))
 
 
 @tiers_group.command("unset")
 @click.argument("kind", type=click.Choice(["partition", "qos", "offpeak"]))
 @click.argument("name")
+@json_output(objects.TIER_CHANGE)
 @pass_app
-def tiers_unset(app, kind, name):
+def tiers_unset(app, kind, name, as_json):
     """Remove a multiplier (that tier pays x1 again)."""
-    app.ledger.unset_multiplier(kind, name)
-    click.echo(f"{kind} {name} pays x1")
+    before = app.ledger.unset_multiplier(kind, name)
+    if as_json:
+        return echo_json(_tier_change(kind, name, None, before, None) | {"zone": None})
+    click.echo(f"{kind} {name} pays x1 (was x{fmt_rate(before)})")
 
 
 @tiers_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + objects.TIER)
+@table_output
 @pass_app
 def tiers_list(app, as_json):
     """List multipliers."""
     t = app.ledger.tiers()
-    rows = [["partition", k, fmt_rate(v), ""] for k, v in sorted(t.partition.items())] + \
-        [["qos", k, fmt_rate(v), ""] for k, v in sorted(t.qos.items())] + \
-        [["offpeak", w, fmt_rate(v), t.zone or ""] for w, v in t.offpeak]
+    rows = [("partition", k, v, None) for k, v in sorted(t.partition.items())] + \
+        [("qos", k, v, None) for k, v in sorted(t.qos.items())] + \
+        [("offpeak", w, v, t.zone or "UTC") for w, v in t.offpeak]
     if as_json:
-        return echo_json([dict(zip(["kind", "name", "multiplier", "zone"], r)) for r in rows])
-    echo_table(["KIND", "NAME", "MULTIPLIER", "ZONE"], rows)
+        return echo_json([{"kind": k, "name": n, "multiplier": ppm_number(v), "multiplier_ppm": v,
+                           "zone": z} for k, n, v, z in rows])
+    echo_table(["KIND", "NAME", "MULTIPLIER", "ZONE"],
+               [[k, n, fmt_rate(v), z] for k, n, v, z in rows])
+
+
+def detail(row: dict) -> str | None:
+    """A state change in words (rates, tiers, accounts, keys): ``h100: 1 -> 2``."""
+    d, kind = row["data"], row["kind"]
+
+    def rate(ppm):
+        return "unset" if ppm is None else fmt_rate(ppm)
+
+    if kind == "rate_set":
+        return f"{d.get('gpu_type')}: {rate(d.get('previous_ppm'))} -> {rate(d.get('rate_ppm'))}"
+    if kind == "rate_unset":
+        return f"{d.get('gpu_type')}: {rate(d.get('previous_ppm'))} -> unset"
+    if kind in ("multiplier_set", "multiplier_unset"):
+        after = "x" + rate(d.get("multiplier_ppm")) if kind == "multiplier_set" else "unset"
+        before = "x" + rate(d.get("previous_ppm")) if d.get("previous_ppm") else "x1"
+        zone = f" ({d['zone']})" if d.get("zone") else ""
+        return f"{d.get('kind')} {d.get('name')}: {before} -> {after}{zone}"
+    if kind == "account_update" and "report_to" in d:
+        return "report to " + (", ".join(d["report_to"]) or "nobody")
+    if kind in ("key_add", "key_retire") or d.get("kid") and not row["amount"]:
+        return f"key {d.get('kid')}"
+    if kind == "mint" and d.get("from_pool"):
+        return f"from the pool of {row['account']}"
+    return None
 
 
 @click.command("journal")
 @click.option("--since", help="ISO date or time.")
-@click.option("--limit", type=int)
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the newest N rows.")
+@json_output("list of " + objects.JOURNAL_ROW)
+@table_output
 @pass_app
 def journal(app, since, limit, as_json):
-    """Show journal rows (every movement and state change, in order)."""
-    rows = app.ledger.journal(parse_when(since, end_of_day=False), limit)
+    """Show journal rows (every movement and state change), oldest first; with --limit,
+    the newest N."""
+    rows = [{**r, "detail": detail(r)}
+            for r in app.ledger.journal(parse_when(since, end_of_day=False), limit)]
     if as_json:
         return echo_json(rows)
-    echo_table(["SEQ", "TIME", "KIND", "FROM", "TO", "GPU-H", "TOKEN", "HOLD", "REASON"],
-               [[r["seq"], r["time"][:19], r["kind"], r["from"], r["to"],
+    echo_table(["SEQ", "TIME", "KIND", "FROM", "TO", "GPU-H", "TOKEN", "HOLD", "DETAIL",
+                "REASON"],
+               [[r["seq"], r["time"], r["kind"], r["from"], r["to"],
                  fmt_hours(r["amount"]) if r["amount"] else None, r["token_id"], r["hold_id"],
-                 r["reason"]] for r in rows])
+                 r["detail"], r["reason"]] for r in rows])
 
 
 @click.command("verify")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(objects.VERIFY)
 @click.option("--export-head", type=click.Path(dir_okay=False),
               help="When all is well, write the chain head, signed with this host's "
                    "head-attestation key, to this file.")
@@ -321,16 +503,21 @@ def verify(app, as_json, export_head, against):
 
     heads = [(path, attest.read_head(path)) for path in against]
     if export_head:
-        result, head = app.ledger.export_head(heads)
-        if head is not None:
-            tmp = Path(export_head + ".tmp")
-            tmp.write_text(json.dumps(head, indent=2) + "\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, export_head)
+        # the file is created (and its text written) before the export is journaled:
+        # an unwritable path records nothing
+        staged = StagedFile(export_head, 0o644).open()
+        try:
+            result, head = app.ledger.export_head(
+                heads, publish=lambda h: staged.write(json.dumps(h, indent=2) + "\n"))
+            if head is not None:
+                staged.commit()
+        finally:
+            staged.discard()
     else:
         result = app.ledger.verify_journal(heads)
     if as_json:
-        echo_json(result.to_dict())
+        echo_json({**result.to_dict(),
+                   **({"head_file": export_head} if export_head and result.ok else {})})
     elif result.ok:
         click.echo(f"OK: {result.rows} journal rows, head {result.head_seq} {result.head_hash}"
                    + (f"; signed head written to {export_head}" if export_head else ""))
@@ -342,5 +529,15 @@ def verify(app, as_json, export_head, against):
         raise SystemExit(1)
 
 
-COMMANDS = [init, config_group, db_group, keys_group, account_group, rates_group, tiers_group, journal,
-            verify]
+@click.command("json-reference")
+@no_json("prints docs/cli-json.md (Markdown)")
+@click.pass_context
+def json_reference(ctx):
+    """The JSON contract of every command (docs/cli-json.md)."""
+    from .jsondoc import reference
+
+    click.echo(reference(ctx.find_root().command), nl=False)
+
+
+COMMANDS = [init, config_group, db_group, keys_group, account_group, rates_group, tiers_group,
+            journal, verify, json_reference]

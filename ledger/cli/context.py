@@ -1,15 +1,17 @@
-"""What every command shares: the config path, a lazily opened ledger, output helpers."""
+"""What every command shares: the config path, a lazily opened ledger, reading times and
+tokens from the command line. How commands print is :mod:`ledger.cli.output`."""
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time
 from functools import cached_property
 
 import click
 
 from .. import config as config_mod
 from ..errors import InvalidInput
+from ..secretfile import read_secret_file
+from .output import echo_fields, echo_json, echo_table  # noqa: F401  (re-exported)
 
 
 class App:
@@ -29,49 +31,34 @@ class App:
 
 pass_app = click.make_pass_decorator(App)
 
-
-def echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
-
-
-def echo_fields(pairs: list[tuple[str, object]]) -> None:
-    width = max(len(k) for k, _ in pairs)
-    for key, value in pairs:
-        click.echo(f"{key:<{width}}  {'-' if value in (None, '') else value}")
-
-
-def echo_table(headers: list[str], rows: list[list]) -> None:
-    cells = [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+END_OF_DAY = time(23, 59, 59)  # a date as an expiry: valid through that day, UTC
 
 
 def parse_when(text: str | None, *, end_of_day: bool) -> datetime | None:
-    """ISO date (``2027-01-31``: the end of that day, UTC, for expiries) or datetime."""
+    """An ISO date or date and time, in UTC unless it names its offset.
+
+    A date alone (``2027-06-30``) is the start of that day, or with ``end_of_day`` (an
+    expiry) its last second, 23:59:59 UTC: the token is valid through that day and shows
+    that date."""
     if text is None:
         return None
     try:
         if len(text) == 10:
             d = date.fromisoformat(text)
-            start = datetime(d.year, d.month, d.day, tzinfo=UTC)
-            return start + timedelta(days=1) if end_of_day else start
+            return datetime.combine(d, END_OF_DAY if end_of_day else time(0), tzinfo=UTC)
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidInput(f"not an ISO date or time: {text!r}") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+        raise InvalidInput(f"not an ISO date or time: {text!r} (e.g. 2027-06-30 or "
+                           "2027-06-30T18:00:00Z)") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def read_token_arg(value: str) -> str:
-    """``TOKEN``, ``ID`` or ``@FILE`` (``@-`` reads stdin)."""
+    """``TOKEN``, ``ID`` or ``@FILE`` (``@-`` reads stdin). A file must pass the SPANK
+    plugin's check (``ledger.secretfile``: yours or root's, no group or other access)."""
     if value.startswith("@"):
         path = value[1:]
-        try:
-            if path == "-":
-                return click.get_text_stream("stdin").read().strip()
-            with open(path) as fh:
-                return fh.read(65536).strip()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read token file {path}: {exc.strerror}") from None
+        if path == "-":
+            return click.get_text_stream("stdin").read(65536).strip()
+        return read_secret_file(path, "token file").strip()
     return value.strip()

@@ -7,7 +7,9 @@ import click
 from ..amounts import fmt_duration, fmt_hours
 from ..errors import Refusal
 from ..views import HoldRequest, HoldView
-from .context import echo_fields, echo_json, echo_table, pass_app, read_token_arg
+from . import objects
+from .context import pass_app, read_token_arg
+from .output import echo_fields, echo_json, echo_table, json_output, table_output
 
 
 def show_hold(v: HoldView) -> None:
@@ -18,6 +20,13 @@ def show_hold(v: HoldView) -> None:
                  ("held", f"{fmt_hours(v.amount)} GPU-h"),
                  ("charged", f"{fmt_hours(v.charged)} GPU-h"),
                  ("returned", f"{fmt_hours(v.returned)} GPU-h")])
+
+
+def refusal_dict(exc: Refusal) -> dict:
+    """A refusal as the JSON contract prints it (the ``refusal`` object)."""
+    d = exc.to_dict()
+    return {"ok": False, **{k: d.get(k) for k in ("reason", "message", "token_id", "needed",
+                                                    "available")}}
 
 
 @click.group("hold")
@@ -35,7 +44,7 @@ def hold_group():
 @click.option("--account")
 @click.option("--partition")
 @click.option("--key", help="Idempotency key.")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(objects.HOLD)
 @pass_app
 def reserve(app, token, gpus, gpu_type, minutes, tasks, user, account, partition, key, as_json):
     """Hold the cost of a job on TOKEN (token or @FILE)."""
@@ -45,9 +54,8 @@ def reserve(app, token, gpus, gpu_type, minutes, tasks, user, account, partition
     try:
         view = app.ledger.reserve(read_token_arg(token), request, key)
     except Refusal as exc:
-        if as_json:
-            echo_json({"ok": False, **exc.to_dict()})
-            raise SystemExit(1) from None
+        if as_json:  # the numbers for scripts; the Error: line and exit 1 as always
+            echo_json(refusal_dict(exc))
         raise
     if as_json:
         return echo_json(view.to_dict())
@@ -58,7 +66,7 @@ def reserve(app, token, gpus, gpu_type, minutes, tasks, user, account, partition
 @click.argument("hold_id")
 @click.option("--gpu-seconds", type=int, required=True, help="Charge, in reference GPU-seconds.")
 @click.option("--key", help="Idempotency key.")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(objects.HOLD)
 @pass_app
 def post(app, hold_id, gpu_seconds, key, as_json):
     """Charge a hold and return the rest."""
@@ -71,17 +79,21 @@ def post(app, hold_id, gpu_seconds, key, as_json):
 @hold_group.command("void")
 @click.argument("hold_id")
 @click.option("--reason")
+@json_output(objects.HOLD)
 @pass_app
-def void(app, hold_id, reason):
+def void(app, hold_id, reason, as_json):
     """Cancel a hold, returning everything."""
     view = app.ledger.void(hold_id, reason=reason)
+    if as_json:
+        return echo_json(view.to_dict())
     click.echo(f"Hold {view.id} {view.state}; returned {fmt_hours(view.returned)} GPU-h")
 
 
 @hold_group.command("list")
 @click.option("--state", type=click.Choice(["pending", "posted", "voided"]))
 @click.option("--token", "token_id")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + objects.HOLD)
+@table_output
 @pass_app
 def list_(app, state, token_id, as_json):
     """List holds."""
@@ -95,7 +107,7 @@ def list_(app, state, token_id, as_json):
 
 @hold_group.command("show")
 @click.argument("hold_id")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(objects.HOLD_DETAIL)
 @pass_app
 def show(app, hold_id, as_json):
     """Show a hold and its charges."""

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from ..amounts import fmt_hours, parse_hours
-from ..errors import InvalidInput
+from ..amounts import hours as gpu_hours
+from ..secretfile import SecretWriter
 from ..tokens import Scopes
 from ..views import TokenView
-from .context import echo_fields, echo_json, echo_table, parse_when, pass_app, read_token_arg
+from . import objects
+from .context import parse_when, pass_app, read_token_arg
+from .output import echo_fields, echo_json, echo_table, json_output, table_output
 
 # Left out, a scope does not restrict; given, it must name at least one (``--users ''`` is
 # an error, never "everyone"): ledger.tokens.Scopes.parse decides, for every caller.
@@ -20,6 +21,8 @@ SCOPE_OPTIONS = (
     ("--partitions", "Comma-separated partitions it is valid in (leave out: any)."),
     ("--clusters", "Comma-separated clusters it is valid on (leave out: any)."),
 )
+EXPIRES_HELP = ("Expiry: a date (valid through the end of that day, 23:59:59 UTC) or an ISO "
+                "time. Default: 365 days after the start of validity.")
 
 
 def scope_options(fn):
@@ -28,24 +31,40 @@ def scope_options(fn):
     return fn
 
 
-def write_secret(path: str, token: str) -> None:
-    """Write a token file readable by its owner only (0600), replacing any old one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def out_options(fn):
+    fn = click.option("--force", is_flag=True,
+                      help="With --out: replace an existing file, keeping it as FILE.~N~.")(fn)
+    return click.option("--out", type=click.Path(dir_okay=False),
+                        help="Write the token to FILE (mode 0600; refuses an existing file "
+                             "unless --force).")(fn)
+
+
+def issue(fn, out: str | None, force: bool):
+    """Run ``fn(publish)`` (a mint or a split): with ``--out`` the file is checked before and
+    written inside the operation's transaction, so a file that cannot be written issues
+    nothing and an issue that fails leaves no file."""
+    if not out:
+        return fn(None), None
+    writer = SecretWriter(out, force=force)
+    writer.prepare()
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InvalidInput(f"cannot write {path}: {exc.strerror}") from None
+        return fn(writer.write), writer
+    except BaseException:
+        writer.undo()
+        raise
 
 
-def emit_token(token: str, view: TokenView, out: str | None) -> None:
-    if out:
-        write_secret(out, token)
-        click.echo(f"{view.id} {fmt_hours(view.face)} GPU-h written to {out}")
-    else:
+def emit_token(token: str, view: TokenView, writer: SecretWriter | None, as_json: bool) -> None:
+    if as_json:
+        return echo_json({"token": None if writer else token,
+                          "file": str(writer.path) if writer else None,
+                          "backup": str(writer.backup) if writer and writer.backup else None,
+                          "view": view.to_dict()})
+    if writer is None:
         click.echo(token)
+        return
+    kept = f" (old file kept as {writer.backup})" if writer.backup else ""
+    click.echo(f"{view.id} {fmt_hours(view.face)} GPU-h written to {writer.path}{kept}")
 
 
 def show_token(view: TokenView) -> None:
@@ -67,27 +86,37 @@ def token_group():
 
 @token_group.command("mint")
 @click.option("--account", required=True, help="Slurm account the token belongs to.")
-@click.option("--hours", required=True, help="Face value in GPU-hours at the reference rate.")
-@click.option("--expires", help="Expiry date (ISO; a date means the end of that day, UTC).")
-@click.option("--not-before", help="Start of validity (ISO date or time).")
+@click.option("--hours", required=True,
+              help="Face value in GPU-hours at the reference rate (at most [limits] "
+                   "max_token_hours).")
+@click.option("--expires", help=EXPIRES_HELP)
+@click.option("--not-before", help="Start of validity (ISO date or time; default: now).")
 @scope_options
+@click.option("--from-pool", is_flag=True,
+              help="Pay it from the account's pool (revoked remainders), not new value.")
+@click.option("--reason", help="Why (journaled).")
 @click.option("--kid", help="Signing key (default: the newest active key here).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the token to FILE (0600).")
+@out_options
+@json_output(objects.ISSUED)
 @pass_app
-def mint(app, account, hours, expires, not_before, users, gpu_types, partitions, clusters, kid,
-         out):
-    """Issue a new token and print it."""
-    token, view = app.ledger.mint(
-        account, parse_hours(hours), expires=parse_when(expires, end_of_day=True),
-        not_before=parse_when(not_before, end_of_day=False),
-        scopes=Scopes.parse(users=users, gpu_types=gpu_types, partitions=partitions,
-                            clusters=clusters), kid=kid)
-    emit_token(token, view, out)
+def mint(app, account, hours, expires, not_before, users, gpu_types, partitions, clusters,
+         from_pool, reason, kid, out, force, as_json):
+    """Issue a new token and print it (or write it to --out). docs/tokens.md says how to
+    hand it to its user."""
+    amount = parse_hours(hours)
+    exp, nbf = parse_when(expires, end_of_day=True), parse_when(not_before, end_of_day=False)
+    scopes = Scopes.parse(users=users, gpu_types=gpu_types, partitions=partitions,
+                          clusters=clusters)
+    ledger = app.ledger
+    (token, view), writer = issue(lambda publish: ledger.mint(
+        account, amount, expires=exp, not_before=nbf, scopes=scopes, kid=kid, reason=reason,
+        from_pool=from_pool, publish=publish), out, force)
+    emit_token(token, view, writer, as_json)
 
 
 @token_group.command("inspect")
 @click.argument("token")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(objects.TOKEN)
 @pass_app
 def inspect(app, token, as_json):
     """Verify TOKEN (a token, an id or @FILE) and show its ledger state."""
@@ -99,7 +128,8 @@ def inspect(app, token, as_json):
 
 @token_group.command("list")
 @click.option("--account", help="Only this account's tokens.")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + objects.TOKEN)
+@table_output
 @pass_app
 def list_(app, account, as_json):
     """List tokens."""
@@ -116,25 +146,38 @@ def list_(app, account, as_json):
 @click.option("--hours", required=True, help="GPU-hours to move into the new token.")
 @click.option("--account", help="Account of the new token (default: the parent's).")
 @scope_options
-@click.option("--expires", help="Expiry of the new token (not after the parent's).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the token to FILE (0600).")
+@click.option("--expires", help="Expiry of the new token (not after the parent's; a date: "
+                                 "through 23:59:59 UTC of that day).")
+@click.option("--reason", help="Why (journaled).")
+@out_options
+@json_output(objects.ISSUED)
 @pass_app
-def split(app, token, hours, account, users, gpu_types, partitions, clusters, expires, out):
+def split(app, token, hours, account, users, gpu_types, partitions, clusters, expires, reason,
+          out, force, as_json):
     """Split value off TOKEN (token, id or @FILE) into a new token; scopes only narrow."""
-    new, view = app.ledger.split(
-        read_token_arg(token), parse_hours(hours), account=account,
-        scopes=Scopes.parse(users=users, gpu_types=gpu_types, partitions=partitions,
-                            clusters=clusters), expires=parse_when(expires, end_of_day=True))
-    emit_token(new, view, out)
+    ref, amount = read_token_arg(token), parse_hours(hours)
+    exp = parse_when(expires, end_of_day=True)
+    scopes = Scopes.parse(users=users, gpu_types=gpu_types, partitions=partitions,
+                          clusters=clusters)
+    ledger = app.ledger
+    (new, view), writer = issue(lambda publish: ledger.split(
+        ref, amount, account=account, scopes=scopes, expires=exp, reason=reason,
+        publish=publish), out, force)
+    emit_token(new, view, writer, as_json)
 
 
 @token_group.command("revoke")
 @click.argument("token")
-@click.option("--reason", required=True, help="Why (journaled).")
+@click.option("--reason", required=True, help="Why (journaled; shown to whoever submits "
+                                               "with it).")
+@json_output(objects.TOKEN)
 @pass_app
-def revoke(app, token, reason):
-    """Revoke TOKEN: no new holds; its remainder returns to its account."""
+def revoke(app, token, reason, as_json):
+    """Revoke TOKEN: no new holds; pending holds still settle; its remainder goes to its
+    account's pool (`gpuledger account pool`)."""
     view = app.ledger.revoke(read_token_arg(token), reason)
+    if as_json:
+        return echo_json(view.to_dict())
     click.echo(f"Revoked {view.id}; pending holds still settle")
 
 
@@ -143,12 +186,16 @@ def revoke(app, token, reason):
 @click.option("--to", "dst", required=True, help="Destination token (id, token or @FILE).")
 @click.option("--hours", required=True)
 @click.option("--reason", required=True)
+@json_output(objects.TRANSFER)
 @pass_app
-def transfer(app, src, dst, hours, reason):
+def transfer(app, src, dst, hours, reason, as_json):
     """Move GPU-hours from one token to another."""
     amount = parse_hours(hours)
-    app.ledger.transfer(read_token_arg(src), read_token_arg(dst), amount, reason)
-    click.echo(f"Transferred {fmt_hours(amount)} GPU-h")
+    source, dest = app.ledger.transfer(read_token_arg(src), read_token_arg(dst), amount, reason)
+    if as_json:
+        return echo_json({"amount": amount, "hours": gpu_hours(amount), "from": source.to_dict(),
+                          "to": dest.to_dict()})
+    click.echo(f"Transferred {fmt_hours(amount)} GPU-h from {source.id} to {dest.id}")
 
 
 @click.command("refund")
@@ -156,22 +203,25 @@ def transfer(app, src, dst, hours, reason):
 @click.option("--hours", required=True)
 @click.option("--reason", required=True)
 @click.option("--key", help="Idempotency key.")
+@json_output(objects.HOLD)
 @pass_app
-def refund(app, hold_id, hours, reason, key):
+def refund(app, hold_id, hours, reason, key, as_json):
     """Give back GPU-hours a hold was charged."""
     amount = parse_hours(hours)
     view = app.ledger.refund(hold_id, amount, reason, key=key)
+    if as_json:
+        return echo_json(view.to_dict())
     click.echo(f"Refunded {fmt_hours(amount)} GPU-h on {view.id} to token {view.token_id}")
 
 
 @click.command("expire")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output("list of " + objects.EXPIRED)
 @pass_app
 def expire(app, as_json):
     """Close expired tokens and move their remainders out."""
     done = app.ledger.expire()
     if as_json:
-        return echo_json(done)
+        return echo_json([{**d, "hours": gpu_hours(d["amount"])} for d in done])
     for d in done:
         click.echo(f"Expired {d['token_id']} ({d['account']}): {fmt_hours(d['amount'])} GPU-h")
     click.echo(f"{len(done)} token(s) expired")

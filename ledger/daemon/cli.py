@@ -7,11 +7,71 @@ from pathlib import Path
 
 import click
 
-from ..amounts import fmt_duration, fmt_hours, fmt_rate
-from ..cli.context import echo_fields, echo_json, echo_table, pass_app, read_token_arg
-from ..errors import InvalidInput
-from ..slurmsyntax import array_size, parse_gpus, parse_gres, time_limit_seconds
+from ..amounts import fmt_duration, fmt_hours, fmt_rate, hours
+from ..cli import objects
+from ..cli.context import pass_app, read_token_arg
+from ..cli.output import (
+    echo_fields,
+    echo_json,
+    echo_table,
+    json_output,
+    no_json,
+    ppm_number,
+    table_output,
+)
+from ..cli.shapes import obj
+from ..errors import InvalidInput, Refusal
+from ..jobrequest import SlurmJob, asks_gpu
+from ..slurmsyntax import time_limit_seconds
 from .client import connect, response_error
+
+MEMBER_ACCOUNT = obj("member-account", "An account as its members see it (no pool: that "
+                                        "is the admins').", [
+    ("name", "string", "Slurm account"),
+    ("tokens", "integer", "tokens it holds"),
+    ("remaining", "integer", f"sum of its tokens' remaining, {objects.AMOUNT}"),
+    ("held", "integer", f"sum held for pending jobs, {objects.AMOUNT}"),
+    ("remaining_hours", "number", "remaining in GPU-hours"),
+    ("held_hours", "number", "held in GPU-hours"),
+])
+BALANCE = obj("balance", "A user's tokens and Slurm accounts.", [
+    ("user", "string", "the user"),
+    ("slurm_accounts", "list of string", "their Slurm accounts"),
+    ("accounts", "list of member-account", "those accounts known to the ledger"),
+    ("tokens", "list of token", "tokens scoped to the user or to those accounts"),
+])
+JOBS = obj("jobs", "A user's holds.", [
+    ("user", "string", "the user"),
+    ("holds", "list of hold", "their holds, oldest first"),
+])
+QUOTE = obj("quote", "What a job would hold, and whether the token covers it (exit status 1 "
+                     "when it does not).", [
+    ("ok", "boolean", ("true: priced (a request that cannot be priced prints a "
+                      "[refusal](#refusal) instead)")),
+    ("free", "boolean", ("the account is free ([submit] free_accounts): it holds nothing and "
+                         "needs no token (the price fields are null)")),
+    ("request", "string", "the request in words (`2 x h100 x 4:00:00`)"),
+    ("user", "string", "whose job"),
+    ("amount", "integer", f"what it would hold, {objects.AMOUNT}"),
+    ("hours", "number", "the same in GPU-hours"),
+    ("rate", "number?", "the rate it is priced at"),
+    ("rate_ppm", "integer?", "the same in parts per million"),
+    ("share", "integer?", "shares per GPU it is priced at (1: whole GPUs)"),
+    ("multiplier", "number?", "the tier multiplier it is held at"),
+    ("multiplier_ppm", "integer?", "the same in parts per million"),
+    ("cheapest", "string?", "a cheaper tier (`partition scavenger`), if any"),
+    ("cheapest_multiplier_ppm", "integer?", "its multiplier"),
+    ("cheapest_amount", "integer?", f"what it would hold there, {objects.AMOUNT}"),
+    ("token_id", "string?", "the token checked (null: none given)"),
+    ("status", "string?", "its status"),
+    ("remaining", "integer?", f"what it has left, {objects.AMOUNT}"),
+    ("remaining_hours", "number?", "the same in GPU-hours"),
+    ("covers", "boolean?", ("whether it would pay (null: no token given); false: exit status 1, "
+                           "`message` on the `Error:` line")),
+    ("reason", "string?", ("why not (the [refusal](#refusal) reasons: insufficient, revoked, "
+                          "wrong_partition, …)")),
+    ("message", "string?", "why not, and what would fit (the words sbatch would refuse with)"),
+])
 
 socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET",
                              help="Daemon socket (default: config, else "
@@ -25,6 +85,7 @@ socket_option = click.option("--socket", "socket_path", envvar="GPULEDGER_SOCKET
               help="Internal: serve this already bound socket as the users' process.")
 @click.option("--inherited-metrics-fd", type=int, hidden=True,
               help="Internal: serve the metrics endpoint on this already bound socket.")
+@no_json("runs the daemon in the foreground")
 @pass_app
 def serve(app, socket_path, socket_group, inherited_fd, inherited_metrics_fd):
     """Run the ledger daemon on its Unix socket (foreground; systemd runs this).
@@ -64,7 +125,8 @@ def serve(app, socket_path, socket_group, inherited_fd, inherited_metrics_fd):
 
     def server(where, **kw) -> Server:
         return Server(Handlers(ledger, policy, SlurmAccounts(), fast=fast, charge=cfg.charge,
-                               instruments=instruments), where,
+                               instruments=instruments,
+                               free_accounts=cfg.submit.free_accounts), where,
                       max_line=cfg.daemon.max_line, log=RequestLog(), instruments=instruments,
                       **kw)
 
@@ -143,7 +205,8 @@ def _token_arg(value: str | None) -> str | None:
 @click.command("balance")
 @socket_option
 @click.option("--user", help="Another user (root and the Slurm user only).")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(BALANCE)
+@table_output
 @pass_app
 def balance(app, socket_path, user, as_json):
     """Your tokens and your Slurm accounts' balances."""
@@ -159,9 +222,9 @@ def balance(app, socket_path, user, as_json):
                 for t in data["tokens"]])
     if data["accounts"]:
         click.echo("")
-        echo_table(["ACCOUNT", "TOKENS", "REMAINING GPU-H", "HELD", "POOL"],
-                   [[a["name"], a["tokens"], fmt_hours(a["remaining"]), fmt_hours(a["held"]),
-                     fmt_hours(a["pool"])] for a in data["accounts"]])
+        echo_table(["ACCOUNT", "TOKENS", "REMAINING GPU-H", "HELD"],
+                   [[a["name"], a["tokens"], fmt_hours(a["remaining"]), fmt_hours(a["held"])]
+                    for a in data["accounts"]])
 
 
 @click.command("quote")
@@ -177,57 +240,102 @@ def balance(app, socket_path, user, as_json):
 @click.option("--partition", "-p")
 @click.option("--qos", "-q", help="The job's QOS (tier multipliers by QOS).")
 @click.option("--token", help="TOKEN or @FILE (default: $GPU_TOKEN, ~/.config/gpuledger/token).")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(QUOTE)
 @pass_app
 def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array, account,
           partition, qos, token, as_json):
-    """What a job would hold, and whether the token covers it."""
-    count, gpu_type, kind, per_node = 0, None, "gpu", None
-    if gres:
-        count, gpu_type, kind = parse_gres(gres)
-        per_node = count if kind != "gpu" else None
-        count *= nodes
-    elif gpus_per_node:
-        per, gpu_type = parse_gpus(gpus_per_node)
-        count = per * nodes
-    elif gpus:
-        count, gpu_type = parse_gpus(gpus)
-    if count <= 0:
-        raise InvalidInput("say how many GPUs: --gres=gpu:h100:4, --gpus=4 or --gpus-per-node=2")
-    seconds = time_limit_seconds(time_limit)
-    tasks = array_size(array) if array else 1
+    """What a job would hold, and whether the token covers it.
+
+    The options become the request fields sbatch gives Slurm, and the daemon reads them
+    with the job-request reader that job_submit uses (ledger/jobrequest.py)."""
+    job = {"tres_per_node": ",".join(
+               [*([gres] if gres else []),
+                *([f"gres/gpu:{gpus_per_node}"] if gpus_per_node else [])]) or None,
+           "tres_per_job": f"gres/gpu:{gpus}" if gpus else None,
+           "min_nodes": nodes, "max_nodes": nodes,
+           "time_limit": time_limit_seconds(time_limit) // 60, "array_inx": array}
+    if not asks_gpu(SlurmJob(**job)):
+        raise InvalidInput((f"--gres={gres} asks for no GPU (gpu, shard or mps); " if gres else "")
+                           + "say how many GPUs: --gres=gpu:h100:4, --gpus=4 or "
+                           "--gpus-per-node=2")
     with connect(socket_path, app.config_path) as client:
-        resp = client.call("quote", gpus=count, seconds=seconds, type=gpu_type, tasks=tasks,
-                           account=account, partition=partition, qos=qos,
-                           token=_token_arg(token),
-                           **({"gres": kind, "per_node": per_node} if kind != "gpu" else {}))
+        resp = client.call("quote", **job, account=account, partition=partition, qos=qos,
+                           token=_token_arg(token))
+    if resp.get("result") == "free":
+        data = free_json(resp, account)
+        return echo_json(data) if as_json else echo_fields(
+            [("request", data["request"]), ("would hold", "0.000 GPU-h")])
+    if "desc" not in resp:  # refused before it was priced (no rate for its GPU type, ...)
+        error = response_error(resp)
+        if as_json and isinstance(error, Refusal):
+            echo_json(_refusal_json(resp))
+        raise error
+    data = quote_json(resp)
     if as_json:
-        return echo_json(resp)
-    if "amount" not in resp:
-        raise response_error(resp)
-    pairs = [("request", resp["desc"]), ("would hold", f"{resp['hours']} GPU-h")]
+        echo_json(data)
+    else:
+        _show_quote(data, resp.get("gres") or "gpu", resp.get("per_node"), int(resp["seconds"]))
+    if data["covers"] is False:  # the Error: line says why and what would fit; exit 1
+        raise response_error({**resp, "ok": "0"})
+
+
+def _refusal_json(resp: dict[str, str]) -> dict:
+    return {"ok": False, "reason": resp.get("reason", "error"),
+            "message": resp.get("message", ""), "token_id": resp.get("token_id") or None,
+            "needed": _int(resp.get("needed")), "available": _int(resp.get("available"))}
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text not in (None, "") else None
+
+
+def free_json(resp: dict[str, str], account: str | None) -> dict:
+    """A job of a free account ([submit] free_accounts): it holds nothing, needs no token."""
+    return {"ok": True, "free": True, "user": resp.get("user", ""),
+            "request": f"account {account} is free: its GPU jobs need no token",
+            "amount": 0, "hours": 0.0, **dict.fromkeys((
+                "rate", "rate_ppm", "share", "multiplier", "multiplier_ppm", "cheapest",
+                "cheapest_multiplier_ppm", "cheapest_amount", "token_id", "status", "remaining",
+                "remaining_hours", "covers", "reason", "message"))}
+
+
+def quote_json(resp: dict[str, str]) -> dict:
+    """The daemon's quote (text fields on the wire) as typed JSON (the ``quote`` object)."""
+    rate, mult = _int(resp.get("rate")), _int(resp.get("multiplier"))
+    amount, remaining = _int(resp.get("amount")), _int(resp.get("remaining"))
+    token = resp.get("token_id") or None
+    covers = resp.get("ok") == "1" and resp.get("covers") == "1"
+    why = (lambda k: None) if covers or not token else resp.get
+    return {"ok": True, "free": False, "request": resp["desc"], "user": resp.get("user", ""),
+            "amount": amount, "hours": hours(amount), "rate": ppm_number(rate), "rate_ppm": rate,
+            "share": _int(resp.get("share")) or 1, "multiplier": ppm_number(mult),
+            "multiplier_ppm": mult, "cheapest": resp.get("cheapest") or None,
+            "cheapest_multiplier_ppm": _int(resp.get("cheapest_multiplier_ppm")),
+            "cheapest_amount": _int(resp.get("cheapest_amount")), "token_id": token,
+            "status": resp.get("status") or None, "remaining": remaining,
+            "remaining_hours": hours(remaining) if remaining is not None else None,
+            "covers": covers if token else None, "reason": why("reason"),
+            "message": why("message")}
+
+
+def _show_quote(data: dict, kind: str, per_node, seconds: int) -> None:
+    pairs = [("request", data["request"]), ("would hold", f"{fmt_hours(data['amount'])} GPU-h")]
     if kind != "gpu":
-        pairs.append(("priced as", f"{per_node} of {resp['share']} {kind}s of a GPU "
-                                   f"at rate {fmt_rate(int(resp['rate']))}"))
-    if resp.get("multiplier") not in (None, "1000000") or resp.get("cheapest"):
-        pairs.append(("tier multiplier", fmt_rate(int(resp["multiplier"]))))
-    if resp.get("cheapest"):
-        pairs.append(("cheapest tier", f"{resp['cheapest']} "
-                      f"(x{fmt_rate(int(resp['cheapest_multiplier_ppm']))}): "
-                      f"{fmt_hours(int(resp['cheapest_amount']))} GPU-h"))
-    if resp.get("ok") != "1":
-        pairs.append(("token", resp.get("token_id") or "-"))
-        pairs.append(("covers", f"no: {resp.get('message')}"))
+        pairs.append(("priced as", (f"{per_node} of {data['share']} {kind}s of a GPU "
+                                    f"at rate {fmt_rate(data['rate_ppm'])}")))
+    if data["multiplier_ppm"] not in (None, 1_000_000) or data["cheapest"]:
+        pairs.append(("tier multiplier", fmt_rate(data["multiplier_ppm"])))
+    if data["cheapest"]:
+        pairs.append(("cheapest tier", (f"{data['cheapest']} "
+                                        f"(x{fmt_rate(data['cheapest_multiplier_ppm'])}): "
+                                        f"{fmt_hours(data['cheapest_amount'])} GPU-h")))
+    if data["token_id"]:
+        pairs.append(("token", data["token_id"]))
+        if data["status"] is not None:
+            pairs += [("status", data["status"]),
+                      ("remaining", f"{fmt_hours(data['remaining'])} GPU-h")]
+        pairs.append(("covers", "yes" if data["covers"] else "no"))
         echo_fields(pairs)
-        raise SystemExit(1)
-    if resp.get("token_id"):
-        covers = resp.get("covers") == "1"
-        pairs += [("token", resp["token_id"]), ("status", resp["status"]),
-                  ("remaining", f"{resp['remaining_hours']} GPU-h"),
-                  ("covers", "yes" if covers else "no")]
-        echo_fields(pairs)
-        if not covers:
-            raise SystemExit(1)
         return
     echo_fields(pairs + [("time limit", fmt_duration(seconds))])
 
@@ -236,7 +344,8 @@ def quote(app, socket_path, gres, gpus, gpus_per_node, nodes, time_limit, array,
 @socket_option
 @click.option("--state", type=click.Choice(["pending", "posted", "voided"]))
 @click.option("--user", help="Another user (root and the Slurm user only).")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@json_output(JOBS)
+@table_output
 @pass_app
 def jobs(app, socket_path, state, user, as_json):
     """Your jobs' holds: what each held, charged and returned."""

@@ -1,18 +1,27 @@
 """One function per operation: fields in, response fields out, the ledger does the work.
 
 Nothing here decides a business rule: prices, scopes, balances and refusal messages all
-come from :class:`ledger.service.Ledger`. Handlers only check who may ask, turn wire
-fields into a :class:`HoldRequest`, and turn results and typed errors into responses.
+come from :class:`ledger.service.Ledger`, and what a Slurm job asks for from
+:mod:`ledger.jobrequest`. Handlers only check who may ask, turn wire fields into a
+:class:`HoldRequest`, and turn results and typed errors into responses.
+
+``reserve``, ``resize`` and ``quote`` take a request in one of two forms: Slurm's own
+fields, as job_submit.lua forwards them (``tres_per_*``, ``time_limit``, node and task
+counts, ``array_inx``, ``candidates``; ``rec_*`` for the job record of an update: any of
+:data:`ledger.jobrequest.SLURM_KEYS`), read by the job-request reader; or a request
+already counted (``gpus seconds [type tasks gres per_node]``: PrologSlurmctld's, from what
+Slurm allocated, and the admin tools').
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from .. import settlement
+from .. import jobrequest, settlement
 from ..amounts import fmt_hours
 from ..config import ChargeConfig
 from ..errors import (
@@ -26,6 +35,7 @@ from ..errors import (
     StateError,
     StorageError,
 )
+from ..jobrequest import SLURM_KEYS
 from ..names import is_account_name, is_identifier, is_user_name
 from ..nodecharge import NodeCharge
 from ..queries import account_views, user_tokens
@@ -96,7 +106,11 @@ def _names(fields: dict[str, str], name: str) -> str | None:
 
 
 def error_response(exc: BaseException) -> dict[str, object]:
-    """A typed error → ``ok=0 reason=… message=…`` (Refusals keep their numbers)."""
+    """A typed error → ``ok=0 reason=… message=…`` (Refusals keep their numbers; the
+    job-request reader's refusals say why: ``request``, ``no_token``, ``time_limit``,
+    ``denied``)."""
+    if isinstance(exc, jobrequest.Refused):
+        return {"ok": 0, "reason": exc.reason, "message": str(exc)}
     if isinstance(exc, Refusal):
         d = exc.to_dict()
         return {"ok": 0, "reason": d["reason"], "message": d["message"],
@@ -120,11 +134,15 @@ class Handlers:
 
     def __init__(self, ledger, policy: Policy, accounts: Callable[[str], frozenset[str]] | None = None,
                  on_fault: Callable[[Peer, dict[str, str], BaseException], None] | None = None,
-                 fast=None, charge: ChargeConfig | None = None, instruments=None):
+                 fast=None, charge: ChargeConfig | None = None, instruments=None,
+                 free_accounts: Iterable[str] = ()):
         self.ledger = ledger
         self.charge_config = charge or ChargeConfig()  # the site's policy, for node records
         # this process's counters (ledger.daemon.instruments), for op metrics
         self.instruments = instruments
+        # [submit] free_accounts: Slurm accounts whose GPU jobs need no token (the reader
+        # decides; job_submit.lua falls back on the same list only when this cannot answer)
+        self.free_accounts = frozenset(free_accounts)
         # reserves answered from memory and written in batches (ledger.daemon.fastpath);
         # every other operation waits for them to be written first
         self.fast = fast
@@ -193,6 +211,25 @@ class Handlers:
         with it, as the clusters sharing a ledger reuse each other's ids."""
         return _name(fields, "cluster") or self.ledger.cluster or None
 
+    def _slurm_request(self, fields: dict[str, str], user: str | None, *, token: bool
+                       ) -> HoldRequest | str:
+        """Slurm's request fields, read by the job-request reader: the HoldRequest, or
+        ``jobrequest.FREE`` / ``jobrequest.NO_GPU``; :class:`jobrequest.Refused` with the
+        user's text."""
+        if "gpus" in fields or "seconds" in fields:
+            raise BadRequest("a request gives Slurm's fields or gpus/seconds, not both")
+        parts = jobrequest.candidates(fields.get("candidates"))
+        if not parts and fields.get("partition"):  # names only (gpuledger quote -p a,b)
+            parts = tuple(jobrequest.Partition(p) for p in _names(fields, "partition")
+                          .split(","))
+        job = jobrequest.SlurmJob.from_fields(fields)
+        read = jobrequest.read_submit(job, parts, token=token,
+                                      free_accounts=self.free_accounts)
+        if isinstance(read, str):
+            return read
+        return read.hold(user=user, account=_account(fields), qos=_names(fields, "qos"),
+                         cluster=_name(fields, "cluster"))
+
     @staticmethod
     def _job_user(fields: dict[str, str]) -> str | None:
         name = _user(fields)
@@ -217,10 +254,17 @@ class Handlers:
         return with_json(self.instruments.snapshot())
 
     def reserve(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
-        """Hold a job's maximum cost: ``token gpus seconds [type tasks user account …] key``."""
+        """Hold a job's maximum cost: ``token`` and the request (Slurm's fields, or ``gpus
+        seconds [type tasks …]``), ``user``/``uid``, ``account``, ``key``. Slurm's fields may
+        also answer ``result=free`` (a free account) or ``result=none`` (no GPU): no hold."""
         self.policy.require_privileged(peer, "reserve")
         token = fields.get("token") or ""
-        request = self._request(fields, self._job_user(fields))
+        if SLURM_KEYS.intersection(fields):
+            request = self._slurm_request(fields, self._job_user(fields), token=bool(token))
+            if isinstance(request, str):
+                return {"ok": 1, "result": request}
+        else:
+            request = self._request(fields, self._job_user(fields))
         key = fields.get("key") or None
         job_id = _name(fields, "job")
         if self.fast is not None and job_id is None:
@@ -230,7 +274,11 @@ class Handlers:
                         "amount": answer["amount"], "hours": fmt_hours(answer["amount"]),
                         "rate": answer["rate"], "desc": request.describe()}
             self.fast.flush()  # the database decides, after every answer before it
-        view = self._with_keys(lambda: self.ledger.reserve(token, request, key, job_id=job_id))
+        # A request without a key (job_submit.lua and PrologSlurmctld always send one) gets
+        # one of its own: the ledger may then run it again after a COMMIT whose outcome it
+        # does not know (a database failover) instead of answering "outcome unknown".
+        once = key or f"daemon:{secrets.token_hex(12)}"
+        view = self._with_keys(lambda: self.ledger.reserve(token, request, once, job_id=job_id))
         if self.fast is not None:
             self.fast.learn(view.token_id)
         return {"ok": 1, "hold": view.id, "token_id": view.token_id, "amount": view.amount,
@@ -242,9 +290,14 @@ class Handlers:
 
         Absolute ``seconds``/``gpus``/``tasks``; ``type`` when the GPU request changed
         (empty: untyped); ``partition``/``account`` when those changed. The ledger checks
-        the token's scopes again."""
+        the token's scopes again. Slurm's fields (an update and its ``rec_*`` job record)
+        are read by the job-request reader, which may void the hold instead (the job asks
+        for no GPU any more: ``state=voided``) or, with no ``hold``, refuse GPUs added to a
+        job that has none."""
         self.policy.require_privileged(peer, "resize")
         hold_id = _name(fields, "hold")
+        if SLURM_KEYS.intersection(fields):
+            return self._modify(hold_id, fields)
         if hold_id is None:
             raise BadRequest("missing field hold")
         seconds, gpus, tasks = (_int(fields, k, required=False) for k in ("seconds", "gpus", "tasks"))
@@ -256,12 +309,41 @@ class Handlers:
         if _name(fields, "gres"):
             extra.update(gres=_name(fields, "gres"),
                          per_node=_int(fields, "per_node", required=False) or None)
+        return self._resized(hold_id, seconds=seconds or None, gpus=gpus or None,
+                             tasks=tasks or None, partition=partition, account=account,
+                             **extra)
+
+    def _resized(self, hold_id: str, **change) -> dict[str, object]:
         before = self.ledger.hold(hold_id).amount
-        view = self.ledger.resize(hold_id, seconds=seconds or None, gpus=gpus or None,
-                                  tasks=tasks or None, partition=partition, account=account,
-                                  **extra)
+        view = self.ledger.resize(hold_id, **change)
         return {"ok": 1, "hold": view.id, "amount": view.amount, "hours": fmt_hours(view.amount),
                 "delta": view.amount - before}
+
+    def _modify(self, hold_id: str | None, fields: dict[str, str]) -> dict[str, object]:
+        """scontrol update of a job, in Slurm's fields: what it changes, by the reader."""
+        if {"gpus", "seconds", "tasks", "type"}.intersection(fields):
+            raise BadRequest("a request gives Slurm's fields or gpus/seconds, not both")
+        parts = jobrequest.candidates(fields.get("candidates"))
+        update = jobrequest.SlurmJob.from_fields(fields)
+        record = jobrequest.SlurmJob.from_fields(fields, jobrequest.RECORD_PREFIX)
+        _names(fields, "partition"), _account(fields)  # names by the ledger's rules
+        change = jobrequest.read_modify(update, record, parts, held=hold_id is not None,
+                                        free_accounts=self.free_accounts)
+        if hold_id is None or change.nothing:
+            if hold_id is None:
+                return {"ok": 1, "result": "none"}
+            view = self.ledger.hold(hold_id)
+            return {"ok": 1, "hold": view.id, "amount": view.amount,
+                    "hours": fmt_hours(view.amount), "delta": 0}
+        if change.void:
+            view = self.ledger.void(hold_id, reason="job modified to use no GPU")
+            return {"ok": 1, "hold": view.id, "state": view.state, "returned": view.returned}
+        extra: dict[str, object] = {}
+        if change.gpus:
+            extra = {"gpus": change.gpus, "gpu_type": change.gpu_type, "gres": change.gres,
+                     "per_node": change.per_node}
+        return self._resized(hold_id, seconds=change.seconds or None,
+                             partition=change.partition, account=change.account, **extra)
 
     def void(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         self.policy.require_privileged(peer, "void")
@@ -274,29 +356,36 @@ class Handlers:
     def quote(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
         """What a job would hold and, given a token, whether that token covers it now."""
         user = self.policy.subject(peer, self._job_user(fields))
-        request = self._request(fields, user)
+        if SLURM_KEYS.intersection(fields):
+            request = self._slurm_request(fields, user, token=True)
+            if request == jobrequest.FREE:
+                return {"ok": 1, "result": request, "amount": 0, "hours": fmt_hours(0),
+                        "user": user}
+            if request == jobrequest.NO_GPU:
+                raise BadRequest("the request asks for no GPU (gpu, shard or mps)")
+        else:
+            request = self._request(fields, user)
         amount, rate = self.ledger.price(request)
         share = self.ledger.hold_share(request)
         quote = self.ledger.tier_quote(request)
         out: dict[str, object] = {"ok": 1, "amount": amount, "hours": fmt_hours(amount),
                                   "rate": rate, "share": share, "desc": request.describe(),
+                                  "gres": request.gres, "per_node": request.per_node,
+                                  "seconds": request.seconds,
                                   "user": user, "multiplier": quote["multiplier_ppm"],
                                   **{k: v for k, v in quote.items() if k.startswith("cheapest")}}
         token = fields.get("token")
         if not token:
             return out
 
-        def check():
-            claims = self.ledger.check(token, request)
-            return claims, self.ledger.inspect(token)
-
         try:
-            claims, view = self._with_keys(check)
+            view, short = self._with_keys(lambda: self.ledger.covers(token, request))
         except Refusal as exc:
             return {**out, **error_response(exc), "amount": amount, "hours": fmt_hours(amount)}
-        covers = view.status == "active" and amount <= view.remaining
-        out.update(token_id=claims.id, status=view.status, remaining=view.remaining,
-                   remaining_hours=fmt_hours(view.remaining), covers=covers)
+        out.update(token_id=view.id, status=view.status, remaining=view.remaining,
+                   remaining_hours=fmt_hours(view.remaining), covers=short is None)
+        if short is not None:  # the same words a reserve would refuse with
+            out.update(reason=str(short.reason), message=short.message)
         return out
 
     def balance(self, peer: Peer, fields: dict[str, str]) -> dict[str, object]:
@@ -305,7 +394,7 @@ class Handlers:
         accounts = self.accounts(user)
         tokens = [t.to_dict() for t in user_tokens(self.ledger, user, accounts)]
         known = {a.name: a for a in account_views(self.ledger)}
-        views = [known[a].to_dict() for a in sorted(accounts) if a in known]
+        views = [known[a].member_dict() for a in sorted(accounts) if a in known]
         return with_json({"user": user, "slurm_accounts": sorted(accounts), "accounts": views,
                           "tokens": tokens})
 

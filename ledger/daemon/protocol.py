@@ -18,8 +18,11 @@ from ..errors import LedgerError
 VERSION = 1
 _KEY = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/@,+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9\-._~:/@,+]")  # the complement of _SAFE, as one search
+_NOT_PRINTABLE = re.compile(r"[^\x21-\x7e]")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = {b: f"%{b:02X}" for b in range(256)}
+_GOOD_KEYS: set[str] = set()  # valid keys seen (the protocol's own are a few dozen)
 
 
 class ProtocolError(LedgerError):
@@ -34,10 +37,24 @@ def escape(value: object) -> str:
         text = "1" if value else "0"
     else:
         text = str(value)
-    raw = text.encode("utf-8")
-    if all(b in _SAFE for b in raw):
+    if not _UNSAFE.search(text):
         return text
-    return "".join(chr(b) if b in _SAFE else _ESCAPES[b] for b in raw)
+    return _UNSAFE.sub(_escaped, text)
+
+
+def _escaped(m: re.Match) -> str:
+    return "".join(_ESCAPES[b] for b in m.group().encode("utf-8"))
+
+
+def _good_key(key: str) -> bool:
+    """Whether ``key`` is a valid key (the few dozen the code uses are remembered)."""
+    if key in _GOOD_KEYS:
+        return True
+    if not _KEY.match(key):
+        return False
+    if len(_GOOD_KEYS) < 1024:
+        _GOOD_KEYS.add(key)
+    return True
 
 
 def unescape(text: str) -> str:
@@ -68,7 +85,7 @@ def encode(fields: dict[str, object]) -> bytes:
     for key, value in fields.items():
         if value is None:
             continue
-        if not _KEY.match(key):
+        if not _good_key(key):
             raise ProtocolError(f"invalid key {key!r}")
         parts.append(f"{key}={escape(value)}")
     return (" ".join(parts) + "\n").encode("ascii")
@@ -93,11 +110,11 @@ def decode(line: bytes | str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         if not sep:
             raise ProtocolError(f"field without '=': {part[:40]!r}")
-        if not _KEY.match(key):
+        if not _good_key(key):
             raise ProtocolError(f"invalid key {key[:40]!r}")
         if key in fields:
             raise ProtocolError(f"duplicate key {key}")
-        if any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        if _NOT_PRINTABLE.search(value):
             raise ProtocolError(f"control or space character in {key}")
         fields[key] = unescape(value)
     return fields

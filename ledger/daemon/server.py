@@ -36,7 +36,7 @@ SWITCH_INTERVAL = 0.0005  # s; Python's default is 0.005
 SEND_GRACE = 1.0  # s a user's client has to take its reply, at least
 REFUSAL_LOG_INTERVAL = 10.0  # s between log lines about refused connections
 _LOGGED = ("user", "account", "partition", "gpus", "type", "seconds", "tasks", "hold",
-           "token_id", "amount", "delta", "reason")
+           "token_id", "amount", "delta", "result", "desc", "reason")
 
 
 def tune_threads() -> None:

@@ -9,6 +9,7 @@ import signal
 import click
 
 from ledger import logformat
+from ledger.cli.output import no_json
 from slurm_plugin.agent.config import AgentConfig
 from slurm_plugin.agent.core import Agent
 from slurm_plugin.agent.server import AgentServer
@@ -47,6 +48,7 @@ async def run_agent(cfg: AgentConfig) -> None:
 @click.option("--socket", "socket_path", default=None, help="Unix socket path.")
 @click.option("--spool", default=None, help="Spool directory.")
 @click.option("--interval", type=float, default=None, help="Seconds between samples (default 1).")
+@no_json("runs the node agent in the foreground")
 def agent(config_path: str | None, socket_path: str | None, spool: str | None,
           interval: float | None) -> None:
     """Run the node agent: sample GPUs with NVML and keep per-job usage."""

@@ -1,47 +1,39 @@
 --[[
-gpuledger job_submit.lua (Slurm 22.05+, Lua 5.1): every GPU job must carry a token
-that pays for its maximum cost; the cost is held in escrow by the gpuledger daemon.
+gpuledger job_submit.lua (Slurm 22.05+, Lua 5.1-5.4): every GPU job must carry a token that
+pays for its maximum cost, held in escrow by the gpuledger daemon.
 
-* Jobs asking for no GPU-backed GRES (gpu, shard, mps) pass untouched; nothing is contacted.
-* Shares of a GPU (--gres=shard:N / mps:N, per node) are priced by the ledger as shares:
-  the request says gres=shard|mps, per_node=N and gpus=N x nodes. Only --gres (per node)
-  may ask for shares, and a job asks for whole GPUs or for shares, not both.
-* GPU jobs: count GPUs (--gres, --gpus, --gpus-per-node/-task/-socket; "gres:gpu" and
-  "gres/gpu"), x nodes/tasks/sockets, x array tasks, x time limit (unset: the
-  partitions' DefaultTime, else MaxTime, the longest over -p a,b, else refuse and ask for
-  -t), and send ONE request naming every candidate partition over the daemon's Unix
-  socket (connection kept open across calls) with a strict total timeout.
-* scontrol update of a held job (time, GRES incl. the GPU type, partition, account) asks
-  the daemon to re-price the hold and re-check the token's scopes; refused if it cannot. On success AdminComment becomes exactly
-  "gpuledger:hold=<hold_id>;token=<token_id>" (never the token itself).
-* Refusals return an ESLURM code and tell the user why with slurm.log_user("gpu-token: ...").
-* Daemon unreachable/slow: on_ledger_unavailable=reject refuses; =accept accepts the job
-  with AdminComment "gpuledger:deferred" (the prolog reserves it later).
-* A Lua error anywhere refuses the job (everything runs under pcall).
+A pipe. A job that asks for no GPU (asks_gpu: the one rule decided here) passes untouched
+and nothing is contacted. For any other, ONE request over the daemon's Unix socket (kept
+open across calls, strict total timeout) forwards Slurm's fields as Slurm has them — the
+tres_per_* strings, time limit, node and task counts, array spec, account, QOS, the token
+(GPULEDGER_TOKEN in spank_job_env, from the SPANK plugin) and the candidate partitions'
+DefaultTime/MaxTime/MaxNodes/TotalNodes — and the daemon's job-request reader
+(ledger/jobrequest.py) decides the rest: GPUs or shares, type, nodes, seconds, array tasks,
+free accounts, and each refusal's text. On a hold, AdminComment becomes exactly
+"gpuledger:hold=<hold_id>;token=<token_id>" (never the token); only root may change ours.
+scontrol update of a held job forwards the update and the job record: the daemon re-prices
+the hold (or voids it: no GPU any more) and re-checks the token's scopes, or refuses.
+Refusals return an ESLURM code (by the daemon's reason) and tell the user why with
+slurm.log_user("gpu-token: ..."). The daemon away or slow: a free account's job runs, a job
+without a token is refused, the others are refused (on_ledger_unavailable = reject) or
+accepted as "gpuledger:deferred" (= accept; PrologSlurmctld reserves). A Lua error anywhere
+refuses the job (everything runs under pcall).
 
-Slurm releases (22.05 to 26.05; tests/fixtures/slurm/<release>/lua.json, each naming the tag
-and source file it was read from):
-* GPU requests in tres_per_* say "gres:gpu" before 23.11 and "gres/gpu" from 23.11
-  (src/common/slurm_opt.c); both are read, in submit and in scontrol update.
-* slurm.log_user() in slurm_job_modify reaches the user from 23.02 (job_submit_lua.c
-  job_modify(..., err_msg)); 22.05 drops the text and logs an error for each call, so
-  there a refused change is explained in slurmctld's log only. 23.02 is also the release
-  that puts every ESLURM_* of slurm_errtab in the slurm table (src/lua/slurm_lua.c), which
-  is how the script tells the two apart (slurm.ESLURM_INVALID_JOB_ID).
-* job_desc.qos (--qos) is sent as it is (a comma list of QOS from 24.11): the ledger
-  prices the hold at the largest QOS multiplier among them. A job without --qos runs in
-  its association's default QOS, which this script cannot see: it is held at 1, and
-  PrologSlurmctld re-prices the hold to the QOS the job starts in.
-* job_rec.original_sluid (26.05) is the job's SLUID: named in the modify log line.
+Slurm releases (docs/slurm-facts.md; tests/fixtures/slurm/<release>/lua.json): GPU requests
+say "gres:gpu" before 23.11, "gres/gpu" from it (both forwarded as they are); log_user() in
+slurm_job_modify reaches the user from 23.02 (22.05 drops it: the refusal goes to slurmctld's
+log), told apart by slurm.ESLURM_INVALID_JOB_ID (every ESLURM_* from 23.02); --qos is a
+comma list from 24.11 (the ledger holds at the largest multiplier; no --qos: held at 1,
+PrologSlurmctld re-prices); job_rec.original_sluid (26.05) is named in the modify log line.
 
-Settings: key = value lines in /etc/gpuledger/job_submit.conf (or the file named by
-$GPULEDGER_JOB_SUBMIT_CONF in slurmctld's environment), read when this script loads.
-slurmctld reloads the script when its mtime changes: after editing the conf file,
-`touch /etc/slurm/job_submit.lua`. Keys (defaults):
+Settings: key = value lines in /etc/gpuledger/job_submit.conf (or $GPULEDGER_JOB_SUBMIT_CONF),
+rendered from gpuledger.toml [submit] (`gpuledger config render-submit-conf`), read when
+this script loads: `touch /etc/slurm/job_submit.lua` after a change. Keys (defaults):
   socket = /run/gpuledger/gpuledger.sock
   timeout = 1.0                      seconds, whole round trip including connect
   on_ledger_unavailable = reject     or accept
-  free_accounts =                    comma list of Slurm accounts whose jobs need no token
+  free_accounts =                    Slurm accounts whose jobs need no token (the daemon
+                                     decides; this list serves only while it cannot)
   cluster =                          sent with requests (default: the daemon's cluster)
 Needs lua-socket (Debian package lua-socket) for socket.unix.
 --]]
@@ -141,11 +133,14 @@ local function code(name)
 	return slurm[name] or slurm.ERROR
 end
 
+-- the daemon's reasons -> Slurm's codes (anything else: ESLURM_ACCESS_DENIED)
 local REASON_CODES = {
 	insufficient = "ESLURM_ACCOUNTING_POLICY",
 	exhausted = "ESLURM_ACCOUNTING_POLICY",
 	wrong_account = "ESLURM_INVALID_ACCOUNT",
 	unknown_account = "ESLURM_INVALID_ACCOUNT",
+	request = "ERROR", -- the job-request reader: unreadable or contradictory GRES, array
+	time_limit = "ESLURM_INVALID_TIME_LIMIT",
 }
 local UNAVAILABLE = { unavailable = true, internal = true, busy = true }
 
@@ -161,17 +156,20 @@ local function esc(v)
 	return s
 end
 
+-- A reply line -> its fields as sent: what the script reads of a reply is plain (ids,
+-- numbers, words) but a message, which unesc() decodes where one is shown.
 local function parse(line)
 	local t = {}
 	for k, v in line:gmatch("([%w_]+)=(%S*)") do
-		if v:find("%", 1, true) then
-			v = v:gsub("%%(%x%x)", function(h)
-				return string.char(tonumber(h, 16))
-			end)
-		end
 		t[k] = v
 	end
 	return t
+end
+
+local function unesc(v)
+	return v and (v:gsub("%%(%x%x)", function(h)
+		return string.char(tonumber(h, 16))
+	end))
 end
 
 -- the connection, kept open across calls (the Lua state persists between jobs) --------
@@ -238,83 +236,23 @@ local function call(line)
 	return nil, "closed"
 end
 
--- what the job asks for ------------------------------------------------------------------
+-- what the job asks: one rule here, the rest is the daemon's ---------------------------------
 
-local function num(v, none)
-	v = tonumber(v)
-	if v == nil or v == NO_VAL or v == INFINITE or v == (none or NO_VAL) or v <= 0 then
-		return nil
-	end
-	return v
-end
-
--- GRES that hand out a GPU or a share of one. Every one of them is a GPU request: shard
--- and mps (shares of a GPU) are priced as shares, never let through unpaid.
+-- The CPU-job shortcut. A job asks for a GPU when an item of tres_per_node/job/task/socket
+-- names gpu, shard or mps (the whole name after an optional "gres:" or "gres/": "gpunic"
+-- is not a GPU, "gres/shard:2" is one) and does not end in a count of zero ("gres:gpu:0").
+-- Any other job passes here without contacting anyone. ledger/jobrequest.py asks_gpu is
+-- this rule in Python, applied first by the reader; tests/test_one_rule.py runs both.
 local GPU_BACKED = { gpu = true, shard = true, mps = true }
-local SHARED = { shard = true, mps = true }
-
--- "gres:gpu:h100:2" / "gres/gpu:2" / "gpu" / "shard:4" -> "gpu"/"shard"/..., rest after the name
-local function gres_name(item)
-	local body = item:gsub("^gres[:/]", "")
-	local name = body:match("^([%w_.+-]+)")
-	return name, body:sub(#(name or "") + 1)
-end
-
--- "gres:gpu:h100:2,gres:nic:1" -> 2, "h100", nil; "gres:shard:h100:3" -> 3, "h100", "shard"
--- (a count of shares, the shared GRES as third value). Whole GPUs and shares do not mix.
-local function gpus_in(spec)
-	if not spec or spec == "" then
-		return 0, nil, nil
-	end
-	local count, gtype, shared, whole = 0, nil, nil, false
-	for item in spec:gmatch("[^,]+") do
-		local name, rest = gres_name(item)
-		if name and (SHARED[name] or name == "gpu") then
-			if (SHARED[name] and whole) or (name == "gpu" and shared)
-				or (SHARED[name] and shared and shared ~= name) then
-				refuse("gpu-token: a job asks for whole GPUs or for shares of one (shard, mps), not both",
-					code("ERROR"))
-			end
-			if SHARED[name] then
-				shared = name
-			else
-				whole = true
-			end
-			-- a type is any name but a bare number (MIG profiles start with one: 3g.40gb)
-			local t, n = rest:match("^[:=]([%w][%w_.+-]*)[:=](%d+)$")
-			if t and t:match("^%d+$") then
-				t, n = nil, nil
-			end
-			-- Slurm matches GPU types without case (gpu:H100 runs on an h100): so does the hold
-			t = t and t:lower()
-			if not t then
-				n = rest:match("^[:=](%d+)$")
-				t = (not n) and rest:match("^:([%w][%w_.+-]*)$") or nil
-				t = t and t:lower()
-			end
-			if rest ~= "" and not t and not n then
-				refuse("gpu-token: cannot read the GPU request " .. item, code("ERROR"))
-			end
-			if t and gtype and t ~= gtype then
-				refuse("gpu-token: one GPU type per job, not " .. gtype .. " and " .. t, code("ERROR"))
-			end
-			gtype = t or gtype
-			count = count + (tonumber(n) or 1)
-		end
-	end
-	return count, gtype, shared
-end
-
 local TRES_FIELDS = { "tres_per_node", "tres_per_job", "tres_per_task", "tres_per_socket" }
 
--- Whether any GRES request names a GPU-backed GRES (not a substring test: "gres:gpunic"
--- is not a GPU, "gres/shard:2" is).
 local function asks_gpu(d)
 	for _, f in ipairs(TRES_FIELDS) do
 		local v = d[f]
 		if v then
 			for item in v:gmatch("[^,]+") do
-				if GPU_BACKED[gres_name(item) or ""] then
+				if GPU_BACKED[item:gsub("^gres[:/]", ""):match("^[%w_.+-]+") or ""]
+					and not item:find("[:=]0+$") then
 					return true
 				end
 			end
@@ -323,9 +261,38 @@ local function asks_gpu(d)
 	return false
 end
 
--- The partitions a job may run in: those it names ("a,b"), else the default one.
-local function candidates(d, part_list)
-	local names = d.partition
+-- Slurm's request fields, forwarded as Slurm has them for the daemon's job-request reader
+-- (ledger/jobrequest.py), which decides GPUs, shares, nodes, seconds, array tasks, free
+-- accounts and every refusal: the GRES strings, and the numbers Slurm set (one left unset —
+-- nil, or the field's NO_VAL marker — is not sent).
+local FORWARDED = { { "tres_per_node" }, { "tres_per_job" }, { "tres_per_task" },
+	{ "tres_per_socket" }, { "time_limit", NO_VAL }, { "min_nodes", NO_VAL },
+	{ "max_nodes", NO_VAL }, { "num_tasks", NO_VAL }, { "ntasks_per_node", NO_VAL16 },
+	{ "sockets_per_node", NO_VAL16 } }
+
+local function forward(d, prefix)
+	local out = ""
+	for _, f in ipairs(FORWARDED) do
+		local v = d[f[1]]
+		if v ~= nil and v ~= f[2] then
+			out = out .. " " .. prefix .. f[1] .. "=" .. (f[2] and id_text(v) or esc(v))
+		end
+	end
+	return out
+end
+
+-- A partition limit for the wire: empty when unset or unlimited.
+local function limit(v)
+	v = int(v)
+	if v == nil or v == NO_VAL or v == INFINITE then
+		return ""
+	end
+	return string.format("%d", v)
+end
+
+-- " candidates=name:default_time:max_time:max_nodes:total_nodes,..." for the partitions a
+-- job may run in: those it names ("a,b"), else the default one.
+local function candidates(names, part_list)
 	if not names then
 		for name, p in pairs(part_list or {}) do
 			if p.flag_default and p.flag_default ~= 0 then
@@ -334,151 +301,14 @@ local function candidates(d, part_list)
 			end
 		end
 	end
-	return names
-end
-
--- The most nodes any candidate partition can give one job (its MaxNodes, at most its node
--- count), nil when unknown or unlimited.
-local function node_cap(d, part_list)
-	local cap = nil
-	for name in (candidates(d, part_list) or ""):gmatch("[^,]+") do
-		local p = part_list and part_list[name]
-		local m = p and math.min(num(p.max_nodes) or math.huge, num(p.total_nodes) or math.huge)
-		if not m or m == math.huge then
-			return nil
-		end
-		cap = math.max(cap or 0, m)
-	end
-	return cap
-end
-
--- GPUs of one job (one array task): the largest of the per-node/-job/-task/-socket forms.
-local function gpu_request(d, rec, part_list)
-	-- on modify, what the update leaves unset (nil, NO_VAL) is the job record's value
-	local function field(k)
-		local v = d[k]
-		if rec and (v == nil or (type(v) == "number" and not num(v, NO_VAL16))) then
-			v = rec[k]
-		end
-		return v
-	end
-	-- the most nodes Slurm may give the job: -N's upper end, else one per task (-n 8 may
-	-- land on 8 nodes; --ntasks-per-node is then a maximum per node), else -N's lower end;
-	-- PrologSlurmctld re-prices the hold to the nodes it really got
-	local tasks = num(field("num_tasks"))
-	local nodes = num(field("max_nodes"))
-	if not nodes then
-		local lo = num(field("min_nodes")) or 1
-		nodes = math.max(lo, math.min(tasks or 1, node_cap(d, part_list) or math.huge))
-	end
-	if not tasks then
-		tasks = (num(field("ntasks_per_node"), NO_VAL16) or 1) * nodes
-	end
-	local sockets = num(field("sockets_per_node"), NO_VAL16) or 1
-	local best, gtype, shared, per_node = 0, nil, nil, nil
-	for _, f in ipairs({ { "tres_per_node", nodes }, { "tres_per_job", 1 },
-		{ "tres_per_task", tasks }, { "tres_per_socket", sockets * nodes } }) do
-		local n, t, sh = gpus_in(field(f[1]))
-		if sh then
-			if f[1] ~= "tres_per_node" then
-				refuse("gpu-token: shares of a GPU are asked per node, with --gres=" .. sh .. ":N",
-					code("ERROR"))
-			end
-			shared, per_node = sh, n
-		elseif n > 0 and shared then
-			refuse("gpu-token: a job asks for whole GPUs or for shares of one (shard, mps), not both",
-				code("ERROR"))
-		end
-		if t and gtype and t ~= gtype then
-			refuse("gpu-token: one GPU type per job, not " .. gtype .. " and " .. t, code("ERROR"))
-		end
-		gtype = t or gtype
-		if n * f[2] > best then
-			best = n * f[2]
-		end
-	end
-	if shared and best ~= per_node * nodes then
-		refuse("gpu-token: a job asks for whole GPUs or for shares of one (shard, mps), not both",
-			code("ERROR"))
-	end
-	return best, gtype, shared, per_node
-end
-
--- the request's GRES fields for the daemon: whole GPUs say nothing; shares say which and how many per node
-local function share_fields(shared, per_node)
-	if not shared then
-		return ""
-	end
-	return " gres=" .. shared .. " per_node=" .. id_text(per_node)
-end
-
--- Minutes the job may run (its own limit, else the partitions' DefaultTime, else MaxTime:
--- the longest over the candidates) and every candidate partition ("a,b").
-local function time_limit(d, part_list)
-	local names = candidates(d, part_list)
-	local minutes = num(d.time_limit)
-	if minutes then
-		-- above every listed partition's MaxTime the job can never run that long: clamp
-		local cap = nil
-		for name in (names or ""):gmatch("[^,]+") do
-			local p = part_list and part_list[name]
-			local m = p and p.max_time
-			if m == nil or m == INFINITE or m == NO_VAL then
-				cap = nil
-				break
-			end
-			cap = math.max(cap or 0, m)
-		end
-		if cap and cap > 0 and minutes > cap then
-			minutes = cap
-		end
-		return minutes, names
-	end
-	if d.time_limit == INFINITE then
-		refuse("gpu-token: GPU jobs need a finite time limit; give one with -t/--time (e.g. -t 2:00:00)",
-			code("ESLURM_INVALID_TIME_LIMIT"))
-	end
-	local most = nil
+	local out = nil
 	for name in (names or ""):gmatch("[^,]+") do
 		local p = part_list and part_list[name]
-		local m = p and (num(p.default_time) or num(p.max_time))
-		if not m then
-			refuse("gpu-token: partition " .. name .. " has no default or maximum time limit; "
-				.. "give the job one with -t/--time (e.g. -t 2:00:00)", code("ESLURM_INVALID_TIME_LIMIT"))
-		end
-		if not most or m > most then
-			most = m
-		end
+		local item = p and (name .. ":" .. limit(p.default_time) .. ":" .. limit(p.max_time) .. ":"
+			.. limit(p.max_nodes) .. ":" .. limit(p.total_nodes)) or (name .. "::::")
+		out = out and (out .. "," .. item) or item
 	end
-	if not most then
-		refuse("gpu-token: the job has no time limit; give it one with -t/--time (e.g. -t 2:00:00)",
-			code("ESLURM_INVALID_TIME_LIMIT"))
-	end
-	return most, names
-end
-
--- "0-9" -> 10, "0-9:2" -> 5, "1,3,5" -> 3, "0-99%10" -> 100
-local function array_tasks(spec)
-	if not spec or spec == "" then
-		return 1
-	end
-	local total = 0
-	for item in spec:gsub("%%.*$", ""):gmatch("[^,]+") do
-		local lo, hi, step = item:match("^(%d+)%-(%d+):(%d+)$")
-		if not lo then
-			lo, hi = item:match("^(%d+)%-(%d+)$")
-		end
-		if not lo then
-			lo = item:match("^(%d+)$")
-			hi = lo
-		end
-		lo, hi, step = tonumber(lo), tonumber(hi), tonumber(step) or 1
-		if not lo or hi < lo or step < 1 then
-			refuse("gpu-token: cannot read the array spec " .. spec, code("ERROR"))
-		end
-		total = total + math.floor((hi - lo) / step) + 1
-	end
-	return total
+	return out and (" candidates=" .. esc(out)) or ""
 end
 
 local function token_of(d)
@@ -500,15 +330,35 @@ end
 
 -- the hooks --------------------------------------------------------------------------------
 
-local function unavailable(d, what, why, fields)
-	if conf.on_ledger_unavailable == "accept" and what == "submit" then
-		d.admin_comment = HOLD_MARK .. "deferred"
-		slurm.log_info("gpuledger: result=deferred why=%s %s", esc(why), fields)
+-- The daemon cannot answer. Then, and only then, this script decides alone: a free
+-- account's job runs (the reader would have said so: it reads the same [submit]
+-- free_accounts this file is rendered from); a job without a token is refused (deferred,
+-- it would only be cancelled when it starts); any other is deferred or refused, as
+-- on_ledger_unavailable says.
+local function unavailable(d, what, why, logged, token, account)
+	if account and conf.free_accounts[account] then
+		slurm.log_info("gpuledger: result=free op=%s why=%s %s", what, esc(why), logged)
 		return slurm.SUCCESS
 	end
-	slurm.log_info("gpuledger: result=unavailable op=%s why=%s %s", what, esc(why), fields)
-	refuse("gpu-token: the GPU ledger is unavailable (" .. why .. "); job refused, try again shortly",
-		code("ERROR"))
+	if what == "submit" and not token then
+		slurm.log_info("gpuledger: result=refused reason=no_token why=%s %s", esc(why), logged)
+		refuse("gpu-token: this job asks for GPUs but carries no GPU token (and the GPU ledger "
+			.. "is unavailable: " .. why .. "); submit it with --gpu-token=@FILE",
+			code("ESLURM_ACCESS_DENIED"))
+	end
+	if conf.on_ledger_unavailable == "accept" and what == "submit" then
+		d.admin_comment = HOLD_MARK .. "deferred"
+		slurm.log_info("gpuledger: result=deferred why=%s %s", esc(why), logged)
+		return slurm.SUCCESS
+	end
+	slurm.log_info("gpuledger: result=unavailable op=%s why=%s %s", what, esc(why), logged)
+	refuse("gpu-token: the GPU ledger is unavailable (" .. why .. "); "
+		.. (what == "submit" and "job refused, try again shortly" or "change refused"), code("ERROR"))
+end
+
+local function refused(r)
+	refuse("gpu-token: " .. (unesc(r.message) or r.reason or "refused"),
+		code(REASON_CODES[r.reason] or "ESLURM_ACCESS_DENIED"))
 end
 
 local function submit(d, part_list)
@@ -517,51 +367,39 @@ local function submit(d, part_list)
 	end
 	-- gpuledger:test-hook (tests replace this line to force a Lua error)
 	local t0 = now()
-	local gpus, gtype, shared, per_node = gpu_request(d, nil, part_list)
 	local account = d.account or d.default_account
-	local user = d.user_name or id_text(d.user_id)
-	if account and conf.free_accounts[account] then
-		slurm.log_info("gpuledger: result=free user=%s account=%s gpus=%d", esc(user), esc(account), gpus)
-		return slurm.SUCCESS
-	end
-	if gpus <= 0 then
-		return slurm.SUCCESS
-	end
 	local token = token_of(d)
-	if not token then
-		slurm.log_info("gpuledger: result=refused reason=no_token user=%s account=%s gpus=%d",
-			esc(user), esc(account or ""), gpus)
-		refuse("gpu-token: this job asks for " .. id_text(gpus) .. " GPU(s) but carries no GPU token; submit it with "
-			.. "--gpu-token=@FILE (or --gpu-token=TOKEN, $GPU_TOKEN, ~/.config/gpuledger/token); "
-			.. "see `gpuledger balance` for your tokens", code("ESLURM_ACCESS_DENIED"))
-	end
-	local minutes, partition = time_limit(d, part_list)
-	local tasks = array_tasks(d.array_inx)
+	local logged = "user=" .. esc(d.user_name or id_text(d.user_id)) .. " account=" .. esc(account or "")
 	key_counter = key_counter + 1
-	local fields = string.format("user=%s account=%s partition=%s gpus=%d type=%s seconds=%d tasks=%d",
-		esc(user), esc(account or ""), esc(partition or ""), gpus, esc(gtype or ""), minutes * 60, tasks)
-		.. share_fields(shared, per_node) .. (d.qos and d.qos ~= "" and (" qos=" .. esc(d.qos)) or "")
-	local line = "op=reserve token=" .. esc(token) .. " " .. fields .. " uid=" .. id_text(d.user_id)
-		.. " key=" .. key_prefix .. key_counter
+	local line = "op=reserve" .. (d.user_name and (" user=" .. esc(d.user_name)) or "")
+		.. " uid=" .. id_text(d.user_id) .. (account and (" account=" .. esc(account)) or "")
+		.. forward(d, "") .. (d.array_inx and (" array_inx=" .. esc(d.array_inx)) or "")
+		.. candidates(d.partition, part_list)
+		.. ((d.qos and d.qos ~= "") and (" qos=" .. esc(d.qos)) or "")
+		.. (token and (" token=" .. esc(token)) or "") .. " key=" .. key_prefix .. key_counter
 		.. (conf.cluster and (" cluster=" .. esc(conf.cluster)) or "") .. "\n"
 	local resp, err = call(line)
 	if not resp then
-		return unavailable(d, "submit", err, fields)
+		return unavailable(d, "submit", err, logged, token, account)
 	end
 	local r = parse(resp)
 	local us = math.floor((now() - t0) * 1e6)
 	if r.ok == "1" and r.hold and r.token_id then
 		d.admin_comment = HOLD_MARK .. "hold=" .. r.hold .. ";token=" .. r.token_id
-		slurm.log_info("gpuledger: result=held hold=%s token=%s amount=%s hours=%s %s us=%d",
-			r.hold, r.token_id, r.amount or "", r.hours or "", fields, us)
+		slurm.log_info("gpuledger: result=held hold=%s token=%s amount=%s hours=%s desc=%s %s us=%d",
+			r.hold, r.token_id, r.amount or "", r.hours or "", r.desc or "", logged, us)
+		return slurm.SUCCESS
+	end
+	if r.ok == "1" and (r.result == "free" or r.result == "none") then
+		slurm.log_info("gpuledger: result=%s %s us=%d", r.result, logged, us)
 		return slurm.SUCCESS
 	end
 	if UNAVAILABLE[r.reason or ""] or r.ok ~= "0" then
-		return unavailable(d, "submit", r.message or "bad reply", fields)
+		return unavailable(d, "submit", unesc(r.message) or "bad reply", logged, token, account)
 	end
 	slurm.log_info("gpuledger: result=refused reason=%s token=%s %s us=%d", esc(r.reason or ""),
-		esc(r.token_id or ""), fields, us)
-	refuse("gpu-token: " .. (r.message or r.reason or "refused"), code(REASON_CODES[r.reason] or "ESLURM_ACCESS_DENIED"))
+		esc(r.token_id or ""), logged, us)
+	refused(r)
 end
 
 -- " sluid=s…" for a job record that has one (26.05: job_rec.original_sluid), else ""
@@ -575,98 +413,54 @@ local function sluid_text(rec)
 	return ""
 end
 
+local function ours(s)
+	return s ~= nil and s:sub(1, #HOLD_MARK) == HOLD_MARK
+end
+
 local function modify(d, rec, part_list, uid)
 	local old = rec.admin_comment
 	local new = d.admin_comment
-	if new ~= nil and new ~= old and uid ~= 0 then
-		local ours = function(s)
-			return s and s:sub(1, #HOLD_MARK) == HOLD_MARK
-		end
-		if ours(old) or ours(new) then
-			refuse("gpu-token: AdminComment holds the job's GPU-token hold and cannot be changed",
-				code("ESLURM_ACCESS_DENIED"))
-		end
+	if new ~= nil and new ~= old and uid ~= 0 and (ours(old) or ours(new)) then
+		refuse("gpu-token: AdminComment holds the job's GPU-token hold and cannot be changed",
+			code("ESLURM_ACCESS_DENIED"))
 	end
 	local hold = old and old:match("^gpuledger:hold=(hold_%x+);")
-	local new_time = d.time_limit ~= nil and d.time_limit ~= NO_VAL
-	local new_gpus = d.tres_per_node ~= nil or d.tres_per_job ~= nil or d.tres_per_task ~= nil
-		or d.tres_per_socket ~= nil
-	local new_shape = false -- a new node/task/socket count multiplies per-node/-task GPUs
-	for _, k in ipairs({ "min_nodes", "max_nodes", "num_tasks", "ntasks_per_node", "sockets_per_node" }) do
-		if d[k] ~= nil and num(d[k], NO_VAL16) then
-			new_shape = true
-		end
-	end
-	local new_part = d.partition ~= nil and d.partition ~= ""
-	local new_account = d.account ~= nil and d.account ~= ""
-	if not (new_time or new_gpus or new_shape or new_part or new_account) then
+	-- what the update changes that a price depends on; an update that changes none of it
+	-- (a name, a QOS) is not the ledger's business
+	local changes = forward(d, "")
+		.. ((d.partition and d.partition ~= "") and (" partition=" .. esc(d.partition)) or "")
+		.. ((d.account and d.account ~= "") and (" account=" .. esc(d.account)) or "")
+	if changes == "" then
 		return slurm.SUCCESS
 	end
-	local account = d.account or rec.account
-	local free = account and conf.free_accounts[account]
-	if not hold then
-		if new_gpus and (old == nil or old:sub(1, #HOLD_MARK) ~= HOLD_MARK) and asks_gpu(d) and not free then
-			local gpus = gpu_request(d, rec, part_list)
-			if gpus > 0 then
-				refuse("gpu-token: GPUs cannot be added to a job submitted without them; cancel it and "
-					.. "submit again with --gpu-token", code("ESLURM_ACCESS_DENIED"))
-			end
-		end
-		return slurm.SUCCESS -- deferred jobs are priced by the prolog with their final limits
+	-- a job without a hold only asks the reader when it starts asking for GPUs (a deferred
+	-- job is priced by PrologSlurmctld with its final limits)
+	if not hold and (ours(old) or not asks_gpu(d)) then
+		return slurm.SUCCESS
 	end
-	-- A held job: the ledger re-prices it and checks the token's scopes against the job as
-	-- changed (GPU type, every candidate partition, account).
-	local line = "op=resize hold=" .. hold
-	if new_time then
-		if d.time_limit == INFINITE then
-			refuse("gpu-token: GPU jobs need a finite time limit", code("ESLURM_INVALID_TIME_LIMIT"))
-		end
-		line = line .. " seconds=" .. id_text(int(d.time_limit) * 60)
-	end
-	if new_gpus or new_shape then
-		-- The job record carries no task or socket counts: GPUs per task/socket cannot be
-		-- recounted here, so such a change could only be priced by guessing. Refuse it.
-		for _, f in ipairs({ "tres_per_task", "tres_per_socket" }) do
-			local v = d[f] or rec[f]
-			if v and asks_gpu({ [f] = v }) then
-				refuse("gpu-token: a pending job that asks for GPUs per task or per socket cannot change "
-					.. "its GPUs, nodes or tasks; cancel it and submit it again", code("ESLURM_ACCESS_DENIED"))
-			end
-		end
-		local gpus, gtype, shared, per_node = gpu_request(d, rec, part_list)
-		if gpus <= 0 then
-			line = "op=void hold=" .. hold .. " reason=job%20modified%20to%20use%20no%20GPU"
-		else
-			line = line .. " gpus=" .. id_text(gpus) .. " type=" .. esc(gtype or "")
-				.. (shared and share_fields(shared, per_node) or " gres=gpu")
-		end
-	end
-	if line:sub(1, 9) == "op=resize" then
-		if new_part then
-			line = line .. " partition=" .. esc(d.partition)
-		end
-		if new_account then
-			line = line .. " account=" .. esc(d.account)
-		end
-	end
-	local resp, err = call(line .. "\n")
-	local r = resp and parse(resp) or { reason = "unavailable", message = err }
+	local line = "op=resize" .. (hold and (" hold=" .. hold) or "") .. changes .. forward(rec, "rec_")
+		.. (rec.account and (" rec_account=" .. esc(rec.account)) or "")
+		.. candidates((d.partition ~= "" and d.partition) or rec.partition, part_list) .. "\n"
+	local resp, err = call(line)
+	local r = resp and parse(resp) or { reason = "unavailable", message = tostring(err) }
 	if r.ok == "1" then
-		slurm.log_info("gpuledger: result=%s job=%s%s hold=%s amount=%s delta=%s uid=%d",
-			line:match("^op=(%w+)"), id_text(rec.job_id), sluid_text(rec), hold, r.amount or "",
-			r.delta or "", int(uid) or -1)
-		if line:sub(1, 7) == "op=void" then
+		if r.state == "voided" then
 			d.admin_comment = ""
+		end
+		if hold then
+			slurm.log_info("gpuledger: result=%s job=%s%s hold=%s amount=%s delta=%s uid=%d",
+				r.state == "voided" and "void" or "resize", id_text(rec.job_id), sluid_text(rec), hold,
+				r.amount or "", r.delta or "", int(uid) or -1)
 		end
 		return slurm.SUCCESS
 	end
 	slurm.log_info("gpuledger: result=refused op=modify job=%s%s hold=%s reason=%s", id_text(rec.job_id),
-		sluid_text(rec), hold, esc(r.reason or ""))
+		sluid_text(rec), hold or "", esc(r.reason or ""))
 	if UNAVAILABLE[r.reason or ""] then
-		refuse("gpu-token: the GPU ledger is unavailable (" .. tostring(r.message) .. "); change refused",
-			code("ERROR"))
+		return unavailable(d, "modify", unesc(r.message) or "bad reply", "job=" .. id_text(rec.job_id), true,
+			not hold and (d.account or rec.account) or nil)
 	end
-	refuse("gpu-token: " .. (r.message or "change refused"), code(REASON_CODES[r.reason] or "ESLURM_ACCESS_DENIED"))
+	refused(r)
 end
 
 -- The user's copy of a refusal: slurm.log_user, except in a modify where the release

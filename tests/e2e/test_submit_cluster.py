@@ -260,7 +260,8 @@ def test_refusal_messages(fresh):
     ok, tid = fresh.mint(hours="10")
     rc, err, _, _ = fresh.sbatch("alice", f"--gpu-token={ok}", "--gres=gpu:h100:2", "-t", "10:00:00")
     assert rc != 0 and refusal(err) == (f"gpu-token: needs 20.000 GPU-h (2 x h100 x 10:00:00), "
-                                        f"token {tid} has 10.000 GPU-h left")
+                                        f"token {tid} has 10.000 GPU-h left: 10.000 GPU-h "
+                                        "short; -t 5:00:00 would fit")
     assert "Job violates accounting/QOS policy" in err
 
     nbf = (now + timedelta(days=30)).replace(microsecond=0)
