@@ -539,7 +539,8 @@ class Cluster:
                 return state
             time.sleep(0.3)
         raise AssertionError(f"{self.name} job {job} is {state}, not in {states} after "
-                             f"{timeout}s; hooks:\n{self.tail('hooklog/hooks.log')}")
+                             f"{timeout}s: {self.run('scontrol', 'show', 'job', job).stdout}"
+                             f"\nhooks:\n{self.tail('hooklog/hooks.log')}")
 
     def cancel_all(self) -> None:
         self.run("scancel", "-u", "alice")
