@@ -56,7 +56,7 @@ def seed(cfg: Path, tokens: int) -> tuple[str, str]:
     ledger.set_rate("h100", 1_000_000)
     ledger.set_rate("default", 500_000)
     alice = Scopes(users=("alice",))  # found by ``balance`` whatever sacctmgr says
-    root_token = ledger.mint("slurmops", 10**12)[0]
+    root_token = ledger.mint("slurmops", 10**9)[0]
     user_token = ledger.mint("physics", 3600 * 1000, scopes=alice)[0]
     for _ in range(tokens - 1):
         ledger.mint("physics", 3600, scopes=alice)

@@ -45,7 +45,7 @@ def run_array(tasks: int, tmp: Path) -> tuple[list[float], list[float]]:
     lg.generate_key("bench")
     lg.create_account("bench")
     lg.set_rate("h100", 1_000_000)
-    token, _ = lg.mint("bench", 10**12)
+    token, _ = lg.mint("bench", 10**9)
     hold = lg.reserve(token, HoldRequest(gpus=1, seconds=600, gpu_type="h100", tasks=tasks,
                                          user="alice"))
     array_id = "500000"

@@ -176,7 +176,7 @@ def parallel(url: str, keys: Path, tokens: list[str], n: int) -> float:
 
 
 def bench_verify(lg: Ledger, rows_wanted: int) -> float:
-    token = lg.mint("bench", 10**12)[0]
+    token = lg.mint("bench", 10**9)[0]
     have = lg.head()[0]
     while have < rows_wanted:
         lifecycles(lg, token, 500)
@@ -203,7 +203,7 @@ def main() -> None:
     lite = new_ledger(f"sqlite:///{tmp / 'ledger.db'}", tmp / "keys")
     seed(lite)
     bench_token_check(lite, 500 if args.quick else 2000)
-    token = lite.mint("bench", 10**12)[0]
+    token = lite.mint("bench", 10**9)[0]
     lifecycles(lite, token, 50)
     floor = commit_floor(tmp / "floor.db", n)
     rate, cpu = lifecycles_cpu(lite, token, n)
@@ -215,7 +215,7 @@ def main() -> None:
           f"{rate / (floor / 2):.2f} of that ceiling")
     print(f"  CPU per lifecycle (this process): {cpu:,.0f} µs -> at most {1e6 / cpu:,.0f}/s "
           f"on one core")
-    tokens = [lite.mint("bench", 10**12)[0] for _ in range(workers)]
+    tokens = [lite.mint("bench", 10**9)[0] for _ in range(workers)]
     rate, cpu, per_commit = threaded(lite, tokens, max(20, n // workers))
     report(f"SQLite reserve+post, {workers} threads, group commit", rate, "lifecycles/s",
            2000, True)
@@ -235,10 +235,10 @@ def main() -> None:
         from ledger import keys as keymod
         pg.add_key("bench", keymod.public_text(keymod.load_private(tmp / "keys", "bench")))
         per = max(20, n // workers)
-        distinct = [pg.mint("bench", 10**12)[0] for _ in range(workers)]
+        distinct = [pg.mint("bench", 10**9)[0] for _ in range(workers)]
         report(f"PostgreSQL reserve+post, {workers} workers, distinct tokens",
                parallel(url, tmp / "keys", distinct, per), "lifecycles/s", 1000, True)
-        hot = pg.mint("bench", 10**12)[0]
+        hot = pg.mint("bench", 10**9)[0]
         report(f"PostgreSQL reserve+post, {workers} workers, one hot token",
                parallel(url, tmp / "keys", [hot] * workers, per), "lifecycles/s", 500, True)
         pg.engine.dispose()

@@ -85,7 +85,7 @@ def setup(url: str, keys: Path) -> tuple[Ledger, str]:
     lg.generate_key("bench")
     lg.create_account("bench")
     lg.set_rate("h100", 1_000_000)
-    token, _ = lg.mint("bench", 10**12)
+    token, _ = lg.mint("bench", 10**9)
     return lg, token
 
 
