@@ -24,10 +24,11 @@ from pathlib import Path
 from ledger.daemon.client import DaemonError, DaemonUnavailable
 from ledger.errors import InvalidInput, LedgerError
 from ledger.nodecharge import NodeCharge
+from ledger.spoolcount import RECORD_SUFFIX as SUFFIX
+from ledger.spoolcount import spool_backlog
 
 from . import safefs
 
-SUFFIX = ".charge.json"
 REJECTED = "rejected"
 PERMANENT = frozenset({"invalid", "bad_request"})  # the record itself is wrong
 MAX_RECORD = 256 * 1024
@@ -121,8 +122,8 @@ def pending(spool: Path) -> list[str]:
 
 
 def backlog(spool: Path) -> int:
-    """How many records wait for delivery (the metrics' spool gauge)."""
-    return len(pending(spool))
+    """How many records wait for delivery (``ledger.spoolcount``: the one count)."""
+    return spool_backlog(spool) or 0
 
 
 def flush(spool: Path, deliver: Deliver, *, limit: int | None = None,

@@ -113,8 +113,6 @@ def _say(log: logging.Logger, rec: NodeCharge, out: chargespool.Outcome) -> None
 
 def _flush_others(h: Hook, deliver) -> None:
     try:
-        if not chargespool.pending(h.hooks.spool_dir):
-            return
         r = chargespool.flush(h.hooks.spool_dir, deliver, limit=FLUSH_AFTER,
                               deadline=time.monotonic() + FLUSH_SECONDS, logger=h.log)
     except (OSError, safefs.UnsafePath) as exc:

@@ -504,7 +504,11 @@ class Handlers:
         raw = fields.get("record")
         if not raw:
             raise BadRequest("charge needs record")
-        rec = NodeCharge.from_json(raw)
+        return self.charge_record(NodeCharge.from_json(raw))
+
+    def charge_record(self, rec: NodeCharge) -> dict[str, object]:
+        """``charge`` for a record already parsed and its sender already checked (the
+        nodes' TCP door, ``nodedoor``, parses it once to check the node's address)."""
         c = self.charge_config
         result = settlement.charge_node(self.ledger, rec, c.policy, c.floor)
         return {"ok": 1, "charged": int(result.charged), "amount": result.amount,

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 from ..errors import LedgerError
+from ..nodecharge import NodeCharge
 from . import munge
 from .auth import Forbidden, Peer
 from .client import Client, DaemonUnavailable
@@ -173,12 +174,11 @@ class NodeDoor:
                 raise Forbidden("the MUNGE credential is not over this record")
             if cred.uid != 0:
                 raise Forbidden(f"charges come from root on a node, not uid {cred.uid}")
-            node = _record_node(record)
-            if self.check_address and cred.addr not in node_addresses(node):
-                raise Forbidden(f"node {node} does not resolve to {cred.addr}, where the "
+            rec = NodeCharge.from_json(record)  # parsed once: checked here, charged below
+            if self.check_address and cred.addr not in node_addresses(rec.node):
+                raise Forbidden(f"node {rec.node} does not resolve to {cred.addr}, where the "
                                 "credential was made")
-            peer = Peer(0, 0, 0, f"root@{cred.addr}", True)
-            return self.handlers.charge(peer, {"op": "charge", "record": record})
+            return self.handlers.charge_record(rec)
         except munge.MungeError as exc:
             return error_response(Forbidden(str(exc)))
         except (ProtocolError, BadRequest, LedgerError) as exc:
@@ -187,12 +187,6 @@ class NodeDoor:
             if self.handlers.on_fault is not None:
                 self.handlers.on_fault(Peer(0, -1, -1, addr, False), {"op": "charge"}, exc)
             return error_response(exc)
-
-
-def _record_node(record: str) -> str:
-    from ..nodecharge import NodeCharge
-
-    return NodeCharge.from_json(record).node
 
 
 class TcpClient(Client):
