@@ -428,7 +428,7 @@ def test_no_node_file_holds_the_database_password(tmp_path):
              if p.is_file() and CONTROLLER_SECRET in p.read_text(errors="replace")]
     assert not leaks, leaks
     assert not (root / "node/etc/db.password").exists()
-    from ledger import config
+    from ledger import config, configfiles
 
     code = "import json, sys, tomllib; print(json.dumps(tomllib.load(open(sys.argv[1], 'rb'))))"
     node = json.loads(subprocess.run([sys.executable, "-c", code, str(root / "node/etc/gpuledger.toml")],
@@ -461,7 +461,7 @@ def test_no_node_file_holds_the_database_password(tmp_path):
     assert controller.idle == IdlePolicy() and controller.daemon.fast_reserve is False
     # job_submit.lua's settings are rendered from the controller's [submit]
     submit = (root / "controller/etc/job_submit.conf").read_text()
-    assert submit == config.render_submit_conf(controller)
+    assert submit == configfiles.render_submit_conf(controller)
     lines = submit.splitlines()
     assert {"on_ledger_unavailable = reject", "cluster = hpc1", "timeout = 1.0",
             "socket = /run/gpuledger/gpuledger-slurm.sock"} <= set(lines), lines

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ledger import config, schema
+from ledger import config, configfiles, schema
 from ledger.cli import cli
 from ledger.errors import ConfigError
 
@@ -21,7 +21,7 @@ LUA = ROOT / "slurm_plugin" / "lua" / "job_submit.lua"
 
 
 def test_docs_config_md_is_the_schema():
-    assert DOC.read_text() == config.reference(), (
+    assert DOC.read_text() == configfiles.reference(), (
         "docs/config.md is out of step with ledger/config.py: "
         "run `gpuledger config reference > docs/config.md`")
 
@@ -78,7 +78,7 @@ def test_a_missing_database_url_is_named_where_the_ledger_is_opened(tmp_path):
 
 
 def test_the_file_init_writes_lists_every_section_and_reads_back_as_the_defaults(tmp_path):
-    text = config.render("sqlite:///ledger.db", "hpc1")
+    text = configfiles.render("sqlite:///ledger.db", "hpc1")
     for section in config.SECTIONS[1:]:
         assert re.search(rf"^(# )?\[{section.name}\]$", text, re.MULTILINE), section.name
         for item in schema.items(section.cls):
@@ -112,11 +112,11 @@ def test_job_submit_conf_is_rendered_from_submit(tmp_path):
                  '[submit]\ntimeout = 2.5\non_ledger_unavailable = "accept"\n'
                  'free_accounts = ["ops", "teaching"]\n')
     cfg = config.load(path)
-    assert lua_reads(config.render_submit_conf(cfg)) == {
+    assert lua_reads(configfiles.render_submit_conf(cfg)) == {
         "socket": "/run/p.sock", "timeout": "2.5", "on_ledger_unavailable": "accept",
         "free_accounts": "ops,teaching", "cluster": "hpc1"}
     path.write_text('[database]\nurl = "sqlite:///x.db"\n[submit]\nsocket = "/run/s.sock"\n')
-    assert lua_reads(config.render_submit_conf(config.load(path)))["socket"] == "/run/s.sock"
+    assert lua_reads(configfiles.render_submit_conf(config.load(path)))["socket"] == "/run/s.sock"
 
 
 def test_the_luas_defaults_are_the_schemas():
@@ -128,7 +128,7 @@ def test_the_luas_defaults_are_the_schemas():
     assert float(lua["timeout"]) == d.submit.timeout
     assert lua["on_ledger_unavailable"] == f'"{d.submit.on_ledger_unavailable}"'
     assert lua["free_accounts"] == "{}" and not d.submit.free_accounts
-    assert set(lua) == set(lua_reads(config.render_submit_conf(d)))
+    assert set(lua) == set(lua_reads(configfiles.render_submit_conf(d)))
 
 
 def test_render_submit_conf_command_writes_only_a_change(tmp_path):
@@ -140,7 +140,7 @@ def test_render_submit_conf_command_writes_only_a_change(tmp_path):
     assert r.exit_code == 0 and r.output == f"{out} would change\n" and not out.exists()
     assert run.invoke(cli, args).output == f"{out} written\n"
     assert out.stat().st_mode & 0o777 == 0o644
-    assert out.read_text() == config.render_submit_conf(config.load(path))
+    assert out.read_text() == configfiles.render_submit_conf(config.load(path))
     assert run.invoke(cli, args).output == f"{out} unchanged\n"
     printed = run.invoke(cli, ["--config", str(path), "config", "render-submit-conf"]).output
     assert printed == out.read_text()

@@ -227,7 +227,7 @@ def test_free_accounts_are_one_list_for_the_reader_and_the_luas_fallback(tmp_pat
     from conftest import need
     from test_daemon_lua import Lua, lua_available
 
-    from ledger import config
+    from ledger import config, configfiles
     from ledger.daemon.auth import Peer, Policy
     from ledger.daemon.handlers import Handlers
 
@@ -236,7 +236,7 @@ def test_free_accounts_are_one_list_for_the_reader_and_the_luas_fallback(tmp_pat
     path.write_text('[database]\nurl = "sqlite:///x.db"\n[submit]\n'
                     'free_accounts = ["ops", "teaching"]\n')
     cfg = config.load(path)
-    conf = dict(line.split(" = ", 1) for line in config.render_submit_conf(cfg).splitlines()
+    conf = dict(line.split(" = ", 1) for line in configfiles.render_submit_conf(cfg).splitlines()
                 if " = " in line and not line.startswith("#"))
     lua = Lua(tmp_path, socket=tmp_path / "nothing.sock", timeout=0.2,
               free_accounts=conf["free_accounts"])

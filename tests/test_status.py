@@ -20,7 +20,7 @@ from fakenvml.scenario import two_h100
 from test_agent_socket import Running
 from test_metrics import free_listener
 
-from ledger import config, schema, verifyrecord
+from ledger import config, configfiles, schema, verifyrecord
 from ledger.daemon.dbmetrics import LedgerFigures
 from ledger.daemon.endpoint import Endpoint, Exposition
 from slurm_plugin import status
@@ -31,7 +31,7 @@ from slurm_plugin.climain import cli
 
 def write_config(tmp_path: Path, ledger, sock: Path, **sections) -> Path:
     path = tmp_path / "gpuledger.toml"
-    text = schema.set_keys(config.render("sqlite:///x.db"), {
+    text = schema.set_keys(configfiles.render("sqlite:///x.db"), {
         "database": {"url": str(ledger.engine.url)}, "keys": {"dir": str(ledger.keys_dir)},
         "daemon": {"socket": str(sock)}, "metrics": {"listen": ""},
         "agent": {"socket": str(tmp_path / "no-agent.sock")}, **sections})

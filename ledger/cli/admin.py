@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .. import config as config_mod
-from .. import db, migrate
+from .. import configfiles, db, migrate
 from ..amounts import fmt_hours, fmt_rate, parse_decimal, parse_hours, parse_rate
 from ..amounts import hours as gpu_hours
 from ..errors import ConfigError, InvalidInput
@@ -56,13 +56,13 @@ def init(app, url, cluster, as_json):
             raise ConfigError(f"{path} already exists with another database URL; edit it instead")
         say(f"Config {path} exists; keeping it.")
     else:
-        config_mod.write_new(path, url or "sqlite:///ledger.db", cluster)
+        configfiles.write_new(path, url or "sqlite:///ledger.db", cluster)
         say(f"Wrote {path}")
     app.__dict__.pop("config", None)
     submit = path.parent / config_mod.SUBMIT_CONF
     wrote_submit = not submit.exists()
     if wrote_submit:  # job_submit.lua's settings, from [submit]; never one already there
-        config_mod.write_submit_conf(app.config, submit)
+        configfiles.write_submit_conf(app.config, submit)
         say(f"Wrote {submit} (from [submit]: `gpuledger config render-submit-conf` "
             "after editing it)")
     ledger = app.ledger
@@ -102,9 +102,9 @@ def config_check(app, as_json):
 def config_render_submit_conf(app, output, dry_run):
     """job_submit.conf (what job_submit.lua reads) from [submit], cluster and [daemon]."""
     if not output:
-        click.echo(config_mod.render_submit_conf(app.config), nl=False)
+        click.echo(configfiles.render_submit_conf(app.config), nl=False)
         return
-    changed = config_mod.write_submit_conf(app.config, Path(output), check=dry_run)
+    changed = configfiles.write_submit_conf(app.config, Path(output), check=dry_run)
     if not changed:
         click.echo(f"{output} unchanged")
     else:
@@ -115,7 +115,7 @@ def config_render_submit_conf(app, output, dry_run):
 @no_json("prints docs/config.md (Markdown)")
 def config_reference():
     """Every section and key with its type, default and meaning (docs/config.md)."""
-    click.echo(config_mod.reference(), nl=False)
+    click.echo(configfiles.reference(), nl=False)
 
 
 @click.group("db")

@@ -42,7 +42,7 @@ from haload import JOB_SECONDS, Cluster, Record
 from sqlalchemy import text
 from test_daemon_lua import Lua, lua_available
 
-from ledger import config, migrate
+from ledger import config, configfiles, migrate
 from ledger.daemon.client import Client, DaemonUnavailable
 from ledger.schema import set_keys
 from ledger.service import Ledger
@@ -95,7 +95,7 @@ class Site:
     def config(self, cluster: str) -> Path:
         if cluster not in self.configs:
             path = self.root / f"{cluster}.toml"
-            text_ = config.render(self.lab.url(self.where, self.db), cluster)
+            text_ = configfiles.render(self.lab.url(self.where, self.db), cluster)
             path.write_text(set_keys(text_, {
                 "database": {"password_file": str(self.password_file)},
                 "keys": {"dir": str(self.keys)},
